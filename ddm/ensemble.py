@@ -1,0 +1,258 @@
+"""Combining K experts with a router: the Decentralized Flow Matching velocity.
+
+The marginal velocity of the whole dataset is the posterior-weighted sum of the per-partition
+velocities,
+
+    u_t(x) = sum_k p(k | x_t = x) u_t^k(x),
+
+so with the router estimating p(k | x_t, t, c) the "full" rule is exact. Sparse rules (the
+paper's Table 1) keep a few experts and renormalise their weights; top-1 is the default and
+the best FID per FLOP. Every rule here *weights* velocities (never overwrites one with another),
+and sparse rules run each expert only on the rows routed to it, so top-1 costs one expert
+forward per sample plus the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ddm.flow import VelocityFn, guided
+
+Model = Callable[..., torch.Tensor]  # model(x, t, y)
+
+RULES = ("top1", "topk", "full", "threshold", "nucleus", "sample", "oracle")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How router posteriors become expert weights.
+
+    top1: the most probable expert, weight 1 (ties go to the lower index).
+    topk: the k most probable, weights renormalised over them; k >= K is the full rule.
+    full: every expert, weighted by the posterior (exact with an exact router).
+    threshold: experts with p >= threshold, renormalised; top-1 when none reaches it.
+    nucleus: the smallest most-probable set whose mass reaches top_p, renormalised.
+    sample: one expert drawn from the posterior per sample and step ("Sample-1").
+    oracle: the given partition of each sample (no router), weight 1.
+    """
+
+    name: str = "top1"
+    k: int = 1
+    threshold: float = 0.1
+    top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ValueError(f"ensemble rule {self.name!r} is unknown; choose one of {list(RULES)}")
+        if self.k < 1:
+            raise ValueError(f"top-k needs k >= 1, got k={self.k}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"nucleus top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Rule":
+        """Parse "top1", "top-2", "full", "threshold:0.2", "nucleus:0.9", "sample" or "oracle"."""
+        name, _, arg = text.strip().lower().replace("_", "-").partition(":")
+        if name in ("top1", "top-1"):
+            return cls("top1")
+        if name.startswith("top") and name != "top":
+            digits = name[3:].lstrip("-")
+            if not digits.isdigit():
+                raise ValueError(f"cannot parse ensemble rule {text!r}: expected top-<k> with an integer k")
+            return cls("topk", k=int(digits))
+        try:
+            if name == "threshold":
+                return cls("threshold", threshold=float(arg)) if arg else cls("threshold")
+            if name == "nucleus":
+                return cls("nucleus", top_p=float(arg)) if arg else cls("nucleus")
+        except ValueError as e:
+            if "could not convert" in str(e):
+                raise ValueError(f"cannot parse ensemble rule {text!r}: {arg!r} is not a number") from e
+            raise
+        if arg:
+            raise ValueError(f"ensemble rule {name!r} takes no argument, got {text!r}")
+        return cls(name)
+
+    def __str__(self) -> str:
+        return {
+            "topk": f"top-{self.k}",
+            "top1": "top-1",
+            "threshold": f"threshold:{self.threshold:g}",
+            "nucleus": f"nucleus:{self.top_p:g}",
+        }.get(self.name, self.name)
+
+
+def _renormalised(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    w = torch.where(keep, probs, torch.zeros_like(probs))
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def _ranked(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities sorted high to low; a stable sort sends ties to the lower expert index."""
+    return torch.sort(probs, dim=1, descending=True, stable=True)
+
+
+def _keep_top(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``counts[i]`` most probable experts of each row."""
+    _, order = _ranked(probs)
+    ranks = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
+    keep_sorted = ranks < counts.unsqueeze(1)
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def routing_weights(
+    probs: torch.Tensor | None,
+    rule: Rule,
+    partition: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    num_experts: int | None = None,
+) -> torch.Tensor:
+    """(N, K) expert weights, each row summing to 1, from router posteriors (N, K).
+
+    ``partition`` (N,) is needed by the oracle rule only; it then also sets K from ``num_experts``.
+    """
+    if rule.name == "oracle":
+        if partition is None:
+            raise ValueError("the oracle rule needs the true partition of every sample (partition=...)")
+        k = num_experts if num_experts is not None else probs.shape[1]
+        if partition.min() < 0 or partition.max() >= k:
+            raise ValueError(f"oracle partitions must lie in [0, {k - 1}], got [{int(partition.min())}, {int(partition.max())}]")
+        return torch.nn.functional.one_hot(partition.long(), k).float()
+    assert probs is not None and probs.ndim == 2
+    n, k = probs.shape
+    if rule.name == "full":
+        return probs / probs.sum(dim=1, keepdim=True)
+    if rule.name in ("top1", "topk"):
+        top = 1 if rule.name == "top1" else min(rule.k, k)
+        return _renormalised(probs, _keep_top(probs, torch.full((n,), top, device=probs.device)))
+    if rule.name == "threshold":
+        keep = probs >= rule.threshold
+        keep |= _keep_top(probs, torch.ones(n, dtype=torch.long, device=probs.device))  # never empty
+        return _renormalised(probs, keep)
+    if rule.name == "nucleus":
+        sorted_p, _ = _ranked(probs)
+        mass_before = sorted_p.cumsum(dim=1) - sorted_p  # mass of the strictly more probable experts
+        counts = (mass_before < rule.top_p).sum(dim=1).clamp(min=1)
+        return _renormalised(probs, _keep_top(probs, counts))
+    assert rule.name == "sample"
+    choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.nn.functional.one_hot(choice, k).float()
+
+
+@dataclass
+class ForwardStats:
+    """Counts of network evaluations, in samples (a batch of N counts N).
+
+    With classifier-free guidance an expert call evaluates two branches and counts twice.
+    """
+
+    expert_evals: list[int]
+    router_evals: int = 0
+    velocity_evals: int = 0
+
+    @property
+    def expert_forwards_per_eval(self) -> float:
+        """Expert forwards per sample per ensemble-velocity evaluation (top-1: 1, full: K)."""
+        return sum(self.expert_evals) / max(self.velocity_evals, 1)
+
+    @property
+    def router_forwards_per_eval(self) -> float:
+        return self.router_evals / max(self.velocity_evals, 1)
+
+
+@dataclass
+class Ensemble:
+    """K expert velocity models and a router, combined by a rule."""
+
+    experts: Sequence[Model]
+    router: Model | None
+    rule: Rule = field(default_factory=Rule)
+    stats: ForwardStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.experts) < 1:
+            raise ValueError("an ensemble needs at least one expert")
+        num_partitions = getattr(self.router, "num_partitions", None)
+        if num_partitions is not None and num_partitions != len(self.experts):
+            raise ValueError(
+                f"the router predicts {num_partitions} partitions but the ensemble has {len(self.experts)} experts; "
+                "use the router trained on the same partitioning as the experts"
+            )
+        if self.router is None and self.rule.name != "oracle":
+            raise ValueError(f"rule {self.rule} needs a router; only the oracle rule runs without one")
+        self.stats = ForwardStats([0] * len(self.experts))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def reset_stats(self) -> None:
+        self.stats = ForwardStats([0] * self.num_experts)
+
+    def posterior(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Router posterior p(k | x_t, t, y), (N, K)."""
+        assert self.router is not None
+        logits = self.router(x, t, y)
+        if logits.ndim != 2 or logits.shape != (x.shape[0], self.num_experts):
+            raise ValueError(
+                f"the router returned logits of shape {tuple(logits.shape)}; expected ({x.shape[0]}, {self.num_experts}) "
+                f"for {self.num_experts} experts"
+            )
+        self.stats.router_evals += x.shape[0]
+        # At least float32 for the softmax; float64 inputs keep float64 (the analytic tests need it).
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1)
+
+    def weights(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        partition: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        probs = None if self.rule.name == "oracle" else self.posterior(x, t, y)
+        return routing_weights(probs, self.rule, partition, generator, self.num_experts)
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        partition: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """sum_k w_k(x, t, y) v_k(x, t, y), evaluating expert k only where w_k > 0."""
+        w = self.weights(x, t, y, partition, generator)  # (N, K)
+        n = x.shape[0]
+        cost = 1 if (y is None or guidance_scale == 1.0) else 2
+        out = torch.zeros_like(x)
+        for k, expert in enumerate(self.experts):
+            rows = torch.nonzero(w[:, k] > 0).squeeze(1)
+            if rows.numel() == 0:
+                continue  # nobody routed here: no forward
+            self.stats.expert_evals[k] += cost * rows.numel()
+            wk = w[rows, k].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            if rows.numel() == n:  # the whole batch: skip gather/scatter
+                out += wk * guided(expert, y, guidance_scale)(x, t)
+            else:
+                y_rows = None if y is None else y[rows]
+                v = guided(expert, y_rows, guidance_scale)(x[rows], t[rows])
+                out.index_add_(0, rows, wk * v)
+        self.stats.velocity_evals += n
+        return out
+
+    def velocity_fn(
+        self,
+        y: torch.Tensor | None = None,
+        partition: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> VelocityFn:
+        """Bind labels/partitions: a v(x, t) for ``FlowMatching.sample``."""
+        return lambda x, t: self.velocity(x, t, y, partition, guidance_scale, generator)

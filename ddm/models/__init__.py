@@ -1,0 +1,76 @@
+"""Model registry: ``build_model`` for experts, ``build_router`` for routers.
+
+Every model is called as ``model(x, t, y)`` with x of shape ``(N, *data_shape)``, t of shape
+``(N,)`` in [0, 1] and y of shape ``(N,)`` (class labels, ``null_label`` for "no class") or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ddm.models.dit import DIT_SIZES, DiT, DiTRouter
+from ddm.models.mlp import MLP_SIZES, MLPRouter, MLPVelocity
+from ddm.models.moe import MoEConfig
+
+__all__ = ["ModelConfig", "MoEConfig", "build_model", "build_router", "DIT_SIZES", "MLP_SIZES", "DiT", "DiTRouter"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network and for what data.
+
+    arch: a preset name, a DiT size ("DiT-Tiny/2" ... "DiT-XL/2") or an MLP size ("MLP-S", ...).
+    data_shape: one sample's shape: (C, H, W) for a DiT, (D,) for an MLP.
+    num_classes: 0 for unconditional models; otherwise labels 0..num_classes-1 and a null label.
+    class_dropout_prob: label dropout during training, which classifier-free guidance needs
+        (the DiT paper uses 0.1).
+    """
+
+    arch: str = "DiT-Tiny/2"
+    data_shape: tuple[int, ...] = (4, 32, 32)
+    num_classes: int = 0
+    class_dropout_prob: float = 0.1
+    mlp_ratio: float = 4.0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
+        if self.arch in DIT_SIZES:
+            if len(self.data_shape) != 3 or self.data_shape[1] != self.data_shape[2]:
+                raise ValueError(f"model.data_shape must be (C, H, H) for {self.arch}, got {self.data_shape}")
+            patch = DIT_SIZES[self.arch].patch_size
+            if self.data_shape[1] % patch:
+                raise ValueError(
+                    f"model.data_shape side {self.data_shape[1]} is not divisible by the patch size {patch} of {self.arch}"
+                )
+        elif self.arch in MLP_SIZES:
+            if len(self.data_shape) != 1:
+                raise ValueError(f"model.data_shape must be (D,) for {self.arch}, got {self.data_shape}")
+            if self.moe.enabled:
+                raise ValueError(f"model.moe is only supported by DiT models, not {self.arch}")
+        else:
+            raise ValueError(f"model.arch {self.arch!r} is unknown; choose one of {sorted(DIT_SIZES) + sorted(MLP_SIZES)}")
+        if self.num_classes < 0:
+            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The velocity model v(x_t, t, y) described by ``cfg``."""
+    if cfg.arch in MLP_SIZES:
+        return MLPVelocity(MLP_SIZES[cfg.arch], cfg.data_shape[0], cfg.num_classes, cfg.class_dropout_prob)
+    c, h, _ = cfg.data_shape
+    return DiT(DIT_SIZES[cfg.arch], h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio, cfg.moe)
+
+
+def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
+    """The router producing logits of p(k | x_t, t, y) over ``num_partitions`` partitions."""
+    if cfg.moe.enabled:
+        raise ValueError("routers are dense: set router.moe.num_experts=0")
+    if cfg.arch in MLP_SIZES:
+        return MLPRouter(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob)
+    c, h, _ = cfg.data_shape
+    return DiTRouter(DIT_SIZES[cfg.arch], num_partitions, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio)

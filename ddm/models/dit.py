@@ -1,0 +1,242 @@
+"""Diffusion Transformer (Peebles & Xie, 2023) with adaLN-Zero, as a velocity model.
+
+One architecture serves the experts (``DiT``: tokens -> velocity) and the router
+(``DiTRouter``: tokens + a learned CLS token -> K logits). Sizes are presets in ``DIT_SIZES``,
+from a tiny debug size to XL/2 as in the DiT paper. Flow matching predicts a velocity with the
+same shape as the input, so there is no learned-sigma channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddm.models.layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from ddm.models.moe import MoEConfig, MoEFeedForward
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+
+
+# The DiT paper's grid (S/B/L/XL x patch 2/4/8) plus a tiny debug size for tests.
+DIT_SIZES: dict[str, DiTSize] = {
+    "DiT-Tiny/2": DiTSize(depth=2, hidden_size=64, num_heads=2, patch_size=2),
+    "DiT-Tiny/4": DiTSize(depth=2, hidden_size=64, num_heads=2, patch_size=4),
+    **{
+        f"DiT-{name}/{p}": DiTSize(depth, hidden, heads, p)
+        for name, (depth, hidden, heads) in {
+            "S": (12, 384, 6),
+            "B": (12, 768, 12),
+            "L": (24, 1024, 16),
+            "XL": (28, 1152, 16),
+        }.items()
+        for p in (2, 4, 8)
+    },
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, H, T, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, moe: MoEConfig | None = None):
+        super().__init__()
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MoEFeedForward(hidden_size, mlp_hidden, moe) if moe is not None else Mlp(hidden_size, mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class _DiTTrunk(nn.Module):
+    """What the expert and the router share: embedders, positional embedding, adaLN blocks."""
+
+    def __init__(
+        self,
+        size: DiTSize,
+        input_size: int,
+        in_channels: int,
+        num_classes: int,
+        class_dropout_prob: float,
+        mlp_ratio: float,
+        moe: MoEConfig,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.patch_size = size.patch_size
+        self.num_classes = num_classes
+        hidden = size.hidden_size
+        self.x_embedder = PatchEmbed(input_size, size.patch_size, in_channels, hidden)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = LabelEmbedder(num_classes, hidden, class_dropout_prob) if num_classes > 0 else None
+        # Fixed (not learned) sin-cos positions, as in DiT.
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(hidden, self.x_embedder.grid_size)).float()
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
+        # Counting from the last block, every `moe.every`-th block gets an MoE feed-forward.
+        self.blocks = nn.ModuleList(
+            DiTBlock(
+                hidden,
+                size.num_heads,
+                mlp_ratio,
+                moe if moe.enabled and (size.depth - 1 - i) % moe.every == 0 else None,
+            )
+            for i in range(size.depth)
+        )
+
+    @property
+    def null_label(self) -> int:
+        """The label that means "no class" (classifier-free guidance's unconditional branch)."""
+        if self.y_embedder is None:
+            raise ValueError("this model is unconditional (num_classes=0): it has no null label")
+        return self.y_embedder.null_label
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass labels y")
+            c = c + self.y_embedder(y, self.training)
+        return c
+
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, c)
+        return x
+
+    @property
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses of the latest forward (0 without MoE)."""
+        losses = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoEFeedForward)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def init_weights(self) -> None:
+        def _basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic)
+        w = self.x_embedder.proj.weight.data  # patch embedding initialised like a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every residual branch starts gated off, so each block is the identity.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+
+class DiT(_DiTTrunk):
+    """Velocity model v(x_t, t, y): (N, C, H, W) -> (N, C, H, W)."""
+
+    def __init__(
+        self,
+        size: DiTSize,
+        input_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        mlp_ratio: float = 4.0,
+        moe: MoEConfig = MoEConfig(),
+    ):
+        super().__init__(size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, moe)
+        hidden, p = size.hidden_size, size.patch_size
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear_final = nn.Linear(hidden, p * p * in_channels)
+        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.init_weights()
+        # Zero output layer: the initial velocity is 0 everywhere.
+        for layer in (self.adaLN_final[-1], self.linear_final):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.in_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.condition(t, y)  # (N, D)
+        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        tokens = self.run_blocks(tokens, c)  # (N, T, D)
+        shift, scale = self.adaLN_final(c).chunk(2, dim=1)
+        out = self.linear_final(modulate(self.norm_final(tokens), shift, scale))  # (N, T, p*p*C)
+        return self.unpatchify(out)  # (N, C, H, W)
+
+
+class DiTRouter(_DiTTrunk):
+    """Router p(k | x_t, t, y): the DiT trunk with a learned CLS token and a K-way head."""
+
+    def __init__(
+        self,
+        size: DiTSize,
+        num_partitions: int,
+        input_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        mlp_ratio: float = 4.0,
+    ):
+        if num_partitions < 1:
+            raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+        super().__init__(size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, MoEConfig())
+        hidden = size.hidden_size
+        self.num_partitions = num_partitions
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.head = nn.Linear(hidden, num_partitions)
+        self.init_weights()
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.zeros_(self.adaLN_final[-1].weight)
+        nn.init.zeros_(self.adaLN_final[-1].bias)
+        # Zero head: the router starts at the uniform posterior 1/K.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.condition(t, y)  # (N, D)
+        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (N, 1, D)
+        tokens = self.run_blocks(torch.cat([cls, tokens], dim=1), c)  # (N, 1+T, D)
+        shift, scale = self.adaLN_final(c).chunk(2, dim=1)
+        cls_out = modulate(self.norm_final(tokens[:, :1]), shift, scale)[:, 0]  # (N, D)
+        return self.head(cls_out)  # (N, K) logits
