@@ -238,11 +238,18 @@ class Ensemble:
                 continue  # nobody routed here: no forward
             self.stats.expert_evals[k] += cost * rows.numel()
             wk = w[rows, k].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-            if rows.numel() == n:  # the whole batch: skip gather/scatter
-                out += wk * guided(expert, y, guidance_scale)(x, t)
+            whole = rows.numel() == n  # the whole batch: skip gather/scatter
+            x_k, t_k = (x, t) if whole else (x[rows], t[rows])
+            y_k = None if y is None else (y if whole else y[rows])
+            v = guided(expert, y_k, guidance_scale)(x_k, t_k)
+            if v.shape != x_k.shape:
+                raise ValueError(
+                    f"expert {k} returned a velocity of shape {tuple(v.shape)} for inputs of shape {tuple(x_k.shape)}; "
+                    "all experts must model the data shape the ensemble samples"
+                )
+            if whole:
+                out += wk * v
             else:
-                y_rows = None if y is None else y[rows]
-                v = guided(expert, y_rows, guidance_scale)(x[rows], t[rows])
                 out.index_add_(0, rows, wk * v)
         self.stats.velocity_evals += n
         return out
