@@ -87,11 +87,11 @@ class FlowMatching:
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
-            raise ValueError(f"flow.path {self.path!r} is unknown; choose one of {sorted(PATHS)}")
+            raise ValueError(f"path {self.path!r} is unknown; choose one of {sorted(PATHS)}")
         if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"flow.time_sampling {self.time_sampling!r} is unknown; choose one of {list(TIME_SAMPLINGS)}")
+            raise ValueError(f"time_sampling {self.time_sampling!r} is unknown; choose one of {list(TIME_SAMPLINGS)}")
         if self.logit_std <= 0:
-            raise ValueError(f"flow.logit_std must be > 0, got {self.logit_std}")
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
 
     @property
     def _path(self) -> Path:

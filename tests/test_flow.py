@@ -98,7 +98,7 @@ def test_sampler_validates_arguments():
 
 @pytest.mark.parametrize("field,value", [("path", "vp"), ("time_sampling", "beta"), ("logit_std", 0.0)])
 def test_bad_flow_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=f"flow.{field}"):
+    with pytest.raises(ValueError, match=field):
         FlowMatching(**{field: value})
 
 

@@ -39,23 +39,23 @@ class ModelConfig:
         object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
         if self.arch in DIT_SIZES:
             if len(self.data_shape) != 3 or self.data_shape[1] != self.data_shape[2]:
-                raise ValueError(f"model.data_shape must be (C, H, H) for {self.arch}, got {self.data_shape}")
+                raise ValueError(f"data_shape must be (C, H, H) for {self.arch}, got {self.data_shape}")
             patch = DIT_SIZES[self.arch].patch_size
             if self.data_shape[1] % patch:
                 raise ValueError(
-                    f"model.data_shape side {self.data_shape[1]} is not divisible by the patch size {patch} of {self.arch}"
+                    f"data_shape side {self.data_shape[1]} is not divisible by the patch size {patch} of {self.arch}"
                 )
         elif self.arch in MLP_SIZES:
             if len(self.data_shape) != 1:
-                raise ValueError(f"model.data_shape must be (D,) for {self.arch}, got {self.data_shape}")
+                raise ValueError(f"data_shape must be (D,) for {self.arch}, got {self.data_shape}")
             if self.moe.enabled:
-                raise ValueError(f"model.moe is only supported by DiT models, not {self.arch}")
+                raise ValueError(f"moe is only supported by DiT models, not {self.arch}")
         else:
-            raise ValueError(f"model.arch {self.arch!r} is unknown; choose one of {sorted(DIT_SIZES) + sorted(MLP_SIZES)}")
+            raise ValueError(f"arch {self.arch!r} is unknown; choose one of {sorted(DIT_SIZES) + sorted(MLP_SIZES)}")
         if self.num_classes < 0:
-            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -69,7 +69,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
     """The router producing logits of p(k | x_t, t, y) over ``num_partitions`` partitions."""
     if cfg.moe.enabled:
-        raise ValueError("routers are dense: set router.moe.num_experts=0")
+        raise ValueError("routers are dense: set moe.num_experts=0 in the router model config")
     if cfg.arch in MLP_SIZES:
         return MLPRouter(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob)
     c, h, _ = cfg.data_shape

@@ -41,21 +41,21 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
-            raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
         if not self.enabled:
             return
         if self.top_k not in (1, 2):
-            raise ValueError(f"moe.top_k must be 1 or 2 (DeepSpeed TopKGate), got {self.top_k}")
+            raise ValueError(f"top_k must be 1 or 2 (DeepSpeed TopKGate), got {self.top_k}")
         if self.top_k > self.num_experts:
-            raise ValueError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}")
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.every < 1:
-            raise ValueError(f"moe.every must be >= 1, got {self.every}")
+            raise ValueError(f"every must be >= 1, got {self.every}")
         if self.ep_size < 1 or self.num_experts % self.ep_size:
             raise ValueError(
-                f"moe.ep_size={self.ep_size} must divide moe.num_experts={self.num_experts}"
+                f"ep_size={self.ep_size} must divide num_experts={self.num_experts}"
             )
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-            raise ValueError("moe.capacity_factor and moe.eval_capacity_factor must be > 0")
+            raise ValueError("capacity_factor and eval_capacity_factor must be > 0")
 
     @property
     def enabled(self) -> bool:

@@ -1,0 +1,1 @@
+"""Training: the EMA of weights; the DeepSpeed expert and router loops join here."""
