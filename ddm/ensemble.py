@@ -127,8 +127,10 @@ def routing_weights(
     n, k = probs.shape
     if rule.name == "full":
         return probs / probs.sum(dim=1, keepdim=True)
-    if rule.name in ("top1", "topk"):
-        top = 1 if rule.name == "top1" else min(rule.k, k)
+    if rule.name == "top1":  # argmax returns the first maximum: ties go to the lower index
+        return torch.nn.functional.one_hot(probs.argmax(dim=1), k).to(probs.dtype)
+    if rule.name == "topk":
+        top = min(rule.k, k)
         return _renormalised(probs, _keep_top(probs, torch.full((n,), top, device=probs.device)))
     if rule.name == "threshold":
         keep = probs >= rule.threshold
@@ -229,13 +231,16 @@ class Ensemble:
     ) -> torch.Tensor:
         """sum_k w_k(x, t, y) v_k(x, t, y), evaluating expert k only where w_k > 0."""
         w = self.weights(x, t, y, partition, generator)  # (N, K)
+        hard = self.rule.name in ("top1", "sample", "oracle")  # one-hot weights: no multiply needed
         n = x.shape[0]
         cost = 1 if (y is None or guidance_scale == 1.0) else 2
         out = torch.zeros_like(x)
+        routed = (w > 0).T  # (K, N)
+        counts = routed.sum(dim=1).tolist()  # one sync for all experts
         for k, expert in enumerate(self.experts):
-            rows = torch.nonzero(w[:, k] > 0).squeeze(1)
-            if rows.numel() == 0:
+            if counts[k] == 0:
                 continue  # nobody routed here: no forward
+            rows = torch.nonzero(routed[k]).squeeze(1)
             self.stats.expert_evals[k] += cost * rows.numel()
             wk = w[rows, k].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
             whole = rows.numel() == n  # the whole batch: skip gather/scatter
@@ -247,10 +252,12 @@ class Ensemble:
                     f"expert {k} returned a velocity of shape {tuple(v.shape)} for inputs of shape {tuple(x_k.shape)}; "
                     "all experts must model the data shape the ensemble samples"
                 )
+            if not hard:
+                v = wk * v
             if whole:
-                out += wk * v
+                out += v
             else:
-                out.index_add_(0, rows, wk * v)
+                out.index_add_(0, rows, v)
         self.stats.velocity_evals += n
         return out
 

@@ -5,5 +5,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 exec "$VENV/bin/python" -m pytest "$@"

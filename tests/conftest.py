@@ -1,3 +1,6 @@
 import os
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: silence the accelerator probe on CPU machines
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: skip the accelerator probe on CPU machines

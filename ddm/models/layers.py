@@ -42,6 +42,16 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) -> (N, D); or (1, D) when all N times are equal, which broadcasts in every use.
+
+        Samplers call with one shared t for the whole batch; keeping a single row lets each
+        block's adaLN/FiLM projection run once instead of N times.
+        """
+        if t.numel() > 1 and bool((t == t[0]).all()):
+            return self._embed(t[:1])
+        return self._embed(t)
+
+    def _embed(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
