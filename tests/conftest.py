@@ -1,6 +1,49 @@
-import os
+"""Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1) and store URLs on three backends."""
 
+import os
+import uuid
+
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: skip the accelerator probe on CPU machines
+
+BUCKET = "ddm-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server in a thread on 127.0.0.1 (a real HTTP endpoint; s3fs and pyarrow talk to it)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
+    )
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(BUCKET)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def store_url(request, tmp_path):
+    """A fresh, empty store root on each backend."""
+    run = uuid.uuid4().hex[:10]
+    if request.param == "file":
+        return f"file://{tmp_path}/store-{run}"
+    if request.param == "memory":
+        return f"memory://ddm-tests/{run}"
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://{BUCKET}/{run}"

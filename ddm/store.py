@@ -1,0 +1,257 @@
+"""Object storage by URL: every read and write of a run goes through here.
+
+A ``Store`` is rooted at one URL (``file:///data/run``, ``s3://bucket/run``, ``memory://run``, or a
+plain local path) and addresses everything below it by relative POSIX paths. It guarantees:
+
+- **Atomic objects.** A write either publishes the whole object or nothing: local files are written
+  to a temporary name and renamed; S3 objects are one PUT (or a multipart upload that is completed
+  only on success and aborted on error); other filesystems get the bytes in one call.
+- **Manifests commit directories.** ``commit(dir, files)`` writes a ``MANIFEST.json`` with each file's
+  size and sha256 *after* the files; readers trust a directory only when its manifest exists and
+  ``verify`` catches any file whose bytes changed.
+- **Fresh listings.** Listings and existence checks bypass fsspec's directory cache, so a reader
+  never acts on a stale view of what another process (or island) wrote.
+- **Credentials from the environment.** S3 uses the standard AWS provider chain; an S3-compatible
+  endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``). Nothing secret is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any, Callable, Iterator, TypeVar
+
+import fsspec
+
+log = logging.getLogger("ddm.store")
+
+MANIFEST = "MANIFEST.json"
+T = TypeVar("T")
+
+
+class StoreError(RuntimeError):
+    """The store could not be reached or an object could not be read or written."""
+
+
+class ChecksumError(StoreError):
+    """A committed file's bytes no longer match its manifest."""
+
+
+class NotCommittedError(StoreError):
+    """A directory has no manifest: it was never committed (or its writer crashed)."""
+
+
+def _transient(exc: BaseException) -> bool:
+    """Errors worth retrying: connection problems and server-side hiccups, not missing files."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)):
+        return False
+    name = type(exc).__name__
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
+        s in name for s in ("Connect", "Timeout", "Endpoint", "Throttl", "ServiceUnavailable")
+    )
+
+
+class Store:
+    """Reads and writes below one root URL."""
+
+    def __init__(self, url: str, retries: int = 3, backoff_s: float = 0.5, **storage_options: Any):
+        if not url:
+            raise ValueError("store URL is empty; give a path or a URL such as s3://bucket/run")
+        self.url = url.rstrip("/")
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        if protocol in ("s3", "s3a"):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                storage_options.setdefault("endpoint_url", endpoint)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
+        except (ImportError, ValueError) as e:
+            raise ValueError(f"cannot open store {self.url!r}: {e}") from e
+        self.protocol = protocol if protocol != "file" else "file"
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # --- paths ------------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        if rel.startswith("..") or "/../" in f"/{rel}/":
+            raise ValueError(f"store path {rel!r} escapes the store root")
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def child(self, rel: str) -> "Store":
+        """A store rooted at a sub-directory, sharing this one's filesystem."""
+        sub = Store.__new__(Store)
+        sub.__dict__.update(self.__dict__)
+        sub.url, sub.root = f"{self.url}/{rel.strip('/')}", self.path(rel)
+        return sub
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with bounded retries and exponential backoff on transient errors."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified below
+                if not _transient(e):
+                    raise
+                if attempt == self.retries:
+                    raise StoreError(
+                        f"{what} failed after {self.retries + 1} attempts against {self.url}: {type(e).__name__}: {e}. "
+                        "Check that the store is reachable (endpoint, network, credentials in the environment)."
+                    ) from e
+                delay = self.backoff_s * 2**attempt
+                log.warning("%s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # --- reads ------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        p = self.path(rel)
+        self.fs.invalidate_cache(p)
+        return self._call(f"exists {rel}", lambda: self.fs.exists(p))
+
+    def read_bytes(self, rel: str) -> bytes:
+        p = self.path(rel)
+        return self._call(f"read {rel}", lambda: self.fs.cat_file(p))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def open_read(self, rel: str):
+        """A file object for reading (for readers that stream, e.g. Parquet)."""
+        return self._call(f"open {rel}", lambda: self.fs.open(self.path(rel), "rb"))
+
+    def size(self, rel: str) -> int:
+        p = self.path(rel)
+        self.fs.invalidate_cache(p)
+        return int(self._call(f"stat {rel}", lambda: self.fs.size(p)))
+
+    def list(self, rel: str = "") -> list[str]:
+        """Names directly below ``rel`` (files and directories), from a fresh listing."""
+        p = self.path(rel)
+        self.fs.invalidate_cache(p)
+
+        def ls() -> list[str]:
+            try:
+                return sorted(os.path.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False, refresh=True))
+            except FileNotFoundError:
+                return []
+
+        return self._call(f"list {rel}", ls)
+
+    # --- writes -----------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Publish ``data`` at ``rel`` atomically (all or nothing)."""
+        with self.open_write(rel) as f:
+            f.write(data)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[io.IOBase]:
+        """A writable file that is published only if the ``with`` block completes."""
+        p = self.path(rel)
+        parent = p.rsplit("/", 1)[0]
+        if self.protocol == "file":
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(p)}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, p)  # atomic on POSIX
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        elif self.protocol in ("s3", "s3a"):
+            f = self._call(f"open {rel} for writing", lambda: self.fs.open(p, "wb"))
+            try:
+                yield f
+            except BaseException:
+                # s3fs would publish a partial object on close: abort the upload instead.
+                f.discard()
+                f.closed = True
+                raise
+            self._call(f"upload {rel}", f.close)
+        else:
+            buf = io.BytesIO()
+            yield buf
+            data = buf.getvalue()
+            self._call(f"write {rel}", lambda: self.fs.pipe_file(p, data))
+        self.fs.invalidate_cache(parent)
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        p = self.path(rel)
+        if self.exists(rel):
+            self._call(f"delete {rel}", lambda: self.fs.rm(p, recursive=recursive))
+        self.fs.invalidate_cache(p.rsplit("/", 1)[0])
+
+    # --- manifests: committed directories ---------------------------------------------------
+    def commit(self, rel_dir: str, files: list[str], meta: dict | None = None) -> dict:
+        """Write ``rel_dir/MANIFEST.json`` listing ``files`` (relative to the dir) with sizes and
+        sha256, computed from what the store now holds. Call after every file is written."""
+        entries = {}
+        for name in sorted(files):
+            data = self.read_bytes(f"{rel_dir}/{name}")
+            entries[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest = {"files": entries, "committed_at": time.time(), **(meta or {})}
+        self.write_json(f"{rel_dir}/{MANIFEST}", manifest)
+        return manifest
+
+    def is_committed(self, rel_dir: str) -> bool:
+        return self.exists(f"{rel_dir}/{MANIFEST}")
+
+    def manifest(self, rel_dir: str) -> dict:
+        if not self.is_committed(rel_dir):
+            raise NotCommittedError(f"{self.url}/{rel_dir} has no {MANIFEST}: it was never committed (or its writer crashed)")
+        return self.read_json(f"{rel_dir}/{MANIFEST}")
+
+    def verify(self, rel_dir: str, names: list[str] | None = None) -> dict:
+        """Check sizes and sha256 of committed files; returns the manifest or raises ChecksumError."""
+        manifest = self.manifest(rel_dir)
+        for name in names if names is not None else manifest["files"]:
+            expected = manifest["files"].get(name)
+            if expected is None:
+                raise ChecksumError(f"{self.url}/{rel_dir}/{name} is not listed in its manifest")
+            try:
+                data = self.read_bytes(f"{rel_dir}/{name}")
+            except FileNotFoundError as e:
+                raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
+            digest = hashlib.sha256(data).hexdigest()
+            if len(data) != expected["size"] or digest != expected["sha256"]:
+                raise ChecksumError(
+                    f"{self.url}/{rel_dir}/{name} is corrupted: sha256 {digest[:12]}… size {len(data)}, "
+                    f"manifest says {expected['sha256'][:12]}… size {expected['size']}"
+                )
+        return manifest
+
+    def read_verified(self, rel_dir: str, name: str) -> bytes:
+        """One committed file's bytes, checked against its manifest."""
+        manifest = self.manifest(rel_dir)
+        expected = manifest["files"].get(name)
+        if expected is None:
+            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is not listed in its manifest")
+        data = self.read_bytes(f"{rel_dir}/{name}")
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is corrupted: its sha256 does not match the manifest")
+        return data
+
+    def check_reachable(self) -> None:
+        """Fail early, with a clear message, when an S3 store's bucket cannot be reached."""
+        if self.protocol in ("s3", "s3a"):
+            bucket = self.root.split("/", 1)[0]
+            if not self._call("reach store", lambda: self.fs.exists(bucket)):
+                raise StoreError(
+                    f"bucket {bucket!r} of store {self.url} does not exist or is not visible with the "
+                    "credentials in the environment; create it or fix AWS_* settings"
+                )
