@@ -122,6 +122,11 @@ class Store:
         p = self.path(rel)
         return self._call(f"read {rel}", lambda: self.fs.cat_file(p))
 
+    def write_hashed(self, rel: str, data: bytes) -> dict:
+        """Write ``data`` atomically and return its manifest entry {size, sha256}."""
+        self.write_bytes(rel, data)
+        return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
@@ -197,11 +202,17 @@ class Store:
         self.fs.invalidate_cache(p.rsplit("/", 1)[0])
 
     # --- manifests: committed directories ---------------------------------------------------
-    def commit(self, rel_dir: str, files: list[str], meta: dict | None = None) -> dict:
+    def commit(
+        self, rel_dir: str, files: list[str], meta: dict | None = None, known: dict[str, dict] | None = None
+    ) -> dict:
         """Write ``rel_dir/MANIFEST.json`` listing ``files`` (relative to the dir) with sizes and
-        sha256, computed from what the store now holds. Call after every file is written."""
+        sha256. Call after every file is written. Digests come from ``known`` (name -> {size,
+        sha256}, computed by the writer from the bytes it uploaded) or are read back from the store."""
         entries = {}
         for name in sorted(files):
+            if known and name in known:
+                entries[name] = {"size": int(known[name]["size"]), "sha256": known[name]["sha256"]}
+                continue
             data = self.read_bytes(f"{rel_dir}/{name}")
             entries[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = {"files": entries, "committed_at": time.time(), **(meta or {})}

@@ -1,0 +1,1 @@
+"""Data: ingest into sharded object storage, features, semantic partitioning, partition readers."""

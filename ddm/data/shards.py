@@ -1,0 +1,116 @@
+"""The dataset in the store: Parquet shards plus one committed manifest.
+
+Layout under the run root::
+
+    data/shards/part-00000.parquet   columns: id int64, data binary, label int32, shape list<int32>
+    data/MANIFEST.json               dataset facts + size and sha256 of every shard (written last)
+
+``data`` holds one sample's raw array bytes (C-order) of ``manifest["dtype"]``; every sample of a
+dataset has the same shape (``manifest["sample_shape"]``), so a whole shard decodes with one
+``frombuffer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ddm.store import Store
+
+DATA_DIR = "data"
+SHARDS_DIR = "shards"
+SCHEMA = pa.schema(
+    [("id", pa.int64()), ("data", pa.binary()), ("label", pa.int32()), ("shape", pa.list_(pa.int32()))]
+)
+
+
+def read_parquet_bytes(raw: bytes, columns: list[str] | None = None) -> pa.Table:
+    """Parquet bytes -> Table, single-threaded from a native buffer.
+
+    pyarrow's threaded reads from Python file objects can abort the interpreter at exit
+    (apache/arrow#33975, #34314: seen here with pyarrow 26 in ~20% of runs), which would turn a
+    green test run red; shards are small, so one thread costs little.
+    """
+    return pq.read_table(pa.BufferReader(raw), columns=columns, use_threads=False)
+
+
+def write_parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARDS_DIR}/part-{index:05d}.parquet"
+
+
+def encode_shard(ids: np.ndarray, arrays: np.ndarray, labels: np.ndarray) -> bytes:
+    """One Parquet shard from ids (N,), arrays (N, *shape) and labels (N,)."""
+    n = len(ids)
+    assert arrays.shape[0] == n == len(labels)
+    flat = np.ascontiguousarray(arrays).reshape(n, -1)
+    data = pa.array([row.tobytes() for row in flat], type=pa.binary())
+    shape = pa.array([list(arrays.shape[1:])] * n, type=pa.list_(pa.int32()))
+    table = pa.Table.from_arrays(
+        [pa.array(ids, pa.int64()), data, pa.array(labels, pa.int32()), shape], schema=SCHEMA
+    )
+    return write_parquet_bytes(table)
+
+
+@dataclass
+class Shard:
+    ids: np.ndarray  # (N,) int64
+    arrays: np.ndarray  # (N, *sample_shape)
+    labels: np.ndarray  # (N,) int32
+
+
+def decode_shard(raw: bytes, sample_shape: tuple[int, ...], dtype: str) -> Shard:
+    table = read_parquet_bytes(raw)
+    col = table.column("data").combine_chunks()
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    values = np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    arrays = values.view(np.dtype(dtype)).reshape(len(col), *sample_shape)
+    return Shard(
+        ids=table.column("id").to_numpy(),
+        arrays=arrays,
+        labels=table.column("label").to_numpy().astype(np.int32),
+    )
+
+
+class Dataset:
+    """Read access to a committed dataset in a store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        if not store.is_committed(DATA_DIR):
+            raise ValueError(
+                f"no committed dataset in {store.url}/{DATA_DIR}: run `ddm ingest <source> {store.url}` first"
+            )
+        self.manifest = store.manifest(DATA_DIR)
+        self.sample_shape = tuple(self.manifest["sample_shape"])
+        self.dtype = self.manifest["dtype"]
+        self.shard_rows: list[int] = list(self.manifest["shard_rows"])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_rows)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    def read_shard(self, index: int) -> Shard:
+        """Shard ``index``, verified against the manifest's sha256."""
+        raw = self.store.read_verified(DATA_DIR, shard_name(index))
+        return decode_shard(raw, self.sample_shape, self.dtype)
+
+    def iter_shards(self):
+        for i in range(self.num_shards):
+            yield i, self.read_shard(i)
