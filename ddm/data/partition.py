@@ -1,0 +1,238 @@
+"""``ddm partition``: features -> two-stage k-means -> K partitions, written to the store.
+
+As in the paper: many fine centroids (paper: 1024) are fitted on the features, then merged into K
+coarse clusters by a weighted k-means over the fine centroids (weights = fine cluster sizes). With
+``balance`` the merge respects a capacity of (1 + tolerance) * N / K samples per partition, so no
+expert gets a tiny or a huge share. A sample belongs to the coarse cluster of its nearest fine
+centroid.
+
+Memory does not grow with the dataset: features are computed shard by shard, the fine k-means is
+fitted with mini-batches over the shards (``fine_epochs`` passes), and assignments are streamed to
+Parquet. Only the fine centroids, their counts and one shard at a time are in memory. Same data,
+config and seed give the same partitions.
+
+Outputs under ``partitions/`` (committed by MANIFEST.json, written last):
+  assignments.parquet   id, shard, row, fine, partition
+  centroids.safetensors fine, coarse, fine_to_coarse, fine_counts (+ the extractor's state)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ddm.data.features import build_extractor
+from ddm.data.shards import DATA_DIR, Dataset, write_parquet_bytes
+from ddm.store import Store
+
+log = logging.getLogger("ddm.partition")
+
+PARTITIONS_DIR = "partitions"
+ASSIGNMENTS = "assignments.parquet"
+CENTROIDS = "centroids.safetensors"
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    num_partitions: int = 4  # K, the number of experts (paper: 8 on ImageNet)
+    features: str = "pca"  # pca (offline) or dinov2[:<hub id>] (the paper's)
+    pca_dim: int = 32
+    pca_fit_samples: int = 10_000
+    num_fine: int = 1024  # fine centroids (paper: 1024); capped at num_samples / 4
+    fine_epochs: int = 2  # mini-batch passes over the shards for the fine k-means
+    batch_size: int = 4096
+    balance: bool = True  # cap partition sizes at (1 + balance_tolerance) * N / K
+    balance_tolerance: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_partitions < 1:
+            raise ValueError(f"num_partitions must be >= 1, got {self.num_partitions}")
+        if self.num_fine < 1 or self.fine_epochs < 1 or self.batch_size < 1 or self.pca_dim < 1:
+            raise ValueError("num_fine, fine_epochs, batch_size and pca_dim must be >= 1")
+        if self.balance_tolerance < 0:
+            raise ValueError(f"balance_tolerance must be >= 0, got {self.balance_tolerance}")
+
+
+def _feature_batches(dataset: Dataset, extractor, batch_size: int, desc: str):
+    """(shard index, row offsets, features) per batch, streaming over shards."""
+    for i in tqdm(range(dataset.num_shards), desc=desc, unit="shard", leave=False, mininterval=1.0):
+        shard = dataset.read_shard(i)
+        for start in range(0, len(shard.ids), batch_size):
+            sl = slice(start, start + batch_size)
+            yield i, shard, np.arange(start, min(start + batch_size, len(shard.ids))), extractor(shard.arrays[sl], dataset.dtype)
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    d = (x**2).sum(1, keepdims=True) - 2 * x @ centroids.T + (centroids**2).sum(1)[None]
+    return d.argmin(1)
+
+
+def merge_fine(fine: np.ndarray, counts: np.ndarray, k: int, cfg: PartitionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted k-means of fine centroids into k coarse ones; returns (coarse, fine_to_coarse)."""
+    from sklearn.cluster import KMeans
+
+    used = counts > 0
+    km = KMeans(n_clusters=k, n_init=10, random_state=cfg.seed).fit(fine[used], sample_weight=counts[used])
+    coarse = km.cluster_centers_.astype(np.float32)
+    mapping = _nearest(fine, coarse)
+    if cfg.balance:
+        coarse, mapping = _balanced(fine, counts, coarse, cfg.balance_tolerance)
+    return coarse, mapping
+
+
+def _balanced(fine: np.ndarray, counts: np.ndarray, coarse: np.ndarray, tol: float, iters: int = 10):
+    """Capacity-constrained assignment of fine clusters to coarse ones, refined Lloyd-style.
+
+    Each round assigns fine clusters greedily in order of distance (closest pairs first) to a coarse
+    cluster with room left under the cap; coarse centroids then move to the weighted mean of what
+    they received. Fine clusters are indivisible, so sizes can exceed the cap by at most one fine
+    cluster when nothing else fits.
+    """
+    k = len(coarse)
+    cap = (1 + tol) * counts.sum() / k
+    for _ in range(iters):
+        d = ((fine[:, None, :] - coarse[None]) ** 2).sum(-1)  # (F, K)
+        order = np.argsort(d, axis=None, kind="stable")
+        mapping = np.full(len(fine), -1)
+        load = np.zeros(k)
+        for flat in order:
+            f, c = divmod(int(flat), k)
+            if mapping[f] >= 0 or counts[f] == 0:
+                continue
+            if load[c] + counts[f] <= cap:
+                mapping[f] = c
+                load[c] += counts[f]
+        for f in np.where((mapping < 0) & (counts > 0))[0]:  # nothing had room: the least loaded takes it
+            c = int(load.argmin())
+            mapping[f], load[c] = c, load[c] + counts[f]
+        empty = counts == 0
+        mapping[empty] = _nearest(fine[empty], coarse) if empty.any() else mapping[empty]
+        new = np.stack(
+            [np.average(fine[mapping == c], axis=0, weights=counts[mapping == c]) if load[c] > 0 else coarse[c] for c in range(k)]
+        ).astype(np.float32)
+        if np.allclose(new, coarse):
+            break
+        coarse = new
+    return coarse, mapping
+
+
+def partition(cfg: PartitionConfig, store: Store) -> dict:
+    """Partition the store's committed dataset into cfg.num_partitions; returns the manifest.
+
+    Re-running with the same config on committed partitions does nothing; a different config is
+    an error (partitions define the experts: they are never overwritten in place).
+    """
+    from safetensors.numpy import save as save_safetensors
+    from sklearn.cluster import MiniBatchKMeans
+
+    from ddm.config import to_dict
+
+    dataset = Dataset(store)
+    data_sha = store.read_bytes(f"{DATA_DIR}/MANIFEST.json")
+    import hashlib
+
+    data_id = hashlib.sha256(data_sha).hexdigest()
+    if store.is_committed(PARTITIONS_DIR):
+        manifest = store.manifest(PARTITIONS_DIR)
+        if manifest.get("config") == to_dict(cfg) and manifest.get("dataset_sha256") == data_id:
+            log.info("partitions already committed in %s/%s; nothing to do", store.url, PARTITIONS_DIR)
+            return manifest
+        raise ValueError(
+            f"{store.url}/{PARTITIONS_DIR} already holds partitions made with a different config or dataset "
+            f"(K={manifest.get('num_partitions')}); experts are trained on them, so they are not overwritten: "
+            "use a new store root"
+        )
+    n, k = dataset.num_samples, cfg.num_partitions
+    if k > n:
+        raise ValueError(f"num_partitions={k} exceeds the {n} samples in the dataset")
+    num_fine = max(k, min(cfg.num_fine, n // 4))
+    if num_fine != cfg.num_fine:
+        log.info("using %d fine centroids (num_fine=%d capped at num_samples/4)", num_fine, cfg.num_fine)
+    t0 = time.perf_counter()
+
+    extractor = build_extractor(cfg.features, cfg.pca_dim, cfg.pca_fit_samples, cfg.seed).fit(dataset)
+    log.info("features: %s; fine k-means with %d centroids over %d samples in %d shards", extractor.name, num_fine, n, dataset.num_shards)
+
+    # Stage 1: fine centroids, mini-batch k-means streamed over shards. The first partial_fit
+    # needs at least a few samples per centroid to initialise, so the start is buffered.
+    fine_km = MiniBatchKMeans(n_clusters=num_fine, random_state=cfg.seed, n_init=1, batch_size=cfg.batch_size)
+    pending, fitted = [], False
+    for epoch in range(cfg.fine_epochs):
+        for _, _, _, feats in _feature_batches(dataset, extractor, cfg.batch_size, f"fine k-means {epoch + 1}/{cfg.fine_epochs}"):
+            if fitted:
+                fine_km.partial_fit(feats)
+                continue
+            pending.append(feats)
+            if sum(len(p) for p in pending) >= min(3 * num_fine, n):
+                fine_km.partial_fit(np.concatenate(pending))
+                pending, fitted = [], True
+        if not fitted and pending:
+            fine_km.partial_fit(np.concatenate(pending))
+            pending, fitted = [], True
+    fine = fine_km.cluster_centers_.astype(np.float32)
+
+    # Stage 2: sizes of the fine clusters, then the merge into K coarse clusters.
+    fine_counts = np.zeros(num_fine, dtype=np.int64)
+    for _, _, _, feats in _feature_batches(dataset, extractor, cfg.batch_size, "fine counts"):
+        fine_counts += np.bincount(_nearest(feats, fine), minlength=num_fine)
+    if (fine_counts > 0).sum() < k:
+        raise ValueError(
+            f"the data has only {(fine_counts > 0).sum()} distinct feature clusters; cannot make {k} partitions"
+        )
+    coarse, fine_to_coarse = merge_fine(fine, fine_counts, k, cfg)
+    counts = np.bincount(fine_to_coarse, weights=fine_counts, minlength=k).astype(np.int64)
+    if (counts == 0).any():
+        raise ValueError(f"partitions {np.where(counts == 0)[0].tolist()} came out empty; lower num_partitions")
+
+    # Stage 3: stream the assignments out.
+    cols: dict[str, list] = {"id": [], "shard": [], "row": [], "fine": [], "partition": []}
+    for i, shard, rows, feats in _feature_batches(dataset, extractor, cfg.batch_size, "assign"):
+        f = _nearest(feats, fine)
+        cols["id"].append(shard.ids[rows])
+        cols["shard"].append(np.full(len(rows), i, np.int32))
+        cols["row"].append(rows.astype(np.int32))
+        cols["fine"].append(f.astype(np.int32))
+        cols["partition"].append(fine_to_coarse[f].astype(np.int32))
+    table = pa.table({name: np.concatenate(parts) for name, parts in cols.items()})
+    known = {
+        ASSIGNMENTS: store.write_hashed(f"{PARTITIONS_DIR}/{ASSIGNMENTS}", write_parquet_bytes(table)),
+        CENTROIDS: store.write_hashed(
+            f"{PARTITIONS_DIR}/{CENTROIDS}",
+            save_safetensors(
+                {
+                    "fine": fine,
+                    "coarse": coarse,
+                    "fine_to_coarse": fine_to_coarse.astype(np.int32),
+                    "fine_counts": fine_counts,
+                    **extractor.state(),
+                }
+            ),
+        ),
+    }
+    meta = {
+        "kind": "ddm.partitions",
+        "format_version": 1,
+        "num_partitions": k,
+        "num_samples": n,
+        "counts": counts.tolist(),
+        "num_fine": num_fine,
+        "features": cfg.features,
+        "config": to_dict(cfg),
+        "dataset_sha256": data_id,
+        "max_over_mean": float(counts.max() / (n / k)),
+        "seconds": time.perf_counter() - t0,
+    }
+    manifest = store.commit(PARTITIONS_DIR, list(known), meta=meta, known=known)
+    log.info("%d partitions of sizes %s (largest / mean = %.2f)", k, counts.tolist(), meta["max_over_mean"])
+    return manifest
+
+
+def balance_cap(n: int, k: int, tol: float) -> float:
+    return math.ceil((1 + tol) * n / k)

@@ -1,0 +1,125 @@
+"""The samples of one partition, for one rank, in a seeded order that resumes exactly.
+
+Every epoch draws one permutation of the partition's samples from (seed, epoch). Rank r of W takes
+positions r, r + W, r + 2W, ... of it, truncated to the same count on every rank, so ranks never
+overlap and step in lockstep. The position is (epoch, batch index): ``state_dict`` hands it out and
+``load_state_dict`` restores it, so a resumed run sees exactly the batches an uninterrupted run
+would have seen. Shards are read on demand (verified against the dataset manifest) and kept in a
+small LRU cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ddm.data.partition import ASSIGNMENTS, PARTITIONS_DIR
+from ddm.data.shards import Dataset, Shard, read_parquet_bytes
+from ddm.store import Store
+
+
+class PartitionReader:
+    def __init__(
+        self,
+        store: Store,
+        partition: int | None,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        cache_shards: int = 8,
+    ):
+        """``partition=None`` reads every sample (the router and a monolith train on all data)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = Dataset(store)
+        manifest = store.manifest(PARTITIONS_DIR)
+        k = int(manifest["num_partitions"])
+        if partition is not None and not 0 <= partition < k:
+            raise ValueError(f"partition {partition} does not exist: the store has partitions 0..{k - 1}")
+        table = read_parquet_bytes(store.read_verified(PARTITIONS_DIR, ASSIGNMENTS), ["shard", "row", "partition"])
+        parts = table.column("partition").to_numpy()
+        keep = np.ones(len(parts), bool) if partition is None else parts == partition
+        self.shard_idx = table.column("shard").to_numpy()[keep]
+        self.row_idx = table.column("row").to_numpy()[keep]
+        self.partitions = parts[keep]
+        self.partition, self.batch_size, self.rank, self.world_size, self.seed = partition, batch_size, rank, world_size, seed
+        self.per_rank = len(self.shard_idx) // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"partition {partition} has {len(self.shard_idx)} samples: too few for batch_size={batch_size} "
+                f"on {world_size} ranks; lower the batch size"
+            )
+        self.epoch, self.batch_index = 0, 0
+        self._cache: OrderedDict[int, Shard] = OrderedDict()
+        self._cache_shards = cache_shards
+        self._order: np.ndarray | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.shard_idx)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shard_idx))
+            self._order = perm[self.rank :: self.world_size][: self.per_rank]
+        return self._order
+
+    def _shard(self, i: int) -> Shard:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+        else:
+            self._cache[i] = self.dataset.read_shard(i)
+            if len(self._cache) > self._cache_shards:
+                self._cache.popitem(last=False)
+        return self._cache[i]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch: x (B, *shape) float32 (pixels scaled to [-1, 1]), y labels, ids, partition."""
+        order = self._epoch_order()
+        pick = order[self.batch_index * self.batch_size : (self.batch_index + 1) * self.batch_size]
+        shards, rows = self.shard_idx[pick], self.row_idx[pick]
+        x = np.empty((len(pick), *self.dataset.sample_shape), dtype=np.float32)
+        y = np.empty(len(pick), dtype=np.int64)
+        ids = np.empty(len(pick), dtype=np.int64)
+        for s in np.unique(shards):
+            where = np.nonzero(shards == s)[0]
+            shard = self._shard(int(s))
+            arr = shard.arrays[rows[where]]
+            x[where] = arr.astype(np.float32) / 127.5 - 1.0 if self.dataset.dtype == "uint8" else arr
+            y[where] = shard.labels[rows[where]]
+            ids[where] = shard.ids[rows[where]]
+        batch = {
+            "x": torch.from_numpy(x),
+            "y": torch.from_numpy(y),
+            "id": torch.from_numpy(ids),
+            "partition": torch.from_numpy(self.partitions[pick].astype(np.int64)),
+        }
+        self.batch_index += 1
+        if self.batch_index == self.batches_per_epoch:
+            self.epoch, self.batch_index, self._order = self.epoch + 1, 0, None
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "partition": self.partition,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "partition", "world_size", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the data position: it was saved with {key}={state[key]!r}, this reader has "
+                    f"{key}={getattr(self, key)!r}"
+                )
+        self.epoch, self.batch_index, self._order = int(state["epoch"]), int(state["batch_index"]), None

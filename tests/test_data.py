@@ -1,0 +1,285 @@
+"""Data tier on three stores (file://, memory://, S3 via moto): ingest, partition, partition reader."""
+
+import io
+
+import numpy as np
+import pytest
+
+from ddm.data.ingest import IngestConfig, ingest
+from ddm.data.partition import ASSIGNMENTS, CENTROIDS, PARTITIONS_DIR, PartitionConfig, partition
+from ddm.data.reader import PartitionReader
+from ddm.data.shards import DATA_DIR, Dataset, read_parquet_bytes, shard_name
+from ddm.store import Store, StoreError
+
+
+def ingested(url: str, **kw) -> Store:
+    store = Store(url)
+    ingest(IngestConfig(**{"shard_size": 400, **kw}), store)
+    return store
+
+
+def assignments(store: Store) -> dict[str, np.ndarray]:
+    table = read_parquet_bytes(store.read_verified(PARTITIONS_DIR, ASSIGNMENTS))
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+# --- ingest -----------------------------------------------------------------------------------
+
+
+def test_ingest_digits(store_url):
+    from sklearn.datasets import load_digits
+
+    store = ingested(store_url)
+    m = store.verify(DATA_DIR)  # every shard's sha256 matches
+    assert m["num_samples"] == 1797 and m["shard_rows"] == [400, 400, 400, 400, 197]
+    assert m["sample_shape"] == [1, 8, 8] and m["dtype"] == "uint8" and m["num_classes"] == 10
+    ds = Dataset(store)
+    shards = [ds.read_shard(i) for i in range(ds.num_shards)]
+    ids = np.concatenate([s.ids for s in shards])
+    labels = np.concatenate([s.labels for s in shards])
+    images = np.concatenate([s.arrays for s in shards])
+    digits = load_digits()
+    assert np.array_equal(ids, np.arange(1797))
+    assert np.array_equal(labels, digits.target)
+    np.testing.assert_allclose(images[:, 0] / 255.0 * 16.0, digits.images, atol=0.04)
+
+
+def test_ingest_resizes_and_reruns_safely(tmp_path):
+    store = ingested(str(tmp_path / "r"), resolution=16, channels=3)
+    assert Dataset(store).sample_shape == (3, 16, 16)
+    first = store.read_bytes(f"{DATA_DIR}/MANIFEST.json")
+    ingest(IngestConfig(shard_size=400, resolution=16, channels=3), store)  # same config: nothing to do
+    assert store.read_bytes(f"{DATA_DIR}/MANIFEST.json") == first
+    with pytest.raises(ValueError, match="already holds a dataset ingested with a different config"):
+        ingest(IngestConfig(shard_size=400, resolution=8), store)
+    assert store.read_bytes(f"{DATA_DIR}/MANIFEST.json") == first  # nothing overwritten
+
+
+def test_interrupted_ingest_is_never_taken_for_a_dataset(tmp_path):
+    store = Store(str(tmp_path / "r"))
+    store.write_bytes(f"{DATA_DIR}/{shard_name(0)}", b"half a shard from a crashed run")
+    with pytest.raises(ValueError, match="no committed dataset"):
+        Dataset(store)
+    ingest(IngestConfig(shard_size=1000), store)  # replaces the leftovers
+    assert Dataset(store).num_samples == 1797 and store.list(f"{DATA_DIR}/shards") == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def _png(color, size=(12, 10)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_folder_with_an_unreadable_file(tmp_path):
+    root = tmp_path / "images"
+    for cls, color in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.png").write_bytes(_png(color, (12 + i, 10)))
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    store = Store(str(tmp_path / "run"))
+    m = ingest(IngestConfig(source=str(root), resolution=8), store)
+    assert m["num_samples"] == 6 and m["class_names"] == ["cat", "dog"]
+    assert m["skipped"]["count"] == 1 and m["skipped"]["examples"][0].endswith("broken.png")
+    shard = Dataset(store).read_shard(0)
+    assert shard.arrays.shape == (6, 3, 8, 8)
+    assert list(shard.labels) == [0, 0, 0, 1, 1, 1]
+    assert shard.arrays[0, 0].mean() > 190 and shard.arrays[3, 2].mean() > 190  # red cats, blue dogs
+
+
+def test_all_unreadable_fails_and_commits_nothing(tmp_path):
+    root = tmp_path / "images" / "only"
+    root.mkdir(parents=True)
+    (root / "a.png").write_bytes(b"junk")
+    store = Store(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="produced no readable samples"):
+        ingest(IngestConfig(source=str(tmp_path / "images")), store)
+    assert not store.is_committed(DATA_DIR)
+
+
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "src.parquet"
+    images = [{"bytes": _png((i * 20, 0, 0)), "path": f"{i}.png"} for i in range(5)]
+    pq.write_table(pa.table({"image": images, "label": [0, 1, 0, 1, 2]}), path)
+    m = ingest(IngestConfig(source=str(path), resolution=8), Store(str(tmp_path / "run")))
+    assert m["num_samples"] == 5 and m["num_classes"] == 3 and m["sample_shape"] == [3, 8, 8]
+    with pytest.raises(ValueError, match="has no column 'img'"):
+        ingest(IngestConfig(source=str(path), image_column="img"), Store(str(tmp_path / "run2")))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"source": "/definitely/missing"}, "does not exist"),
+        ({"source": "synthetic:abc"}, "synthetic:<number of samples>"),
+        ({"shard_size": 0}, "shard_size must be >= 1"),
+        ({"channels": 2}, "channels must be 1"),
+        ({"encoder": "jpeg"}, "encoder 'jpeg' is unknown"),
+    ],
+)
+def test_bad_ingest_input(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ingest(IngestConfig(**kw), Store(str(tmp_path / "run")))
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ingest(IngestConfig(source=str(tmp_path / "empty")), Store(str(tmp_path / "run")))
+
+
+def test_hub_models_fail_clearly_offline(tmp_path):
+    store = Store(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="diffusers|VAE weights"):
+        ingest(IngestConfig(encoder="vae"), store)
+    ingest(IngestConfig(), store)
+    with pytest.raises(ValueError, match="transformers|DINOv2 weights"):
+        partition(PartitionConfig(features="dinov2"), store)
+
+
+def test_unreachable_store(s3_endpoint):
+    with pytest.raises(StoreError, match="does not exist or is not visible"):
+        ingest(IngestConfig(), Store("s3://missing-bucket-xyz/run"))
+
+
+# --- partition --------------------------------------------------------------------------------
+
+
+def test_partition_on_each_store(store_url):
+    store = ingested(store_url)
+    m = partition(PartitionConfig(num_partitions=4, balance_tolerance=0.1), store)
+    store.verify(PARTITIONS_DIR)
+    a = assignments(store)
+    counts = np.bincount(a["partition"], minlength=4)
+    assert counts.tolist() == m["counts"] and counts.sum() == 1797 and (counts > 0).all()
+    # Balanced: no partition above the cap by more than one fine cluster.
+    from safetensors.numpy import load as load_safetensors
+
+    cents = load_safetensors(store.read_verified(PARTITIONS_DIR, CENTROIDS))
+    assert cents["coarse"].shape == (4, 32) and cents["fine_counts"].sum() == 1797
+    assert counts.max() <= 1.1 * 1797 / 4 + cents["fine_counts"].max()
+    # Every sample sits in the coarse cluster of its fine cluster.
+    assert np.array_equal(cents["fine_to_coarse"][a["fine"]], a["partition"])
+    assert np.array_equal(np.sort(a["id"]), np.arange(1797))
+
+
+def test_partitions_are_semantic():
+    """Digit classes concentrate in partitions far more than under a random split."""
+    store = ingested("memory://semantic")
+    partition(PartitionConfig(num_partitions=5, balance=False), store)
+    a = assignments(store)
+    labels = np.concatenate([s.labels for _, s in Dataset(store).iter_shards()])[np.argsort(a["id"])]
+    part = a["partition"][np.argsort(a["id"])]
+
+    def purity(p):
+        return sum(np.bincount(labels[p == k]).max() for k in np.unique(p)) / len(p)
+
+    random_split = np.random.default_rng(0).integers(0, 5, len(labels))
+    assert purity(part) > 2 * purity(random_split), (purity(part), purity(random_split))
+
+
+def test_partition_is_deterministic():
+    a1 = assignments(partition_store("memory://det1"))
+    a2 = assignments(partition_store("memory://det2"))
+    for name in a1:
+        assert np.array_equal(a1[name], a2[name])
+    a3 = assignments(partition_store("memory://det3", seed=1))
+    assert not np.array_equal(a1["fine"], a3["fine"])
+
+
+def partition_store(url: str, **kw) -> Store:
+    store = ingested(url, source="synthetic:3000", shard_size=256)
+    partition(PartitionConfig(num_partitions=3, num_fine=64, **kw), store)
+    return store
+
+
+def test_partition_reruns_and_refuses_to_overwrite():
+    store = partition_store("memory://rerun")
+    before = store.read_bytes(f"{PARTITIONS_DIR}/MANIFEST.json")
+    partition(PartitionConfig(num_partitions=3, num_fine=64), store)
+    assert store.read_bytes(f"{PARTITIONS_DIR}/MANIFEST.json") == before
+    with pytest.raises(ValueError, match="not overwritten"):
+        partition(PartitionConfig(num_partitions=4, num_fine=64), store)
+    assert store.read_bytes(f"{PARTITIONS_DIR}/MANIFEST.json") == before
+
+
+def test_bad_partition_input(tmp_path):
+    with pytest.raises(ValueError, match="num_partitions must be >= 1"):
+        PartitionConfig(num_partitions=0)
+    store = ingested(str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="num_partitions=5000 exceeds the 1797 samples"):
+        partition(PartitionConfig(num_partitions=5000), store)
+    with pytest.raises(ValueError, match="no committed dataset .* `ddm ingest"):
+        partition(PartitionConfig(), Store(str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="features 'sift' is unknown"):
+        partition(PartitionConfig(features="sift"), store)
+
+
+# --- reader -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parted():
+    return partition_store("memory://reader")
+
+
+def test_ranks_split_a_partition_without_overlap(parted):
+    a = assignments(parted)
+    members = set(a["id"][a["partition"] == 1].tolist())
+    readers = [PartitionReader(parted, 1, batch_size=16, rank=r, world_size=3, seed=5) for r in range(3)]
+    seen = [set() for _ in readers]
+    for r, reader in enumerate(readers):
+        for _ in range(reader.batches_per_epoch):
+            b = reader.next_batch()
+            assert (b["partition"] == 1).all()
+            seen[r].update(b["id"].tolist())
+    assert all(not (seen[i] & seen[j]) for i in range(3) for j in range(i + 1, 3))
+    covered = set().union(*seen)
+    assert covered <= members and len(covered) >= len(members) - 3 * (16 + 1)  # only the tails are dropped
+
+
+def test_epochs_reshuffle_and_batches_are_well_formed(parted):
+    reader = PartitionReader(parted, 0, batch_size=32, seed=1)
+    first = [reader.next_batch()["id"] for _ in range(reader.batches_per_epoch)]
+    second = reader.next_batch()["id"]
+    assert reader.epoch == 1 and not np.array_equal(first[0].numpy(), second.numpy())
+    b = reader.next_batch()
+    assert b["x"].shape == (32, 1, 16, 16) and b["x"].dtype.is_floating_point
+    assert -1.0 <= float(b["x"].min()) and float(b["x"].max()) <= 1.0
+
+
+def test_resume_replays_exactly_the_same_batches(parted):
+    straight = PartitionReader(parted, 2, batch_size=24, seed=3)
+    ids = [straight.next_batch()["id"] for _ in range(3 * straight.batches_per_epoch)]
+    interrupted = PartitionReader(parted, 2, batch_size=24, seed=3)
+    k = straight.batches_per_epoch + 2  # stop mid-way through the second epoch
+    for _ in range(k):
+        interrupted.next_batch()
+    state = interrupted.state_dict()
+    resumed = PartitionReader(parted, 2, batch_size=24, seed=3)
+    resumed.load_state_dict(state)
+    for expected in ids[k:]:
+        assert np.array_equal(resumed.next_batch()["id"].numpy(), expected.numpy())
+
+
+def test_reader_errors(parted):
+    with pytest.raises(ValueError, match=r"partition 7 does not exist: the store has partitions 0..2"):
+        PartitionReader(parted, 7, batch_size=8)
+    with pytest.raises(ValueError, match="too few for batch_size"):
+        PartitionReader(parted, 0, batch_size=100_000)
+    reader = PartitionReader(parted, 0, batch_size=8)
+    state = reader.state_dict() | {"world_size": 2}
+    with pytest.raises(ValueError, match="saved with world_size=2"):
+        reader.load_state_dict(state)
+
+
+def test_reader_over_all_data_for_the_router(parted):
+    reader = PartitionReader(parted, None, batch_size=64)
+    assert reader.num_samples == 3000
+    parts = reader.next_batch()["partition"]
+    assert len(set(parts.tolist())) == 3  # every partition shows up in a shuffled batch of all data
