@@ -28,10 +28,46 @@ def ensure_process_group(backend: str = "gloo") -> bool:
     """
     if dist.is_initialized():
         return False
-    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
+    if not ("WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ):
+        # No launcher: a world of one on loopback. DeepSpeed also reads LOCAL_RANK.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    dist.init_process_group(backend)
     return True
+
+
+class ParallelState:
+    """Ranks and parallel axes of one island's job, read once from the launcher's environment.
+
+    dp: data parallelism over all ranks (DeepSpeed ZeRO shards optimizer state over it).
+    ep: expert parallelism of MoE layers; ranks r and r + ep_size * i hold the same MoE experts.
+    """
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, ep_size: int = 1):
+        if ep_size < 1 or world_size % ep_size:
+            raise ValueError(f"moe.ep_size={ep_size} must divide the world size {world_size}")
+        self.rank, self.world_size, self.local_rank, self.ep_size = rank, world_size, local_rank, ep_size
+
+    @classmethod
+    def current(cls, ep_size: int = 1) -> "ParallelState":
+        assert dist.is_initialized(), "ensure_process_group() first"
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), ep_size)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return f"ParallelState(rank={self.rank}, world={self.world_size}, dp={self.dp_size}, ep={self.ep_size})"

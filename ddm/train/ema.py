@@ -23,7 +23,8 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # fp32 shadow even when training in bf16: averaging in low precision loses the small updates.
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -34,7 +35,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         for shadow, param in zip(self.model.parameters(), model.parameters()):
-            shadow.lerp_(param.detach(), 1.0 - d)
+            shadow.lerp_(param.detach().to(shadow.dtype), 1.0 - d)
         for shadow, buf in zip(self.model.buffers(), model.buffers()):
             shadow.copy_(buf)
         self.num_updates += 1

@@ -1,0 +1,212 @@
+"""Full-state checkpoints in the store, uploaded in the background, committed by a manifest.
+
+A checkpoint of step n lives at ``{run}/checkpoints/step_{n:07d}/``:
+
+  DeepSpeed's own files       model / optimizer (ZeRO shards) / MoE expert states, as DeepSpeed
+                              writes them (torch.save); loaded only from this run's committed dirs
+  rank{r:03d}.safetensors     per rank: EMA weights and RNG states (no pickle)
+  rank{r:03d}.json            per rank: data position, step, loss
+  .rank{r:03d}.done           per rank: sizes + sha256 of what that rank uploaded
+  MANIFEST.json               written last by rank 0, once every rank's .done exists
+
+Each rank saves with DeepSpeed into a local scratch directory, then a background thread uploads
+its files while training goes on; no collective is needed to commit, the store is the rendezvous.
+DeepSpeed's ``latest`` file is never written or trusted: the newest directory with a manifest is
+the latest checkpoint, and one whose files fail their checksums is skipped for the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ddm.store import MANIFEST, ChecksumError, Store, StoreError
+
+log = logging.getLogger("ddm.checkpoint")
+
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+@dataclass
+class RankState:
+    """What each rank adds to DeepSpeed's state: tensors (safetensors) and JSON."""
+
+    tensors: dict[str, torch.Tensor]
+    info: dict
+
+
+class CheckpointManager:
+    def __init__(self, store: Store, rank: int, world_size: int, keep_last: int = 3, commit_timeout_s: float = 600.0):
+        self.store, self.rank, self.world_size = store.child("checkpoints"), rank, world_size
+        self.keep_last, self.commit_timeout_s = keep_last, commit_timeout_s
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._scratch = tempfile.mkdtemp(prefix=f"ddm-ckpt-r{rank}-")
+
+    # --- discovery --------------------------------------------------------------------------
+    def committed_steps(self) -> list[int]:
+        """Steps whose directory has a manifest, oldest first (fresh listing, no cache)."""
+        steps = []
+        for name in self.store.list(""):
+            m = STEP_RE.match(name)
+            if m and self.store.is_committed(name):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    # --- save -------------------------------------------------------------------------------
+    def save(self, engine, step: int, rank_state: RankState, background: bool = True) -> None:
+        """Snapshot now (DeepSpeed to local scratch, collective), upload in the background."""
+        self.wait()  # at most one upload in flight; surfaces the previous one's failure
+        tag = step_dir(step)
+        local = os.path.join(self._scratch, tag)
+        shutil.rmtree(local, ignore_errors=True)
+        engine.save_checkpoint(self._scratch, tag=tag, save_latest=False)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in rank_state.tensors.items()}, os.path.join(local, f"rank{self.rank:03d}.safetensors"))
+        with open(os.path.join(local, f"rank{self.rank:03d}.json"), "w") as f:
+            json.dump(rank_state.info, f)
+        files = sorted(
+            os.path.relpath(os.path.join(d, name), local) for d, _, names in os.walk(local) for name in names
+        )
+        if background:
+            self._thread = threading.Thread(target=self._upload_guarded, args=(step, local, files), daemon=True)
+            self._thread.start()
+        else:
+            self._upload(step, local, files)
+
+    def _upload_guarded(self, step: int, local: str, files: list[str]) -> None:
+        try:
+            self._upload(step, local, files)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
+            self._error = e
+
+    def _upload(self, step: int, local: str, files: list[str]) -> None:
+        tag = step_dir(step)
+        t0 = time.perf_counter()
+        entries = {}
+        for name in files:
+            with open(os.path.join(local, name), "rb") as f:
+                entries[name] = self.store.write_hashed(f"{tag}/{name}", f.read())
+            _fault_hook("upload", step, self.rank)
+        self.store.write_json(f"{tag}/.rank{self.rank:03d}.done", entries)
+        shutil.rmtree(local, ignore_errors=True)
+        if self.rank == 0:
+            self._commit(step)
+        log.info("rank %d uploaded checkpoint %s (%d files) in %.1fs", self.rank, tag, len(files), time.perf_counter() - t0)
+
+    def _commit(self, step: int) -> None:
+        tag = step_dir(step)
+        deadline = time.monotonic() + self.commit_timeout_s
+        markers = [f"{tag}/.rank{r:03d}.done" for r in range(self.world_size)]
+        while not all(self.store.exists(m) for m in markers):
+            if time.monotonic() > deadline:
+                raise StoreError(f"checkpoint {tag}: not every rank finished uploading within {self.commit_timeout_s:.0f}s")
+            time.sleep(0.2)
+        known: dict[str, dict] = {}
+        for m in markers:
+            known.update(self.store.read_json(m))
+        self.store.commit(tag, list(known), meta={"step": step, "world_size": self.world_size}, known=known)
+        log.info("committed checkpoint %s", tag)
+        self._prune(step)
+
+    def _prune(self, newest: int) -> None:
+        """Keep the last ``keep_last`` commits; drop older ones and uncommitted leftovers below the newest."""
+        committed = self.committed_steps()
+        doomed = set(committed[: -self.keep_last]) if self.keep_last > 0 else set()
+        for name in self.store.list(""):
+            m = STEP_RE.match(name)
+            if not m:
+                continue
+            s = int(m.group(1))
+            if s in doomed or (s < newest and s not in committed):
+                self.store.delete(name, recursive=True)
+
+    def wait(self) -> None:
+        """Block until the in-flight upload is done; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    # --- load -------------------------------------------------------------------------------
+    def load_latest(self, engine) -> tuple[int, RankState] | None:
+        """Load the newest committed checkpoint that verifies; None when there is none.
+
+        A checkpoint whose files fail their checksums is reported and skipped for the previous one.
+        Every rank reads the same manifests, so every rank settles on the same step.
+        """
+        for step in reversed(self.committed_steps()):
+            try:
+                return step, self.load(engine, step)
+            except ChecksumError as e:
+                log.error("checkpoint %s is unusable (%s); falling back to the previous commit", step_dir(step), e)
+        return None
+
+    def load(self, engine, step: int) -> RankState:
+        from safetensors.torch import load as load_safetensors
+
+        tag = step_dir(step)
+        manifest = self.store.verify(tag)  # sha256 of every file, before anything is deserialised
+        local = os.path.join(self._scratch, "restore", tag)
+        shutil.rmtree(local, ignore_errors=True)
+        for name in manifest["files"]:
+            path = os.path.join(local, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(self.store.read_bytes(f"{tag}/{name}"))
+        own = f"rank{self.rank:03d}"
+        if f"{own}.json" not in manifest["files"]:
+            raise ValueError(
+                f"checkpoint {tag} was written by {manifest['world_size']} ranks; this job has {self.world_size} and "
+                f"rank {self.rank} has no state there. Resume with the same number of workers."
+            )
+        load_path, _ = engine.load_checkpoint(os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ChecksumError(f"DeepSpeed could not load checkpoint {tag}")
+        with open(os.path.join(local, f"{own}.safetensors"), "rb") as f:
+            tensors = load_safetensors(f.read())
+        with open(os.path.join(local, f"{own}.json")) as f:
+            info = json.load(f)
+        shutil.rmtree(local, ignore_errors=True)
+        return RankState(tensors, info)
+
+    def close(self) -> None:
+        self.wait()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _fault_hook(point: str, step: int, rank: int) -> None:
+    """Test-only fault injection, driven by environment variables (inert otherwise).
+
+    DDM_FAULT=<point>:<step>[:<rank>] with a marker file DDM_FAULT_ONCE: the process is killed
+    (SIGKILL) at that point the first time, as a crash would, and never again.
+    """
+    spec = os.environ.get("DDM_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
+        return
+    marker = os.environ.get("DDM_FAULT_ONCE")
+    if marker:
+        if os.path.exists(marker):
+            return
+        open(marker, "w").close()
+    log.warning("fault injection: killing rank %d at %s step %d", rank, point, step)
+    os.kill(os.getpid(), 9)
