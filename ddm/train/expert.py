@@ -144,7 +144,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     import torch.distributed as dist
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from ddm.checkpoint import CheckpointManager, RankState
+    from ddm.checkpoint import CheckpointManager, RankState, _fault_hook
     from ddm.data.reader import PartitionReader
     from ddm.models import build_model
     from ddm.parallel import ParallelState, ensure_process_group
@@ -224,6 +224,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step += 1
+        _fault_hook("step", step, ps.rank)
         _update_ema(ema, engine, cfg.zero_stage)
         window_loss += loss.item()
         window_n += 1
@@ -261,7 +262,10 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         "startup": startup,
         "loop_s": time.perf_counter() - t_loop,
         "world_size": ps.world_size,
+        **_replica_check(engine.module, cfg.zero_stage),
     }
+    if ps.is_main:
+        run.write_json("summary.json", summary)
     if owns_group:
         dist.barrier()
         dist.destroy_process_group()  # torch + gloo can abort at exit without it
@@ -276,6 +280,31 @@ def _update_ema(ema, engine, zero_stage: int) -> None:
             ema.update(engine.module)
     else:
         ema.update(engine.module)
+
+
+def _replica_check(module: torch.nn.Module, zero_stage: int) -> dict:
+    """Largest difference of dense weights across ranks (0 for data parallelism done right), and
+    whether MoE expert weights differ across ranks (they should under expert parallelism)."""
+    import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
+
+    if dist.get_world_size() == 1 or zero_stage == 3:
+        return {"dense_max_diff_across_ranks": 0.0, "expert_weights_differ_across_ranks": None}
+    dense = torch.cat([p.detach().float().flatten().cpu() for p in module.parameters() if not is_moe_param(p)])
+    expert = [p.detach().float().flatten().cpu() for p in module.parameters() if is_moe_param(p)]
+    ref = dense.clone()
+    dist.broadcast(ref, src=0)
+    diff = torch.tensor([(dense - ref).abs().max().item()])
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    out = {"dense_max_diff_across_ranks": float(diff), "expert_weights_differ_across_ranks": None}
+    if expert:
+        mine = torch.cat(expert)
+        ref = mine.clone()
+        dist.broadcast(ref, src=0)
+        differs = torch.tensor([float(not torch.equal(mine, ref))])
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+        out["expert_weights_differ_across_ranks"] = bool(differs.item())
+    return out
 
 
 def _read_metrics(run) -> list[dict]:

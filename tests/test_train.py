@@ -1,0 +1,208 @@
+"""Tiers 4 and 5: real DeepSpeed (CPU, gloo) with and without Ray Train; exact resume; faults.
+
+Single-process runs go through ``python -m ddm.train.expert`` in a subprocess (a fresh process
+group each time, as a user's command would). Ray runs use a real local Ray runtime with 2 workers.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddm.data.ingest import IngestConfig, ingest
+from ddm.data.partition import PartitionConfig, partition
+from ddm.store import Store
+
+TRAIN = ["partition=0", "global_batch_size=16", "log_every=2", "seed=3", "model.class_dropout_prob=0.1"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A local store with digits ingested and split into 2 partitions; copied per test."""
+    root = tmp_path_factory.mktemp("prepared") / "store"
+    store = Store(str(root))
+    ingest(IngestConfig(shard_size=1000), store)
+    partition(PartitionConfig(num_partitions=2, num_fine=64), store)
+    return root
+
+
+def fresh(prepared, tmp_path, name="run") -> str:
+    dst = tmp_path / name
+    shutil.copytree(prepared, dst)
+    return str(dst)
+
+
+def run_cli(store: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ddm.train.expert", f"store={store}", *TRAIN, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def summary(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def exported(store: str, run_dir: str = "experts/00") -> dict[str, torch.Tensor]:
+    Store(store).child(run_dir).verify("export")
+    return load_file(os.path.join(store, run_dir, "export", "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+# --- one process, no Ray --------------------------------------------------------------------
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(prepared, tmp_path):
+    straight = fresh(prepared, tmp_path, "straight")
+    s = summary(run_cli(straight, "steps=8", "checkpoint_every=4"))
+    assert s["step"] == 8 and s["startup"]["resumed_from"] is None
+
+    crashed = fresh(prepared, tmp_path, "crashed")
+    env = {"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}
+    out = run_cli(crashed, "steps=8", "checkpoint_every=4", env=env)
+    assert out.returncode == -9  # SIGKILL at step 6, after step 4 was committed
+    s2 = summary(run_cli(crashed, "steps=8", "checkpoint_every=4"))
+    assert s2["startup"]["resumed_from"] == 4
+    assert_same_weights(exported(straight), exported(crashed))
+    # The metrics continue the same loss curve.
+    m1 = [json.loads(line) for line in open(os.path.join(straight, "experts/00/metrics.jsonl"))]
+    m2 = [json.loads(line) for line in open(os.path.join(crashed, "experts/00/metrics.jsonl"))]
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [2, 4, 6, 8]
+    assert [round(m["loss"], 5) for m in m1] == [round(m["loss"], 5) for m in m2]
+
+
+def test_crash_inside_an_upload_never_commits_a_partial_checkpoint(prepared, tmp_path):
+    store = fresh(prepared, tmp_path)
+    env = {"DDM_FAULT": "upload:8", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}
+    out = run_cli(store, "steps=8", "checkpoint_every=4", env=env)
+    assert out.returncode == -9
+    ckpts = Store(store).child("experts/00/checkpoints")
+    assert ckpts.is_committed("step_0000004") and not ckpts.is_committed("step_0000008")
+    assert ckpts.list("step_0000008")  # the partial upload is there, uncommitted
+    s = summary(run_cli(store, "steps=8", "checkpoint_every=4"))
+    assert s["startup"]["resumed_from"] == 4 and s["step"] == 8
+    assert ckpts.is_committed("step_0000008")
+
+
+def test_flipped_bytes_are_caught_and_the_previous_commit_is_used(prepared, tmp_path):
+    store = fresh(prepared, tmp_path)
+    summary(run_cli(store, "steps=8", "checkpoint_every=4"))
+    ckpt_dir = os.path.join(store, "experts/00/checkpoints/step_0000008")
+    target = next(f for f in sorted(os.listdir(ckpt_dir)) if f.endswith("optim_states.pt"))
+    raw = bytearray(open(os.path.join(ckpt_dir, target), "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(os.path.join(ckpt_dir, target), "wb").write(bytes(raw))
+    out = run_cli(store, "steps=10", "checkpoint_every=4")
+    s = summary(out)
+    assert s["startup"]["resumed_from"] == 4 and s["step"] == 10
+    assert f"{target} is corrupted" in out.stderr and "falling back to the previous commit" in out.stderr
+
+
+def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
+    store = fresh(prepared, tmp_path)
+    summary(run_cli(store, "steps=8", "checkpoint_every=2", "keep_checkpoints=2"))
+    ckpts = Store(store).child("experts/00/checkpoints")
+    assert ckpts.list("") == ["step_0000006", "step_0000008"]
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["global_batch_size=10", "grad_accum=4"], "is not divisible by grad_accum=4"),
+        (["partition=5"], r"partition 5 does not exist: .* has partitions 0..1"),
+        (["model.data_shape=[1,16,16]"], r"does not match the dataset's samples \(1, 8, 8\)"),
+        (["model.moe.num_experts=4", "model.moe.ep_size=3"], "must divide num_experts"),
+        (["model.moe.num_experts=4", "model.moe.ep_size=2"], "ep_size=2 must divide num_workers=1"),
+    ],
+)
+def test_bad_input_fails_before_training(prepared, tmp_path, overrides, match):
+    from ddm.config import load
+    from ddm.train.expert import TrainConfig, check_inputs
+
+    with pytest.raises(ValueError, match=match):
+        check_inputs(load(TrainConfig, None, [f"store={fresh(prepared, tmp_path)}", *TRAIN, *overrides]))
+
+
+# --- Ray Train + DeepSpeed, 2 workers --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def ray_cfg(store: str, *overrides: str):
+    from ddm.config import load
+    from ddm.train.expert import TrainConfig
+
+    return load(TrainConfig, None, [f"store={store}", *TRAIN, "num_workers=2", "max_failures=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def zero2_run(prepared, tmp_path_factory, ray_runtime):
+    from ddm.islands import run_expert
+
+    store = fresh(prepared, tmp_path_factory.mktemp("zero2"))
+    return store, run_expert(ray_cfg(store, "steps=6", "checkpoint_every=2", "zero_stage=2"))
+
+
+def test_ray_two_workers_zero2(zero2_run):
+    store, s = zero2_run
+    assert s["world_size"] == 2 and s["step"] == 6
+    assert s["dense_max_diff_across_ranks"] == 0.0  # data-parallel replicas stay identical
+    manifest = Store(store).child("experts/00/checkpoints").manifest("step_0000006")
+    names = manifest["files"]
+    assert "rank000.safetensors" in names and "rank001.safetensors" in names
+    assert sum("optim_states" in n for n in names) == 2  # one ZeRO shard per rank
+
+
+def test_ray_restarts_a_killed_worker_and_resumes(prepared, tmp_path, zero2_run):
+    from ddm.islands import run_expert
+
+    store = fresh(prepared, tmp_path)
+    env = {"DDM_FAULT": "step:5:1", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}  # kill rank 1 at step 5
+    s = run_expert(ray_cfg(store, "steps=6", "checkpoint_every=2", "zero_stage=2"), env=env)
+    assert os.path.exists(tmp_path / "fault-once")  # the kill happened
+    assert s["startup"]["resumed_from"] == 4 and s["step"] == 6
+    assert_same_weights(exported(zero2_run[0]), exported(store))
+
+
+def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
+    from ddm.islands import run_expert
+    from ddm.models import build_model
+
+    store = fresh(prepared, tmp_path)
+    cfg = ray_cfg(store, "steps=4", "checkpoint_every=2", "zero_stage=1", "model.moe.num_experts=4", "model.moe.ep_size=2", "model.moe.every=1")
+    s = run_expert(cfg)
+    assert s["dense_max_diff_across_ranks"] == 0.0
+    assert s["expert_weights_differ_across_ranks"] is True
+    # The export holds all 4 MoE experts of every MoE block and loads into a one-process model.
+    weights = exported(store)
+    expert_keys = [k for k in weights if ".deepspeed_experts." in k]
+    assert {k.split(".deepspeed_experts.")[1].split(".")[0] for k in expert_keys} == {"0", "1", "2", "3"}
+    model = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "moe": cfg.model.moe.__class__(**{**cfg.model.moe.__dict__, "ep_size": 1})}))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and not [m for m in missing if "pos_embed" not in m]
+    # Rank 1's experts came back from its own checkpoint files, distinct from rank 0's.
+    w = {k: v for k, v in weights.items() if "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts." in k and k.endswith("fc1.weight")}
+    assert len(w) == 4 and not torch.equal(w[sorted(w)[0]], w[sorted(w)[-1]])
+
+
+def test_ray_rejects_bad_input_before_any_worker(prepared, tmp_path, ray_runtime):
+    from ddm.islands import run_expert
+
+    with pytest.raises(ValueError, match="global_batch_size=15 is not divisible"):
+        run_expert(ray_cfg(fresh(prepared, tmp_path), "global_batch_size=15"))
