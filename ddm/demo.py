@@ -115,7 +115,7 @@ def fit_velocity(
         loss.backward()
         opt.step()
         ema.update(model)
-    return ema.model
+    return ema.apply_to(model)
 
 
 def fit_router(
@@ -134,7 +134,7 @@ def fit_router(
         loss.backward()
         opt.step()
         ema.update(router)
-    return ema.model, loss.item()
+    return ema.apply_to(router), loss.item()
 
 
 def partition(data: torch.Tensor, k: int, seed: int) -> torch.Tensor:

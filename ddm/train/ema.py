@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -13,8 +11,9 @@ class EMA:
 
     With ``warmup`` the decay ramps as d = min(decay, (1 + n) / (10 + n)) over the first updates
     (n = updates so far), so a short run's EMA is not dominated by the initial weights; long runs
-    reach the configured decay after a few thousand steps. Buffers are copied, not averaged.
-    The shadow model is what gets exported and sampled.
+    reach the configured decay after a few thousand steps. The shadow is a dict of fp32 tensors
+    keyed like ``named_parameters()`` (even when training in bf16: averaging in low precision
+    loses the small updates); it holds no module, so models with process-group handles (MoE) work.
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
@@ -23,8 +22,7 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        # fp32 shadow even when training in bf16: averaging in low precision loses the small updates.
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -34,15 +32,29 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        for shadow, param in zip(self.model.parameters(), model.parameters()):
-            shadow.lerp_(param.detach().to(shadow.dtype), 1.0 - d)
-        for shadow, buf in zip(self.model.buffers(), model.buffers()):
-            shadow.copy_(buf)
+        for name, param in model.named_parameters():
+            self.shadow[name].lerp_(param.detach().to(torch.float32), 1.0 - d)
         self.num_updates += 1
 
+    def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` with every parameter replaced by its average (buffers as they are)."""
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        state.update(self.shadow)
+        return state
+
+    @torch.no_grad()
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        """Load the averaged weights into ``model`` (in place) and return it in eval mode."""
+        for name, param in model.named_parameters():
+            param.copy_(self.shadow[name])
+        return model.eval()
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+        return {"shadow": dict(self.shadow), "num_updates": self.num_updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        missing = self.shadow.keys() - state["shadow"].keys()
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        self.shadow = {k: state["shadow"][k].float().clone() for k in self.shadow}
         self.num_updates = int(state["num_updates"])

@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     restored = ckpt.load_latest(engine)
     if restored is not None:
         step, state = restored
-        ema.load_state_dict({"model": {k[4:]: v for k, v in state.tensors.items() if k.startswith("ema.")}, "num_updates": state.info["ema_updates"]})
+        ema.load_state_dict({"shadow": {k[4:]: v for k, v in state.tensors.items() if k.startswith("ema.")}, "num_updates": state.info["ema_updates"]})
         reader.load_state_dict(state.info["reader"])
         gen.set_state(state.tensors["rng.noise"])
         torch.set_rng_state(state.tensors["rng.torch"])  # label dropout draws from the global stream
@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             state = RankState(
                 tensors={
-                    **{f"ema.{k}": v for k, v in ema.state_dict()["model"].items()},
+                    **{f"ema.{k}": v for k, v in ema.shadow.items()},
                     "rng.noise": gen.get_state(),
                     "rng.torch": torch.get_rng_state(),
                 },
@@ -252,10 +252,10 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
             if ps.is_main:
                 run.write_bytes("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
         if cfg.export_every and step % cfg.export_every == 0 and step != cfg.steps:
-            export(ema.model, cfg, run, ps, step)
+            export(ema.weights(engine.module), cfg, run, ps, step)
 
     ckpt.close()  # the last upload must be committed before the job reports success
-    export(ema.model, cfg, run, ps, step)
+    export(ema.weights(engine.module), cfg, run, ps, step)
     summary = {
         "step": step,
         "final_loss": metrics[-1]["loss"] if metrics else None,
@@ -313,7 +313,7 @@ def _read_metrics(run) -> list[dict]:
     return [json.loads(line) for line in run.read_bytes("metrics.jsonl").decode().splitlines() if line.strip()]
 
 
-def export(model: torch.nn.Module, cfg: TrainConfig, run, ps, step: int) -> None:
+def export(weights: dict[str, torch.Tensor], cfg: TrainConfig, run, ps, step: int) -> None:
     """The EMA model as safetensors + config.json under ``export/``, committed by a manifest.
 
     With expert parallelism each rank holds some MoE experts; their weights are gathered to rank 0
@@ -322,7 +322,7 @@ def export(model: torch.nn.Module, cfg: TrainConfig, run, ps, step: int) -> None
     import torch.distributed as dist
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     ep = cfg.model.moe.ep_size if cfg.model.moe.enabled else 1
     if ep > 1:
         local_experts = cfg.model.moe.num_experts // ep
