@@ -32,6 +32,7 @@ EPILOG = textwrap.dedent(
       ddm demo -c launch/demo.yaml num_partitions=8 rules='[top1, full]'
       ddm ingest digits runs/digits             shard scikit-learn's digits into a store (any fsspec URL)
       ddm partition runs/digits num_partitions=4   two-stage k-means into 4 semantic partitions
+      ddm train expert -c launch/digits_expert.yaml --partition 0   one expert, Ray Train + DeepSpeed
       ddm models                                list model presets and their sizes
 
     Config values are overridden with dotted key=value pairs after the command.
@@ -103,6 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("store")
     part.add_argument("overrides", nargs="*", metavar="key=value")
 
+    train = sub.add_parser("train", help="train a model of the ensemble (an expert) as a Ray Train + DeepSpeed job")
+    train_sub = train.add_subparsers(dest="what", metavar="<what>", required=True)
+    expert = train_sub.add_parser(
+        "expert",
+        help="train the expert of one partition",
+        description=textwrap.dedent(
+            """\
+            Train the expert of one partition on one island: Ray Train places num_workers
+            workers (local Ray runtime by default, or --address of a cluster), DeepSpeed runs
+            ZeRO data parallelism (and MoE expert parallelism) inside them. Checkpoints and the
+            EMA export go to STORE/experts/<k>/. Running the same command again resumes from
+            the newest committed checkpoint; so do Ray's own restarts after a worker dies.
+            Options are TrainConfig fields as key=value, e.g. steps=2000 num_workers=2
+            zero_stage=2 model.moe.num_experts=4 model.moe.ep_size=2."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    expert.add_argument("-c", "--config", help="experiment spec (YAML), e.g. launch/digits_expert.yaml")
+    expert.add_argument("--partition", type=int, help="which partition's expert (overrides the spec)")
+    expert.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
+    expert.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
+    expert.add_argument("overrides", nargs="*", metavar="key=value")
+
     sub.add_parser("models", help="list the model presets (DiT sizes, MLP sizes) with parameter counts")
     return parser
 
@@ -143,6 +167,32 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from ddm.config import load
+    from ddm.train.expert import TrainConfig, check_inputs
+
+    overrides = list(args.overrides) + ([f"partition={args.partition}"] if args.partition is not None else [])
+    cfg = load(TrainConfig, args.config, overrides)
+    check_inputs(cfg)
+    if args.no_ray:
+        from ddm.train.expert import train
+
+        if cfg.num_workers != 1:
+            raise ValueError("--no-ray runs one process: set num_workers=1 (or use torchrun/deepspeed launchers)")
+        summary = train(cfg)
+    else:
+        import ray
+
+        from ddm.islands import run_expert
+
+        ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+        summary = run_expert(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -158,7 +208,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "models": cmd_models}
+COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,8 +50,11 @@ def run_expert(cfg: TrainConfig, storage_path: str | None = None, env: dict[str,
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ddm.store import Store
+    import dataclasses
 
+    from ddm.store import Store, absolute_url
+
+    cfg = dataclasses.replace(cfg, store=absolute_url(cfg.store))  # workers run in other directories
     check_inputs(cfg)
     if not ray.is_initialized():
         raise ValueError("not connected to a Ray cluster: call ray.init(address=...) first")

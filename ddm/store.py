@@ -35,6 +35,14 @@ MANIFEST = "MANIFEST.json"
 T = TypeVar("T")
 
 
+def absolute_url(url: str) -> str:
+    """A local path made absolute (workers on other processes or nodes have other working dirs);
+    URLs with a scheme are returned unchanged."""
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 class StoreError(RuntimeError):
     """The store could not be reached or an object could not be read or written."""
 
