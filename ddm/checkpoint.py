@@ -194,8 +194,10 @@ class CheckpointManager:
 def _fault_hook(point: str, step: int, rank: int) -> None:
     """Test-only fault injection, driven by environment variables (inert otherwise).
 
-    DDM_FAULT=<point>:<step>[:<rank>] with a marker file DDM_FAULT_ONCE: the process is killed
-    (SIGKILL) at that point the first time, as a crash would, and never again.
+    DDM_FAULT=<point>:<step>[:<rank>] with a marker file DDM_FAULT_ONCE: the first time the point is
+    reached the process is killed (SIGKILL), as a crash would, and never again. With
+    DDM_FAULT_ACTION=pause it instead waits (at most 120 s) until the file DDM_FAULT_ONCE + ".go"
+    exists, so a test can change the world (stop the S3 endpoint) at a known step.
     """
     spec = os.environ.get("DDM_FAULT")
     if not spec:
@@ -208,5 +210,11 @@ def _fault_hook(point: str, step: int, rank: int) -> None:
         if os.path.exists(marker):
             return
         open(marker, "w").close()
+    if os.environ.get("DDM_FAULT_ACTION") == "pause":
+        log.warning("fault injection: rank %d paused at %s step %d", rank, point, step)
+        deadline = time.monotonic() + 120
+        while marker and not os.path.exists(marker + ".go") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
     log.warning("fault injection: killing rank %d at %s step %d", rank, point, step)
     os.kill(os.getpid(), 9)

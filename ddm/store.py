@@ -77,11 +77,17 @@ class Store:
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 storage_options.setdefault("endpoint_url", endpoint)
+            # Bounded, predictable failure: few retries inside s3fs/botocore, then ours with backoff.
+            storage_options.setdefault(
+                "config_kwargs", {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2, "mode": "standard"}}
+            )
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         except (ImportError, ValueError) as e:
             raise ValueError(f"cannot open store {self.url!r}: {e}") from e
-        self.protocol = protocol if protocol != "file" else "file"
+        self.protocol = protocol
+        if protocol in ("s3", "s3a"):
+            self.fs.retries = 2  # s3fs's own retry loop (default 5); ours runs on top
         self.retries = retries
         self.backoff_s = backoff_s
 

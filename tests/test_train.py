@@ -206,3 +206,57 @@ def test_ray_rejects_bad_input_before_any_worker(prepared, tmp_path, ray_runtime
 
     with pytest.raises(ValueError, match="global_batch_size=15 is not divisible"):
         run_expert(ray_cfg(fresh(prepared, tmp_path), "global_batch_size=15"))
+
+
+# --- the S3 endpoint goes away mid-run --------------------------------------------------------
+
+
+def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
+    """Stop the S3 server while a run is about to checkpoint: bounded retries, a clear failure,
+    nothing committed is lost; with the endpoint back, the same command resumes and finishes."""
+    import socket
+    import time
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    url = "s3://ddm-test/outage"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        store = Store(url, skip_instance_cache=True)
+        ingest(IngestConfig(shard_size=1000), store)
+        partition(PartitionConfig(num_partitions=2, num_fine=64), store)
+        marker = tmp_path / "paused"
+        fault = {"DDM_FAULT": "step:8", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": str(marker)}
+        cmd = [sys.executable, "-m", "ddm.train.expert", f"store={url}", *TRAIN, "steps=12", "checkpoint_every=4"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env, **fault})
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 8"
+            time.sleep(0.1)
+        server.stop()  # the endpoint disappears just before the step-8 checkpoint
+        (tmp_path / "paused.go").touch()
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode != 0
+        assert "StoreError" in err and "Check that the store is reachable" in err
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # same data (moto keeps it)
+        server.start()
+        ckpts = Store(f"{url}/experts/00/checkpoints", skip_instance_cache=True)
+        assert ckpts.is_committed("step_0000004")  # nothing committed was lost
+        s = summary(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env}))
+        assert s["startup"]["resumed_from"] == 4 and s["step"] == 12
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
