@@ -28,11 +28,14 @@ def ensure_process_group(backend: str = "gloo") -> bool:
     """
     if dist.is_initialized():
         return False
-    if not ("WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ):
-        # No launcher: a world of one on loopback. DeepSpeed also reads LOCAL_RANK.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
-    dist.init_process_group(backend)
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))  # DeepSpeed reads it
+        dist.init_process_group(backend)
+    else:
+        # No launcher: a world of one on loopback. Only LOCAL_RANK (which DeepSpeed asserts on) goes
+        # into the environment, so child processes don't mistake this for a launcher's world.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return True
 
 

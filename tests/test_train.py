@@ -37,9 +37,17 @@ def fresh(prepared, tmp_path, name="run") -> str:
     return str(dst)
 
 
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment without launcher variables: each run is its own world."""
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, **(extra or {})}
+
+
 def run_cli(store: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ddm.train.expert", f"store={store}", *TRAIN, *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(env))
 
 
 def summary(out: subprocess.CompletedProcess) -> dict:
@@ -236,10 +244,12 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
         marker = tmp_path / "paused"
         fault = {"DDM_FAULT": "step:8", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": str(marker)}
         cmd = [sys.executable, "-m", "ddm.train.expert", f"store={url}", *TRAIN, "steps=12", "checkpoint_every=4"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env, **fault})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env({**env, **fault}))
         deadline = time.monotonic() + 120
         while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 8"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the run never reached step 8:\n{proc.communicate()[1][-3000:]}")
             time.sleep(0.1)
         server.stop()  # the endpoint disappears just before the step-8 checkpoint
         (tmp_path / "paused.go").touch()
@@ -251,7 +261,7 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
         server.start()
         ckpts = Store(f"{url}/experts/00/checkpoints", skip_instance_cache=True)
         assert ckpts.is_committed("step_0000004")  # nothing committed was lost
-        s = summary(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env}))
+        s = summary(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(env)))
         assert s["startup"]["resumed_from"] == 4 and s["step"] == 12
     finally:
         server.stop()

@@ -162,7 +162,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         torch.cuda.set_device(device)
     store = Store(cfg.store)
     run = store.child(cfg.run_dir)
-    t_start = time.perf_counter()
+    t_start, started_at = time.perf_counter(), time.time()
 
     # --- model, optimizer, engine -------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -203,6 +203,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         "data_s": t_data - t_engine,
         "restore_s": t_restore - t_data,
         "resumed_from": step if restored else None,
+        "started_at": started_at,  # wall clock: lets a launcher measure its own start-up share
     }
     if ps.is_main:
         log.info("expert %s: %s, world %d, micro-batch %d, startup %s", cfg.run_dir, cfg.model.arch, ps.world_size, cfg.micro_batch_size, startup)
@@ -224,6 +225,8 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step += 1
+        if "first_step_s" not in startup:  # from train() entry to the end of the first step
+            startup["first_step_s"] = time.perf_counter() - t_start
         _fault_hook("step", step, ps.rank)
         _update_ema(ema, engine, cfg.zero_stage)
         window_loss += loss.item()
