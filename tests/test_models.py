@@ -198,3 +198,11 @@ def test_mlp_velocity_and_router():
     assert router(x, t, y).shape == (7, 4)
     with pytest.raises(ValueError, match=r"expected inputs of shape \(N, 2\)"):
         model(torch.randn(7, 3), t, y)
+
+
+def test_forward_flops_match_the_dit_paper():
+    """DiT paper: DiT-B/2 23.0 and DiT-XL/2 118.6 GMACs per forward at 256 px (2 FLOPs per MAC here)."""
+    from ddm.models.dit import dit_forward_flops
+
+    assert abs(dit_forward_flops(DIT_SIZES["DiT-B/2"], 32, 4) / 2e9 - 23.0) / 23.0 < 0.02
+    assert abs(dit_forward_flops(DIT_SIZES["DiT-XL/2"], 32, 4) / 2e9 - 118.6) / 118.6 < 0.02

@@ -115,6 +115,14 @@ def test_flipped_bytes_are_caught_and_the_previous_commit_is_used(prepared, tmp_
     assert f"{target} is corrupted" in out.stderr and "falling back to the previous commit" in out.stderr
 
 
+def test_zero3_trains_and_resumes(prepared, tmp_path):
+    straight, resumed = fresh(prepared, tmp_path, "a"), fresh(prepared, tmp_path, "b")
+    summary(run_cli(straight, "steps=4", "checkpoint_every=2", "zero_stage=3"))
+    summary(run_cli(resumed, "steps=2", "checkpoint_every=2", "zero_stage=3"))
+    assert summary(run_cli(resumed, "steps=4", "checkpoint_every=2", "zero_stage=3"))["startup"]["resumed_from"] == 2
+    assert_same_weights(exported(straight), exported(resumed))
+
+
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
     summary(run_cli(store, "steps=8", "checkpoint_every=2", "keep_checkpoints=2"))
@@ -188,12 +196,17 @@ def test_ray_restarts_a_killed_worker_and_resumes(prepared, tmp_path, zero2_run)
     assert_same_weights(exported(zero2_run[0]), exported(store))
 
 
+MOE = ["checkpoint_every=2", "zero_stage=1", "model.moe.num_experts=4", "model.moe.ep_size=2", "model.moe.every=1"]
+
+
 def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
+    import dataclasses
+
     from ddm.islands import run_expert
     from ddm.models import build_model
 
     store = fresh(prepared, tmp_path)
-    cfg = ray_cfg(store, "steps=4", "checkpoint_every=2", "zero_stage=1", "model.moe.num_experts=4", "model.moe.ep_size=2", "model.moe.every=1")
+    cfg = ray_cfg(store, "steps=4", *MOE)
     s = run_expert(cfg)
     assert s["dense_max_diff_across_ranks"] == 0.0
     assert s["expert_weights_differ_across_ranks"] is True
@@ -201,12 +214,19 @@ def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
     weights = exported(store)
     expert_keys = [k for k in weights if ".deepspeed_experts." in k]
     assert {k.split(".deepspeed_experts.")[1].split(".")[0] for k in expert_keys} == {"0", "1", "2", "3"}
-    model = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "moe": cfg.model.moe.__class__(**{**cfg.model.moe.__dict__, "ep_size": 1})}))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    assert not unexpected and not [m for m in missing if "pos_embed" not in m]
-    # Rank 1's experts came back from its own checkpoint files, distinct from rank 0's.
+    one_process = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, ep_size=1))
+    missing, unexpected = build_model(one_process).load_state_dict(weights, strict=False)
+    assert not unexpected and not missing
     w = {k: v for k, v in weights.items() if "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts." in k and k.endswith("fc1.weight")}
     assert len(w) == 4 and not torch.equal(w[sorted(w)[0]], w[sorted(w)[-1]])
+
+    # Save/load round trip: resuming from step 4 reaches the weights of a straight 6-step run, which
+    # needs every rank's MoE experts, dense weights, optimizer state and EMA back exactly.
+    s2 = run_expert(ray_cfg(store, "steps=6", *MOE))
+    assert s2["startup"]["resumed_from"] == 4
+    straight = fresh(prepared, tmp_path, "straight")
+    run_expert(ray_cfg(straight, "steps=6", *MOE))
+    assert_same_weights(exported(straight), exported(store))
 
 
 def test_ray_rejects_bad_input_before_any_worker(prepared, tmp_path, ray_runtime):

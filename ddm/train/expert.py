@@ -172,7 +172,11 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     # A torch optimizer, not a DeepSpeed "optimizer" config: that one compiles fused Adam on CPU.
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu))
-    ema = EMA(engine.module, cfg.ema_decay)
+    if cfg.zero_stage == 3:  # parameters are sharded across ranks: gather them to start the average
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            ema = EMA(engine.module, cfg.ema_decay)
+    else:
+        ema = EMA(engine.module, cfg.ema_decay)
     t_engine = time.perf_counter()
 
     # --- data ---------------------------------------------------------------------------------
