@@ -1,9 +1,10 @@
 """The training stack's overheads, measured side by side in one run (CPU, one worker).
 
-1. steps/s of the whole stack (Ray Train + DeepSpeed + store reader + EMA, 1 worker) against a bare
+1. steps/s of the whole stack (Ray Train + DeepSpeed + store reader + EMA, 1 worker with both CPUs,
+   ZeRO stage 0: with one worker there is nothing to shard) against a bare
    PyTorch loop of the same model, batch, loss and optimizer on in-memory tensors; target >= 0.90.
-2. steps/s with background checkpointing every few steps against no checkpoints (same stack,
-   without Ray, to isolate the checkpoint cost); target >= 0.95.
+2. steps/s with background checkpointing every few steps (5 and 20 by default) against no
+   checkpoints (same stack, without Ray, to isolate the checkpoint cost); target >= 0.95.
 3. time from job start to the first step, broken down: Ray start, worker-group start, DeepSpeed
    init, data, restore.
 
@@ -62,8 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="DiT-S/4")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, nargs="+", default=[5, 20])
     args = parser.parse_args()
     import logging
 
@@ -83,7 +85,7 @@ def main() -> None:
     ingest(IngestConfig(source="synthetic:4096", resolution=16, shard_size=2048), store)
     partition(PartitionConfig(num_partitions=1, num_fine=64), store)
     common = [f"model.arch={args.arch}", "model.data_shape=[1,16,16]", "model.num_classes=10", f"global_batch_size={args.batch}",
-              f"steps={args.steps}", "log_every=10", "zero_stage=2", "partition=0"]  # fmt: skip
+              f"steps={args.steps}", "log_every=10", "zero_stage=0", "partition=0", "cpus_per_worker=2"]  # fmt: skip
 
     figures: dict = {"arch": args.arch, "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup}
     # 1. bare loop vs the whole stack under Ray, back to back.
@@ -111,18 +113,21 @@ def main() -> None:
     }
     # 2. background checkpoints every 5 steps vs none (no Ray: isolates the checkpoint cost).
     rates = {}
-    for name, every in (("no_checkpoints", 10**6), ("checkpoint_every_5", 5)):
+    for name, every in (("no_checkpoints", 10**6), *((f"checkpoint_every_{n}", n) for n in args.checkpoint_every)):
         d = os.path.join(tmp, name)
         shutil.copytree(base, d)
         run([sys.executable, "-m", "ddm.train.expert", f"store={d}", *common, f"checkpoint_every={every}"])
         rates[name] = stack_rate(os.path.join(d, "experts/00"), args.warmup)
-    figures["steps_per_s_no_checkpoints"] = rates["no_checkpoints"]
-    figures["steps_per_s_checkpoint_every_5"] = rates["checkpoint_every_5"]
-    figures["checkpointing_over_none"] = rates["checkpoint_every_5"] / rates["no_checkpoints"]
+    for name, rate in rates.items():
+        figures[f"steps_per_s_{name}"] = rate
+    for n in args.checkpoint_every:
+        figures[f"checkpoint_every_{n}_over_none"] = rates[f"checkpoint_every_{n}"] / rates["no_checkpoints"]
+    figures["checkpointing_over_none"] = figures[f"checkpoint_every_{args.checkpoint_every[0]}_over_none"]
     figures["targets"] = {"stack_over_bare": 0.90, "checkpointing_over_none": 0.95}
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"bare {figures['bare_steps_per_s']:.2f} steps/s, stack {figures['stack_steps_per_s']:.2f} steps/s "
-          f"(ratio {figures['stack_over_bare']:.3f}); checkpoints every 5 steps: ratio {figures['checkpointing_over_none']:.3f}")
+          f"(ratio {figures['stack_over_bare']:.3f}); with checkpoints: "
+          + ", ".join(f"every {n} steps {figures[f'checkpoint_every_{n}_over_none']:.3f}" for n in args.checkpoint_every))
     print(f"start-up: {json.dumps({k: round(v, 2) if v is not None else None for k, v in figures['startup_s'].items()})}")
     print(json.dumps(figures))
 

@@ -54,7 +54,10 @@ class CheckpointManager:
         self.keep_last, self.commit_timeout_s = keep_last, commit_timeout_s
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._scratch = tempfile.mkdtemp(prefix=f"ddm-ckpt-r{rank}-")
+        # Local snapshots go to memory-backed /dev/shm when there is one: the synchronous part of a
+        # save (DeepSpeed writing its files) then costs a memory copy, not a disk write.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self._scratch = tempfile.mkdtemp(prefix=f"ddm-ckpt-r{rank}-", dir=shm)
 
     # --- discovery --------------------------------------------------------------------------
     def committed_steps(self) -> list[int]:

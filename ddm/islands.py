@@ -31,8 +31,11 @@ def _worker(config: dict) -> None:
 
     from ddm.train.expert import train
 
+    import torch
+
     ctx = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())  # DeepSpeed reads it
+    torch.set_num_threads(int(config["cfg"].get("cpus_per_worker", 1)))  # as many threads as CPUs Ray reserved
     for key, value in config.get("env", {}).items():
         os.environ[key] = value
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -61,7 +64,9 @@ def run_expert(cfg: TrainConfig, storage_path: str | None = None, env: dict[str,
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config={"cfg": to_dict(cfg), "env": env or {}},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=run_name(cfg),
             storage_path=storage_path,

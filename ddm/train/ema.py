@@ -32,8 +32,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        for name, param in model.named_parameters():
-            self.shadow[name].lerp_(param.detach().to(torch.float32), 1.0 - d)
+        names, params = zip(*model.named_parameters())
+        shadows = [self.shadow[n] for n in names]
+        # One fused multi-tensor lerp instead of a Python loop over every parameter.
+        torch._foreach_lerp_(shadows, [p.detach().to(torch.float32) for p in params], 1.0 - d)
         self.num_updates += 1
 
     def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -53,11 +53,12 @@ class TrainConfig:
     seed: int = 0
     # The Ray side (ddm.islands): workers, GPUs, restarts.
     num_workers: int = 1
+    cpus_per_worker: int = 1  # Ray gives each worker this many CPUs (and torch as many threads)
     use_gpu: bool = False
     max_failures: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "num_workers"):
+        for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "num_workers", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.partition < -1:
