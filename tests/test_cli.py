@@ -33,3 +33,18 @@ def test_models_lists_presets_with_sizes(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "DiT-XL/2" in out and "674.82M" in out and "MLP-S" in out
+
+
+def test_train_expert_help_explains_resume():
+    out = run("train", "expert", "--help")
+    assert out.returncode == 0 and "resumes" in out.stdout and "--partition" in out.stdout
+
+
+def test_ingest_and_partition_cli(tmp_path, capsys):
+    store = str(tmp_path / "run")
+    assert main(["ingest", "digits", store, "shard_size=1000"]) == 0
+    assert "1797 samples of shape (1, 8, 8)" in capsys.readouterr().out
+    assert main(["partition", store, "num_partitions=3", "num_fine=64"]) == 0
+    assert "3 partitions" in capsys.readouterr().out
+    assert main(["partition", store, "num_partitions=4"]) == 2  # refuses to overwrite
+    assert "not overwritten" in capsys.readouterr().err

@@ -125,9 +125,22 @@ def test_zero3_trains_and_resumes(prepared, tmp_path):
 
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
-    summary(run_cli(store, "steps=8", "checkpoint_every=2", "keep_checkpoints=2"))
+    summary(run_cli(store, "steps=8", "checkpoint_every=2", "keep_checkpoints=2", "grad_accum=2", "export_every=4"))
     ckpts = Store(store).child("experts/00/checkpoints")
     assert ckpts.list("") == ["step_0000006", "step_0000008"]
+
+
+def test_deepspeed_config_from_train_config():
+    from ddm.config import load
+    from ddm.train.expert import TrainConfig, deepspeed_config
+
+    cfg = load(TrainConfig, None, ["global_batch_size=64", "grad_accum=2", "num_workers=4", "zero_stage=1",
+                                   "deepspeed={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 1.0}"])  # fmt: skip
+    ds = deepspeed_config(cfg, on_gpu=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # raw settings merge, not replace
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
+    assert deepspeed_config(cfg, on_gpu=True)["bf16"]["enabled"] is True  # precision=auto: bf16 on GPU
 
 
 @pytest.mark.parametrize(
