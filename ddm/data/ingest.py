@@ -16,6 +16,7 @@ latents (diffusers' AutoencoderKL; needs diffusers and the weights, and says so 
 
 from __future__ import annotations
 
+import abc
 import io
 import logging
 import os
@@ -69,15 +70,17 @@ class IngestConfig:
 # --- sources: each yields (label, uint8 array (C, H, W)) and knows its class names ------------
 
 
-class Source:
+class Source(abc.ABC):
+    """Yields (label, uint8 array (C, H, W)); knows its class names and what it had to skip."""
+
     class_names: list[str]
     skipped: list[str]
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]: ...
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
 
 def _to_chw(img, resolution: int, channels: int) -> np.ndarray:

@@ -18,8 +18,8 @@ Outputs under ``partitions/`` (committed by MANIFEST.json, written last):
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -135,10 +135,8 @@ def partition(cfg: PartitionConfig, store: Store) -> dict:
     from ddm.config import to_dict
 
     dataset = Dataset(store)
-    data_sha = store.read_bytes(f"{DATA_DIR}/MANIFEST.json")
-    import hashlib
-
-    data_id = hashlib.sha256(data_sha).hexdigest()
+    # The partitions belong to this exact dataset version: its manifest's hash identifies it.
+    data_id = hashlib.sha256(store.read_bytes(f"{DATA_DIR}/MANIFEST.json")).hexdigest()
     if store.is_committed(PARTITIONS_DIR):
         manifest = store.manifest(PARTITIONS_DIR)
         if manifest.get("config") == to_dict(cfg) and manifest.get("dataset_sha256") == data_id:
@@ -233,6 +231,3 @@ def partition(cfg: PartitionConfig, store: Store) -> dict:
     log.info("%d partitions of sizes %s (largest / mean = %.2f)", k, counts.tolist(), meta["max_over_mean"])
     return manifest
 
-
-def balance_cap(n: int, k: int, tol: float) -> float:
-    return math.ceil((1 + tol) * n / k)
