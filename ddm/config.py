@@ -97,7 +97,7 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     for k, v in data.items():
         default = _default(fields[k])
         if isinstance(v, dict) and dataclasses.is_dataclass(default):
-            v = _merge(to_dict(default), v)  # a partial section keeps the parent's other defaults
+            v = deep_merge(to_dict(default), v)  # a partial section keeps the parent's other defaults
         kwargs[k] = _convert(v, hints[k], f"{where}.{k}" if where else k)
     try:
         return cls(**kwargs)
@@ -115,10 +115,11 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
-def _merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` merged into a copy of ``base``; nested dicts merge key by key."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

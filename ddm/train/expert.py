@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from ddm.config import to_dict
+from ddm.config import deep_merge, to_dict
 from ddm.flow import FlowMatching
 from ddm.models import ModelConfig
 
@@ -128,14 +128,7 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
         "steps_per_print": 10**9,  # ddm logs; DeepSpeed's own prints would interleave
         "wall_clock_breakdown": False,
     }
-    return _merge(ds, cfg.deepspeed)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deep_merge(ds, cfg.deepspeed)
 
 
 def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dict:
