@@ -76,6 +76,7 @@ class CheckpointManager:
         tag = step_dir(step)
         local = os.path.join(self._scratch, tag)
         shutil.rmtree(local, ignore_errors=True)
+        t0 = time.perf_counter()
         engine.save_checkpoint(self._scratch, tag=tag, save_latest=False)
         from safetensors.torch import save_file
 
@@ -85,6 +86,7 @@ class CheckpointManager:
         files = sorted(
             os.path.relpath(os.path.join(d, name), local) for d, _, names in os.walk(local) for name in names
         )
+        log.info("rank %d snapshot %s in %.2fs (training waits for this part only)", self.rank, tag, time.perf_counter() - t0)
         if background:
             self._thread = threading.Thread(target=self._upload_guarded, args=(step, local, files), daemon=True)
             self._thread.start()
