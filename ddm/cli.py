@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
     expert.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
     expert.add_argument("overrides", nargs="*", metavar="key=value")
+    router = train_sub.add_parser(
+        "router",
+        help="train the router p(partition | x_t, t, c) on noised samples of all the data",
+        description="Same machinery as an expert (Ray Train + DeepSpeed, checkpoints, resume, export to STORE/router/); "
+        "the loss is cross-entropy of the partition of noised samples. The paper's router is a DiT-B/2 for DiT-XL/2 experts.",
+    )
+    router.add_argument("-c", "--config", help="experiment spec (YAML)")
+    router.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
+    router.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
+    router.add_argument("overrides", nargs="*", metavar="key=value")
 
     sub.add_parser("models", help="list the model presets (DiT sizes, MLP sizes) with parameter counts")
     return parser
@@ -173,7 +183,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddm.config import load
     from ddm.train.expert import TrainConfig, check_inputs
 
-    overrides = list(args.overrides) + ([f"partition={args.partition}"] if args.partition is not None else [])
+    overrides = list(args.overrides) + ([f"partition={args.partition}"] if getattr(args, "partition", None) is not None else [])
+    if args.what == "router":
+        overrides.append("job=router")
     cfg = load(TrainConfig, args.config, overrides)
     check_inputs(cfg)
     if args.no_ray:

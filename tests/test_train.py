@@ -303,3 +303,31 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_router_job_learns_the_partitions(prepared, tmp_path):
+    """The router is a job like an expert's: cross-entropy of the partition on noised data."""
+    from ddm.data.reader import PartitionReader
+    from ddm.models import ModelConfig, build_router
+
+    store = fresh(prepared, tmp_path)
+    # Unconditional, so the image is the only evidence: with the digit class given, the partition
+    # (semantic, so close to a function of the class) would be guessable even from pure noise.
+    s = summary(run_cli(store, "job=router", "model.num_classes=0", "steps=600", "lr=0.002", "global_batch_size=32", "checkpoint_every=300", "log_every=100"))
+    assert s["step"] == 600
+    config = json.load(open(os.path.join(store, "router/export/config.json")))
+    assert config["job"] == "router" and config["num_partitions"] == 2 and config["partition"] is None
+    model_cfg = ModelConfig(**{**config["model"], "data_shape": tuple(config["model"]["data_shape"]), "moe": ModelConfig().moe})
+    router = build_router(model_cfg, 2).eval()
+    router.load_state_dict(exported(store, "router"))
+    batch = PartitionReader(Store(store), None, batch_size=512, seed=9).next_batch()
+
+    def accuracy(t: float) -> float:
+        g = torch.Generator().manual_seed(0)
+        x_t = (1 - t) * batch["x"] + t * torch.randn(batch["x"].shape, generator=g)
+        with torch.no_grad():
+            pred = router(x_t, torch.full((512,), t)).argmax(1)
+        return (pred == batch["partition"]).float().mean().item()
+
+    low, high = accuracy(0.05), accuracy(0.98)
+    assert low > 0.75 and low > high + 0.2, (low, high)  # high noise: near chance (0.5)

@@ -1,4 +1,4 @@
-"""One expert's training: a plain function that runs in Ray Train workers or without Ray.
+"""One expert's (or the router's) training: a plain function for Ray Train workers or no Ray.
 
 ``train(cfg)`` reads top to bottom: process group, model, DeepSpeed engine, EMA, data, resume,
 loop, checkpoints, export. It works as one process (``python -m ddm.train.expert``), under
@@ -34,6 +34,7 @@ class TrainConfig:
     """Everything one expert job needs; saved as JSON beside its checkpoints and exports."""
 
     store: str = "runs/digits"  # run root URL (local path, file://, s3://, memory:// for tests)
+    job: str = "expert"  # expert: velocity on one partition; router: p(partition | x_t, t, c) on all data
     partition: int = 0  # which partition this expert learns; -1 trains on all data (a monolith)
     model: ModelConfig = field(default_factory=lambda: ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10))
     flow: FlowMatching = field(default_factory=FlowMatching)
@@ -61,6 +62,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "num_workers", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.job not in ("expert", "router"):
+            raise ValueError(f"job must be expert or router, got {self.job!r}")
         if self.partition < -1:
             raise ValueError(f"partition must be >= 0 (or -1 for all data), got {self.partition}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -89,7 +92,14 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         """Where this job's checkpoints, exports and metrics live, relative to the store root."""
+        if self.job == "router":
+            return "router"
         return "monolith" if self.partition == -1 else f"experts/{self.partition:02d}"
+
+    @property
+    def data_partition(self) -> int | None:
+        """The partition the job reads (None: all data, for the router and a monolith)."""
+        return None if self.job == "router" or self.partition == -1 else self.partition
 
 
 def check_inputs(cfg: TrainConfig) -> dict:
@@ -107,11 +117,13 @@ def check_inputs(cfg: TrainConfig) -> dict:
         )
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
-    if cfg.partition >= 0:
+    if cfg.job == "router" and cfg.model.moe.enabled:
+        raise ValueError("routers are dense: set model.moe.num_experts=0 for a router job")
+    if cfg.job == "router" or cfg.partition >= 0:
         if not store.is_committed(PARTITIONS_DIR):
             raise ValueError(f"{cfg.store} has no committed partitions: run `ddm partition {cfg.store}` first")
         k = store.manifest(PARTITIONS_DIR)["num_partitions"]
-        if cfg.partition >= k:
+        if cfg.job == "expert" and cfg.partition >= k:
             raise ValueError(f"partition {cfg.partition} does not exist: {cfg.store} has partitions 0..{k - 1}")
     return dataset.manifest
 
@@ -140,7 +152,8 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
 
     from ddm.checkpoint import CheckpointManager, RankState, _fault_hook
     from ddm.data.reader import PartitionReader
-    from ddm.models import build_model
+    from ddm.data.partition import PARTITIONS_DIR
+    from ddm.models import build_model, build_router
     from ddm.parallel import ParallelState, ensure_process_group
     from ddm.store import Store
     from ddm.train.ema import EMA
@@ -160,7 +173,11 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
 
     # --- model, optimizer, engine -------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
+    if cfg.job == "router":
+        num_partitions = int(store.manifest(PARTITIONS_DIR)["num_partitions"])
+        model = build_router(cfg.model, num_partitions)
+    else:
+        model = build_model(cfg.model)
     params = {"params": [p for p in model.parameters()], "name": "params", "weight_decay": cfg.weight_decay}
     groups = split_params_into_different_moe_groups_for_optimizer(params) if cfg.model.moe.enabled else [params]
     # A torch optimizer, not a DeepSpeed "optimizer" config: that one compiles fused Adam on CPU.
@@ -174,9 +191,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     t_engine = time.perf_counter()
 
     # --- data ---------------------------------------------------------------------------------
-    reader = PartitionReader(
-        store, None if cfg.partition == -1 else cfg.partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed
-    )
+    reader = PartitionReader(store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed)
     # Noise and times: one stream per rank, saved and restored with the checkpoint.
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + ps.rank)
     t_data = time.perf_counter()
@@ -216,10 +231,14 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
             batch = reader.next_batch()
             x = batch["x"].to(device)
             y = batch["y"].to(device) if cfg.model.num_classes else None
-            losses = flow.training_losses(engine, x, y, generator=gen)
-            loss = losses["loss"].mean()
-            if "moe_aux" in losses:
-                loss = loss + cfg.model.moe.aux_loss_coef * losses["moe_aux"]
+            if cfg.job == "router":  # cross-entropy on noised samples of all data -> their partition
+                x_t, t = flow.noised(x, gen)
+                loss = torch.nn.functional.cross_entropy(engine(x_t, t, y).float(), batch["partition"].to(device))
+            else:
+                losses = flow.training_losses(engine, x, y, generator=gen)
+                loss = losses["loss"].mean()
+                if "moe_aux" in losses:
+                    loss = loss + cfg.model.moe.aux_loss_coef * losses["moe_aux"]
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step += 1
@@ -341,7 +360,16 @@ def export(weights: dict[str, torch.Tensor], cfg: TrainConfig, run, ps, step: in
             state.update(part)
     if not ps.is_main:
         return
-    config = {"model": to_dict(cfg.model), "flow": to_dict(cfg.flow), "step": step, "partition": cfg.partition, "ema_decay": cfg.ema_decay}
+    config = {
+        "job": cfg.job,
+        "model": to_dict(cfg.model),
+        "flow": to_dict(cfg.flow),
+        "step": step,
+        "partition": cfg.data_partition,
+        "ema_decay": cfg.ema_decay,
+    }
+    if cfg.job == "router":
+        config["num_partitions"] = int(weights["head.bias"].shape[0])
     known = {
         "model.safetensors": run.write_hashed("export/model.safetensors", save(state, metadata={"step": str(step)})),
         "config.json": run.write_hashed("export/config.json", json.dumps(config, indent=2).encode()),
