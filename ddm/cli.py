@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
     router.add_argument("overrides", nargs="*", metavar="key=value")
 
+    asm = sub.add_parser(
+        "assemble",
+        help="check the router and every expert's export fit together, and write STORE/ensemble.json",
+        description="Checks one committed, checksum-verified export per partition and one for the router, the same data "
+        "shape, classes and flow path everywhere, and as many router classes as experts; then writes ensemble.json "
+        "(which exports, which router, the default rule). A different existing ensemble.json is never overwritten "
+        "unless --replace, which keeps it as a timestamped copy.",
+    )
+    asm.add_argument("store")
+    asm.add_argument("--rule", default="top1", help="default combine rule: top1, top-k, full, threshold:p, nucleus:p, sample")
+    asm.add_argument("--replace", action="store_true")
+
     sub.add_parser("models", help="list the model presets (DiT sizes, MLP sizes) with parameter counts")
     return parser
 
@@ -205,6 +217,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from ddm.ensemble import assemble
+    from ddm.store import Store
+
+    d = assemble(Store(args.store), args.rule, args.replace)
+    print(f"ensemble of {d['num_experts']} experts + router, rule {d['rule']} -> {args.store}/ensemble.json")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -220,7 +241,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "models": cmd_models}
+COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "assemble": cmd_assemble, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

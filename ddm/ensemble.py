@@ -14,6 +14,8 @@ forward per sample plus the router.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -270,3 +272,139 @@ class Ensemble:
     ) -> VelocityFn:
         """Bind labels/partitions: a v(x, t) for ``FlowMatching.sample``."""
         return lambda x, t: self.velocity(x, t, y, partition, guidance_scale, generator)
+
+
+# --- ensembles in the store -----------------------------------------------------------------
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def _export_info(store, run_dir: str) -> tuple[dict, dict]:
+    """(export config, export manifest) of a committed, checksum-verified export."""
+    from ddm.store import NotCommittedError
+
+    run = store.child(run_dir)
+    try:
+        manifest = run.verify("export")
+    except NotCommittedError as e:
+        raise ValueError(f"{store.url}/{run_dir} has no committed export; train it first ({e})") from e
+    return json.loads(run.read_verified("export", "config.json")), manifest
+
+
+def assemble(store, rule: str = "top1", replace: bool = False) -> dict:
+    """Check that the router and every expert fit together, then write ``ensemble.json``.
+
+    Checked: one committed, checksum-verified export per partition and one for the router; every
+    expert was trained on its own partition, on the same data shape, classes and flow path; the
+    router predicts as many partitions as there are experts. An existing, different ensemble.json
+    is kept (renamed with a timestamp) only with ``replace``; otherwise it is an error.
+    """
+    from ddm.data.partition import PARTITIONS_DIR
+
+    parsed = Rule.parse(rule)
+    k = int(store.manifest(PARTITIONS_DIR)["num_partitions"])
+    experts = []
+    for i in range(k):
+        cfg, manifest = _export_info(store, f"experts/{i:02d}")
+        if cfg.get("job", "expert") != "expert" or cfg.get("partition") != i:
+            raise ValueError(f"experts/{i:02d}/export was not trained as the expert of partition {i} (config says {cfg.get('partition')})")
+        experts.append({"dir": f"experts/{i:02d}", "step": cfg["step"], "sha256": manifest["files"]["model.safetensors"]["sha256"], "config": cfg})
+    router_cfg, router_manifest = _export_info(store, "router")
+    if router_cfg.get("job") != "router":
+        raise ValueError(f"{store.url}/router/export is not a router (job={router_cfg.get('job')!r})")
+    if router_cfg["num_partitions"] != k:
+        raise ValueError(f"the router predicts {router_cfg['num_partitions']} partitions but there are {k} experts")
+    first = experts[0]["config"]
+    for e in experts[1:]:
+        for key, what in (("data_shape", "data shape"), ("num_classes", "classes")):
+            if e["config"]["model"][key] != first["model"][key]:
+                raise ValueError(f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}")
+        if e["config"]["flow"]["path"] != first["flow"]["path"]:
+            raise ValueError(
+                f"{e['dir']} was trained on the {e['config']['flow']['path']!r} path but experts/00 on {first['flow']['path']!r}; "
+                "velocities of different paths cannot be combined"
+            )
+    if router_cfg["model"]["data_shape"] != first["model"]["data_shape"]:
+        raise ValueError(f"the router sees data shape {router_cfg['model']['data_shape']} but the experts {first['model']['data_shape']}")
+    description = {
+        "kind": "ddm.ensemble",
+        "format_version": 1,
+        "num_experts": k,
+        "rule": str(parsed),
+        "data_shape": first["model"]["data_shape"],
+        "num_classes": first["model"]["num_classes"],
+        "flow": first["flow"],
+        "experts": [{key: e[key] for key in ("dir", "step", "sha256")} for e in experts],
+        "router": {"dir": "router", "step": router_cfg["step"], "sha256": router_manifest["files"]["model.safetensors"]["sha256"]},
+    }
+    if store.exists(ENSEMBLE_FILE):
+        old = store.read_json(ENSEMBLE_FILE)
+        if old == description:
+            return old
+        if not replace:
+            raise ValueError(
+                f"{store.url}/{ENSEMBLE_FILE} already describes a different ensemble; pass replace=True (--replace) "
+                "to keep it as a timestamped copy and write the new one"
+            )
+        store.write_json(f"ensemble.{int(time.time())}.json", old)
+    store.write_json(ENSEMBLE_FILE, description)
+    return description
+
+
+class LazyModel:
+    """A model loaded from its export on first call (an ensemble loads only the experts it routes to)."""
+
+    def __init__(self, store, entry: dict, build: Callable[[dict], torch.nn.Module], device="cpu"):
+        self.store, self.entry, self.build, self.device = store, entry, build, device
+        self.module: torch.nn.Module | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.module is not None
+
+    def load(self) -> torch.nn.Module:
+        if self.module is None:
+            from safetensors.torch import load as load_safetensors
+
+            run = self.store.child(self.entry["dir"])
+            raw = run.read_verified("export", "model.safetensors")
+            import hashlib
+
+            if hashlib.sha256(raw).hexdigest() != self.entry["sha256"]:
+                raise ValueError(
+                    f"{self.entry['dir']}/export changed since the ensemble was assembled; run `ddm assemble` again"
+                )
+            cfg = json.loads(run.read_verified("export", "config.json"))
+            module = self.build(cfg)
+            module.load_state_dict(load_safetensors(raw))
+            self.module = module.to(self.device).eval()
+        return self.module
+
+    def __call__(self, x, t, y=None):
+        return self.load()(x, t, y)
+
+    @property
+    def null_label(self) -> int:
+        return self.load().null_label
+
+
+def load_ensemble(store, rule: str | None = None, device="cpu") -> Ensemble:
+    """The ensemble described by ``ensemble.json``: router loaded now, experts on first use."""
+    from ddm.models import ModelConfig, MoEConfig, build_model, build_router
+
+    if not store.exists(ENSEMBLE_FILE):
+        raise ValueError(f"{store.url} has no {ENSEMBLE_FILE}: run `ddm assemble {store.url}` first")
+    desc = store.read_json(ENSEMBLE_FILE)
+
+    def model_config(cfg: dict) -> ModelConfig:
+        m = dict(cfg["model"])
+        moe = dict(m.pop("moe"), ep_size=1)  # one process holds every MoE expert at sampling time
+        return ModelConfig(**{**m, "data_shape": tuple(m["data_shape"]), "moe": MoEConfig(**moe)})
+
+    experts = [LazyModel(store, e, lambda cfg: build_model(model_config(cfg)), device) for e in desc["experts"]]
+    router = LazyModel(store, desc["router"], lambda cfg: build_router(model_config(cfg), cfg["num_partitions"]), device)
+    router.load()
+    ens = Ensemble(experts, router, Rule.parse(rule or desc["rule"]))
+    if router.module.num_partitions != len(experts):
+        raise ValueError(f"the router predicts {router.module.num_partitions} partitions but the ensemble has {len(experts)} experts")
+    return ens

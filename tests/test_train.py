@@ -202,7 +202,7 @@ def test_ray_restarts_a_killed_worker_and_resumes(prepared, tmp_path, zero2_run)
     from ddm.islands import run_expert
 
     store = fresh(prepared, tmp_path)
-    env = {"DDM_FAULT": "step:5:1", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}  # kill rank 1 at step 5
+    env = {"DDM_FAULT": "step:5:0", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}  # kill rank 0 at step 5
     s = run_expert(ray_cfg(store, "steps=6", "checkpoint_every=2", "zero_stage=2"), env=env)
     assert os.path.exists(tmp_path / "fault-once")  # the kill happened
     assert s["startup"]["resumed_from"] == 4 and s["step"] == 6

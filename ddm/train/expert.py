@@ -244,6 +244,8 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         step += 1
         if "first_step_s" not in startup:  # from train() entry to the end of the first step
             startup["first_step_s"] = time.perf_counter() - t_start
+        if os.environ.get("DDM_FAULT", "").startswith("step:"):
+            ckpt.wait()  # fault tests crash at a step only after the previous checkpoint is uploaded
         _fault_hook("step", step, ps.rank)
         _update_ema(ema, engine, cfg.zero_stage)
         window_loss += loss.item()

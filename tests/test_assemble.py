@@ -1,0 +1,79 @@
+"""Assembling an ensemble from exports in the store, and loading it lazily for sampling."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from ddm.ensemble import ENSEMBLE_FILE, assemble, load_ensemble
+from ddm.flow import FlowMatching
+from ddm.store import ChecksumError, Store
+from tests.test_train import fresh, prepared, run_cli, summary  # noqa: F401 - fixture
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):  # noqa: F811
+    """Two tiny experts and a router, a few steps each (compatibility is what is tested here)."""
+    store = fresh(prepared, tmp_path_factory.mktemp("assembled"))
+    for part in (0, 1):
+        summary(run_cli(store, f"partition={part}", "steps=2", "checkpoint_every=2"))
+    summary(run_cli(store, "job=router", "steps=2", "checkpoint_every=2"))
+    return store
+
+
+def test_assemble_and_sample_lazily(trained):
+    store = Store(trained)
+    d = assemble(store, "top-2")
+    assert d["num_experts"] == 2 and d["rule"] == "top-2" and d["data_shape"] == [1, 8, 8]
+    assert assemble(store, "top-2") == d  # same inputs: nothing changes
+    ens = load_ensemble(store, rule="oracle")
+    assert not any(e.loaded for e in ens.experts)
+    x = FlowMatching().sample(ens.velocity_fn(y=torch.arange(4), partition=torch.zeros(4, dtype=torch.long)), torch.randn(4, 1, 8, 8), 3)
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+    assert [e.loaded for e in ens.experts] == [True, False]  # only the expert routed to was loaded
+    top2 = load_ensemble(store)
+    assert str(top2.rule) == "top-2"
+    assert top2.velocity(torch.randn(3, 1, 8, 8), torch.full((3,), 0.5), torch.arange(3)).shape == (3, 1, 8, 8)
+
+
+def test_a_different_ensemble_is_never_overwritten(trained):
+    store = Store(trained)
+    assemble(store, "top1", replace=True)
+    before = store.read_bytes(ENSEMBLE_FILE)
+    with pytest.raises(ValueError, match="already describes a different ensemble"):
+        assemble(store, "full")
+    assert store.read_bytes(ENSEMBLE_FILE) == before
+    assemble(store, "full", replace=True)
+    kept = [n for n in store.list("") if n.startswith("ensemble.") and n != ENSEMBLE_FILE]
+    assert kept and json.loads(store.read_bytes(kept[0]))["rule"] == "top-1"
+
+
+def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # noqa: F811
+    store_path = fresh(prepared, tmp_path)
+    summary(run_cli(store_path, "partition=0", "steps=2", "checkpoint_every=2"))
+    store = Store(store_path)
+    with pytest.raises(ValueError, match="experts/01 has no committed export; train it first"):
+        assemble(store)
+    summary(run_cli(store_path, "partition=1", "steps=2", "checkpoint_every=2", "flow.path=cosine"))
+    summary(run_cli(store_path, "job=router", "steps=2", "checkpoint_every=2"))
+    with pytest.raises(ValueError, match="trained on the 'cosine' path but experts/00 on 'linear'"):
+        assemble(store)
+    config = os.path.join(store_path, "router", "export", "config.json")
+    with open(config, "a") as f:
+        f.write(" ")
+    with pytest.raises(ChecksumError, match="config.json is corrupted"):
+        assemble(store)
+
+
+def test_export_changed_after_assembly_is_caught(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    store = Store(str(copy))
+    assemble(store, "top1", replace=True)
+    summary(run_cli(str(copy), "partition=1", "steps=4", "checkpoint_every=2"))  # expert 1 trains on
+    ens = load_ensemble(store, rule="oracle")
+    with pytest.raises(ValueError, match="changed since the ensemble was assembled"):
+        ens.velocity(torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.arange(2), partition=torch.ones(2, dtype=torch.long))
