@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     asm.add_argument("--rule", default="top1", help="default combine rule: top1, top-k, full, threshold:p, nucleus:p, sample")
     asm.add_argument("--replace", action="store_true")
 
+    smp = sub.add_parser(
+        "sample",
+        help="sample from the store's ensemble: PNG grid + arrays under STORE/samples/<name>/",
+        description="Loads ensemble.json (run `ddm assemble` first); experts load only when routed to. Options "
+        "(key=value): num_samples, rule (top1, top-2, full, threshold:p, nucleus:p, sample), steps, sampler "
+        "(euler|heun), guidance, seed, batch_size, name.",
+    )
+    smp.add_argument("store")
+    smp.add_argument("overrides", nargs="*", metavar="key=value")
+
     sub.add_parser("models", help="list the model presets (DiT sizes, MLP sizes) with parameter counts")
     return parser
 
@@ -226,6 +236,18 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ddm.config import load
+    from ddm.sample import SampleConfig, sample
+    from ddm.store import Store
+
+    meta = sample(Store(args.store), load(SampleConfig, None, args.overrides))
+    name = meta["config"]["name"] or f"{meta['rule'].replace(':', '_')}-s{meta['config']['seed']}"
+    print(f"{meta['config']['num_samples']} samples, rule {meta['rule']}, {meta['expert_forwards_per_sample']:.0f} expert "
+          f"forwards per sample -> {args.store}/samples/{name}/grid.png")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -241,7 +263,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "assemble": cmd_assemble, "models": cmd_models}
+COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "assemble": cmd_assemble, "sample": cmd_sample, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,3 +77,27 @@ def test_export_changed_after_assembly_is_caught(trained, tmp_path):
     ens = load_ensemble(store, rule="oracle")
     with pytest.raises(ValueError, match="changed since the ensemble was assembled"):
         ens.velocity(torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.arange(2), partition=torch.ones(2, dtype=torch.long))
+
+
+def test_sample_writes_grid_and_arrays_and_never_mixes_configs(trained, tmp_path):
+    import io as _io
+    import shutil
+
+    import numpy as np
+
+    from ddm.sample import SampleConfig, sample
+
+    copy = tmp_path / "s"
+    shutil.copytree(trained, copy)
+    store = Store(str(copy))
+    assemble(store, "top1", replace=True)
+    meta = sample(store, SampleConfig(num_samples=10, steps=2, batch_size=4, guidance=2.0))
+    assert meta["rule"] == "top-1" and meta["expert_forwards_per_sample"] == 2 * 2 * 2  # Heun x 2 steps x CFG
+    out = "samples/top-1-s0"
+    x = np.load(_io.BytesIO(store.read_bytes(f"{out}/samples.npy")), allow_pickle=False)
+    assert x.shape == (10, 1, 8, 8) and np.isfinite(x).all()
+    assert store.read_bytes(f"{out}/grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    again = sample(store, SampleConfig(num_samples=10, steps=2, batch_size=4, guidance=2.0))
+    assert again["config"] == meta["config"]  # same settings: reused
+    with pytest.raises(ValueError, match="holds samples made with other settings"):
+        sample(store, SampleConfig(num_samples=10, steps=3, batch_size=4, guidance=2.0, name="top-1-s0"))
