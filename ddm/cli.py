@@ -33,6 +33,8 @@ EPILOG = textwrap.dedent(
       ddm ingest digits runs/digits             shard scikit-learn's digits into a store (any fsspec URL)
       ddm partition runs/digits num_partitions=4   two-stage k-means into 4 semantic partitions
       ddm train expert -c launch/digits_expert.yaml --partition 0   one expert, Ray Train + DeepSpeed
+      ddm train router -c launch/digits_expert.yaml model.num_classes=0   the router, same machinery
+      ddm assemble runs/digits && ddm sample runs/digits num_samples=64   ensemble from the store
       ddm models                                list model presets and their sizes
 
     Config values are overridden with dotted key=value pairs after the command.
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("store")
     part.add_argument("overrides", nargs="*", metavar="key=value")
 
-    train = sub.add_parser("train", help="train a model of the ensemble (an expert) as a Ray Train + DeepSpeed job")
+    train = sub.add_parser("train", help="train an expert or the router as a Ray Train + DeepSpeed job (resumes itself)")
     train_sub = train.add_subparsers(dest="what", metavar="<what>", required=True)
     expert = train_sub.add_parser(
         "expert",
