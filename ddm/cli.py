@@ -48,6 +48,14 @@ def _add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> 
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.num_components=8")
 
 
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """Options every training job takes: its spec, where it runs, and config overrides."""
+    p.add_argument("-c", "--config", help="experiment spec (YAML), e.g. launch/digits_expert.yaml")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
+    p.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddm", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,21 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    expert.add_argument("-c", "--config", help="experiment spec (YAML), e.g. launch/digits_expert.yaml")
+    _add_job_args(expert)
     expert.add_argument("--partition", type=int, help="which partition's expert (overrides the spec)")
-    expert.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
-    expert.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
-    expert.add_argument("overrides", nargs="*", metavar="key=value")
     router = train_sub.add_parser(
         "router",
         help="train the router p(partition | x_t, t, c) on noised samples of all the data",
         description="Same machinery as an expert (Ray Train + DeepSpeed, checkpoints, resume, export to STORE/router/); "
         "the loss is cross-entropy of the partition of noised samples. The paper's router is a DiT-B/2 for DiT-XL/2 experts.",
     )
-    router.add_argument("-c", "--config", help="experiment spec (YAML)")
-    router.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
-    router.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
-    router.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_job_args(router)
 
     asm = sub.add_parser(
         "assemble",
@@ -244,9 +246,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ddm.store import Store
 
     meta = sample(Store(args.store), load(SampleConfig, None, args.overrides))
-    name = meta["config"]["name"] or f"{meta['rule'].replace(':', '_')}-s{meta['config']['seed']}"
     print(f"{meta['config']['num_samples']} samples, rule {meta['rule']}, {meta['expert_forwards_per_sample']:.0f} expert "
-          f"forwards per sample -> {args.store}/samples/{name}/grid.png")
+          f"forwards per sample -> {args.store}/{meta['dir']}/grid.png")
     return 0
 
 

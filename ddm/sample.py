@@ -70,10 +70,10 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     desc = store.read_json("ensemble.json")
     name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}"
     out = f"samples/{name}"
-    meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc}
+    meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out}
     if store.exists(f"{out}/meta.json"):
         old = store.read_json(f"{out}/meta.json")
-        if {k: old.get(k) for k in ("config", "rule", "ensemble")} != meta:
+        if {k: old.get(k) for k in meta} != meta:
             raise ValueError(f"{store.url}/{out} holds samples made with other settings; choose another name=")
         log.info("samples already in %s/%s", store.url, out)
         return old

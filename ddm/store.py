@@ -241,35 +241,33 @@ class Store:
             raise NotCommittedError(f"{self.url}/{rel_dir} has no {MANIFEST}: it was never committed (or its writer crashed)")
         return self.read_json(f"{rel_dir}/{MANIFEST}")
 
+    def _read_checked(self, rel_dir: str, name: str, manifest: dict) -> bytes:
+        """One file's bytes, checked against its manifest entry (size and sha256)."""
+        expected = manifest["files"].get(name)
+        if expected is None:
+            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is not listed in its manifest")
+        try:
+            data = self.read_bytes(f"{rel_dir}/{name}")
+        except FileNotFoundError as e:
+            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != expected["size"] or digest != expected["sha256"]:
+            raise ChecksumError(
+                f"{self.url}/{rel_dir}/{name} is corrupted: sha256 {digest[:12]}… size {len(data)}, "
+                f"manifest says {expected['sha256'][:12]}… size {expected['size']}"
+            )
+        return data
+
     def verify(self, rel_dir: str, names: list[str] | None = None) -> dict:
         """Check sizes and sha256 of committed files; returns the manifest or raises ChecksumError."""
         manifest = self.manifest(rel_dir)
         for name in names if names is not None else manifest["files"]:
-            expected = manifest["files"].get(name)
-            if expected is None:
-                raise ChecksumError(f"{self.url}/{rel_dir}/{name} is not listed in its manifest")
-            try:
-                data = self.read_bytes(f"{rel_dir}/{name}")
-            except FileNotFoundError as e:
-                raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
-            digest = hashlib.sha256(data).hexdigest()
-            if len(data) != expected["size"] or digest != expected["sha256"]:
-                raise ChecksumError(
-                    f"{self.url}/{rel_dir}/{name} is corrupted: sha256 {digest[:12]}… size {len(data)}, "
-                    f"manifest says {expected['sha256'][:12]}… size {expected['size']}"
-                )
+            self._read_checked(rel_dir, name, manifest)
         return manifest
 
     def read_verified(self, rel_dir: str, name: str) -> bytes:
         """One committed file's bytes, checked against its manifest."""
-        manifest = self.manifest(rel_dir)
-        expected = manifest["files"].get(name)
-        if expected is None:
-            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is not listed in its manifest")
-        data = self.read_bytes(f"{rel_dir}/{name}")
-        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is corrupted: its sha256 does not match the manifest")
-        return data
+        return self._read_checked(rel_dir, name, self.manifest(rel_dir))
 
     def check_reachable(self) -> None:
         """Fail early, with a clear message, when an S3 store's bucket cannot be reached."""

@@ -183,10 +183,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     # A torch optimizer, not a DeepSpeed "optimizer" config: that one compiles fused Adam on CPU.
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu))
-    if cfg.zero_stage == 3:  # parameters are sharded across ranks: gather them to start the average
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            ema = EMA(engine.module, cfg.ema_decay)
-    else:
+    with _whole_params(engine, cfg.zero_stage):
         ema = EMA(engine.module, cfg.ema_decay)
     t_engine = time.perf_counter()
 
@@ -247,7 +244,8 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         if os.environ.get("DDM_FAULT", "").startswith("step:"):
             ckpt.wait()  # fault tests crash at a step only after the previous checkpoint is uploaded
         _fault_hook("step", step, ps.rank)
-        _update_ema(ema, engine, cfg.zero_stage)
+        with _whole_params(engine, cfg.zero_stage):
+            ema.update(engine.module)
         window_loss += loss.item()
         window_n += 1
 
@@ -294,14 +292,15 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     return summary
 
 
-def _update_ema(ema, engine, zero_stage: int) -> None:
-    if zero_stage == 3:  # parameters are sharded: gather them for the average
-        import deepspeed
+def _whole_params(engine, zero_stage: int):
+    """A context in which every parameter is whole: ZeRO-3 shards them across ranks, so gather."""
+    import contextlib
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            ema.update(engine.module)
-    else:
-        ema.update(engine.module)
+    import deepspeed
+
+    if zero_stage == 3:
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    return contextlib.nullcontext()
 
 
 def _replica_check(module: torch.nn.Module, zero_stage: int) -> dict:
