@@ -28,6 +28,7 @@ DESCRIPTION = textwrap.dedent(
 EPILOG = textwrap.dedent(
     """\
     examples:
+      ddm run launch/digits.yaml                the whole pipeline on digits, locally (a few minutes on 2 CPU cores)
       ddm demo                                  the whole method on a 2-D mixture (~1 min on 2 CPU cores)
       ddm demo -c launch/demo.yaml num_partitions=8 rules='[top1, full]'
       ddm ingest digits runs/digits             shard scikit-learn's digits into a store (any fsspec URL)
@@ -63,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ddm {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    run = sub.add_parser(
+        "run",
+        help="the whole pipeline from one spec: ingest, partition, experts + router (+ monolith), assemble, sample, evaluate, report",
+        description=textwrap.dedent(
+            """\
+            Runs every stage of SPEC on the local machine (a local Ray runtime) or on --address:
+            ingest -> partition -> K experts, the router and optionally an equal-FLOP monolith,
+            each its own Ray Train + DeepSpeed job, as many at once as the CPUs allow -> assemble
+            -> distill (distill_steps > 0) -> sample -> evaluate, then writes STORE/report/README.md
+            with the per-rule table and images. Running it again skips finished stages and
+            resumes unfinished jobs from their last checkpoints; a spec that disagrees with what
+            the store holds is an error. Worker logs go to Ray's session directory."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("spec", help="pipeline spec (YAML), e.g. launch/digits.yaml")
+    run.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. store=runs/d2 expert.steps=3000")
 
     demo = sub.add_parser(
         "demo",
@@ -141,6 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_args(router)
 
+    distill = sub.add_parser(
+        "distill",
+        help="train one dense student from the assembled ensemble (export under STORE/distilled/)",
+        description=textwrap.dedent(
+            """\
+            Distil the ensemble into one model, as in the paper: for noised samples x_t of all
+            the data the teacher is the expert of each sample's partition, and the student
+            regresses its velocity, loss |v(x_t, t, c) - v_teacher|^2. Labels are dropped once
+            (class_dropout_prob) for both, so the student keeps classifier-free guidance.
+            Same machinery as an expert job (Ray Train + DeepSpeed, checkpoints, resume); the
+            export under STORE/distilled/export is loaded like an expert's. Needs
+            `ddm assemble` first. Options are TrainConfig fields as key=value."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_job_args(distill)
+
     asm = sub.add_parser(
         "assemble",
         help="check the router and every expert's export fit together, and write STORE/ensemble.json",
@@ -163,8 +200,41 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("store")
     smp.add_argument("overrides", nargs="*", metavar="key=value")
 
+    ev = sub.add_parser(
+        "evaluate",
+        help="per-rule table (monolith, top-1, top-2, full, oracle): distance to the data, expert forwards; router accuracy vs t",
+        description=textwrap.dedent(
+            """\
+            Samples the store's ensemble under each rule with one draw of labels (and partitions,
+            for the oracle), plus single models the store holds (monolith, distilled), and
+            measures the distance of each sample set to the dataset:
+              metric=fd_classifier  Fréchet distance on the features of a small CNN trained on
+                                    this dataset (offline; comparable only within one dataset)
+              metric=fid            FID on Inception-v3 features (pip install 'ddm[fid]'; the
+                                    weights download on first use)
+            Writes STORE/eval/<name>/{results.json, report.md, router_accuracy.png, <rule>.png}.
+            Options (key=value): rules, num_samples, steps, sampler, guidance, seed, batch_size,
+            metric, router_t, name."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("store")
+    ev.add_argument("overrides", nargs="*", metavar="key=value")
+
     sub.add_parser("models", help="list the model presets (DiT sizes, MLP sizes) with parameter counts")
     return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ddm.config import load
+    from ddm.evaluate import format_report
+    from ddm.pipeline import RunSpec, run_pipeline
+
+    spec = load(RunSpec, args.spec, args.overrides)
+    results = run_pipeline(spec, args.address)
+    print(format_report(results))
+    print(f"report: {spec.store}/report/README.md")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -210,8 +280,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddm.train.expert import TrainConfig, check_inputs
 
     overrides = list(args.overrides) + ([f"partition={args.partition}"] if getattr(args, "partition", None) is not None else [])
-    if args.what == "router":
-        overrides.append("job=router")
+    if args.what in ("router", "distill"):
+        overrides.append(f"job={args.what}")
     cfg = load(TrainConfig, args.config, overrides)
     check_inputs(cfg)
     if args.no_ray:
@@ -251,6 +321,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ddm.config import load
+    from ddm.evaluate import EvalConfig, evaluate, format_report
+    from ddm.store import Store
+
+    cfg = load(EvalConfig, None, args.overrides)
+    report = evaluate(Store(args.store), cfg)
+    print(format_report(report))
+    print(f"-> {args.store}/eval/{cfg.name or f's{cfg.seed}'}/ (results.json, report.md, router_accuracy.png)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -266,7 +348,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "assemble": cmd_assemble, "sample": cmd_sample, "models": cmd_models}
+def cmd_distill(args: argparse.Namespace) -> int:
+    args.what = "distill"
+    return cmd_train(args)
+
+
+COMMANDS = {"run": cmd_run, "distill": cmd_distill, "demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "assemble": cmd_assemble, "sample": cmd_sample, "evaluate": cmd_evaluate, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

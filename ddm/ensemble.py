@@ -388,21 +388,24 @@ class LazyModel:
         return self.load().null_label
 
 
+def model_config_from_export(cfg: dict):
+    """The ModelConfig of an export's config.json, for one process (MoE experts all local)."""
+    from ddm.models import ModelConfig, MoEConfig
+
+    m = dict(cfg["model"])
+    moe = dict(m.pop("moe"), ep_size=1)  # one process holds every MoE expert at sampling time
+    return ModelConfig(**{**m, "data_shape": tuple(m["data_shape"]), "moe": MoEConfig(**moe)})
+
+
 def load_ensemble(store, rule: str | None = None, device="cpu") -> Ensemble:
     """The ensemble described by ``ensemble.json``: router loaded now, experts on first use."""
-    from ddm.models import ModelConfig, MoEConfig, build_model, build_router
+    from ddm.models import build_model, build_router
 
     if not store.exists(ENSEMBLE_FILE):
         raise ValueError(f"{store.url} has no {ENSEMBLE_FILE}: run `ddm assemble {store.url}` first")
     desc = store.read_json(ENSEMBLE_FILE)
-
-    def model_config(cfg: dict) -> ModelConfig:
-        m = dict(cfg["model"])
-        moe = dict(m.pop("moe"), ep_size=1)  # one process holds every MoE expert at sampling time
-        return ModelConfig(**{**m, "data_shape": tuple(m["data_shape"]), "moe": MoEConfig(**moe)})
-
-    experts = [LazyModel(store, e, lambda cfg: build_model(model_config(cfg)), device) for e in desc["experts"]]
-    router = LazyModel(store, desc["router"], lambda cfg: build_router(model_config(cfg), cfg["num_partitions"]), device)
+    experts = [LazyModel(store, e, lambda cfg: build_model(model_config_from_export(cfg)), device) for e in desc["experts"]]
+    router = LazyModel(store, desc["router"], lambda cfg: build_router(model_config_from_export(cfg), cfg["num_partitions"]), device)
     router.load()
     ens = Ensemble(experts, router, Rule.parse(rule or desc["rule"]))
     if router.module.num_partitions != len(experts):

@@ -14,7 +14,7 @@ from ddm.models.dit import DIT_SIZES, DiT, DiTRouter
 from ddm.models.mlp import MLP_SIZES, MLPRouter, MLPVelocity
 from ddm.models.moe import MoEConfig
 
-__all__ = ["ModelConfig", "MoEConfig", "build_model", "build_router", "DIT_SIZES", "MLP_SIZES", "DiT", "DiTRouter"]
+__all__ = ["ModelConfig", "MoEConfig", "build_model", "build_router", "forward_flops", "DIT_SIZES", "MLP_SIZES", "DiT", "DiTRouter"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,29 @@ def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
         return MLPRouter(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob)
     c, h, _ = cfg.data_shape
     return DiTRouter(DIT_SIZES[cfg.arch], num_partitions, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio)
+
+
+def forward_flops(cfg: ModelConfig, router: bool = False) -> float:
+    """Forward FLOPs of one sample (2 per multiply-add) of ``build_model(cfg)`` (or the router).
+
+    DiT: per block and token 8 D^2 (qkv, proj) + 4 r D^2 (the feed-forward of ratio r; top_k times
+    that in MoE blocks, whose tokens each visit top_k experts) + 4 T D (attention), plus the patch
+    embedding and output layer; the router's CLS token adds one token. MLP: 2 x the weights of its
+    linear layers. Embeddings and adaLN projections (per sample, < 1%) are left out.
+    """
+    if cfg.arch in MLP_SIZES:
+        import torch
+
+        with torch.device("meta"):
+            model = build_router(cfg, 2) if router else build_model(cfg)
+        return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    size = DIT_SIZES[cfg.arch]
+    c, h, _ = cfg.data_shape
+    tokens = (h // size.patch_size) ** 2 + (1 if router else 0)
+    d, r = size.hidden_size, cfg.mlp_ratio
+    total = 0.0
+    for i in range(size.depth):
+        moe_block = cfg.moe.enabled and not router and (size.depth - 1 - i) % cfg.moe.every == 0
+        ffn = 4 * r * d**2 * (cfg.moe.top_k if moe_block else 1)
+        total += tokens * (8 * d**2 + ffn) + 4 * tokens**2 * d
+    return float(total + 2 * 2 * (h // size.patch_size) ** 2 * size.patch_size**2 * c * d)

@@ -29,12 +29,19 @@ from ddm.models import ModelConfig
 log = logging.getLogger("ddm.train")
 
 
+JOBS = ("expert", "router", "distill")
+
+# Fields a re-run may change without changing what is being trained (how long, how often, where).
+RESUMABLE_CHANGES = frozenset({"store", "steps", "checkpoint_every", "keep_checkpoints", "export_every", "log_every", "cpus_per_worker", "use_gpu", "max_failures"})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one expert job needs; saved as JSON beside its checkpoints and exports."""
 
     store: str = "runs/digits"  # run root URL (local path, file://, s3://, memory:// for tests)
-    job: str = "expert"  # expert: velocity on one partition; router: p(partition | x_t, t, c) on all data
+    job: str = "expert"  # expert: velocity on one partition; router: p(partition | x_t, t, c) on all data;
+    # distill: one dense student regressing the ensemble's velocity (teacher = the expert of each sample's partition)
     partition: int = 0  # which partition this expert learns; -1 trains on all data (a monolith)
     model: ModelConfig = field(default_factory=lambda: ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10))
     flow: FlowMatching = field(default_factory=FlowMatching)
@@ -62,8 +69,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "num_workers", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.job not in ("expert", "router"):
-            raise ValueError(f"job must be expert or router, got {self.job!r}")
+        if self.job not in JOBS:
+            raise ValueError(f"job must be one of {list(JOBS)}, got {self.job!r}")
         if self.partition < -1:
             raise ValueError(f"partition must be >= 0 (or -1 for all data), got {self.partition}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -92,14 +99,14 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         """Where this job's checkpoints, exports and metrics live, relative to the store root."""
-        if self.job == "router":
-            return "router"
+        if self.job in ("router", "distill"):
+            return {"router": "router", "distill": "distilled"}[self.job]
         return "monolith" if self.partition == -1 else f"experts/{self.partition:02d}"
 
     @property
     def data_partition(self) -> int | None:
         """The partition the job reads (None: all data, for the router and a monolith)."""
-        return None if self.job == "router" or self.partition == -1 else self.partition
+        return None if self.job != "expert" or self.partition == -1 else self.partition
 
 
 def check_inputs(cfg: TrainConfig) -> dict:
@@ -117,8 +124,19 @@ def check_inputs(cfg: TrainConfig) -> dict:
         )
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
-    if cfg.job == "router" and cfg.model.moe.enabled:
-        raise ValueError("routers are dense: set model.moe.num_experts=0 for a router job")
+    if cfg.job in ("router", "distill") and cfg.model.moe.enabled:
+        raise ValueError(f"{cfg.job} models are dense here: set model.moe.num_experts=0 for a {cfg.job} job")
+    if cfg.job == "distill":
+        _check_teacher(store, cfg)
+    if store.exists(f"{cfg.run_dir}/config.json"):  # a re-run resumes: it must train the same thing
+        old, new = store.read_json(f"{cfg.run_dir}/config.json"), to_dict(cfg)
+        changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+        if changed:
+            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+            raise ValueError(
+                f"{cfg.store}/{cfg.run_dir} was started with other settings ({diffs}); a re-run resumes that job and "
+                f"may change only {sorted(RESUMABLE_CHANGES - {'store'})}. Use another store or delete {cfg.run_dir}/ to start over"
+            )
     if cfg.job == "router" or cfg.partition >= 0:
         if not store.is_committed(PARTITIONS_DIR):
             raise ValueError(f"{cfg.store} has no committed partitions: run `ddm partition {cfg.store}` first")
@@ -126,6 +144,22 @@ def check_inputs(cfg: TrainConfig) -> dict:
         if cfg.job == "expert" and cfg.partition >= k:
             raise ValueError(f"partition {cfg.partition} does not exist: {cfg.store} has partitions 0..{k - 1}")
     return dataset.manifest
+
+
+def _check_teacher(store, cfg: TrainConfig) -> None:
+    """Distillation reads the assembled ensemble; the student must model the same data."""
+    from ddm.ensemble import ENSEMBLE_FILE
+
+    if not store.exists(ENSEMBLE_FILE):
+        raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
+    desc = store.read_json(ENSEMBLE_FILE)
+    if tuple(desc["data_shape"]) != cfg.model.data_shape or int(desc["num_classes"]) != cfg.model.num_classes:
+        raise ValueError(
+            f"the student (data_shape {cfg.model.data_shape}, {cfg.model.num_classes} classes) does not match the ensemble "
+            f"(data_shape {tuple(desc['data_shape'])}, {desc['num_classes']} classes)"
+        )
+    if desc["flow"]["path"] != cfg.flow.path:
+        raise ValueError(f"the ensemble's experts follow the {desc['flow']['path']!r} path; set flow.path={desc['flow']['path']}")
 
 
 def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
@@ -178,6 +212,13 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         model = build_router(cfg.model, num_partitions)
     else:
         model = build_model(cfg.model)
+    teacher = None
+    if cfg.job == "distill":
+        from ddm.ensemble import load_ensemble
+
+        teacher = load_ensemble(store, rule="oracle", device=device)  # the expert of each sample's partition
+        if getattr(model, "y_embedder", None) is not None:
+            model.y_embedder.dropout_prob = 0.0  # labels are dropped once, below, so teacher and student see the same
     params = {"params": [p for p in model.parameters()], "name": "params", "weight_decay": cfg.weight_decay}
     groups = split_params_into_different_moe_groups_for_optimizer(params) if cfg.model.moe.enabled else [params]
     # A torch optimizer, not a DeepSpeed "optimizer" config: that one compiles fused Adam on CPU.
@@ -231,6 +272,14 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
             if cfg.job == "router":  # cross-entropy on noised samples of all data -> their partition
                 x_t, t = flow.noised(x, gen)
                 loss = torch.nn.functional.cross_entropy(engine(x_t, t, y).float(), batch["partition"].to(device))
+            elif cfg.job == "distill":  # |v - v_teacher|^2, teacher = the expert of the sample's partition
+                x_t, t = flow.noised(x, gen)
+                if y is not None and cfg.model.class_dropout_prob > 0:
+                    drop = torch.rand(y.shape[0], device=device) < cfg.model.class_dropout_prob
+                    y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)  # the null label
+                with torch.no_grad():
+                    v_teacher = teacher.velocity(x_t, t, y, partition=batch["partition"].to(device))
+                loss = (engine(x_t, t, y).float() - v_teacher.float()).pow(2).mean()
             else:
                 losses = flow.training_losses(engine, x, y, generator=gen)
                 loss = losses["loss"].mean()
@@ -256,6 +305,7 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
             window_loss, window_n, last_log = 0.0, 0, now
             if ps.is_main:
                 log.info("%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"])
+                run.write_json("progress.json", {**record, "steps": cfg.steps})  # cheap, for progress bars and status
             if report is not None:
                 report(record)
 
