@@ -329,7 +329,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load(EvalConfig, None, args.overrides)
     report = evaluate(Store(args.store), cfg)
     print(format_report(report))
-    print(f"-> {args.store}/eval/{cfg.name or f's{cfg.seed}'}/ (results.json, report.md, router_accuracy.png)")
+    print(f"-> {args.store}/{report['dir']}/ (results.json, report.md, router_accuracy.png)")
     return 0
 
 

@@ -351,6 +351,14 @@ def assemble(store, rule: str = "top1", replace: bool = False) -> dict:
     return description
 
 
+def ensemble_id(description: dict) -> str:
+    """A short content hash of an ensemble description: outputs are filed under it, so samples or
+    evaluations of two different ensembles never share a folder."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:8]
+
+
 class LazyModel:
     """A model loaded from its export on first call (an ensemble loads only the experts it routes to)."""
 

@@ -209,7 +209,7 @@ class EvalConfig:
     batch_size: int = 500
     metric: str = "fd_classifier"  # fd_classifier (offline) | fid (Inception, pytorch-fid)
     router_t: list[float] = field(default_factory=lambda: [round(0.05 + 0.1 * i, 2) for i in range(10)])
-    name: str = ""  # output folder under eval/; empty: s<seed>
+    name: str = ""  # output folder under eval/; empty: s<seed>-<ensemble id>
 
     def __post_init__(self) -> None:
         from ddm.flow import SAMPLERS
@@ -285,10 +285,12 @@ def evaluate(store, cfg: EvalConfig) -> dict:
     from ddm.flow import FlowMatching, guided
     from ddm.sample import image_grid
 
-    name = cfg.name or f"s{cfg.seed}"
-    out = store.child(f"eval/{name}")
+    from ddm.ensemble import ensemble_id
+
     ens = load_ensemble(store)
     desc = store.read_json("ensemble.json")
+    name = cfg.name or f"s{cfg.seed}-{ensemble_id(desc)}"
+    out = store.child(f"eval/{name}")
     settings = {"config": asdict(cfg), "ensemble": desc}
     if out.exists("results.json"):
         old = out.read_json("results.json")
@@ -328,7 +330,7 @@ def evaluate(store, cfg: EvalConfig) -> dict:
     labels = y_data[pick] if num_classes else None
     parts = p_data[pick]
     evals_per_sample = cfg.steps * (2 if cfg.sampler == "heun" else 1)
-    results = {}
+    results = []  # in the order asked for
     grids = {}
     for rule in tqdm(rules, desc="evaluate", unit="rule"):
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same initial noise for every rule
@@ -359,7 +361,7 @@ def evaluate(store, cfg: EvalConfig) -> dict:
         seconds = time.perf_counter() - start
         fd = frechet_distance(*gaussian_stats(embedder.embed(x)), mu_ref, s_ref)
         key = rule if rule in SINGLE_MODELS else str(ens.rule)
-        results[key] = {"distance": fd, "expert_forwards_per_sample": forwards, "seconds": seconds}
+        results.append({"rule": key, "distance": fd, "expert_forwards_per_sample": forwards, "seconds": seconds})
         if x.shape[1] in (1, 3):
             grids[key] = image_grid(x[:64].numpy())
         log.info("%s: %s %.3f, %.1f expert forwards per sample (%.0f s)", key, cfg.metric, fd, forwards, seconds)
@@ -368,6 +370,7 @@ def evaluate(store, cfg: EvalConfig) -> dict:
     prior_max = float(torch.bincount(p_data, minlength=k).max()) / len(p_data)
     report = {
         **settings,
+        "dir": f"eval/{name}",
         "metric": cfg.metric,
         "metric_label": metric_label(cfg.metric),
         "feature_network": feature_info,
@@ -393,8 +396,8 @@ def format_report(r: dict) -> str:
         "| rule | distance | expert forwards / sample | seconds |",
         "|---|---:|---:|---:|",
     ]
-    for rule, v in r["rules"].items():
-        lines.append(f"| {rule} | {v['distance']:.3f} | {v['expert_forwards_per_sample']:.0f} | {v['seconds']:.1f} |")
+    for v in r["rules"]:
+        lines.append(f"| {v['rule']} | {v['distance']:.3f} | {v['expert_forwards_per_sample']:.0f} | {v['seconds']:.1f} |")
     ra = r["router_accuracy"]
     lines += ["", "Router accuracy (argmax vs partition) by t: " + ", ".join(f"t={t:g}: {a:.2f}" for t, a in zip(ra["t"], ra["accuracy"])), ""]
     return "\n".join(lines)

@@ -111,7 +111,9 @@ def run_jobs(store, configs: list[TrainConfig], max_concurrent: int = 0, poll_s:
     log.info("%d training jobs, %d at a time on %d CPUs (Ray worker logs: %s)", len(todo), slots, cpus, _ray_log_dir())
     remote = ray.remote(num_cpus=0, max_retries=0)(_ray_job)
     bars = {c.run_dir: tqdm(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True) for i, c in enumerate(todo)}
-    pending, running, summaries, failures = list(todo), {}, {}, {}
+    # Longest first (by training FLOPs): with fewer slots than jobs this finishes soonest.
+    pending = sorted(todo, key=lambda c: -job_flops_per_step(c) * c.steps)
+    running, summaries, failures = {}, {}, {}
     try:
         while pending or running:
             while pending and len(running) < slots:
@@ -193,7 +195,13 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
     for c in configs:  # every job's inputs (and agreement with what the store holds) before any starts
         check_inputs(c)
     stage("train")
-    started_ray = not ray.is_initialized()
+    student = (
+        dataclasses.replace(spec.expert, store=spec.store, seed=spec.seed, job="distill", partition=-1, steps=spec.distill_steps)
+        if spec.distill_steps
+        else None
+    )
+    needs_ray = any(not _job_done(store, c) for c in configs + ([student] if student else []))
+    started_ray = needs_ray and not ray.is_initialized()
     if started_ray:
         # Workers log to Ray's session directory, not over the progress bars.
         ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else ray.init(include_dashboard=False, log_to_driver=False)
@@ -203,9 +211,8 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
         stage("assemble")
         assemble(store, spec.rule)
         end("assemble")
-        if spec.distill_steps:
+        if student is not None:
             stage("distill")
-            student = dataclasses.replace(spec.expert, store=spec.store, seed=spec.seed, job="distill", partition=-1, steps=spec.distill_steps)
             check_inputs(student)
             run_jobs(store, [student], 1)
             end("distill")
@@ -243,15 +250,15 @@ def write_report(store, spec: RunSpec, data: dict, parts: dict, configs, samples
         "| job | model | steps | global batch | final loss | training FLOPs |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for c in [*configs] + ([dataclasses.replace(spec.expert, job="distill", partition=-1, steps=spec.distill_steps)] if spec.distill_steps else []):
+    for c in [*configs] + ([dataclasses.replace(spec.expert, job="distill", partition=-1, steps=spec.distill_steps)] if spec.distill_steps else []):  # noqa: E501
         run = store.child(c.run_dir)
         summ = run.read_json("summary.json") if run.exists("summary.json") else {}
         loss = summ.get("final_loss")
         flops = job_flops_per_step(c) * c.steps
         lines.append(f"| {c.run_dir} | {c.model.arch} | {c.steps} | {c.global_batch_size} | {'' if loss is None else f'{loss:.4f}'} | {flops:.3g} |")
     lines += ["", "## Quality by rule", "", format_report(results), "![router accuracy](router_accuracy.png)", "", "## Samples", ""]
-    eval_dir = store.child(f"eval/{spec.evaluate.name or f's{spec.evaluate.seed}'}")
-    for name in results["rules"]:
+    eval_dir = store.child(results["dir"])
+    for name in (v["rule"] for v in results["rules"]):
         fname = f"{name.replace(':', '_')}.png"
         if eval_dir.exists(fname):
             rep.write_bytes(f"samples-{fname}", eval_dir.read_bytes(fname))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddm.ensemble import load_ensemble
+from ddm.ensemble import ensemble_id, load_ensemble
 from ddm.flow import SAMPLERS, FlowMatching
 from ddm.store import Store
 
@@ -33,7 +33,7 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
     seed: int = 0
     batch_size: int = 64
-    name: str = ""  # output folder under samples/; empty: <rule>-s<seed>
+    name: str = ""  # output folder under samples/; empty: <rule>-s<seed>-<ensemble id>
 
     def __post_init__(self) -> None:
         for field in ("num_samples", "steps", "batch_size"):
@@ -68,7 +68,7 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
     ens = load_ensemble(store, rule=cfg.rule or None)
     desc = store.read_json("ensemble.json")
-    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}"
+    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{ensemble_id(desc)}"
     out = f"samples/{name}"
     meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out}
     if store.exists(f"{out}/meta.json"):

@@ -93,7 +93,8 @@ def test_sample_writes_grid_and_arrays_and_never_mixes_configs(trained, tmp_path
     assemble(store, "top1", replace=True)
     meta = sample(store, SampleConfig(num_samples=10, steps=2, batch_size=4, guidance=2.0))
     assert meta["rule"] == "top-1" and meta["expert_forwards_per_sample"] == 2 * 2 * 2  # Heun x 2 steps x CFG
-    out = "samples/top-1-s0"
+    out = meta["dir"]
+    assert out.startswith("samples/top-1-s0-")  # filed under the ensemble's id
     x = np.load(_io.BytesIO(store.read_bytes(f"{out}/samples.npy")), allow_pickle=False)
     assert x.shape == (10, 1, 8, 8) and np.isfinite(x).all()
     assert store.read_bytes(f"{out}/grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
