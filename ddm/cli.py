@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser(
         "distill",
-        help="train one dense student from the assembled ensemble (export under STORE/distilled/)",
+        help="train one dense student from the assembled ensemble (export under STORE/distilled/<ensemble id>/)",
         description=textwrap.dedent(
             """\
             Distil the ensemble into one model, as in the paper: for noised samples x_t of all
@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
             regresses its velocity, loss |v(x_t, t, c) - v_teacher|^2. Labels are dropped once
             (class_dropout_prob) for both, so the student keeps classifier-free guidance.
             Same machinery as an expert job (Ray Train + DeepSpeed, checkpoints, resume); the
-            export under STORE/distilled/export is loaded like an expert's. Needs
-            `ddm assemble` first. Options are TrainConfig fields as key=value."""
+            student belongs to its teacher: it trains and exports under
+            STORE/distilled/<ensemble id>/, loaded like an expert's export. Needs `ddm assemble`
+            first. Options are TrainConfig fields as key=value."""
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -277,12 +278,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     import json
 
     from ddm.config import load
-    from ddm.train.expert import TrainConfig, check_inputs
+    from ddm.train.expert import TrainConfig, check_inputs, with_teacher
 
     overrides = list(args.overrides) + ([f"partition={args.partition}"] if getattr(args, "partition", None) is not None else [])
     if args.what in ("router", "distill"):
         overrides.append(f"job={args.what}")
-    cfg = load(TrainConfig, args.config, overrides)
+    cfg = with_teacher(load(TrainConfig, args.config, overrides))
     check_inputs(cfg)
     if args.no_ray:
         from ddm.train.expert import train

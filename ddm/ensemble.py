@@ -359,11 +359,45 @@ def ensemble_id(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def default_cache_dir(store) -> str | None:
+    """Where exports of a remote store are cached: $DDM_CACHE_DIR, else ~/.cache/ddm/exports
+    (none for local stores, which are read in place; DDM_CACHE_DIR=off disables caching)."""
+    import os
+
+    env = os.environ.get("DDM_CACHE_DIR")
+    if env == "off" or (env is None and store.protocol in ("file", "local", "memory")):
+        return None
+    return env or os.path.join(os.path.expanduser("~"), ".cache", "ddm", "exports")
+
+
+def _cached_weights(run, sha256: str, cache_dir: str | None) -> bytes:
+    """An export's model.safetensors, from a content-addressed local cache when it holds the exact
+    bytes (checked by sha256), else from the store (checked against its manifest), then cached."""
+    import hashlib
+    import os
+
+    path = os.path.join(cache_dir, f"{sha256}.safetensors") if cache_dir else None
+    if path and os.path.exists(path):
+        with open(path, "rb") as f:
+            raw = f.read()
+        if hashlib.sha256(raw).hexdigest() == sha256:
+            return raw
+        os.remove(path)  # a damaged cache entry is dropped, never used
+    raw = run.read_verified("export", "model.safetensors")
+    if path and hashlib.sha256(raw).hexdigest() == sha256:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    return raw
+
+
 class LazyModel:
     """A model loaded from its export on first call (an ensemble loads only the experts it routes to)."""
 
-    def __init__(self, store, entry: dict, build: Callable[[dict], torch.nn.Module], device="cpu"):
-        self.store, self.entry, self.build, self.device = store, entry, build, device
+    def __init__(self, store, entry: dict, build: Callable[[dict], torch.nn.Module], device="cpu", cache_dir: str | None = None):
+        self.store, self.entry, self.build, self.device, self.cache_dir = store, entry, build, device, cache_dir
         self.module: torch.nn.Module | None = None
 
     @property
@@ -375,7 +409,7 @@ class LazyModel:
             from safetensors.torch import load as load_safetensors
 
             run = self.store.child(self.entry["dir"])
-            raw = run.read_verified("export", "model.safetensors")
+            raw = _cached_weights(run, self.entry["sha256"], self.cache_dir)
             import hashlib
 
             if hashlib.sha256(raw).hexdigest() != self.entry["sha256"]:
@@ -405,15 +439,21 @@ def model_config_from_export(cfg: dict):
     return ModelConfig(**{**m, "data_shape": tuple(m["data_shape"]), "moe": MoEConfig(**moe)})
 
 
-def load_ensemble(store, rule: str | None = None, device="cpu") -> Ensemble:
-    """The ensemble described by ``ensemble.json``: router loaded now, experts on first use."""
+def load_ensemble(store, rule: str | None = None, device="cpu", cache_dir: str | None = "default") -> Ensemble:
+    """The ensemble described by ``ensemble.json``: router loaded now, experts on first use.
+
+    Weights of a remote store are kept in a local content-addressed cache (``default_cache_dir``),
+    so a second load reads only the small JSON files from the store; ``cache_dir=None`` disables it.
+    """
     from ddm.models import build_model, build_router
 
     if not store.exists(ENSEMBLE_FILE):
         raise ValueError(f"{store.url} has no {ENSEMBLE_FILE}: run `ddm assemble {store.url}` first")
     desc = store.read_json(ENSEMBLE_FILE)
-    experts = [LazyModel(store, e, lambda cfg: build_model(model_config_from_export(cfg)), device) for e in desc["experts"]]
-    router = LazyModel(store, desc["router"], lambda cfg: build_router(model_config_from_export(cfg), cfg["num_partitions"]), device)
+    if cache_dir == "default":
+        cache_dir = default_cache_dir(store)
+    experts = [LazyModel(store, e, lambda cfg: build_model(model_config_from_export(cfg)), device, cache_dir) for e in desc["experts"]]
+    router = LazyModel(store, desc["router"], lambda cfg: build_router(model_config_from_export(cfg), cfg["num_partitions"]), device, cache_dir)
     router.load()
     ens = Ensemble(experts, router, Rule.parse(rule or desc["rule"]))
     if router.module.num_partitions != len(experts):

@@ -231,7 +231,14 @@ def metric_label(metric: str) -> str:
     return "FID (Inception-v3, pytorch-fid)" if metric == "fid" else "FD-classifier (Fréchet distance on a CNN trained on this dataset)"
 
 
-SINGLE_MODELS = {"monolith": "monolith", "distilled": "distilled"}  # rule name -> run dir of one dense model
+SINGLE_MODELS = ("monolith", "distilled")  # one-model baselines evaluated beside the rules
+
+
+def single_model_dir(rule: str, ensemble_description: dict) -> str:
+    """Run dir of a one-model baseline: the monolith, or the student distilled from this ensemble."""
+    from ddm.ensemble import ensemble_id
+
+    return "monolith" if rule == "monolith" else f"distilled/{ensemble_id(ensemble_description)}"
 
 
 def single_model(store, run_dir: str):
@@ -300,9 +307,9 @@ def evaluate(store, cfg: EvalConfig) -> dict:
         return old
     rules = list(cfg.rules)
     for rule in rules:
-        if rule in SINGLE_MODELS and not store.is_committed(f"{SINGLE_MODELS[rule]}/export"):
-            how = "train one with partition=-1" if rule == "monolith" else "run `ddm distill`"
-            raise ValueError(f"rule {rule!r} needs a committed export in {store.url}/{SINGLE_MODELS[rule]} ({how}), or drop it from rules")
+        if rule in SINGLE_MODELS and not store.is_committed(f"{single_model_dir(rule, desc)}/export"):
+            how = "train one with partition=-1" if rule == "monolith" else "run `ddm distill` on this ensemble"
+            raise ValueError(f"rule {rule!r} needs a committed export in {store.url}/{single_model_dir(rule, desc)} ({how}), or drop it from rules")
     flow = FlowMatching(**desc["flow"])
     num_classes = int(desc["num_classes"])
     t0 = time.perf_counter()
@@ -337,7 +344,7 @@ def evaluate(store, cfg: EvalConfig) -> dict:
         start = time.perf_counter()
         chunks = []
         if rule in SINGLE_MODELS:
-            model = single_model(store, SINGLE_MODELS[rule])
+            model = single_model(store, single_model_dir(rule, desc))
             for i in range(0, cfg.num_samples, cfg.batch_size):
                 noise = torch.randn(min(cfg.batch_size, cfg.num_samples - i), *desc["data_shape"], generator=gen)
                 y = None if labels is None else labels[i : i + len(noise)]

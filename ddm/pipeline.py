@@ -170,7 +170,8 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
     from ddm.evaluate import evaluate
     from ddm.sample import sample
     from ddm.store import Store, absolute_url
-    from ddm.train.expert import check_inputs
+    from ddm.ensemble import ENSEMBLE_FILE
+    from ddm.train.expert import check_inputs, with_teacher
 
     spec = dataclasses.replace(spec, store=absolute_url(spec.store))
     store = Store(spec.store)
@@ -200,7 +201,9 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
         if spec.distill_steps
         else None
     )
-    needs_ray = any(not _job_done(store, c) for c in configs + ([student] if student else []))
+    # Distillation is still to do unless the current ensemble (if any) already has its student.
+    student_done = student is None or (store.exists(ENSEMBLE_FILE) and _job_done(store, with_teacher(student)))
+    needs_ray = any(not _job_done(store, c) for c in configs) or not student_done
     started_ray = needs_ray and not ray.is_initialized()
     if started_ray:
         # Workers log to Ray's session directory, not over the progress bars.
@@ -209,10 +212,13 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
         run_jobs(store, configs, spec.max_concurrent_jobs)
         end("train")
         stage("assemble")
-        assemble(store, spec.rule)
+        old = store.read_json(ENSEMBLE_FILE) if store.exists(ENSEMBLE_FILE) else None
+        if assemble(store, spec.rule, replace=True) != old and old is not None:  # e.g. experts trained longer
+            log.info("the exports changed since %s was written: the old one is kept as a timestamped copy", ENSEMBLE_FILE)
         end("assemble")
         if student is not None:
             stage("distill")
+            student = with_teacher(student)
             check_inputs(student)
             run_jobs(store, [student], 1)
             end("distill")
@@ -229,12 +235,13 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
         rules.append("distilled")
     results = evaluate(store, dataclasses.replace(spec.evaluate, rules=rules))
     end("evaluate")
-    write_report(store, spec, data, parts, configs, samples, results, timings)
+    write_report(store, spec, data, parts, configs, samples, results, timings, [student] if student else [])
     return results
 
 
-def write_report(store, spec: RunSpec, data: dict, parts: dict, configs, samples: dict, results: dict, timings: dict) -> None:
-    """report/README.md + images: what was trained, how long it took, and how good it is."""
+def write_report(store, spec: RunSpec, data: dict, parts: dict, configs, samples: dict, results: dict, timings: dict, students=()) -> None:
+    """report/README.md + images (what was trained, how long it took, how good it is) and
+    report/results.json (the evaluation of this run's ensemble)."""
     from ddm.evaluate import format_report
 
     rep = store.child("report")
@@ -250,7 +257,7 @@ def write_report(store, spec: RunSpec, data: dict, parts: dict, configs, samples
         "| job | model | steps | global batch | final loss | training FLOPs |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for c in [*configs] + ([dataclasses.replace(spec.expert, job="distill", partition=-1, steps=spec.distill_steps)] if spec.distill_steps else []):  # noqa: E501
+    for c in [*configs] + students:
         run = store.child(c.run_dir)
         summ = run.read_json("summary.json") if run.exists("summary.json") else {}
         loss = summ.get("final_loss")
@@ -271,4 +278,5 @@ def write_report(store, spec: RunSpec, data: dict, parts: dict, configs, samples
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if v < 1e6]
     lines += ["", "Spec:", "", "```json", json.dumps(to_dict(spec), indent=1), "```", ""]
     rep.write_bytes("README.md", "\n".join(lines).encode())
+    rep.write_json("results.json", results)
     log.info("report -> %s/README.md", rep.url)

@@ -101,4 +101,37 @@ def test_sample_writes_grid_and_arrays_and_never_mixes_configs(trained, tmp_path
     again = sample(store, SampleConfig(num_samples=10, steps=2, batch_size=4, guidance=2.0))
     assert again["config"] == meta["config"]  # same settings: reused
     with pytest.raises(ValueError, match="holds samples made with other settings"):
-        sample(store, SampleConfig(num_samples=10, steps=3, batch_size=4, guidance=2.0, name="top-1-s0"))
+        sample(store, SampleConfig(num_samples=10, steps=3, batch_size=4, guidance=2.0, name=out.split("/", 1)[1]))
+
+
+def test_export_cache_is_content_addressed_and_checked(trained, tmp_path):
+    """Remote ensembles keep weights in a local cache keyed by sha256; a damaged entry is never used."""
+    import hashlib
+
+    store = Store(trained)
+    assemble(store, "top1", replace=True)
+    cache = tmp_path / "cache"
+    ens = load_ensemble(store, cache_dir=str(cache))
+    for e in ens.experts:
+        e.load()
+    desc = store.read_json(ENSEMBLE_FILE)
+    files = sorted(p.name for p in cache.iterdir())
+    assert files == sorted(f"{e['sha256']}.safetensors" for e in [*desc["experts"], desc["router"]])
+    reference = {k: v.clone() for k, v in ens.experts[0].module.state_dict().items()}
+    # Damage expert 0's cache entry: the load notices (sha256), drops it and reads the store again.
+    entry = cache / f"{desc['experts'][0]['sha256']}.safetensors"
+    raw = bytearray(entry.read_bytes())
+    raw[-10] ^= 0xFF
+    entry.write_bytes(bytes(raw))
+    again = load_ensemble(store, cache_dir=str(cache)).experts[0].load()
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert hashlib.sha256(entry.read_bytes()).hexdigest() == desc["experts"][0]["sha256"]  # repaired
+    # A healthy entry is used without reading the store's copy of the weights.
+    os.rename(os.path.join(trained, "experts/00/export/model.safetensors"), tmp_path / "moved")
+    try:
+        load_ensemble(store, cache_dir=str(cache)).experts[0].load()
+        with pytest.raises(ChecksumError):
+            load_ensemble(store, cache_dir=None).experts[0].load()
+    finally:
+        os.rename(tmp_path / "moved", os.path.join(trained, "experts/00/export/model.safetensors"))

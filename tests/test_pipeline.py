@@ -71,9 +71,11 @@ def pipeline_run(tmp_path_factory):
 def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
     store_url, _, first, _, _ = pipeline_run
     store = Store(store_url)
-    for d in ("experts/00", "experts/01", "router", "monolith", "distilled"):
-        store.child(d).verify("export")
     ens = store.read_json("ensemble.json")
+    from ddm.ensemble import ensemble_id
+
+    for d in ("experts/00", "experts/01", "router", "monolith", f"distilled/{ensemble_id(ens)}"):
+        store.child(d).verify("export")
     assert ens["num_experts"] == 2 and ens["rule"] == "top-1"
     evals = [e for e in store.list("eval") if not e.endswith("classifier")]
     assert evals, store.list("eval")
@@ -111,7 +113,7 @@ def test_evaluate_table_counts_expert_forwards(pipeline_run):
         "top-1": 3, "top-2": 6, "full": 6, "oracle": 3, "monolith": 3,
     }  # fmt: skip  (K = 2: top-2 = full)
     assert all(v["distance"] > results["data_floor"] for v in per_rule.values())  # 6-step models are far from data
-    assert len(results["router_accuracy"]["accuracy"]) == 2
+    assert len(results["router_accuracy"]["accuracy"]) == 10  # the default t grid
     # Same name, other settings: an error, the earlier results stay.
     again = ddm("evaluate", store_url, "num_samples=20", "name=counts")
     assert again.returncode == 2 and "holds an evaluation made with other settings" in again.stderr
@@ -130,12 +132,19 @@ def test_fid_without_its_library_is_a_clear_error(pipeline_run):
     assert "pytorch-fid==0.3.0" in out.stderr and "metric=fd_classifier" in out.stderr
 
 
-def test_distilled_student_regresses_the_teacher(pipeline_run):
+def test_distilled_student_belongs_to_its_teacher(pipeline_run):
+    from ddm.ensemble import ensemble_id
+
     store = Store(pipeline_run[0])
-    cfg = json.loads(store.child("distilled").read_verified("export", "config.json"))
-    assert cfg["job"] == "distill" and cfg["partition"] is None
-    metrics = [json.loads(line) for line in store.read_bytes("distilled/metrics.jsonl").decode().splitlines()]
+    current = ensemble_id(store.read_json("ensemble.json"))
+    students = store.list("distilled")
+    assert len(students) == 2 and current in students  # one per ensemble: the first run's and the extended one's
+    cfg = json.loads(store.child(f"distilled/{current}").read_verified("export", "config.json"))
+    assert cfg["job"] == "distill" and cfg["partition"] is None and cfg["teacher"] == current
+    metrics = [json.loads(line) for line in store.read_bytes(f"distilled/{current}/metrics.jsonl").decode().splitlines()]
     assert metrics and all(m["loss"] > 0 for m in metrics)
+    kept = [n for n in store.list("") if n.startswith("ensemble.") and n != "ensemble.json"]
+    assert len(kept) == 1  # the first run's ensemble.json, kept when the extended experts were assembled
 
 
 def test_a_spec_that_disagrees_with_the_store_is_refused(pipeline_run, tmp_path):

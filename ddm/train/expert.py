@@ -43,6 +43,7 @@ class TrainConfig:
     job: str = "expert"  # expert: velocity on one partition; router: p(partition | x_t, t, c) on all data;
     # distill: one dense student regressing the ensemble's velocity (teacher = the expert of each sample's partition)
     partition: int = 0  # which partition this expert learns; -1 trains on all data (a monolith)
+    teacher: str = ""  # distill jobs: the id of the ensemble distilled (empty: the store's current one)
     model: ModelConfig = field(default_factory=lambda: ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10))
     flow: FlowMatching = field(default_factory=FlowMatching)
     steps: int = 1000
@@ -99,8 +100,12 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         """Where this job's checkpoints, exports and metrics live, relative to the store root."""
-        if self.job in ("router", "distill"):
-            return {"router": "router", "distill": "distilled"}[self.job]
+        if self.job == "router":
+            return "router"
+        if self.job == "distill":  # a student belongs to its teacher: one folder per ensemble
+            if not self.teacher:
+                raise ValueError("a distill job needs its teacher's ensemble id: call with_teacher(cfg) first")
+            return f"distilled/{self.teacher}"
         return "monolith" if self.partition == -1 else f"experts/{self.partition:02d}"
 
     @property
@@ -146,13 +151,33 @@ def check_inputs(cfg: TrainConfig) -> dict:
     return dataset.manifest
 
 
+def with_teacher(cfg: TrainConfig) -> TrainConfig:
+    """A distill job bound to the store's current ensemble (other jobs are returned unchanged)."""
+    import dataclasses
+
+    from ddm.ensemble import ENSEMBLE_FILE, ensemble_id
+    from ddm.store import Store
+
+    if cfg.job != "distill" or cfg.teacher:
+        return cfg
+    store = Store(cfg.store)
+    if not store.exists(ENSEMBLE_FILE):
+        raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
+    return dataclasses.replace(cfg, teacher=ensemble_id(store.read_json(ENSEMBLE_FILE)))
+
+
 def _check_teacher(store, cfg: TrainConfig) -> None:
     """Distillation reads the assembled ensemble; the student must model the same data."""
-    from ddm.ensemble import ENSEMBLE_FILE
+    from ddm.ensemble import ENSEMBLE_FILE, ensemble_id
 
     if not store.exists(ENSEMBLE_FILE):
         raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
     desc = store.read_json(ENSEMBLE_FILE)
+    if cfg.teacher != ensemble_id(desc):
+        raise ValueError(
+            f"teacher={cfg.teacher!r} is not the store's ensemble ({ensemble_id(desc)}, assembled from other exports); "
+            "leave teacher empty to distil the current one"
+        )
     if tuple(desc["data_shape"]) != cfg.model.data_shape or int(desc["num_classes"]) != cfg.model.num_classes:
         raise ValueError(
             f"the student (data_shape {cfg.model.data_shape}, {cfg.model.num_classes} classes) does not match the ensemble "
@@ -419,6 +444,8 @@ def export(weights: dict[str, torch.Tensor], cfg: TrainConfig, run, ps, step: in
         "partition": cfg.data_partition,
         "ema_decay": cfg.ema_decay,
     }
+    if cfg.job == "distill":
+        config["teacher"] = cfg.teacher
     if cfg.job == "router":
         config["num_partitions"] = int(weights["head.bias"].shape[0])
     known = {
@@ -440,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load(TrainConfig, args.config, args.overrides)
+    cfg = with_teacher(load(TrainConfig, args.config, args.overrides))
     check_inputs(cfg)
     print(json.dumps(train(cfg)))
 
