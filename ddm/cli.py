@@ -36,6 +36,8 @@ EPILOG = textwrap.dedent(
       ddm train expert -c launch/digits_expert.yaml --partition 0   one expert, Ray Train + DeepSpeed
       ddm train router -c launch/digits_expert.yaml model.num_classes=0   the router, same machinery
       ddm assemble runs/digits && ddm sample runs/digits num_samples=64   ensemble from the store
+      ddm submit launch/digits.yaml --islands cluster/islands.example.yaml   one Ray job per expert across clusters
+      ddm status --islands cluster/islands.example.yaml && ddm resume --islands cluster/islands.example.yaml
       ddm models                                list model presets and their sizes
 
     Config values are overridden with dotted key=value pairs after the command.
@@ -222,6 +224,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("store")
     ev.add_argument("overrides", nargs="*", metavar="key=value")
 
+    sbm = sub.add_parser(
+        "submit",
+        help="submit one Ray job per expert (and the router) to the islands (Ray clusters) of an islands file",
+        description=textwrap.dedent(
+            """\
+            Plans the run across islands and submits it through each island's Ray Jobs API:
+            ingest and partition (here, skipped when the store holds them), one `ddm train
+            expert` job per partition on its island, then the router job. Experts go where the
+            islands file's assignment says, the rest balanced by partition size x steps over
+            island capacity. The plan and every submission are recorded in STORE/islands/.
+            Submission ids are deterministic: submitting again never duplicates a pending or
+            running job (and never resubmits a finished one). Every island is contacted before
+            anything is submitted. --wait follows the run and assembles the ensemble at the end.
+            See cluster/islands.example.yaml."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sbm.add_argument("spec", help="pipeline spec (YAML) whose expert/router sections define the jobs, e.g. launch/digits.yaml")
+    sbm.add_argument("--islands", required=True, help="islands file (YAML)")
+    sbm.add_argument("--wait", action="store_true", help="follow the jobs until they end, then assemble")
+    sbm.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. expert.steps=20000")
+
+    st = sub.add_parser("status", help="one table across islands: each job's state, step, newest checkpoint, loss, throughput")
+    st.add_argument("--islands", required=True, help="islands file (YAML)")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    rs = sub.add_parser(
+        "resume",
+        help="submit again what failed, stopped or was lost; jobs resume from their last commits; assemble when all are done",
+    )
+    rs.add_argument("--islands", required=True, help="islands file (YAML); addresses may differ from the first submission")
+    rs.add_argument("--wait", action="store_true", help="follow the jobs until they end, then assemble")
+
     sub.add_parser("models", help="list the model presets (DiT sizes, MLP sizes) with parameter counts")
     return parser
 
@@ -334,6 +369,58 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follow(islands) -> int:
+    from ddm.submit import assemble_if_complete, format_status, wait
+
+    s = wait(islands)
+    print(format_status(s))
+    if assemble_if_complete(islands) is not None:
+        print(f"assembled -> {islands.store}/ensemble.json")
+        return 0
+    return 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ddm.config import load
+    from ddm.pipeline import RunSpec
+    from ddm.submit import load_islands, submit
+
+    islands = load_islands(args.islands)
+    spec = load(RunSpec, args.spec, args.overrides)
+    done = submit(spec, islands)
+    for d in done:
+        print(f"{d['job']:<10} -> {d['island']:<10} {d['submission_id']}")
+    if not done:
+        print("nothing to submit: every job is finished, pending or running (see `ddm status`)")
+    return _follow(islands) if args.wait else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ddm.submit import format_status, load_islands, status
+
+    s = status(load_islands(args.islands))
+    print(json.dumps(s, indent=2) if args.json else format_status(s))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ddm.submit import assemble_if_complete, load_islands, submit
+
+    islands = load_islands(args.islands)
+    done = submit(None, islands, resume_only=True)
+    for d in done:
+        print(f"{d['job']:<10} -> {d['island']:<10} {d['submission_id']}  (resubmitted)")
+    if args.wait:
+        return _follow(islands)
+    if assemble_if_complete(islands) is not None:
+        print(f"every export exists: assembled -> {islands.store}/ensemble.json")
+    elif not done:
+        print("nothing to resume: every unfinished job is pending or running (see `ddm status`)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -354,7 +441,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return cmd_train(args)
 
 
-COMMANDS = {"run": cmd_run, "distill": cmd_distill, "demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "assemble": cmd_assemble, "sample": cmd_sample, "evaluate": cmd_evaluate, "models": cmd_models}
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "resume": cmd_resume, "distill": cmd_distill, "demo": cmd_demo, "ingest": cmd_ingest, "partition": cmd_partition, "train": cmd_train, "assemble": cmd_assemble, "sample": cmd_sample, "evaluate": cmd_evaluate, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"config field '{where}' must be a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_convert(k, key_tp, f"{where} key {k!r}"): _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -161,14 +162,23 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) plus overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        with open(path) as f:
+        path = str(path)
+        if "://" in path:  # a config in the store (jobs submitted to islands read theirs from there)
+            import fsspec
+
             try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+                with fsspec.open(path, "r") as f:
+                    text = f.read()
+            except FileNotFoundError as e:
+                raise ValueError(f"config file {path!r} does not exist") from e
+        else:
+            if not Path(path).is_file():
+                raise ValueError(f"config file {path!r} does not exist")
+            text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
     return from_dict(cls, apply_overrides(data, overrides or []))

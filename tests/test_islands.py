@@ -1,0 +1,273 @@
+"""Islands: two real local Ray clusters (two heads, own ports and temp dirs, on 127.0.0.1), experts
+split across them through the Ray Jobs API, one island lost mid-training and brought back, and
+nothing passing between them except the store (moto's S3 server, credentials forwarded by name)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+
+from ddm.store import Store
+from tests.conftest import BUCKET
+from tests.test_train import child_env
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalIsland:
+    """One Ray cluster: a head started with `ray start --head --block`, its own ports and temp dir."""
+
+    def __init__(self, name: str, root, auth_token: str | None = None):
+        self.name, self.root, self.auth_token = name, root, auth_token
+        self.ports = {k: free_port() for k in ("gcs", "dashboard", "client", "agent")}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard']}"
+
+    def start(self) -> None:
+        temp = f"/tmp/ddm-isl-{self.name}-{os.getpid()}"  # short: Ray's socket paths have a length limit
+        shutil.rmtree(temp, ignore_errors=True)
+        env = child_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token} if self.auth_token else {"RAY_AUTH_MODE": "disabled"})
+        env.pop("RAY_ADDRESS", None)
+        cmd = [
+            RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1",
+            "--node-ip-address=127.0.0.1", f"--port={self.ports['gcs']}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.ports['dashboard']}", f"--ray-client-server-port={self.ports['client']}",
+            f"--dashboard-agent-listen-port={self.ports['agent']}", f"--temp-dir={temp}",
+        ]  # fmt: skip
+        self.log = open(self.root / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else None
+                JobSubmissionClient(self.address, headers=headers).list_jobs()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"island {self.name} did not start; see {self.root}/{self.name}.log")
+                time.sleep(1)
+
+    def stop(self) -> None:
+        """Kill the whole cluster (head, raylet, workers, job drivers) as a lost island would be."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+        # Processes Ray daemonised out of the group: match this island's GCS port / temp dir.
+        subprocess.run(["pkill", "-9", "-f", f"ddm-isl-{self.name}-{os.getpid()}"], check=False)
+        subprocess.run(["pkill", "-9", "-f", f"127.0.0.1:{self.ports['gcs']}"], check=False)
+        self.proc = None
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def two_islands(tmp_path_factory):
+    root = tmp_path_factory.mktemp("islands")
+    a, b = LocalIsland("a", root), LocalIsland("b", root)
+    a.start()
+    b.start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+SPEC = {
+    "seed": 2,
+    "ingest": {"source": "digits", "shard_size": 1000},
+    "partition": {"num_partitions": 2, "num_fine": 64},
+    "expert": {
+        "model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10},
+        "steps": 300, "global_batch_size": 16, "checkpoint_every": 25, "log_every": 5, "num_workers": 1,
+    },
+    "router": {
+        "job": "router", "model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10},
+        "steps": 10, "global_batch_size": 16, "checkpoint_every": 10, "log_every": 5, "num_workers": 1,
+    },
+}  # fmt: skip
+
+
+def ddm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = child_env()
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "ddm.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def islands_file(path, store: str, islands: dict, **extra) -> str:
+    doc = {
+        "store": store,
+        "env": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"],
+        "islands": {
+            name: {"address": addr, "ddm_command": f"{sys.executable} -m ddm.cli", "overrides": {"cpus_per_worker": 1}}
+            for name, addr in islands.items()
+        },
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def committed_steps(store: Store, run_dir: str) -> list[int]:
+    run = store.child(f"{run_dir}/checkpoints")
+    return sorted(int(n[5:]) for n in (run.list("") if store.exists(f"{run_dir}/checkpoints") else []) if n.startswith("step_") and run.is_committed(n))
+
+
+def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoint, tmp_path):
+    a, b = two_islands
+    store_url = f"s3://{BUCKET}/islands-{uuid.uuid4().hex[:6]}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url}))
+    isl = islands_file(tmp_path / "islands.yaml", store_url, {"a": a.address, "b": b.address}, assignment={0: "a", 1: "b"}, router_island="a")
+    out = ddm("submit", str(spec), "--islands", isl)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "expert-00  -> a" in out.stdout and "expert-01  -> b" in out.stdout and "router" in out.stdout
+    store = Store(store_url)
+    plan = store.read_json("islands/plan.json")
+    assert [(j["name"], j["island"]) for j in plan["jobs"]] == [("expert-00", "a"), ("expert-01", "b"), ("router", "a")]
+
+    # Submitting again while the jobs are pending or running submits nothing (deterministic ids).
+    again = ddm("submit", str(spec), "--islands", isl)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stderr[-2000:]
+    from ray.job_submission import JobSubmissionClient
+
+    ids = [j.submission_id for j in JobSubmissionClient(a.address).list_jobs() if (j.submission_id or "").startswith("ddm-")]
+    assert len(ids) == 2  # expert-00 and the router, once each
+
+    # Island b is lost once its expert has committed a checkpoint; island a is not affected.
+    wait_for(lambda: committed_steps(store, "experts/01"), 240, "a committed checkpoint of expert 1 on island b")
+    b.stop()
+    st = ddm("status", "--islands", isl)
+    assert st.returncode == 0, st.stderr[-2000:]
+    row = next(line for line in st.stdout.splitlines() if line.startswith("expert-01"))
+    assert "UNREACHABLE" in row and f"island b: island 'b' cannot be reached at {b.address}" in st.stdout
+    wait_for(lambda: store.child("experts/00").is_committed("export") and store.child("router").is_committed("export"), 300, "island a's jobs")
+    assert store.child("experts/00").read_json("summary.json")["startup"]["resumed_from"] is None  # never interrupted
+    resumed_at = committed_steps(store, "experts/01")[-1]
+    assert not store.child("experts/01").is_committed("export")
+
+    # Island b comes back empty (a new cluster): its server no longer knows the job -> LOST.
+    b.start()
+    st = ddm("status", "--islands", isl, "--json")
+    import json
+
+    rows = {r["job"]: r for r in json.loads(st.stdout)["jobs"]}
+    assert rows["expert-01"]["state"] == "LOST" and rows["expert-00"]["done"] and rows["router"]["done"]
+    res = ddm("resume", "--islands", isl, "--wait", timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "expert-01  -> b" in res.stdout and "assembled" in res.stdout
+    summary = store.child("experts/01").read_json("summary.json")
+    assert summary["step"] == 300 and summary["startup"]["resumed_from"] >= resumed_at  # from its last commit
+    assert store.read_json("islands/jobs/expert-01.json")["attempt"] == 1
+    assert store.read_json("ensemble.json")["num_experts"] == 2
+
+
+def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, s3_endpoint, tmp_path):
+    a, _ = two_islands
+    store_url = f"s3://{BUCKET}/bad-{uuid.uuid4().hex[:6]}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url}))
+    dead = f"http://127.0.0.1:{free_port()}"
+    isl = islands_file(tmp_path / "dead.yaml", store_url, {"a": a.address, "gone": dead}, assignment={1: "gone"})
+    out = ddm("submit", str(spec), "--islands", isl)
+    assert out.returncode == 2 and f"island 'gone' cannot be reached at {dead}" in out.stderr
+    assert not Store(store_url).exists("islands/plan.json")  # nothing planned, nothing submitted
+
+    locked = LocalIsland("locked", tmp_path, auth_token="the-right-token")
+    locked.start()
+    try:
+        isl = islands_file(tmp_path / "locked.yaml", store_url, {"locked": locked.address})
+        os.environ["RAY_AUTH_TOKEN"] = "a-wrong-token"
+        try:
+            out = ddm("submit", str(spec), "--islands", isl)
+        finally:
+            del os.environ["RAY_AUTH_TOKEN"]
+        assert out.returncode == 2 and "authentication failed" in out.stderr, out.stderr[-2000:]
+        assert not Store(store_url).exists("islands/plan.json")
+    finally:
+        locked.stop()
+
+
+def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3_endpoint, tmp_path):
+    a, _ = two_islands
+    store_url = f"s3://{BUCKET}/other-{uuid.uuid4().hex[:6]}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint_every": 5}}))
+    isl = islands_file(tmp_path / "one.yaml", store_url, {"a": a.address})
+    out = ddm("submit", str(spec), "--islands", isl, "--wait")
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = Store(store_url)
+    plan = store.read_bytes("islands/plan.json")
+    bad = ddm("submit", str(spec), "--islands", isl, "expert.lr=0.5")
+    assert bad.returncode == 2 and "lr: 0.0001 -> 0.5" in bad.stderr, bad.stderr[-2000:]
+    assert store.read_bytes("islands/plan.json") == plan
+    done = ddm("submit", str(spec), "--islands", isl)
+    assert done.returncode == 0 and "nothing to submit" in done.stdout
+
+
+# --- planning, without clusters ----------------------------------------------------------------
+
+
+def test_balanced_assignment_follows_capacity_and_explicit_map():
+    from ddm.submit import Island, IslandsConfig, assign
+
+    cfg = IslandsConfig(store="s3://b/r", islands={"big": Island("http://a:1", capacity=2), "small": Island("http://b:1", capacity=1)})
+    sizes, steps = [300, 100, 200, 100, 200, 300], [10] * 6
+    where = assign(sizes, cfg, steps)
+    load = {n: sum(s for s, w in zip(sizes, where) if w == n) for n in cfg.islands}
+    assert load == {"big": 800, "small": 400}  # work per unit of capacity is equal
+    pinned = IslandsConfig(store="s3://b/r", islands=cfg.islands, assignment={0: "small", 5: "small"})
+    where = assign(sizes, pinned, steps)
+    assert where[0] == where[5] == "small" and all(w == "big" for i, w in enumerate(where) if i not in (0, 5))
+    with pytest.raises(ValueError, match=r"assignment names partitions \[9\]"):
+        assign(sizes, IslandsConfig(store="s3://b/r", islands=cfg.islands, assignment={9: "big"}), steps)
+
+
+def test_steps_policy_and_island_overrides_shape_each_job():
+    from ddm.config import from_dict
+    from ddm.pipeline import RunSpec
+    from ddm.submit import Island, IslandsConfig, plan_jobs
+
+    spec = from_dict(RunSpec, {**SPEC, "store": "ignored"})
+    islands = IslandsConfig(
+        store="s3://b/r",
+        islands={"gpu": Island("http://a:1", capacity=3, overrides={"num_workers": 2, "use_gpu": True}), "cpu": Island("http://b:1")},
+        steps_policy="proportional",
+    )
+    jobs = plan_jobs(spec, islands, [100, 300])
+    experts = {j.name: j for j in jobs if j.kind == "expert"}
+    assert experts["expert-00"].config.steps == 150 and experts["expert-01"].config.steps == 450  # 300 x n_k / mean
+    router = jobs[-1]
+    assert router.name == "router" and router.island == "gpu"  # the largest island by default
+    for j in jobs:
+        assert j.config.store == "s3://b/r" and j.config.seed == 2
+        assert (j.config.num_workers, j.config.use_gpu) == ((2, True) if j.island == "gpu" else (1, False))
