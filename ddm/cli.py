@@ -446,7 +446,14 @@ COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "resume"
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow options (`ddm submit spec --islands f a.b=1`), which
+    # argparse alone does not allow once the positional list was closed.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

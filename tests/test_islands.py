@@ -223,15 +223,23 @@ def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint_every": 5}}))
     isl = islands_file(tmp_path / "one.yaml", store_url, {"a": a.address})
-    out = ddm("submit", str(spec), "--islands", isl, "--wait")
+    out = ddm("submit", str(spec), "--islands", isl)
     assert out.returncode == 0, out.stderr[-3000:]
     store = Store(store_url)
     plan = store.read_bytes("islands/plan.json")
-    bad = ddm("submit", str(spec), "--islands", isl, "expert.lr=0.5")
-    assert bad.returncode == 2 and "lr: 0.0001 -> 0.5" in bad.stderr, bad.stderr[-2000:]
-    assert store.read_bytes("islands/plan.json") == plan
-    done = ddm("submit", str(spec), "--islands", isl)
-    assert done.returncode == 0 and "nothing to submit" in done.stdout
+    try:
+        bad = ddm("submit", str(spec), "--islands", isl, "expert.lr=0.5")
+        assert bad.returncode == 2 and "lr: 0.0001 -> 0.5" in bad.stderr, bad.stderr[-2000:]
+        assert store.read_bytes("islands/plan.json") == plan
+        records = [store.read_json(f"islands/jobs/{n}.json") for n in ("expert-00", "expert-01", "router")]
+        assert [r["attempt"] for r in records] == [0, 0, 0]  # the refused submission submitted nothing
+    finally:
+        from ray.job_submission import JobSubmissionClient
+
+        c = JobSubmissionClient(a.address)
+        for job in c.list_jobs():
+            if (job.submission_id or "").startswith("ddm-") and job.status in ("PENDING", "RUNNING"):
+                c.stop_job(job.submission_id)
 
 
 # --- planning, without clusters ----------------------------------------------------------------
