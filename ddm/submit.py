@@ -287,21 +287,24 @@ def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict
     for j in plan["jobs"]:
         if j["island"] not in islands.islands:
             raise ValueError(f"{j['name']} runs on island {j['island']!r}, which the islands file no longer lists")
-    needed = sorted({j["island"] for j in plan["jobs"] if not _export_done(store, j)})
-    clients = {name: client(name, islands.islands[name]) for name in needed}  # fail before any change
+    records = {j["name"]: _record(store, j["name"]) for j in plan["jobs"]}
+    todo = [j for j in plan["jobs"] if not _export_done(store, j)]
+    # Every island that gets a job, or may still run an earlier attempt of one, is contacted first.
+    needed = {j["island"] for j in todo} | {records[j["name"]]["island"] for j in todo if records[j["name"]]}
+    for name in sorted(needed - set(islands.islands)):
+        raise ValueError(f"an earlier attempt ran on island {name!r}, which the islands file no longer lists; add it back to check that job")
+    clients = {name: client(name, islands.islands[name]) for name in sorted(needed)}  # fail before any change
     if not resume_only:
         store.write_json(f"{PLAN_DIR}/plan.json", plan)
     submitted = []
-    for j in plan["jobs"]:
-        if _export_done(store, j):
-            continue
+    for j in todo:
         record_path = f"{PLAN_DIR}/jobs/{j['name']}.json"
-        record = store.read_json(record_path) if store.exists(record_path) else None
+        record = records[j["name"]]
         c = clients[j["island"]]
-        if record is not None and record["island"] == j["island"]:
-            state = _job_state(c, record["submission_id"])
-            if state in ACTIVE:
-                log.info("%s is %s on %s as %s: not submitted again", j["name"], state.lower(), j["island"], record["submission_id"])
+        if record is not None:
+            state = _job_state(clients[record["island"]], record["submission_id"])
+            if state in ACTIVE:  # never a second copy, not even on another island
+                log.info("%s is %s on %s as %s: not submitted again", j["name"], state.lower(), record["island"], record["submission_id"])
                 continue
         attempt = 0 if record is None else record["attempt"] + 1
         sid = submission_id(islands.store, j["name"], attempt)
@@ -324,6 +327,11 @@ def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict
         log.info("submitted %s to %s as %s", j["name"], j["island"], sid)
         submitted.append({"job": j["name"], "island": j["island"], "submission_id": sid})
     return submitted
+
+
+def _record(store, job: str) -> dict | None:
+    path = f"{PLAN_DIR}/jobs/{job}.json"
+    return store.read_json(path) if store.exists(path) else None
 
 
 def _as_planned(j: dict) -> PlannedJob:
