@@ -23,10 +23,13 @@ import time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="launch/digits.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
     parser.add_argument("--root", default="runs/headline")
     parser.add_argument("overrides", nargs="*", help="spec overrides for every seed, e.g. expert.steps=3000")
     args = parser.parse_args()
+    # `--seeds 0 1 2 expert.steps=800`: key=value words after the seeds are overrides, not seeds.
+    args.overrides = [w for w in args.seeds if "=" in w] + args.overrides
+    args.seeds = [int(w) for w in args.seeds if "=" not in w]
 
     from ddm.store import Store
 

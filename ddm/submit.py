@@ -48,8 +48,11 @@ class Island:
     overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for every job here
     ddm_command: str = "ddm"  # how the island's image runs ddm
     runtime_env: dict[str, Any] = field(default_factory=dict)  # extra Ray runtime_env (container, pip, ...)
+    auth_token_env: str = ""  # NAME of the variable holding this island's Ray token (empty: Ray's own lookup)
 
     def __post_init__(self) -> None:
+        if self.auth_token_env and not ENV_NAME_RE.match(self.auth_token_env):
+            raise ValueError(f"auth_token_env names the variable that holds the token, got {self.auth_token_env!r}; never the token itself")
         if not re.match(r"^(https?|ray)://[^/\s]+", self.address):
             raise ValueError(f"island address {self.address!r} must be the job server's URL, e.g. http://head-node:8265")
         if self.capacity <= 0:
@@ -201,8 +204,14 @@ def client(name: str, island: Island):
     """A Ray Jobs client for the island, with errors that say what is wrong and where."""
     from ray.job_submission import JobSubmissionClient
 
+    headers = None
+    if island.auth_token_env:
+        token = os.environ.get(island.auth_token_env)
+        if not token:
+            raise IslandError(f"island {name!r} reads its Ray token from ${island.auth_token_env}, which this shell does not set")
+        headers = {"Authorization": f"Bearer {token}"}
     try:
-        c = JobSubmissionClient(island.address)
+        c = JobSubmissionClient(island.address, headers=headers)
         c.list_jobs()  # an authenticated call: the version probe alone may pass without credentials
         return c
     except Exception as e:  # noqa: BLE001 - the Jobs SDK raises bare ConnectionError/RuntimeError

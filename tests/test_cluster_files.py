@@ -89,7 +89,7 @@ def test_islands_example_loads_and_forwards_only_names():
     assert all(re.fullmatch(r"[A-Z_]+", n) for n in cfg.env)
     for island in cfg.islands.values():
         TrainConfig(**{**{"store": "x"}, **island.overrides})  # overrides are valid TrainConfig fields
-        assert island.ddm_command == "ddm"
+        assert island.ddm_command == "ddm" and re.fullmatch(r"RAY_AUTH_TOKEN_[A-Z]+", island.auth_token_env)
 
 
 def test_islands_file_errors_name_the_problem(tmp_path):
@@ -100,6 +100,7 @@ def test_islands_file_errors_name_the_problem(tmp_path):
         ({"islands": {"a": {"address": "h:8265"}}}, "must be the job server's URL"),
         ({"islands": {"a": {"address": "http://h:8265", "overrides": {"partition": 3}}}}, "may not set ['partition']"),
         ({"steps_policy": "random"}, "steps_policy must be fixed or proportional"),
+        ({"islands": {"a": {"address": "http://h:8265", "auth_token_env": "s3cr3t-t0ken!"}}}, "never the token itself"),
         ({"router_island": "b"}, "router_island 'b' is not one of the islands"),
     ]
     for change, message in cases:

@@ -213,6 +213,17 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
             del os.environ["RAY_AUTH_TOKEN"]
         assert out.returncode == 2 and "authentication failed" in out.stderr, out.stderr[-2000:]
         assert not Store(store_url).exists("islands/plan.json")
+        # Per-island tokens: the islands file names the variable, the shell holds the value.
+        from ddm.submit import Island, IslandError, client
+
+        island = Island(locked.address, auth_token_env="DDM_TEST_LOCKED_TOKEN")
+        with pytest.raises(IslandError, match=r"\$DDM_TEST_LOCKED_TOKEN, which this shell does not set"):
+            client("locked", island)
+        os.environ["DDM_TEST_LOCKED_TOKEN"] = "the-right-token"
+        try:
+            client("locked", island).list_jobs()  # accepted
+        finally:
+            del os.environ["DDM_TEST_LOCKED_TOKEN"]
     finally:
         locked.stop()
 
