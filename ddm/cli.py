@@ -36,6 +36,8 @@ EPILOG = textwrap.dedent(
       ddm train expert -c launch/digits_expert.yaml --partition 0   one expert, Ray Train + DeepSpeed
       ddm train router -c launch/digits_expert.yaml model.num_classes=0   the router, same machinery
       ddm assemble runs/digits && ddm sample runs/digits num_samples=64   ensemble from the store
+      ddm evaluate runs/digits                  per-rule table vs the monolith, router accuracy vs t
+      ddm distill -c launch/digits_expert.yaml steps=2000   the ensemble distilled into one model
       ddm submit launch/digits.yaml --islands cluster/islands.example.yaml   one Ray job per expert across clusters
       ddm status --islands cluster/islands.example.yaml && ddm resume --islands cluster/islands.example.yaml
       ddm models                                list model presets and their sizes
