@@ -265,8 +265,8 @@ def _export_done(store, job: dict) -> bool:
 def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict]:
     """Plan (or check the stored plan) and submit every job that is neither done nor active.
 
-    All islands that will receive a job are contacted before anything is submitted or written, so
-    a wrong address or refused credentials stop the command with nothing changed.
+    Islands are contacted before anything is written (a new submission: every island of the file;
+    a resume: those it needs), so a wrong address or refused credentials change nothing.
     """
     from ddm.data.ingest import ingest
     from ddm.data.partition import PARTITIONS_DIR, partition
@@ -276,6 +276,10 @@ def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict
     islands = dataclasses.replace(islands, store=absolute_url(islands.store))
     store = _store(islands)
     store.check_reachable()
+    env = _forwarded_env(islands)
+    clients: dict[str, Any] = {}
+    if not resume_only:  # a new submission needs every island: contact them before the store is touched
+        clients = {name: client(name, isl) for name, isl in islands.islands.items()}
     if resume_only:
         if not store.exists(f"{PLAN_DIR}/plan.json"):
             raise ValueError(f"{islands.store} has no submitted run ({PLAN_DIR}/plan.json); use `ddm submit` first")
@@ -292,7 +296,6 @@ def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict
         plan = _plan_record(jobs, islands)
         if store.exists(f"{PLAN_DIR}/plan.json"):
             _check_plan_matches(store.read_json(f"{PLAN_DIR}/plan.json"), plan)
-    env = _forwarded_env(islands)
     for j in plan["jobs"]:
         if j["island"] not in islands.islands:
             raise ValueError(f"{j['name']} runs on island {j['island']!r}, which the islands file no longer lists")
@@ -302,7 +305,8 @@ def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict
     needed = {j["island"] for j in todo} | {records[j["name"]]["island"] for j in todo if records[j["name"]]}
     for name in sorted(needed - set(islands.islands)):
         raise ValueError(f"an earlier attempt ran on island {name!r}, which the islands file no longer lists; add it back to check that job")
-    clients = {name: client(name, islands.islands[name]) for name in sorted(needed)}  # fail before any change
+    for name in sorted(needed - set(clients)):  # resume: the islands it needs, before any change
+        clients[name] = client(name, islands.islands[name])
     if not resume_only:
         store.write_json(f"{PLAN_DIR}/plan.json", plan)
     submitted = []

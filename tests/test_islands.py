@@ -200,7 +200,7 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
     isl = islands_file(tmp_path / "dead.yaml", store_url, {"a": a.address, "gone": dead}, assignment={1: "gone"})
     out = ddm("submit", str(spec), "--islands", isl)
     assert out.returncode == 2 and f"island 'gone' cannot be reached at {dead}" in out.stderr
-    assert not Store(store_url).exists("islands/plan.json")  # nothing planned, nothing submitted
+    assert not Store(store_url).exists("data") and not Store(store_url).exists("islands")  # nothing written
 
     locked = LocalIsland("locked", tmp_path, auth_token="the-right-token")
     locked.start()
