@@ -288,7 +288,7 @@ def evaluate(store, cfg: EvalConfig) -> dict:
     from tqdm.auto import tqdm
 
     from ddm.data.reader import PartitionReader
-    from ddm.ensemble import load_ensemble
+    from ddm.ensemble import Rule, load_ensemble
     from ddm.flow import FlowMatching, guided
     from ddm.sample import image_grid
 
@@ -339,30 +339,26 @@ def evaluate(store, cfg: EvalConfig) -> dict:
     evals_per_sample = cfg.steps * (2 if cfg.sampler == "heun" else 1)
     results = []  # in the order asked for
     grids = {}
+    cfg_branches = 2 if cfg.guidance != 1.0 and labels is not None else 1  # CFG: conditional + unconditional
     for rule in tqdm(rules, desc="evaluate", unit="rule"):
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same initial noise for every rule
         start = time.perf_counter()
-        chunks = []
         if rule in SINGLE_MODELS:
             model = single_model(store, single_model_dir(rule, desc))
-            for i in range(0, cfg.num_samples, cfg.batch_size):
-                noise = torch.randn(min(cfg.batch_size, cfg.num_samples - i), *desc["data_shape"], generator=gen)
-                y = None if labels is None else labels[i : i + len(noise)]
-                with torch.no_grad():
-                    chunks.append(flow.sample(guided(model, y, cfg.guidance), noise, cfg.steps, cfg.sampler))
-            forwards = float(evals_per_sample)
+            velocity = lambda y, p: guided(model, y, cfg.guidance)  # noqa: E731
         else:
-            from ddm.ensemble import Rule
-
             ens.rule = Rule.parse(rule)
             ens.reset_stats()
-            for i in range(0, cfg.num_samples, cfg.batch_size):
-                noise = torch.randn(min(cfg.batch_size, cfg.num_samples - i), *desc["data_shape"], generator=gen)
-                n = len(noise)
-                y = None if labels is None else labels[i : i + n]
-                with torch.no_grad():
-                    v = ens.velocity_fn(y=y, partition=parts[i : i + n], guidance_scale=cfg.guidance, generator=gen)
-                    chunks.append(flow.sample(v, noise, cfg.steps, cfg.sampler))
+            velocity = lambda y, p: ens.velocity_fn(y=y, partition=p, guidance_scale=cfg.guidance, generator=gen)  # noqa: E731
+        chunks = []
+        for i in range(0, cfg.num_samples, cfg.batch_size):
+            noise = torch.randn(min(cfg.batch_size, cfg.num_samples - i), *desc["data_shape"], generator=gen)
+            rows = slice(i, i + len(noise))
+            with torch.no_grad():
+                chunks.append(flow.sample(velocity(None if labels is None else labels[rows], parts[rows]), noise, cfg.steps, cfg.sampler))
+        if rule in SINGLE_MODELS:
+            forwards = float(evals_per_sample * cfg_branches)
+        else:  # counted by the ensemble (CFG branches included)
             forwards = ens.stats.expert_forwards_per_eval * evals_per_sample
         x = torch.cat(chunks)
         seconds = time.perf_counter() - start

@@ -114,6 +114,11 @@ def test_evaluate_table_counts_expert_forwards(pipeline_run):
     }  # fmt: skip  (K = 2: top-2 = full)
     assert all(v["distance"] > results["data_floor"] for v in per_rule.values())  # 6-step models are far from data
     assert len(results["router_accuracy"]["accuracy"]) == 10  # the default t grid
+    # Classifier-free guidance evaluates two branches: every rule, the monolith too, counts both.
+    cfg = ddm("evaluate", store_url, "rules=[top1, monolith]", "num_samples=8", "steps=2", "sampler=euler", "guidance=2.0", "name=cfg")
+    assert cfg.returncode == 0, cfg.stderr[-3000:]
+    guided = {r["rule"]: r["expert_forwards_per_sample"] for r in Store(store_url).read_json("eval/cfg/results.json")["rules"]}
+    assert guided == {"top-1": 4, "monolith": 4}
     # Same name, other settings: an error, the earlier results stay.
     again = ddm("evaluate", store_url, "num_samples=20", "name=counts")
     assert again.returncode == 2 and "holds an evaluation made with other settings" in again.stderr
