@@ -18,6 +18,7 @@ argmax against each sample's partition as a function of t), ``<rule>.png`` sampl
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -209,7 +210,7 @@ class EvalConfig:
     batch_size: int = 500
     metric: str = "fd_classifier"  # fd_classifier (offline) | fid (Inception, pytorch-fid)
     router_t: list[float] = field(default_factory=lambda: [round(0.05 + 0.1 * i, 2) for i in range(10)])
-    name: str = ""  # output folder under eval/; empty: s<seed>-<ensemble id>
+    name: str = ""  # output folder under eval/; empty: s<seed>-<ensemble id>-<settings digest>
 
     def __post_init__(self) -> None:
         from ddm.flow import SAMPLERS
@@ -296,20 +297,23 @@ def evaluate(store, cfg: EvalConfig) -> dict:
 
     ens = load_ensemble(store)
     desc = store.read_json("ensemble.json")
-    name = cfg.name or f"s{cfg.seed}-{ensemble_id(desc)}"
-    out = store.child(f"eval/{name}")
-    settings = {"config": asdict(cfg), "ensemble": desc}
-    if out.exists("results.json"):
-        old = out.read_json("results.json")
-        if {k: old.get(k) for k in settings} != settings:
-            raise ValueError(f"{out.url} holds an evaluation made with other settings (or another ensemble); choose another name=")
-        log.info("evaluation already in %s", out.url)
-        return old
     rules = list(cfg.rules)
     for rule in rules:
         if rule in SINGLE_MODELS and not store.is_committed(f"{single_model_dir(rule, desc)}/export"):
             how = "train one with partition=-1" if rule == "monolith" else "run `ddm distill` on this ensemble"
             raise ValueError(f"rule {rule!r} needs a committed export in {store.url}/{single_model_dir(rule, desc)} ({how}), or drop it from rules")
+    # What the results depend on: the settings, the ensemble, and the exact one-model baselines.
+    models = {r: store.child(single_model_dir(r, desc)).manifest("export")["files"]["model.safetensors"]["sha256"] for r in rules if r in SINGLE_MODELS}
+    settings = {"config": asdict(cfg), "ensemble": desc, "models": models}
+    digest = hashlib.sha256(json.dumps({"config": settings["config"], "models": models}, sort_keys=True).encode()).hexdigest()[:6]
+    name = cfg.name or f"s{cfg.seed}-{ensemble_id(desc)}-{digest}"
+    out = store.child(f"eval/{name}")
+    if out.exists("results.json"):
+        old = out.read_json("results.json")
+        if {k: old.get(k) for k in settings} != settings:
+            raise ValueError(f"{out.url} holds an evaluation made with other settings (or another ensemble or models); choose another name=")
+        log.info("evaluation already in %s", out.url)
+        return old
     flow = FlowMatching(**desc["flow"])
     num_classes = int(desc["num_classes"])
     t0 = time.perf_counter()

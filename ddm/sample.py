@@ -8,6 +8,7 @@ error: outputs of two configs are never mixed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
     seed: int = 0
     batch_size: int = 64
-    name: str = ""  # output folder under samples/; empty: <rule>-s<seed>-<ensemble id>
+    name: str = ""  # output folder under samples/; empty: <rule>-s<seed>-<ensemble id>-<settings digest>
 
     def __post_init__(self) -> None:
         for field in ("num_samples", "steps", "batch_size"):
@@ -68,7 +69,8 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
     ens = load_ensemble(store, rule=cfg.rule or None)
     desc = store.read_json("ensemble.json")
-    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{ensemble_id(desc)}"
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:6]
+    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{ensemble_id(desc)}-{digest}"
     out = f"samples/{name}"
     meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out}
     if store.exists(f"{out}/meta.json"):
