@@ -266,10 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from ddm.config import load
     from ddm.evaluate import format_report
-    from ddm.pipeline import RunSpec, run_pipeline
+    from ddm.pipeline import JobsFailed, RunSpec, run_pipeline
 
     spec = load(RunSpec, args.spec, args.overrides)
-    results = run_pipeline(spec, args.address)
+    try:
+        results = run_pipeline(spec, args.address)
+    except JobsFailed as e:  # jobs that used up their restarts: say which, and that a re-run resumes
+        print(f"ddm run: {e}", file=sys.stderr)
+        return 1
     print(format_report(results))
     print(f"report: {spec.store}/report/README.md")
     return 0

@@ -53,6 +53,10 @@ class RunSpec:
             raise ValueError(f"max_concurrent_jobs must be >= 0, got {self.max_concurrent_jobs}")
 
 
+class JobsFailed(RuntimeError):
+    """Training jobs that ended without their export (after Ray's restarts); a re-run resumes them."""
+
+
 def job_flops_per_step(cfg: TrainConfig) -> float:
     """Training FLOPs of one optimizer step: 3x the forward (forward + backward) x the global batch."""
     from ddm.models import forward_flops
@@ -137,7 +141,7 @@ def run_jobs(store, configs: list[TrainConfig], max_concurrent: int = 0, poll_s:
     if failures:
         names = ", ".join(failures)
         first = next(iter(failures.values()))
-        raise RuntimeError(f"training jobs failed: {names}; run the same command again to resume them. First error: {first}")
+        raise JobsFailed(f"training jobs failed: {names}; run the same command again to resume them. First error: {first}")
     return summaries
 
 
@@ -169,8 +173,8 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
     from ddm.ensemble import assemble
     from ddm.evaluate import evaluate
     from ddm.sample import sample
-    from ddm.store import Store, absolute_url
     from ddm.ensemble import ENSEMBLE_FILE
+    from ddm.store import Store, absolute_url
     from ddm.train.expert import check_inputs, with_teacher
 
     spec = dataclasses.replace(spec, store=absolute_url(spec.store))

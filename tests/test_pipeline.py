@@ -162,3 +162,24 @@ def test_a_spec_that_disagrees_with_the_store_is_refused(pipeline_run, tmp_path)
     assert store.read_bytes("experts/00/config.json") == before
     out = ddm("run", write_spec(tmp_path, store_url), "partition.num_partitions=3")
     assert out.returncode == 2 and "already holds partitions made with a different config" in out.stderr
+
+
+def test_a_failed_job_fails_the_run_clearly_and_a_rerun_resumes_it(tmp_path):
+    """A job that used up its restarts (max_failures=0, killed at step 6) fails the run with exit 1
+    naming it, while the other jobs finish; the same command again resumes it from its commit."""
+    store_url = str(tmp_path / "store")
+    spec = {**TINY, "store": store_url, "monolith": False, "distill_steps": 0,
+            "expert": {**TINY["expert"], "steps": 8, "checkpoint_every": 4, "max_failures": 0}}  # fmt: skip
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = child_env({"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")})
+    out = subprocess.run([sys.executable, "-m", "ddm.cli", "run", str(path)], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "ddm run: training jobs failed: experts/" in out.stderr and "run the same command again" in out.stderr
+    store = Store(store_url)
+    failed = [d for d in ("experts/00", "experts/01") if not store.child(d).is_committed("export")]
+    assert len(failed) == 1 and store.child("router").is_committed("export")  # the others finished
+    again = ddm("run", str(path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    s = store.child(failed[0]).read_json("summary.json")
+    assert s["step"] == 8 and s["startup"]["resumed_from"] == 4  # from its commit, not from scratch
