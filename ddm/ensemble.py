@@ -176,6 +176,7 @@ class Ensemble:
     experts: Sequence[Model]
     router: Model | None
     rule: Rule = field(default_factory=Rule)
+    description: dict | None = None  # ensemble.json, for ensembles loaded from a store
     stats: ForwardStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -351,12 +352,17 @@ def assemble(store, rule: str = "top1", replace: bool = False) -> dict:
     return description
 
 
-def ensemble_id(description: dict) -> str:
-    """A short content hash of an ensemble description: outputs are filed under it, so samples or
-    evaluations of two different ensembles never share a folder."""
+def short_digest(obj, length: int = 6) -> str:
+    """A short content hash of a JSON-able object (settings, descriptions) for folder names."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def ensemble_id(description: dict) -> str:
+    """The content id of an ensemble description: outputs are filed under it, so samples or
+    evaluations of two different ensembles never share a folder."""
+    return short_digest(description, 8)
 
 
 def default_cache_dir(store) -> str | None:
@@ -455,7 +461,7 @@ def load_ensemble(store, rule: str | None = None, device="cpu", cache_dir: str |
     experts = [LazyModel(store, e, lambda cfg: build_model(model_config_from_export(cfg)), device, cache_dir) for e in desc["experts"]]
     router = LazyModel(store, desc["router"], lambda cfg: build_router(model_config_from_export(cfg), cfg["num_partitions"]), device, cache_dir)
     router.load()
-    ens = Ensemble(experts, router, Rule.parse(rule or desc["rule"]))
+    ens = Ensemble(experts, router, Rule.parse(rule or desc["rule"]), description=desc)
     if router.module.num_partitions != len(experts):
         raise ValueError(f"the router predicts {router.module.num_partitions} partitions but the ensemble has {len(experts)} experts")
     return ens

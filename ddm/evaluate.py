@@ -18,7 +18,6 @@ argmax against each sample's partition as a function of t), ``<rule>.png`` sampl
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -289,14 +288,12 @@ def evaluate(store, cfg: EvalConfig) -> dict:
     from tqdm.auto import tqdm
 
     from ddm.data.reader import PartitionReader
-    from ddm.ensemble import Rule, load_ensemble
+    from ddm.ensemble import Rule, ensemble_id, load_ensemble, short_digest
     from ddm.flow import FlowMatching, guided
     from ddm.sample import image_grid
 
-    from ddm.ensemble import ensemble_id
-
     ens = load_ensemble(store)
-    desc = store.read_json("ensemble.json")
+    desc = ens.description
     rules = list(cfg.rules)
     for rule in rules:
         if rule in SINGLE_MODELS and not store.is_committed(f"{single_model_dir(rule, desc)}/export"):
@@ -305,8 +302,7 @@ def evaluate(store, cfg: EvalConfig) -> dict:
     # What the results depend on: the settings, the ensemble, and the exact one-model baselines.
     models = {r: store.child(single_model_dir(r, desc)).manifest("export")["files"]["model.safetensors"]["sha256"] for r in rules if r in SINGLE_MODELS}
     settings = {"config": asdict(cfg), "ensemble": desc, "models": models}
-    digest = hashlib.sha256(json.dumps({"config": settings["config"], "models": models}, sort_keys=True).encode()).hexdigest()[:6]
-    name = cfg.name or f"s{cfg.seed}-{ensemble_id(desc)}-{digest}"
+    name = cfg.name or f"s{cfg.seed}-{ensemble_id(desc)}-{short_digest({'config': settings['config'], 'models': models})}"
     out = store.child(f"eval/{name}")
     if out.exists("results.json"):
         old = out.read_json("results.json")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from ddm.config import to_dict
 from ddm.data.ingest import IngestConfig
 from ddm.data.partition import PartitionConfig
-from ddm.evaluate import SINGLE_MODELS, EvalConfig
+from ddm.evaluate import EvalConfig
 from ddm.sample import SampleConfig
-from ddm.train.expert import TrainConfig
+from ddm.train.expert import TrainConfig, is_finished
 
 log = logging.getLogger("ddm.run")
 
@@ -64,10 +64,12 @@ def job_flops_per_step(cfg: TrainConfig) -> float:
     return 3.0 * forward_flops(cfg.model, router=cfg.job == "router") * cfg.global_batch_size
 
 
-def jobs(spec: RunSpec, num_partitions: int) -> list[TrainConfig]:
-    """The training jobs of the spec, experts first; the monolith's steps equalise total FLOPs."""
+def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = None) -> list[TrainConfig]:
+    """The training jobs of the spec, experts first (``expert_steps``: each expert's steps, default
+    the spec's), then the router; the monolith's steps equalise total FLOPs."""
     base = {"store": spec.store, "seed": spec.seed}
-    experts = [dataclasses.replace(spec.expert, **base, job="expert", partition=k) for k in range(num_partitions)]
+    steps = expert_steps or [spec.expert.steps] * num_partitions
+    experts = [dataclasses.replace(spec.expert, **base, job="expert", partition=k, steps=steps[k]) for k in range(num_partitions)]
     router = dataclasses.replace(spec.router, **base, job="router")
     out = [*experts, router]
     if spec.monolith:
@@ -76,11 +78,6 @@ def jobs(spec: RunSpec, num_partitions: int) -> list[TrainConfig]:
         steps = max(1, round(total / job_flops_per_step(mono)))
         out.append(dataclasses.replace(mono, steps=steps, checkpoint_every=min(mono.checkpoint_every, steps)))
     return out
-
-
-def _job_done(store, cfg: TrainConfig) -> bool:
-    run = store.child(cfg.run_dir)
-    return run.is_committed("export") and run.manifest("export").get("step") == cfg.steps
 
 
 def _ray_job(cfg_dict: dict) -> dict:
@@ -101,7 +98,7 @@ def run_jobs(store, configs: list[TrainConfig], max_concurrent: int = 0, poll_s:
     import ray
     from tqdm.auto import tqdm
 
-    todo = [c for c in configs if not _job_done(store, c)]
+    todo = [c for c in configs if not is_finished(c)]
     for c in configs:
         if c not in todo:
             log.info("%s: finished earlier (export at step %d), skipped", c.run_dir, c.steps)
@@ -206,8 +203,8 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
         else None
     )
     # Distillation is still to do unless the current ensemble (if any) already has its student.
-    student_done = student is None or (store.exists(ENSEMBLE_FILE) and _job_done(store, with_teacher(student)))
-    needs_ray = any(not _job_done(store, c) for c in configs) or not student_done
+    student_done = student is None or (store.exists(ENSEMBLE_FILE) and is_finished(with_teacher(student)))
+    needs_ray = any(not is_finished(c) for c in configs) or not student_done
     started_ray = needs_ray and not ray.is_initialized()
     if started_ray:
         # Workers log to Ray's session directory, not over the progress bars.

@@ -8,7 +8,6 @@ error: outputs of two configs are never mixed.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddm.ensemble import ensemble_id, load_ensemble
+from ddm.ensemble import ensemble_id, load_ensemble, short_digest
 from ddm.flow import SAMPLERS, FlowMatching
 from ddm.store import Store
 
@@ -68,9 +67,8 @@ def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
 def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
     ens = load_ensemble(store, rule=cfg.rule or None)
-    desc = store.read_json("ensemble.json")
-    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:6]
-    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{ensemble_id(desc)}-{digest}"
+    desc = ens.description
+    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{ensemble_id(desc)}-{short_digest(asdict(cfg))}"
     out = f"samples/{name}"
     meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out}
     if store.exists(f"{out}/meta.json"):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ddm.config import from_dict, to_dict
-from ddm.train.expert import RESUMABLE_CHANGES, TrainConfig
+from ddm.train.expert import TrainConfig, config_changes, is_finished
 
 log = logging.getLogger("ddm.submit")
 
@@ -136,23 +136,17 @@ def assign(sizes: list[int], islands: IslandsConfig, steps: list[int]) -> list[s
 
 def plan_jobs(spec, islands: IslandsConfig, sizes: list[int]) -> list[PlannedJob]:
     """The experts (one per partition) and the router, each with its island and full config."""
+    from ddm.pipeline import jobs
+
     k = len(sizes)
-    base = spec.expert.steps
+    steps = [spec.expert.steps] * k
     if islands.steps_policy == "proportional":
-        mean = sum(sizes) / k
-        steps = [max(1, round(base * n / mean)) for n in sizes]
-    else:
-        steps = [base] * k
+        steps = [max(1, round(spec.expert.steps * n * k / sum(sizes))) for n in sizes]
+    *experts, router = jobs(dataclasses.replace(spec, store=islands.store, monolith=False), k, steps)
     where = assign(sizes, islands, steps)
-    jobs = []
-    common = {"store": islands.store, "seed": spec.seed}
-    for p in range(k):
-        cfg = dataclasses.replace(spec.expert, **common, job="expert", partition=p, steps=steps[p])
-        jobs.append(PlannedJob(f"expert-{p:02d}", where[p], _with_overrides(cfg, islands.islands[where[p]].overrides)))
     router_island = islands.router_island or max(islands.islands, key=lambda n: islands.islands[n].capacity)
-    router = dataclasses.replace(spec.router, **common, job="router")
-    jobs.append(PlannedJob("router", router_island, _with_overrides(router, islands.islands[router_island].overrides)))
-    return jobs
+    placed = [(f"expert-{p:02d}", where[p], cfg) for p, cfg in enumerate(experts)] + [("router", router_island, router)]
+    return [PlannedJob(name, isl, _with_overrides(cfg, islands.islands[isl].overrides)) for name, isl, cfg in placed]
 
 
 def _with_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
@@ -186,10 +180,8 @@ def _check_plan_matches(old: dict, new: dict) -> None:
             f"the store's run has jobs {sorted(old_jobs)} but this spec makes {sorted(new_jobs)}; use a new store for a new run"
         )
     for name, j in new_jobs.items():
-        o = old_jobs[name]["config"]
-        changed = sorted(key for key in j["config"] if key not in RESUMABLE_CHANGES and o.get(key) != j["config"][key])
-        if changed:
-            diffs = "; ".join(f"{key}: {o.get(key)!r} -> {j['config'][key]!r}" for key in changed)
+        diffs = config_changes(old_jobs[name]["config"], j["config"])
+        if diffs:
             raise ValueError(f"{name} in the store's run was planned with other settings ({diffs}); use a new store for a new run")
 
 
@@ -257,9 +249,8 @@ def _store(islands: IslandsConfig):
     return Store(islands.store)
 
 
-def _export_done(store, job: dict) -> bool:
-    run = store.child(job["run_dir"])
-    return run.is_committed("export") and run.manifest("export").get("step") == job["config"]["steps"]
+def _export_done(job: dict) -> bool:
+    return is_finished(from_dict(TrainConfig, job["config"]))
 
 
 def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict]:
@@ -300,7 +291,7 @@ def submit(spec, islands: IslandsConfig, resume_only: bool = False) -> list[dict
         if j["island"] not in islands.islands:
             raise ValueError(f"{j['name']} runs on island {j['island']!r}, which the islands file no longer lists")
     records = {j["name"]: _record(store, j["name"]) for j in plan["jobs"]}
-    todo = [j for j in plan["jobs"] if not _export_done(store, j)]
+    todo = [j for j in plan["jobs"] if not _export_done(j)]
     # Every island that gets a job, or may still run an earlier attempt of one, is contacted first.
     needed = {j["island"] for j in todo} | {records[j["name"]]["island"] for j in todo if records[j["name"]]}
     for name in sorted(needed - set(islands.islands)):
@@ -371,7 +362,7 @@ def status(islands: IslandsConfig) -> dict:
         record = store.read_json(record_path) if store.exists(record_path) else None
         progress = run.read_json("progress.json") if run.exists("progress.json") else {}
         commits = sorted(int(m.group(1)) for n in (run.list("checkpoints") if run.exists("checkpoints") else []) if (m := STEP_RE.match(n)) and run.is_committed(f"checkpoints/{n}"))
-        done = _export_done(store, j)
+        done = _export_done(j)
         island_name = record["island"] if record else j["island"]
         state = "NOT SUBMITTED"
         if record is not None:
@@ -418,7 +409,7 @@ def assemble_if_complete(islands: IslandsConfig, rule: str = "top1") -> dict | N
     islands = dataclasses.replace(islands, store=absolute_url(islands.store))
     store = _store(islands)
     plan = store.read_json(f"{PLAN_DIR}/plan.json")
-    if not all(_export_done(store, j) for j in plan["jobs"]):
+    if not all(_export_done(j) for j in plan["jobs"]):
         return None
     return assemble(store, rule, replace=True)
 

@@ -16,6 +16,7 @@ import yaml
 
 from ddm.store import Store
 from tests.conftest import BUCKET
+from tests.test_pipeline import ddm
 from tests.test_train import child_env
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -43,7 +44,6 @@ class LocalIsland:
         temp = f"/tmp/ddm-isl-{self.name}-{os.getpid()}"  # short: Ray's socket paths have a length limit
         shutil.rmtree(temp, ignore_errors=True)
         env = child_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token} if self.auth_token else {"RAY_AUTH_MODE": "disabled"})
-        env.pop("RAY_ADDRESS", None)
         cmd = [
             RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1",
             "--node-ip-address=127.0.0.1", f"--port={self.ports['gcs']}", "--dashboard-host=127.0.0.1",
@@ -105,12 +105,6 @@ SPEC = {
         "steps": 10, "global_batch_size": 16, "checkpoint_every": 10, "log_every": 5, "num_workers": 1,
     },
 }  # fmt: skip
-
-
-def ddm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = child_env()
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "ddm.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def islands_file(path, store: str, islands: dict, **extra) -> str:

@@ -2,7 +2,6 @@
 ``ddm evaluate`` / ``ddm distill`` on what it trained, and specs that disagree with the store."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -33,8 +32,9 @@ TINY = {
 }  # fmt: skip
 
 
-def ddm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddm.cli", *args], capture_output=True, text=True, timeout=timeout, env=child_env())
+def ddm(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The `ddm` command in a subprocess of its own (no launcher or Ray address inherited)."""
+    return subprocess.run([sys.executable, "-m", "ddm.cli", *args], capture_output=True, text=True, timeout=timeout, env=child_env(env))
 
 
 def write_spec(tmp_path, store: str, **changes) -> str:
@@ -125,16 +125,34 @@ def test_evaluate_table_counts_expert_forwards(pipeline_run):
     assert Store(store_url).read_json("eval/counts/results.json") == results
 
 
-def test_fid_without_its_library_is_a_clear_error(pipeline_run):
-    try:
-        import pytorch_fid  # noqa: F401
+def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monkeypatch):
+    """Both failure paths of metric=fid, whether or not pytorch-fid is installed on this machine: the
+    library missing (its import blocked), and its Inception weights unreachable (offline)."""
+    import types
+    import urllib.error
 
-        pytest.skip("pytorch-fid is installed here; the offline-weights message is tested where it is not")
-    except ImportError:
-        pass
-    out = ddm("evaluate", pipeline_run[0], "metric=fid", "name=fid")
-    assert out.returncode == 2
-    assert "pytorch-fid==0.3.0" in out.stderr and "metric=fd_classifier" in out.stderr
+    from ddm.evaluate import EvalConfig, evaluate
+
+    store = Store(pipeline_run[0])
+    cfg = EvalConfig(metric="fid", name="fid", num_samples=8, steps=2)
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # `import pytorch_fid...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", None)
+    with pytest.raises(ValueError, match=r"metric=fid needs pytorch-fid==0\.3\.0: pip install 'ddm\[fid\]'.*metric=fd_classifier"):
+        evaluate(store, cfg)
+
+    class OfflineInception:  # what pytorch-fid does on a machine that cannot download the weights
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    inception = types.ModuleType("pytorch_fid.inception")
+    inception.InceptionV3 = OfflineInception
+    monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", inception)
+    with pytest.raises(ValueError, match=r"pt_inception-2015-12-05-6726825d\.pth.*could not be fetched.*TORCH_HOME"):
+        evaluate(store, cfg)
+    assert not store.exists("eval/fid")  # nothing written
 
 
 def test_distilled_student_belongs_to_its_teacher(pipeline_run):
@@ -172,8 +190,7 @@ def test_a_failed_job_fails_the_run_clearly_and_a_rerun_resumes_it(tmp_path):
             "expert": {**TINY["expert"], "steps": 8, "checkpoint_every": 4, "max_failures": 0}}  # fmt: skip
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = child_env({"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")})
-    out = subprocess.run([sys.executable, "-m", "ddm.cli", "run", str(path)], capture_output=True, text=True, timeout=600, env=env)
+    out = ddm("run", str(path), env={"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")})
     assert out.returncode == 1, out.stderr[-3000:]
     assert "ddm run: training jobs failed: experts/" in out.stderr and "run the same command again" in out.stderr
     store = Store(store_url)

@@ -37,7 +37,7 @@ def fresh(prepared, tmp_path, name="run") -> str:
     return str(dst)
 
 
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")
 
 
 def child_env(extra: dict | None = None) -> dict:

@@ -134,10 +134,8 @@ def check_inputs(cfg: TrainConfig) -> dict:
     if cfg.job == "distill":
         _check_teacher(store, cfg)
     if store.exists(f"{cfg.run_dir}/config.json"):  # a re-run resumes: it must train the same thing
-        old, new = store.read_json(f"{cfg.run_dir}/config.json"), to_dict(cfg)
-        changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
-        if changed:
-            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        diffs = config_changes(store.read_json(f"{cfg.run_dir}/config.json"), to_dict(cfg))
+        if diffs:
             raise ValueError(
                 f"{cfg.store}/{cfg.run_dir} was started with other settings ({diffs}); a re-run resumes that job and "
                 f"may change only {sorted(RESUMABLE_CHANGES - {'store'})}. Use another store or delete {cfg.run_dir}/ to start over"
@@ -151,28 +149,45 @@ def check_inputs(cfg: TrainConfig) -> dict:
     return dataset.manifest
 
 
+def config_changes(old: dict, new: dict) -> str:
+    """The fields (as dicts of TrainConfig) a re-run may not change that differ, as "k: old -> new"."""
+    changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+
+
+def is_finished(cfg: TrainConfig) -> bool:
+    """Whether the job's export exists at its final step (nothing left to train)."""
+    from ddm.store import Store
+
+    run = Store(cfg.store).child(cfg.run_dir)
+    return run.is_committed("export") and run.manifest("export").get("step") == cfg.steps
+
+
+def _teacher_description(store, cfg: TrainConfig) -> dict:
+    from ddm.ensemble import ENSEMBLE_FILE
+
+    if not store.exists(ENSEMBLE_FILE):
+        raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
+    return store.read_json(ENSEMBLE_FILE)
+
+
 def with_teacher(cfg: TrainConfig) -> TrainConfig:
     """A distill job bound to the store's current ensemble (other jobs are returned unchanged)."""
     import dataclasses
 
-    from ddm.ensemble import ENSEMBLE_FILE, ensemble_id
+    from ddm.ensemble import ensemble_id
     from ddm.store import Store
 
     if cfg.job != "distill" or cfg.teacher:
         return cfg
-    store = Store(cfg.store)
-    if not store.exists(ENSEMBLE_FILE):
-        raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
-    return dataclasses.replace(cfg, teacher=ensemble_id(store.read_json(ENSEMBLE_FILE)))
+    return dataclasses.replace(cfg, teacher=ensemble_id(_teacher_description(Store(cfg.store), cfg)))
 
 
 def _check_teacher(store, cfg: TrainConfig) -> None:
     """Distillation reads the assembled ensemble; the student must model the same data."""
-    from ddm.ensemble import ENSEMBLE_FILE, ensemble_id
+    from ddm.ensemble import ensemble_id
 
-    if not store.exists(ENSEMBLE_FILE):
-        raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
-    desc = store.read_json(ENSEMBLE_FILE)
+    desc = _teacher_description(store, cfg)
     if cfg.teacher != ensemble_id(desc):
         raise ValueError(
             f"teacher={cfg.teacher!r} is not the store's ensemble ({ensemble_id(desc)}, assembled from other exports); "
