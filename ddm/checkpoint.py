@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -28,17 +27,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
-from ddm.store import MANIFEST, ChecksumError, Store, StoreError
+from ddm.layout import CHECKPOINTS, STEP_RE, committed_steps, step_dir
+from ddm.store import ChecksumError, Store, StoreError
 
 log = logging.getLogger("ddm.checkpoint")
 
-STEP_RE = re.compile(r"^step_(\d{7,})$")
-
-
-def step_dir(step: int) -> str:
-    return f"step_{step:07d}"
-
+# 2: ddm 0.2's parameter layout (DiT output layers in FinalLayer). Commits without a version are 1.
+FORMAT_VERSION = 2
 
 @dataclass
 class RankState:
@@ -49,9 +47,23 @@ class RankState:
 
 
 class CheckpointManager:
-    def __init__(self, store: Store, rank: int, world_size: int, keep_last: int = 3, commit_timeout_s: float = 600.0):
-        self.store, self.rank, self.world_size = store.child("checkpoints"), rank, world_size
-        self.keep_last, self.commit_timeout_s = keep_last, commit_timeout_s
+    """Save, commit, prune and restore one rank's checkpoints of one job (``run``: its folder).
+
+    ``min_format``: the oldest checkpoint format this job can restore; older commits are an error
+    that says so (a router's optimizer state from ddm 0.1 follows another parameter order).
+    """
+
+    def __init__(
+        self,
+        run: Store,
+        rank: int,
+        world_size: int,
+        keep_last: int = 3,
+        commit_timeout_s: float = 600.0,
+        min_format: int = 1,
+    ):
+        self.store, self.rank, self.world_size = run.child(CHECKPOINTS), rank, world_size
+        self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         # Local snapshots go to memory-backed /dev/shm when there is one: the synchronous part of a
@@ -62,12 +74,7 @@ class CheckpointManager:
     # --- discovery --------------------------------------------------------------------------
     def committed_steps(self) -> list[int]:
         """Steps whose directory has a manifest, oldest first (fresh listing, no cache)."""
-        steps = []
-        for name in self.store.list(""):
-            m = STEP_RE.match(name)
-            if m and self.store.is_committed(name):
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return committed_steps(self.store)
 
     # --- save -------------------------------------------------------------------------------
     def save(self, engine, step: int, rank_state: RankState, background: bool = True) -> None:
@@ -78,8 +85,6 @@ class CheckpointManager:
         shutil.rmtree(local, ignore_errors=True)
         t0 = time.perf_counter()
         engine.save_checkpoint(self._scratch, tag=tag, save_latest=False)
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().cpu().contiguous() for k, v in rank_state.tensors.items()}, os.path.join(local, f"rank{self.rank:03d}.safetensors"))
         with open(os.path.join(local, f"rank{self.rank:03d}.json"), "w") as f:
             json.dump(rank_state.info, f)
@@ -124,7 +129,7 @@ class CheckpointManager:
         known: dict[str, dict] = {}
         for m in markers:
             known.update(self.store.read_json(m))
-        self.store.commit(tag, list(known), meta={"step": step, "world_size": self.world_size}, known=known)
+        self.store.commit(tag, list(known), meta={"step": step, "world_size": self.world_size, "format_version": FORMAT_VERSION}, known=known)
         log.info("committed checkpoint %s", tag)
         self._prune(step)
 
@@ -164,10 +169,13 @@ class CheckpointManager:
         return None
 
     def load(self, engine, step: int) -> RankState:
-        from safetensors.torch import load as load_safetensors
-
         tag = step_dir(step)
         manifest = self.store.verify(tag)  # sha256 of every file, before anything is deserialised
+        if manifest.get("format_version", 1) < self.min_format:
+            raise ValueError(
+                f"checkpoint {self.store.url}/{tag} was written by ddm 0.1, whose parameter order this job's optimizer "
+                f"state cannot be restored in; delete {self.store.url} to train this job again from its start"
+            )
         local = os.path.join(self._scratch, "restore", tag)
         shutil.rmtree(local, ignore_errors=True)
         for name in manifest["files"]:

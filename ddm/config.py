@@ -9,12 +9,14 @@ resolved config that is saved next to every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import fsspec
 import yaml
 
 T = TypeVar("T")
@@ -87,7 +89,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass ``cls`` from a dict, checking field names and types recursively."""
+    """Build dataclass ``cls`` from a dict, checking field names and types recursively.
+
+    A class with an ``upgrade_fields(data) -> data`` static method gets to rename fields of older
+    formats first (configs saved by earlier versions keep loading).
+    """
+    if hasattr(cls, "upgrade_fields"):
+        data = cls.upgrade_fields(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -140,8 +148,6 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides to a nested dict (a new dict; the input is untouched)."""
-    import copy
-
     out = copy.deepcopy(data)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -164,8 +170,6 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     if path is not None:
         path = str(path)
         if "://" in path:  # a config in the store (jobs submitted to islands read theirs from there)
-            import fsspec
-
             try:
                 with fsspec.open(path, "r") as f:
                     text = f.read()

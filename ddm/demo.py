@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 from ddm.analytic import GaussianMixture
 from ddm.config import to_dict
 from ddm.ensemble import Ensemble, Rule
-from ddm.evaluate import energy_distance
 from ddm.flow import SAMPLERS, FlowMatching
-from ddm.models import ModelConfig, build_model, build_router
+from ddm.metrics import energy_distance
+from ddm.models.build import build_model, build_router
+from ddm.models.config import ModelConfig
 from ddm.train.ema import EMA
+from ddm.train.objectives import RouterLoss, VelocityLoss
 
 log = logging.getLogger("ddm.demo")
 
@@ -107,10 +109,11 @@ def fit_velocity(
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = EMA(model, cfg.ema_decay)
+    objective = VelocityLoss(flow)
     model.train()
     for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
         batch = data[torch.randint(len(data), (cfg.batch_size,), generator=g)]
-        loss = flow.training_losses(model, batch, generator=g)["loss"].mean()
+        loss = objective(model, {"x": batch, "y": None}, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -125,11 +128,11 @@ def fit_router(
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(router.parameters(), lr=cfg.lr)
     ema = EMA(router, cfg.ema_decay)
+    objective = RouterLoss(flow)
     router.train()
     for _ in tqdm(range(cfg.router_steps), desc="router", leave=False, mininterval=1.0):
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
-        x_t, t = flow.noised(data[idx], g)
-        loss = nn.functional.cross_entropy(router(x_t, t), labels[idx])
+        loss = objective(router, {"x": data[idx], "y": None, "partition": labels[idx]}, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

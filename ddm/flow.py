@@ -18,6 +18,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from ddm.models.config import FlowConfig
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(x, t): x of shape (N, ...) and t of shape (N,) -> velocity of x's shape."""
 
@@ -61,8 +63,7 @@ class CosinePath:
         return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
 
 
-PATHS: dict[str, type] = {"linear": LinearPath, "cosine": CosinePath}
-TIME_SAMPLINGS = ("uniform", "logit_normal")
+PATH_CLASSES: dict[str, type] = {"linear": LinearPath, "cosine": CosinePath}
 SAMPLERS = ("euler", "heun")
 
 
@@ -72,30 +73,17 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FlowMatching:
-    """The flow-matching objective and its samplers.
+class FlowMatching(FlowConfig):
+    """The flow-matching objective and its samplers, for the path and time sampling of its
+    ``FlowConfig`` fields (``FlowMatching(**to_dict(flow_config))`` or ``FlowMatching.of``)."""
 
-    path: "linear" (rectified flow, the default of SD3/SiT-style training) or "cosine".
-    time_sampling: "logit_normal" puts more training steps at intermediate t, which SD3 found
-        better for images; "uniform" is the textbook choice.
-    """
-
-    path: str = "linear"
-    time_sampling: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.path not in PATHS:
-            raise ValueError(f"path {self.path!r} is unknown; choose one of {sorted(PATHS)}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"time_sampling {self.time_sampling!r} is unknown; choose one of {list(TIME_SAMPLINGS)}")
-        if self.logit_std <= 0:
-            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+    @classmethod
+    def of(cls, cfg: FlowConfig) -> "FlowMatching":
+        return cfg if isinstance(cfg, cls) else cls(cfg.path, cfg.time_sampling, cfg.logit_mean, cfg.logit_std)
 
     @property
     def _path(self) -> Path:
-        return PATHS[self.path]()
+        return PATH_CLASSES[self.path]()
 
     # --- the path -------------------------------------------------------------------------
     def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

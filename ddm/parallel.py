@@ -1,7 +1,7 @@
-"""Process-group set-up in one place.
+"""Ranks and parallel axes in one place: the process group, ``ParallelState`` (dp, ep), DeepSpeed.
 
-Later issues grow this into one object with named axes (dp, ep); for now it guarantees that
-DeepSpeed's MoE layer, which needs torch.distributed, also works in a world of one process.
+``ensure_process_group`` makes a world of one process when no launcher set one up, so
+DeepSpeed's MoE layer, which needs torch.distributed, works in one process too.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 
 
@@ -16,6 +17,15 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def load_deepspeed():
+    """DeepSpeed, imported on first use with its accelerator chosen first (it reads DS_ACCELERATOR
+    at import; on a machine without CUDA "cpu" also silences its probing)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    return deepspeed
 
 
 def ensure_process_group(backend: str = "gloo") -> bool:

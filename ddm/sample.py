@@ -12,41 +12,73 @@ import io
 import json
 import logging
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from ddm.ensemble import ensemble_id, load_ensemble, short_digest
-from ddm.flow import SAMPLERS, FlowMatching
+from ddm import layout
+from ddm.assemble import load_ensemble
+from ddm.flow import SAMPLERS, FlowMatching, VelocityFn
 from ddm.store import Store
 
 log = logging.getLogger("ddm.sample")
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SamplingConfig:
+    """How samples are drawn: ``ddm sample`` and ``ddm evaluate`` share these settings."""
+
     num_samples: int = 64
-    rule: str = ""  # empty: the ensemble's default rule (top-1 unless assembled otherwise)
     steps: int = 50
     sampler: str = "heun"
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
     seed: int = 0
     batch_size: int = 64
-    name: str = ""  # output folder under samples/; empty: <rule>-s<seed>-<ensemble id>-<settings digest>
 
     def __post_init__(self) -> None:
-        for field in ("num_samples", "steps", "batch_size"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for name in ("num_samples", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is unknown; choose one of {list(SAMPLERS)}")
+
+    @property
+    def evals_per_sample(self) -> int:
+        """Velocity evaluations per sample: one per Euler step, two per Heun step."""
+        return self.steps * (2 if self.sampler == "heun" else 1)
+
+
+@dataclass(frozen=True)
+class SampleConfig(SamplingConfig):
+    rule: str = ""  # empty: the ensemble's default rule (top-1 unless assembled otherwise)
+    name: str = ""  # output folder under samples/; empty: <rule>-s<seed>-<ensemble id>-<settings digest>
+
+
+def draw(
+    flow: FlowMatching,
+    velocity: Callable[[slice], VelocityFn],
+    cfg: SamplingConfig,
+    data_shape: tuple[int, ...],
+    generator: torch.Generator,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """``cfg.num_samples`` samples in batches: each batch's initial noise from ``generator``, then
+    the ODE from noise to data with ``velocity(rows)``, the velocity function for those rows."""
+    chunks = []
+    starts = range(0, cfg.num_samples, cfg.batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
+        n = min(cfg.batch_size, cfg.num_samples - start)
+        noise = torch.randn(n, *data_shape, generator=generator)
+        with torch.no_grad():
+            chunks.append(flow.sample(velocity(slice(start, start + n)), noise, cfg.steps, cfg.sampler))
+    return torch.cat(chunks)
 
 
 def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
     """(N, C, H, W) in [-1, 1] -> PNG bytes of a grid (1-channel as grayscale, 3 as RGB)."""
-    from PIL import Image
-
     n, c, h, w = images.shape
     if c not in (1, 3):
         raise ValueError(f"a PNG grid needs 1 or 3 channels, got {c} (latents need decoding first)")
@@ -68,8 +100,9 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
     ens = load_ensemble(store, rule=cfg.rule or None)
     desc = ens.description
-    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{ensemble_id(desc)}-{short_digest(asdict(cfg))}"
-    out = f"samples/{name}"
+    digest = layout.short_digest(asdict(cfg))
+    name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{layout.ensemble_id(desc)}-{digest}"
+    out = layout.samples_dir(name)
     meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out}
     if store.exists(f"{out}/meta.json"):
         old = store.read_json(f"{out}/meta.json")
@@ -81,17 +114,12 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     num_classes = int(desc["num_classes"])
     labels = torch.arange(cfg.num_samples) % num_classes if num_classes else None
-    chunks = []
-    with torch.no_grad():
-        for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sample", unit="batch"):
-            n = min(cfg.batch_size, cfg.num_samples - start)
-            noise = torch.randn(n, *desc["data_shape"], generator=g)
-            y = None if labels is None else labels[start : start + n]
-            v = ens.velocity_fn(y=y, guidance_scale=cfg.guidance, generator=g)
-            chunks.append(flow.sample(v, noise, cfg.steps, cfg.sampler))
-    x = torch.cat(chunks).numpy().astype(np.float32)
-    evals = cfg.steps * (2 if cfg.sampler == "heun" else 1)
-    meta["expert_forwards_per_sample"] = ens.stats.expert_forwards_per_eval * evals
+
+    def velocity(rows: slice) -> VelocityFn:
+        return ens.velocity_fn(y=None if labels is None else labels[rows], guidance_scale=cfg.guidance, generator=g)
+
+    x = draw(flow, velocity, cfg, tuple(desc["data_shape"]), g, desc="sample").numpy().astype(np.float32)
+    meta["expert_forwards_per_sample"] = ens.stats.expert_forwards_per_eval * cfg.evals_per_sample
     meta["experts_loaded"] = [e.loaded for e in ens.experts]
     for fname, array in (("samples.npy", x), ("labels.npy", None if labels is None else labels.numpy())):
         if array is not None:

@@ -27,7 +27,8 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddm.data.shards import DATA_DIR, SHARDS_DIR, encode_shard, shard_name
+from ddm.data.shards import encode_shard, shard_name
+from ddm.layout import DATA_DIR, SHARDS_DIR
 from ddm.store import Store
 
 log = logging.getLogger("ddm.ingest")

@@ -28,14 +28,12 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ddm.data.features import build_extractor
-from ddm.data.shards import DATA_DIR, Dataset, write_parquet_bytes
+from ddm.data.shards import Dataset, write_parquet_bytes
+from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.store import Store
 
 log = logging.getLogger("ddm.partition")
 
-PARTITIONS_DIR = "partitions"
-ASSIGNMENTS = "assignments.parquet"
-CENTROIDS = "centroids.safetensors"
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from ddm.data.partition import ASSIGNMENTS, PARTITIONS_DIR
 from ddm.data.shards import Dataset, Shard, read_parquet_bytes
+from ddm.layout import ASSIGNMENTS, PARTITIONS_DIR
 from ddm.store import Store
 
 

@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ddm.layout import DATA_DIR, SHARDS_DIR
 from ddm.store import Store
 
-DATA_DIR = "data"
-SHARDS_DIR = "shards"
 SCHEMA = pa.schema(
     [("id", pa.int64()), ("data", pa.binary()), ("label", pa.int32()), ("shape", pa.list_(pa.int32()))]
 )

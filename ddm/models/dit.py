@@ -8,50 +8,30 @@ same shape as the input, so there is no learned-sigma channel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm.models.layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
-from ddm.models.moe import MoEConfig, MoEFeedForward
+from ddm.models.config import DiTSize, MoEConfig
+from ddm.models.layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from ddm.models.moe import MoEFeedForward
 
 
-@dataclass(frozen=True)
-class DiTSize:
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
+# Parameter names of ddm 0.1's output layers (before FinalLayer), renamed on load so exports and
+# checkpoints written by it keep loading.
+LEGACY_NAMES = {"linear_final.": "final_layer.linear.", "adaLN_final.": "final_layer.adaLN_modulation.", "head.": "final_layer.linear."}
 
 
-# The DiT paper's grid (S/B/L/XL x patch 2/4/8) plus a tiny debug size for tests.
-DIT_SIZES: dict[str, DiTSize] = {
-    "DiT-Tiny/2": DiTSize(depth=2, hidden_size=64, num_heads=2, patch_size=2),
-    "DiT-Tiny/4": DiTSize(depth=2, hidden_size=64, num_heads=2, patch_size=4),
-    **{
-        f"DiT-{name}/{p}": DiTSize(depth, hidden, heads, p)
-        for name, (depth, hidden, heads) in {
-            "S": (12, 384, 6),
-            "B": (12, 768, 12),
-            "L": (24, 1024, 16),
-            "XL": (28, 1152, 16),
-        }.items()
-        for p in (2, 4, 8)
-    },
-}
-
-
-def dit_forward_flops(size: DiTSize, input_size: int, in_channels: int) -> float:
-    """Forward FLOPs of one sample (2 per multiply-add): per block and token 24 D^2 for the
-    qkv/proj/MLP matmuls plus 4 T D for attention; DiT-B/2 at 32x32 latents is 46 GFLOPs
-    (the DiT paper's 23 GMACs). adaLN projections are per sample and left out (< 1%)."""
-    tokens = (input_size // size.patch_size) ** 2
-    d = size.hidden_size
-    blocks = size.depth * (24 * d**2 * tokens + 4 * tokens**2 * d)
-    embed = 2 * 2 * tokens * size.patch_size**2 * in_channels * d  # patch embedding + final linear
-    return float(blocks + embed)
+def upgrade_state_dict(state: dict, prefix: str = "") -> dict:
+    """``state`` with ddm 0.1's DiT/router parameter names (under ``prefix``) renamed to today's."""
+    out = {}
+    for key, value in state.items():
+        for old, new in LEGACY_NAMES.items():
+            if key.startswith(prefix + old):
+                key = prefix + new + key[len(prefix + old) :]
+                break
+        out[key] = value
+    return out
 
 
 class Attention(nn.Module):
@@ -93,6 +73,8 @@ class DiTBlock(nn.Module):
 class _DiTTrunk(nn.Module):
     """What the expert and the router share: embedders, positional embedding, adaLN blocks."""
 
+    upgrade_state_dict = staticmethod(upgrade_state_dict)  # older parameter names -> today's
+
     def __init__(
         self,
         size: DiTSize,
@@ -124,6 +106,7 @@ class _DiTTrunk(nn.Module):
             )
             for i in range(size.depth)
         )
+        self._register_load_state_dict_pre_hook(_upgrade_hook)
 
     @property
     def null_label(self) -> int:
@@ -172,6 +155,13 @@ class _DiTTrunk(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
 
 
+def _upgrade_hook(state_dict, prefix, *args) -> None:
+    renamed = upgrade_state_dict({k: state_dict[k] for k in list(state_dict) if k.startswith(prefix)}, prefix)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    state_dict.update(renamed)
+
+
 class DiT(_DiTTrunk):
     """Velocity model v(x_t, t, y): (N, C, H, W) -> (N, C, H, W)."""
 
@@ -186,15 +176,9 @@ class DiT(_DiTTrunk):
         moe: MoEConfig = MoEConfig(),
     ):
         super().__init__(size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, moe)
-        hidden, p = size.hidden_size, size.patch_size
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.linear_final = nn.Linear(hidden, p * p * in_channels)
-        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.final_layer = FinalLayer(size.hidden_size, size.patch_size**2 * in_channels)
         self.init_weights()
-        # Zero output layer: the initial velocity is 0 everywhere.
-        for layer in (self.adaLN_final[-1], self.linear_final):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.final_layer.init_zero()  # the initial velocity is 0 everywhere
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W)."""
@@ -208,9 +192,7 @@ class DiT(_DiTTrunk):
         c = self.condition(t, y)  # (N, D)
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         tokens = self.run_blocks(tokens, c)  # (N, T, D)
-        shift, scale = self.adaLN_final(c).chunk(2, dim=1)
-        out = self.linear_final(modulate(self.norm_final(tokens), shift, scale))  # (N, T, p*p*C)
-        return self.unpatchify(out)  # (N, C, H, W)
+        return self.unpatchify(self.final_layer(tokens, c))  # (N, T, p*p*C) -> (N, C, H, W)
 
 
 class DiTRouter(_DiTTrunk):
@@ -229,25 +211,16 @@ class DiTRouter(_DiTTrunk):
         if num_partitions < 1:
             raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
         super().__init__(size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, MoEConfig())
-        hidden = size.hidden_size
         self.num_partitions = num_partitions
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.head = nn.Linear(hidden, num_partitions)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, size.hidden_size))
+        self.final_layer = FinalLayer(size.hidden_size, num_partitions)
         self.init_weights()
         nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.zeros_(self.adaLN_final[-1].weight)
-        nn.init.zeros_(self.adaLN_final[-1].bias)
-        # Zero head: the router starts at the uniform posterior 1/K.
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.final_layer.init_zero()  # the router starts at the uniform posterior 1/K
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c = self.condition(t, y)  # (N, D)
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (N, 1, D)
         tokens = self.run_blocks(torch.cat([cls, tokens], dim=1), c)  # (N, 1+T, D)
-        shift, scale = self.adaLN_final(c).chunk(2, dim=1)
-        cls_out = modulate(self.norm_final(tokens[:, :1]), shift, scale)[:, 0]  # (N, D)
-        return self.head(cls_out)  # (N, K) logits
+        return self.final_layer(tokens[:, :1], c)[:, 0]  # (N, K) logits of the CLS token

@@ -125,6 +125,29 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a linear map: the DiT's output layer, and the router's head
+    (applied to its CLS token). Zero-initialised: the output starts at 0 (a zero velocity, or
+    the router's uniform posterior)."""
+
+    def __init__(self, hidden_size: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        # Registration order (linear, then adaLN) fixes the parameter order that ZeRO's flat
+        # optimizer buffers follow; checkpoints of DiT experts depend on it.
+        self.linear = nn.Linear(hidden_size, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def init_zero(self) -> None:
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, out_features)
+
+
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     """Fixed 2-D sine-cosine positional embedding, (grid_size**2, embed_dim) (MAE / DiT)."""
     grid_h = np.arange(grid_size, dtype=np.float64)

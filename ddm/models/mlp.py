@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ddm.models.config import MLPSize
 from ddm.models.layers import LabelEmbedder, TimestepEmbedder
-
-
-@dataclass(frozen=True)
-class MLPSize:
-    hidden_size: int
-    depth: int
-
-
-MLP_SIZES: dict[str, MLPSize] = {
-    "MLP-XS": MLPSize(hidden_size=32, depth=2),
-    "MLP-S": MLPSize(hidden_size=128, depth=3),
-    "MLP-M": MLPSize(hidden_size=256, depth=4),
-    "MLP-L": MLPSize(hidden_size=512, depth=6),
-}
 
 
 class ResBlock(nn.Module):

@@ -1,0 +1,182 @@
+"""Exports: a trained job's EMA model as safetensors + JSON, written once and read by many.
+
+``{job}/export/`` holds ``model.safetensors`` (the EMA weights, no pickle), ``config.json`` (the
+job kind, model and flow settings, step, partition) and the ``MANIFEST.json`` that commits them.
+``write_export`` is called by every rank of a training job (expert-parallel MoE weights are
+gathered to rank 0); ``LazyModel`` reads an export on first use, checking it against a known
+sha256, from a content-addressed local cache when the store is remote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ddm import layout
+from ddm.config import to_dict
+from ddm.job import JobConfig
+from ddm.models.build import build_model, build_router
+from ddm.models.config import ModelConfig, MoEConfig
+from ddm.parallel import ParallelState
+from ddm.store import NotCommittedError, Store
+
+log = logging.getLogger("ddm.exports")
+
+_EXPERT_MARKER = ".deepspeed_experts."
+
+
+def write_export(
+    run: Store, weights: dict[str, torch.Tensor], cfg: JobConfig, ps: ParallelState, step: int, extra: dict | None = None
+) -> None:
+    """The EMA model as safetensors + config.json under ``export/``, committed by a manifest.
+
+    With expert parallelism each rank holds some MoE experts; their weights are gathered to rank 0
+    under global expert indices, so the export is one complete model. Every rank must call this.
+    ``extra`` goes into config.json (a router's ``num_partitions``).
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    ep = cfg.model.moe.ep_size if cfg.model.moe.enabled else 1
+    if ep > 1:
+        local_experts = cfg.model.moe.num_experts // ep
+        mine = {}
+        for name, tensor in state.items():
+            if _EXPERT_MARKER in name:
+                head, tail = name.split(_EXPERT_MARKER)
+                idx, rest = tail.split(".", 1)
+                mine[f"{head}{_EXPERT_MARKER}{ps.ep_rank * local_experts + int(idx)}.{rest}"] = tensor
+        gathered: list = [None] * ps.world_size
+        dist.all_gather_object(gathered, mine)
+        state = {k: v for k, v in state.items() if _EXPERT_MARKER not in k}
+        for part in gathered[:ep]:  # ranks 0..ep-1 hold every expert once
+            state.update(part)
+    if not ps.is_main:
+        return
+    config = {
+        "job": cfg.job,
+        "model": to_dict(cfg.model),
+        "flow": to_dict(cfg.flow),
+        "step": step,
+        "partition": cfg.data_partition,
+        "ema_decay": cfg.ema_decay,
+    }
+    if cfg.job == "distill":
+        config["teacher"] = cfg.teacher
+    config.update(extra or {})
+    weights_bytes = save_safetensors(state, metadata={"step": str(step)})
+    known = {
+        layout.EXPORT_WEIGHTS: run.write_hashed(f"{layout.EXPORT}/{layout.EXPORT_WEIGHTS}", weights_bytes),
+        layout.EXPORT_CONFIG: run.write_hashed(f"{layout.EXPORT}/{layout.EXPORT_CONFIG}", json.dumps(config, indent=2).encode()),
+    }
+    run.commit(layout.EXPORT, list(known), meta={"step": step}, known=known)
+    log.info("exported the EMA model of %s at step %d", cfg.run_dir, step)
+
+
+def read_export(store: Store, run_dir: str) -> tuple[dict, dict]:
+    """(config.json, manifest) of the committed, checksum-verified export in ``run_dir``."""
+    run = store.child(run_dir)
+    try:
+        manifest = run.verify(layout.EXPORT)
+    except NotCommittedError as e:
+        raise ValueError(f"{store.url}/{run_dir} has no committed export; train it first ({e})") from e
+    return json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)), manifest
+
+
+def weights_sha256(manifest: dict) -> str:
+    return manifest["files"][layout.EXPORT_WEIGHTS]["sha256"]
+
+
+def model_config(export_config: dict) -> ModelConfig:
+    """The ModelConfig of an export's config.json, for one process (MoE experts all local)."""
+    m = dict(export_config["model"])
+    moe = dict(m.pop("moe"), ep_size=1)  # one process holds every MoE expert at sampling time
+    return ModelConfig(**{**m, "data_shape": tuple(m["data_shape"]), "moe": MoEConfig(**moe)})
+
+
+def build_from_export(export_config: dict) -> torch.nn.Module:
+    """An untrained module of the export's architecture: a router for router exports, else a velocity model."""
+    if export_config.get("job") == "router":
+        return build_router(model_config(export_config), export_config["num_partitions"])
+    return build_model(model_config(export_config))
+
+
+def default_cache_dir(store: Store) -> str | None:
+    """Where exports of a remote store are cached: $DDM_CACHE_DIR, else ~/.cache/ddm/exports
+    (none for local stores, which are read in place; DDM_CACHE_DIR=off disables caching)."""
+    env = os.environ.get("DDM_CACHE_DIR")
+    if env == "off" or (env is None and store.protocol in ("file", "local", "memory")):
+        return None
+    return env or os.path.join(os.path.expanduser("~"), ".cache", "ddm", "exports")
+
+
+def cached_weights(run: Store, sha256: str, cache_dir: str | None) -> bytes:
+    """An export's model.safetensors, from a content-addressed local cache when it holds the exact
+    bytes (checked by sha256), else from the store (checked against its manifest), then cached."""
+    path = os.path.join(cache_dir, f"{sha256}.safetensors") if cache_dir else None
+    if path and os.path.exists(path):
+        with open(path, "rb") as f:
+            raw = f.read()
+        if hashlib.sha256(raw).hexdigest() == sha256:
+            return raw
+        os.remove(path)  # a damaged cache entry is dropped, never used
+    raw = run.read_verified(layout.EXPORT, layout.EXPORT_WEIGHTS)
+    if path and hashlib.sha256(raw).hexdigest() == sha256:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    return raw
+
+
+class LazyModel:
+    """The model of one export, loaded on first call (an ensemble loads only the experts it routes to).
+
+    ``entry`` is {"dir": run dir, "sha256": of model.safetensors}: the weights must be exactly those.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        entry: dict,
+        build: Callable[[dict], torch.nn.Module] = build_from_export,
+        device="cpu",
+        cache_dir: str | None = None,
+    ):
+        self.store, self.entry, self.build, self.device, self.cache_dir = store, entry, build, device, cache_dir
+        self.module: torch.nn.Module | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.module is not None
+
+    def load(self) -> torch.nn.Module:
+        if self.module is None:
+            run = self.store.child(self.entry["dir"])
+            raw = cached_weights(run, self.entry["sha256"], self.cache_dir)
+            if hashlib.sha256(raw).hexdigest() != self.entry["sha256"]:
+                raise ValueError(f"{self.entry['dir']}/export changed since the ensemble was assembled; run `ddm assemble` again")
+            module = self.build(json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)))
+            module.load_state_dict(load_safetensors(raw))
+            self.module = module.to(self.device).eval()
+        return self.module
+
+    def __call__(self, x, t, y=None):
+        return self.load()(x, t, y)
+
+    @property
+    def null_label(self) -> int:
+        return self.load().null_label
+
+
+def load_export(store: Store, run_dir: str, device="cpu") -> torch.nn.Module:
+    """The model of the committed export in ``run_dir`` (the monolith, a distilled student)."""
+    _, manifest = read_export(store, run_dir)
+    return LazyModel(store, {"dir": run_dir, "sha256": weights_sha256(manifest)}, device=device).load()

@@ -1,0 +1,283 @@
+"""The spec of one training job, and its checks against the store. No torch here.
+
+A job is one of four kinds, each trained by the same loop with its own objective
+(``ddm.train.objectives``): an **expert** (velocity on one partition), a **monolith** (an expert
+with ``partition=-1``: velocity on all data), the **router** (p(partition | x_t, t, c) on all data)
+and a **distill** student (the ensemble's velocity). ``JobConfig`` is saved as ``config.json`` in
+the job's folder; a re-run resumes the job and may change only how long, how often and where it
+trains (``RESUMABLE``). Sections belong to the component that reads them: ``ray`` to the Ray
+launcher, ``checkpoint`` to the checkpointer, ``engine`` to the DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddm import layout
+from ddm.config import from_dict, to_dict
+from ddm.data.shards import Dataset
+from ddm.models.config import FlowConfig, ModelConfig, forward_flops
+from ddm.store import Store, absolute_url
+
+JOBS = ("expert", "router", "distill")
+
+# Dotted fields a re-run may change without changing what is being trained (how long, how often, where).
+RESUMABLE = frozenset(
+    {
+        "store",
+        "steps",
+        "log_every",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "checkpoint.export_every",
+        "ray.cpus_per_worker",
+        "ray.use_gpu",
+        "ray.max_failures",
+    }
+)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the workers run (Ray Train); ``num_workers`` is also the job's world size."""
+
+    num_workers: int = 1
+    cpus_per_worker: int = 1  # Ray gives each worker this many CPUs (and torch as many threads)
+    use_gpu: bool = False
+    max_failures: int = 3  # Ray restarts the workers this often; each restart resumes from the store
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "cpus_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """How often the full training state is committed to the store, and how many commits stay."""
+
+    every: int = 500
+    keep: int = 3
+    export_every: int = 0  # 0: export the EMA model at the end only
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.export_every < 0:
+            raise ValueError(f"export_every must be >= 0, got {self.export_every}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The DeepSpeed engine inside each island."""
+
+    zero_stage: int = 2
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed settings, merged last
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+# ddm 0.1 kept every setting at the top level; its config.json files, islands plans and specs
+# still load, their fields moved into the sections.
+_MOVED = {
+    "num_workers": "ray",
+    "cpus_per_worker": "ray",
+    "use_gpu": "ray",
+    "max_failures": "ray",
+    "checkpoint_every": ("checkpoint", "every"),
+    "keep_checkpoints": ("checkpoint", "keep"),
+    "export_every": "checkpoint",
+    "zero_stage": "engine",
+    "precision": "engine",
+    "deepspeed": "engine",
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one training job needs; saved as JSON beside its checkpoints and exports."""
+
+    store: str = "runs/digits"  # run root URL (local path, file://, s3://, memory:// for tests)
+    job: str = "expert"  # expert | router | distill (see the module doc)
+    partition: int = 0  # the expert's partition; -1 trains on all data (a monolith)
+    teacher: str = ""  # distill jobs: the id of the ensemble distilled (empty: the store's current one)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10))
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    steps: int = 1000
+    global_batch_size: int = 64  # = micro_batch_size x grad_accum x data-parallel ranks
+    grad_accum: int = 1
+    lr: float = 1e-4  # the paper: constant 1e-4, no warm-up
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999  # the paper's; warmed up so short runs are usable
+    log_every: int = 50
+    seed: int = 0
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.job not in JOBS:
+            raise ValueError(f"job must be one of {list(JOBS)}, got {self.job!r}")
+        if self.partition < -1:
+            raise ValueError(f"partition must be >= 0 (or -1 for all data), got {self.partition}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.global_batch_size % (self.grad_accum * self.ray.num_workers):
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by grad_accum={self.grad_accum} x "
+                f"ray.num_workers={self.ray.num_workers}; pick sizes that multiply out"
+            )
+        moe = self.model.moe
+        if moe.enabled and self.ray.num_workers % moe.ep_size:
+            raise ValueError(f"model.moe.ep_size={moe.ep_size} must divide ray.num_workers={self.ray.num_workers}")
+        if self.job in ("router", "distill") and moe.enabled:
+            raise ValueError(f"{self.job} models are dense here: set model.moe.num_experts=0 for a {self.job} job")
+
+    @staticmethod
+    def upgrade_fields(data: dict) -> dict:
+        """``data`` with ddm 0.1's top-level fields moved into their sections (called by from_dict)."""
+        if not any(key in data for key in _MOVED):
+            return data
+        out = {k: v for k, v in data.items() if k not in _MOVED}
+        for key, where in _MOVED.items():
+            if key in data:
+                section, name = where if isinstance(where, tuple) else (where, key)
+                out[section] = {**out.get(section, {}), name: data[key]}
+        return out
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.global_batch_size // (self.grad_accum * self.ray.num_workers)
+
+    @property
+    def kind(self) -> str:
+        """expert, monolith, router or distill: what the job trains."""
+        return "monolith" if self.job == "expert" and self.partition == -1 else self.job
+
+    @property
+    def run_dir(self) -> str:
+        """Where this job's checkpoints, exports and metrics live, relative to the store root."""
+        if self.job == "router":
+            return layout.ROUTER_DIR
+        if self.job == "distill":
+            if not self.teacher:
+                raise ValueError("a distill job needs its teacher's ensemble id: call with_teacher(cfg) first")
+            return layout.distilled_dir(self.teacher)
+        return layout.MONOLITH_DIR if self.partition == -1 else layout.expert_dir(self.partition)
+
+    @property
+    def data_partition(self) -> int | None:
+        """The partition the job reads (None: all data, for the router, a monolith and a student)."""
+        return None if self.job != "expert" or self.partition == -1 else self.partition
+
+    def flops_per_step(self) -> float:
+        """Training FLOPs of one optimizer step: 3x the forward (forward + backward) x the global batch."""
+        return 3.0 * forward_flops(self.model, router=self.job == "router") * self.global_batch_size
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("checkpoint", "engine", "ray"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> str:
+    """The fields a re-run may not change that differ between two job configs (as dicts, either
+    format), as "field: old -> new"; empty when the new config resumes the old job."""
+    old, new = (_flat(to_dict(from_dict(JobConfig, d))) for d in (old, new))
+    changed = sorted(k for k in new if k not in RESUMABLE and old.get(k) != new[k])
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+
+
+def check_inputs(cfg: JobConfig) -> dict:
+    """Validate the job against the store before any worker starts; returns the dataset manifest."""
+    store = Store(cfg.store)
+    store.check_reachable()
+    dataset = Dataset(store)
+    if tuple(dataset.sample_shape) != cfg.model.data_shape:
+        raise ValueError(
+            f"model.data_shape {cfg.model.data_shape} does not match the dataset's samples {tuple(dataset.sample_shape)}"
+        )
+    if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
+    if cfg.job == "distill":
+        _check_teacher(store, cfg)
+    config_path = f"{cfg.run_dir}/{layout.JOB_CONFIG}"
+    if store.exists(config_path):  # a re-run resumes: it must train the same thing
+        diffs = config_changes(store.read_json(config_path), to_dict(cfg))
+        if diffs:
+            raise ValueError(
+                f"{cfg.store}/{cfg.run_dir} was started with other settings ({diffs}); a re-run resumes that job and "
+                f"may change only {sorted(RESUMABLE - {'store'})}. Use another store or delete {cfg.run_dir}/ to start over"
+            )
+    if cfg.job == "router" or cfg.partition >= 0:
+        if not store.is_committed(layout.PARTITIONS_DIR):
+            raise ValueError(f"{cfg.store} has no committed partitions: run `ddm partition {cfg.store}` first")
+        k = store.manifest(layout.PARTITIONS_DIR)["num_partitions"]
+        if cfg.job == "expert" and cfg.partition >= k:
+            raise ValueError(f"partition {cfg.partition} does not exist: {cfg.store} has partitions 0..{k - 1}")
+    return dataset.manifest
+
+
+def resolve(cfg: JobConfig) -> JobConfig:
+    """The job as it runs anywhere: an absolute store URL (workers run in other directories) and,
+    for a distill job, the id of the ensemble it distils."""
+    return with_teacher(dataclasses.replace(cfg, store=absolute_url(cfg.store)))
+
+
+def is_finished(cfg: JobConfig) -> bool:
+    """Whether the job's export exists at its final step (nothing left to train)."""
+    run = Store(cfg.store).child(cfg.run_dir)
+    return run.is_committed(layout.EXPORT) and run.manifest(layout.EXPORT).get("step") == cfg.steps
+
+
+def _teacher_description(store: Store, cfg: JobConfig) -> dict:
+    if not store.exists(layout.ENSEMBLE_FILE):
+        raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
+    return store.read_json(layout.ENSEMBLE_FILE)
+
+
+def with_teacher(cfg: JobConfig) -> JobConfig:
+    """A distill job bound to the store's current ensemble (other jobs are returned unchanged)."""
+    if cfg.job != "distill" or cfg.teacher:
+        return cfg
+    return dataclasses.replace(cfg, teacher=layout.ensemble_id(_teacher_description(Store(cfg.store), cfg)))
+
+
+def _check_teacher(store: Store, cfg: JobConfig) -> None:
+    """Distillation reads the assembled ensemble; the student must model the same data."""
+    desc = _teacher_description(store, cfg)
+    if cfg.teacher != layout.ensemble_id(desc):
+        raise ValueError(
+            f"teacher={cfg.teacher!r} is not the store's ensemble ({layout.ensemble_id(desc)}, assembled from other "
+            "exports); leave teacher empty to distil the current one"
+        )
+    if tuple(desc["data_shape"]) != cfg.model.data_shape or int(desc["num_classes"]) != cfg.model.num_classes:
+        raise ValueError(
+            f"the student (data_shape {cfg.model.data_shape}, {cfg.model.num_classes} classes) does not match the "
+            f"ensemble (data_shape {tuple(desc['data_shape'])}, {desc['num_classes']} classes)"
+        )
+    if desc["flow"]["path"] != cfg.flow.path:
+        raise ValueError(
+            f"the ensemble's experts follow the {desc['flow']['path']!r} path; set flow.path={desc['flow']['path']}"
+        )

@@ -1,0 +1,264 @@
+"""Jobs across islands: ``ddm submit``, ``ddm status``, ``ddm resume``.
+
+``ddm submit`` assigns each expert to an island (``ddm.launchers.plan``), submits one Ray job per
+expert (``ddm train expert`` on that island, which runs Ray Train + DeepSpeed there) and then the
+router job; the islands share nothing but the store. Everything needed to follow and resume the
+run lives in the store under ``islands/``: the plan (which job runs where, with which config) and,
+per job, its latest submission. Submission ids are deterministic (``ddm-<run id>-<job>-<attempt>``),
+so submitting again never starts a second copy of a job that is pending or running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shlex
+import time
+from typing import Any
+
+from ddm import layout
+from ddm.assemble import assemble
+from ddm.data.ingest import ingest
+from ddm.data.partition import partition
+from ddm.job import JobConfig, check_inputs, is_finished
+from ddm.launchers.plan import (
+    Island,
+    IslandsConfig,
+    check_plan_matches,
+    plan_jobs,
+    plan_record,
+    planned_config,
+    submission_id,
+)
+from ddm.launchers.spec import RunSpec
+from ddm.store import Store, absolute_url
+
+log = logging.getLogger("ddm.islands")
+
+ACTIVE = ("PENDING", "RUNNING")
+
+# --- the job servers ------------------------------------------------------------------------------
+
+
+class IslandError(ValueError):
+    """An island that cannot be used: unreachable, wrong address, refused credentials."""
+
+
+def client(name: str, island: Island):
+    """A Ray Jobs client for the island, with errors that say what is wrong and where."""
+    from ray.job_submission import JobSubmissionClient
+
+    headers = None
+    if island.auth_token_env:
+        token = os.environ.get(island.auth_token_env)
+        if not token:
+            raise IslandError(f"island {name!r} reads its Ray token from ${island.auth_token_env}, which this shell does not set")
+        headers = {"Authorization": f"Bearer {token}"}
+    try:
+        c = JobSubmissionClient(island.address, headers=headers)
+        c.list_jobs()  # an authenticated call: the version probe alone may pass without credentials
+        return c
+    except Exception as e:  # noqa: BLE001 - the Jobs SDK raises bare ConnectionError/RuntimeError
+        text = f"{type(e).__name__}: {e}"
+        if any(s in text for s in ("401", "403", "Unauthorized", "Forbidden", "uthenticat")):
+            raise IslandError(
+                f"island {name!r} ({island.address}) refused the request: authentication failed. In this shell set "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to that cluster's token"
+            ) from e
+        raise IslandError(f"island {name!r} cannot be reached at {island.address} ({text.splitlines()[0][:300]})") from e
+
+
+def _job_state(c, sid: str) -> str:
+    try:
+        st = c.get_job_status(sid)
+        return str(getattr(st, "value", st))
+    except Exception as e:  # noqa: BLE001
+        if "does not exist" in str(e) or "404" in str(e) or "not found" in str(e).lower():
+            return "LOST"  # the server does not know it (restarted cluster, wrong island)
+        raise IslandError(f"job server error for {sid}: {e}") from e
+
+
+def _forwarded_env(islands: IslandsConfig) -> dict[str, str]:
+    missing = [n for n in islands.env if n not in os.environ]
+    if missing:
+        raise ValueError(f"the islands file forwards {missing}, but this shell does not set them; export them first")
+    return {n: os.environ[n] for n in islands.env}
+
+
+def _entrypoint(island: Island, config: JobConfig, config_url: str) -> str:
+    what = "router" if config.job == "router" else "expert"
+    return f"{island.ddm_command} train {what} -c {shlex.quote(config_url)}"
+
+
+# --- submit / status / resume ----------------------------------------------------------------------
+
+
+def _resolved(islands: IslandsConfig) -> tuple[IslandsConfig, Store]:
+    islands = dataclasses.replace(islands, store=absolute_url(islands.store))
+    return islands, Store(islands.store)
+
+
+def _read_plan(islands: IslandsConfig, store: Store) -> dict:
+    if not store.exists(layout.PLAN_FILE):
+        raise ValueError(f"{islands.store} has no submitted run ({layout.PLAN_FILE}); use `ddm submit` first")
+    return store.read_json(layout.PLAN_FILE)
+
+
+def _export_done(job: dict) -> bool:
+    return is_finished(planned_config(job))
+
+
+def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = False) -> list[dict]:
+    """Plan (or check the stored plan) and submit every job that is neither done nor active.
+
+    Islands are contacted before anything is written (a new submission: every island of the file;
+    a resume: those it needs), so a wrong address or refused credentials change nothing.
+    """
+    islands, store = _resolved(islands)
+    store.check_reachable()
+    env = _forwarded_env(islands)
+    clients: dict[str, Any] = {}
+    if not resume_only:  # a new submission needs every island: contact them before the store is touched
+        clients = {name: client(name, isl) for name, isl in islands.islands.items()}
+    if resume_only:
+        plan = _read_plan(islands, store)
+    else:
+        if spec.store not in ("", islands.store) and absolute_url(spec.store) != islands.store:
+            log.info("the islands file's store %s is used (the spec says %s)", islands.store, spec.store)
+        ingest(spec.ingest, store)  # both idempotent: nothing happens when the store already holds them
+        partition(spec.partition, store)
+        sizes = [int(n) for n in store.manifest(layout.PARTITIONS_DIR)["counts"]]
+        jobs = plan_jobs(spec, islands, sizes)
+        for j in jobs:
+            check_inputs(j.config)  # data shape, partitions, and agreement with what each run dir holds
+        plan = plan_record(jobs, islands)
+        if store.exists(layout.PLAN_FILE):
+            check_plan_matches(store.read_json(layout.PLAN_FILE), plan)
+    for j in plan["jobs"]:
+        if j["island"] not in islands.islands:
+            raise ValueError(f"{j['name']} runs on island {j['island']!r}, which the islands file no longer lists")
+    records = {j["name"]: _record(store, j["name"]) for j in plan["jobs"]}
+    todo = [j for j in plan["jobs"] if not _export_done(j)]
+    # Every island that gets a job, or may still run an earlier attempt of one, is contacted first.
+    needed = {j["island"] for j in todo} | {records[j["name"]]["island"] for j in todo if records[j["name"]]}
+    for name in sorted(needed - set(islands.islands)):
+        raise ValueError(f"an earlier attempt ran on island {name!r}, which the islands file no longer lists; add it back to check that job")
+    for name in sorted(needed - set(clients)):  # resume: the islands it needs, before any change
+        clients[name] = client(name, islands.islands[name])
+    if not resume_only:
+        store.write_json(layout.PLAN_FILE, plan)
+    submitted = []
+    for j in todo:
+        record = records[j["name"]]
+        c = clients[j["island"]]
+        if record is not None:
+            state = _job_state(clients[record["island"]], record["submission_id"])
+            if state in ACTIVE:  # never a second copy, not even on another island
+                log.info("%s is %s on %s as %s: not submitted again", j["name"], state.lower(), record["island"], record["submission_id"])
+                continue
+        attempt = 0 if record is None else record["attempt"] + 1
+        sid = submission_id(islands.store, j["name"], attempt)
+        config_url = f"{islands.store}/{layout.plan_job_config(j['name'])}"
+        store.write_json(layout.plan_job_config(j["name"]), j["config"])
+        island = islands.islands[j["island"]]
+        runtime_env = {**island.runtime_env, "env_vars": {**island.runtime_env.get("env_vars", {}), **env}}
+        try:
+            c.submit_job(
+                entrypoint=_entrypoint(island, planned_config(j), config_url),
+                submission_id=sid,
+                runtime_env=runtime_env,
+                metadata={"ddm_job": j["name"], "ddm_run": layout.run_id(islands.store)},
+            )
+        except Exception as e:  # noqa: BLE001
+            if "already exists" not in str(e):
+                raise IslandError(f"island {j['island']!r} did not accept {j['name']}: {e}") from e
+            log.info("%s: %s already exists on %s", j["name"], sid, j["island"])  # a lost record: same id, no duplicate
+        store.write_json(layout.plan_job_record(j["name"]), {"island": j["island"], "submission_id": sid, "attempt": attempt, "submitted_at": time.time()})
+        log.info("submitted %s to %s as %s", j["name"], j["island"], sid)
+        submitted.append({"job": j["name"], "island": j["island"], "submission_id": sid})
+    return submitted
+
+
+def _record(store: Store, job: str) -> dict | None:
+    path = layout.plan_job_record(job)
+    return store.read_json(path) if store.exists(path) else None
+
+
+def status(islands: IslandsConfig) -> dict:
+    """One row per job: island, state, step, newest commit, loss, throughput; and whether the
+    ensemble can be (or has been) assembled."""
+    islands, store = _resolved(islands)
+    plan = _read_plan(islands, store)
+    clients: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    rows = []
+    for j in plan["jobs"]:
+        run = store.child(j["run_dir"])
+        record = _record(store, j["name"])
+        progress = run.read_json(layout.PROGRESS) if run.exists(layout.PROGRESS) else {}
+        commits = layout.committed_steps(run.child(layout.CHECKPOINTS))
+        done = _export_done(j)
+        island_name = record["island"] if record else j["island"]
+        state = "NOT SUBMITTED"
+        if record is not None:
+            if island_name not in islands.islands:
+                state = "UNKNOWN ISLAND"
+            else:
+                if island_name not in clients and island_name not in errors:
+                    try:
+                        clients[island_name] = client(island_name, islands.islands[island_name])
+                    except IslandError as e:
+                        errors[island_name] = str(e)
+                state = "UNREACHABLE" if island_name in errors else _job_state(clients[island_name], record["submission_id"])
+        rows.append({
+            "job": j["name"], "island": island_name, "state": state, "done": done,
+            "step": progress.get("step", 0), "steps": j["config"]["steps"],
+            "checkpoint": commits[-1] if commits else None, "loss": progress.get("loss"),
+            "steps_per_s": progress.get("steps_per_s"),
+            "submission_id": record["submission_id"] if record else None,
+        })  # fmt: skip
+    return {
+        "store": islands.store,
+        "jobs": rows,
+        "unreachable": errors,
+        "all_done": all(r["done"] for r in rows),
+        "ensemble": store.exists(layout.ENSEMBLE_FILE),
+    }
+
+
+def format_status(s: dict) -> str:
+    lines = [f"run {s['store']}", "", f"{'job':<10} {'island':<10} {'state':<14} {'step':>12} {'checkpoint':>10} {'loss':>8} {'steps/s':>8}  submission"]
+    for r in s["jobs"]:
+        state = "DONE" if r["done"] else r["state"]
+        loss = "" if r["loss"] is None else f"{r['loss']:.4f}"
+        sps = "" if r["steps_per_s"] is None else f"{r['steps_per_s']:.1f}"
+        ckpt = "" if r["checkpoint"] is None else str(r["checkpoint"])
+        lines.append(f"{r['job']:<10} {r['island']:<10} {state:<14} {r['step']:>5}/{r['steps']:<6} {ckpt:>10} {loss:>8} {sps:>8}  {r['submission_id'] or ''}")
+    for name, err in s["unreachable"].items():
+        lines.append(f"\nisland {name}: {err}")
+    if s["all_done"]:
+        lines.append("\nevery export exists: " + ("ensemble.json is assembled" if s["ensemble"] else "run `ddm resume` (or `ddm assemble`) to assemble"))
+    return "\n".join(lines)
+
+
+def assemble_if_complete(islands: IslandsConfig, rule: str = "top1") -> dict | None:
+    """Assemble once every expert's and the router's export exists at its final step."""
+    islands, store = _resolved(islands)
+    plan = _read_plan(islands, store)
+    if not all(_export_done(j) for j in plan["jobs"]):
+        return None
+    return assemble(store, rule, replace=True)
+
+
+def wait(islands: IslandsConfig, poll_s: float = 10.0, timeout_s: float | None = None) -> dict:
+    """Poll until every job is done (or none is active any more); returns the last status."""
+    t0 = time.time()
+    while True:
+        s = status(islands)
+        active = [r for r in s["jobs"] if not r["done"] and r["state"] in ACTIVE]
+        if s["all_done"] or not active:
+            return s
+        if timeout_s is not None and time.time() - t0 > timeout_s:
+            return s
+        time.sleep(poll_s)

@@ -1,0 +1,183 @@
+"""``ddm run``: the whole DDM pipeline from one spec, on the local machine or one Ray cluster.
+
+Stages, each skipped when its output is already committed in the store and resumed when it is
+not: ingest -> partition -> training jobs (K experts, the router and, when asked, a monolith with
+the same total FLOPs, each its own Ray Train job, as many at once as the cluster's CPUs allow)
+-> assemble -> distill (optional) -> sample -> evaluate -> report (``report/``: README.md +
+images, rewritten at the end of every run).
+
+A re-run with the same spec finds finished jobs by their committed exports and resumes the others
+from their newest checkpoints; a spec that would train something else than what the store holds
+(another model, partitioning or dataset) is an error that names the difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+from ddm import layout
+from ddm.assemble import assemble
+from ddm.data.ingest import ingest
+from ddm.data.partition import partition
+from ddm.evaluate import evaluate
+from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
+from ddm.launchers.ray_job import connect, run_job
+from ddm.launchers.spec import RunSpec, jobs, student
+from ddm.logs import setup_logging
+from ddm.report import write_report
+from ddm.sample import sample
+from ddm.store import Store
+
+log = logging.getLogger("ddm.run")
+
+
+class JobsFailed(RuntimeError):
+    """Training jobs that ended without their export (after Ray's restarts); a re-run resumes them."""
+
+
+def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
+    """Run every stage of ``spec``; returns the evaluation report (also written under report/)."""
+    spec = spec.resolved()
+    store = Store(spec.store)
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        log.info("== %s", name)
+        t0 = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - t0
+
+    with stage("ingest"):
+        data = ingest(spec.ingest, store)
+    with stage("partition"):
+        parts = partition(spec.partition, store)
+    configs = jobs(spec, int(parts["num_partitions"]))
+    for c in configs:  # every job's inputs (and agreement with what the store holds) before any starts
+        check_inputs(c)
+    distill = student(spec)
+    # Distillation is still to do unless the current ensemble (if any) already has its student.
+    distill_done = distill is None or (store.exists(layout.ENSEMBLE_FILE) and is_finished(with_teacher(distill)))
+    with _ray(address, needed=not distill_done or not all(is_finished(c) for c in configs)):
+        with stage("train"):
+            run_jobs(store, configs, spec.max_concurrent_jobs)
+        with stage("assemble"):
+            old = store.read_json(layout.ENSEMBLE_FILE) if store.exists(layout.ENSEMBLE_FILE) else None
+            if assemble(store, spec.rule, replace=True) != old and old is not None:  # e.g. experts trained longer
+                log.info("the exports changed since %s was written: the old one is kept as a copy", layout.ENSEMBLE_FILE)
+        if distill is not None:
+            with stage("distill"):
+                distill = with_teacher(distill)
+                check_inputs(distill)
+                run_jobs(store, [distill], 1)
+    with stage("sample"):
+        samples = sample(store, spec.sample)
+    with stage("evaluate"):
+        rules = [r for r in spec.evaluate.rules if r != "monolith" or spec.monolith]
+        if distill is not None and "distilled" not in rules:
+            rules.append("distilled")
+        results = evaluate(store, dataclasses.replace(spec.evaluate, rules=rules))
+    write_report(store, spec, data, parts, configs + ([distill] if distill else []), samples, results, timings)
+    return results
+
+
+@contextmanager
+def _ray(address: str | None, needed: bool):
+    """A Ray connection for the block when jobs are to run (none when every job is finished)."""
+    import ray
+
+    started = needed and not ray.is_initialized()
+    if started:  # workers log to Ray's session directory, not over the progress bars
+        connect(address, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_job(cfg: JobConfig) -> dict:
+    """Runs inside a Ray task: one TorchTrainer for one job (its own workers and restarts)."""
+    setup_logging()
+    return run_job(cfg)
+
+
+def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, poll_s: float = 2.0) -> dict[str, dict]:
+    """Run checked training jobs on the connected Ray cluster, a bounded number at a time, with one
+    progress bar each (read from the jobs' progress.json in the store). Jobs already finished
+    are skipped. Returns {run_dir: summary}; raises after all jobs ended if any failed."""
+    import ray
+
+    todo = [c for c in configs if not is_finished(c)]
+    for c in configs:
+        if c not in todo:
+            log.info("%s: finished earlier (export at step %d), skipped", c.run_dir, c.steps)
+    if not todo:
+        return {}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_job = max(c.ray.num_workers * c.ray.cpus_per_worker for c in todo)
+    if per_job > cpus:
+        raise ValueError(
+            f"a job needs {per_job} CPUs but the Ray cluster has {cpus}; lower ray.num_workers or ray.cpus_per_worker"
+        )
+    slots = max_concurrent or max(1, cpus // per_job)
+    log.info("%d training jobs, %d at a time on %d CPUs (Ray worker logs: %s)", len(todo), slots, cpus, _ray_log_dir())
+    remote = ray.remote(num_cpus=0, max_retries=0)(_ray_job)
+    bars = {
+        c.run_dir: tqdm(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True)
+        for i, c in enumerate(todo)
+    }
+    # Longest first (by training FLOPs): with fewer slots than jobs this finishes soonest.
+    pending = sorted(todo, key=lambda c: -c.flops_per_step() * c.steps)
+    running, summaries, failures = {}, {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < slots:
+                c = pending.pop(0)
+                running[remote.remote(c)] = c
+            done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            for c in running.values():
+                _update_bar(bars[c.run_dir], store.child(c.run_dir))
+            for ref in done:
+                c = running.pop(ref)
+                bar = bars[c.run_dir]
+                try:
+                    summaries[c.run_dir] = ray.get(ref)
+                    bar.update(c.steps - bar.n)
+                    bar.set_postfix_str(f"loss {summaries[c.run_dir].get('final_loss') or float('nan'):.4f} done")
+                except Exception as e:  # a job that used up its restarts: keep the others going
+                    failures[c.run_dir] = e
+                    bar.set_postfix_str("FAILED")
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if failures:
+        first = next(iter(failures.values()))
+        raise JobsFailed(
+            f"training jobs failed: {', '.join(failures)}; run the same command again to resume them. First error: {first}"
+        )
+    return summaries
+
+
+def _update_bar(bar, run: Store) -> None:
+    try:
+        p = run.read_json(layout.PROGRESS)
+    except (FileNotFoundError, ValueError):
+        return
+    if p["step"] > bar.n:
+        bar.update(p["step"] - bar.n)
+        bar.set_postfix_str(f"loss {p['loss']:.4f}, {p['steps_per_s']:.1f} step/s")
+
+
+def _ray_log_dir() -> str:
+    import ray
+
+    try:
+        return f"{ray._private.worker._global_node.get_session_dir_path()}/logs"
+    except AttributeError:  # a client connection has no local node: only a hint in a log line
+        return "see `ray status`"

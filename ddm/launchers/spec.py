@@ -1,0 +1,69 @@
+"""The spec of a whole run, which ``ddm run`` and ``ddm submit`` share, and the jobs it makes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ddm.data.ingest import IngestConfig
+from ddm.data.partition import PartitionConfig
+from ddm.evaluate import EvalConfig
+from ddm.job import JobConfig
+from ddm.sample import SampleConfig
+from ddm.store import absolute_url
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One experiment: where, what data, how many partitions, how each job trains, what to measure."""
+
+    store: str = "runs/digits"
+    seed: int = 0  # every training job's seed (data order, init, noise)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    expert: JobConfig = field(default_factory=JobConfig)  # template for every expert (store, job, partition set here)
+    router: JobConfig = field(default_factory=lambda: JobConfig(job="router"))
+    monolith: bool = False  # also train one model on all data with the experts' + router's training FLOPs
+    distill_steps: int = 0  # > 0: distil the ensemble into one expert-sized student for this many steps
+    rule: str = "top1"  # the ensemble's default rule (ensemble.json)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    max_concurrent_jobs: int = 0  # 0: as many as the Ray cluster's CPUs hold at once
+
+    def __post_init__(self) -> None:
+        if self.distill_steps < 0:
+            raise ValueError(f"distill_steps must be >= 0, got {self.distill_steps}")
+        if self.max_concurrent_jobs < 0:
+            raise ValueError(f"max_concurrent_jobs must be >= 0, got {self.max_concurrent_jobs}")
+
+    def resolved(self, store: str | None = None) -> "RunSpec":
+        """The spec with an absolute store URL (``store`` replaces the spec's own)."""
+        return dataclasses.replace(self, store=absolute_url(store or self.store))
+
+
+def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = None) -> list[JobConfig]:
+    """The training jobs of the spec, experts first (``expert_steps``: each expert's steps, default
+    the spec's), then the router; the monolith's steps equalise total FLOPs."""
+    base = {"store": spec.store, "seed": spec.seed}
+    steps = expert_steps or [spec.expert.steps] * num_partitions
+    experts = [
+        dataclasses.replace(spec.expert, **base, job="expert", partition=k, steps=steps[k]) for k in range(num_partitions)
+    ]
+    router = dataclasses.replace(spec.router, **base, job="router")
+    out = [*experts, router]
+    if spec.monolith:
+        mono = dataclasses.replace(spec.expert, **base, job="expert", partition=-1)
+        total = sum(c.flops_per_step() * c.steps for c in out)
+        steps = max(1, round(total / mono.flops_per_step()))
+        every = min(mono.checkpoint.every, steps)
+        out.append(dataclasses.replace(mono, steps=steps, checkpoint=dataclasses.replace(mono.checkpoint, every=every)))
+    return out
+
+
+def student(spec: RunSpec) -> JobConfig | None:
+    """The distillation job of the spec (an expert-sized student), or None without ``distill_steps``."""
+    if not spec.distill_steps:
+        return None
+    return dataclasses.replace(
+        spec.expert, store=spec.store, seed=spec.seed, job="distill", partition=-1, steps=spec.distill_steps
+    )

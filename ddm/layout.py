@@ -1,0 +1,114 @@
+"""The run folder: every name under a run's root, and the ids and digests derived from content.
+
+One run lives under one store URL. Every module that reads or writes a run takes its paths from
+here, so a name is spelled once::
+
+    data/                           MANIFEST.json + shards/part-00000.parquet ...
+    partitions/                     MANIFEST.json, assignments.parquet, centroids.safetensors
+    experts/03/                     one training job's folder (see below)
+    router/                         the router job
+    monolith/                       the equal-FLOP baseline trained on all data
+    distilled/<ensemble id>/        a student distilled from one ensemble
+    ensemble.json                   which exports make the ensemble (+ ensemble.<time>.json copies)
+    samples/<name>/                 ``ddm sample`` outputs
+    eval/<name>/, eval/classifier/  ``ddm evaluate`` outputs and its feature network
+    report/                         ``ddm run``'s report
+    islands/plan.json               ``ddm submit``'s plan; islands/jobs/<job>.json (+ .config.json)
+
+A training job's folder holds ``config.json`` (the job spec), ``progress.json``,
+``metrics.jsonl``, ``summary.json``, ``checkpoints/step_0001000/`` (committed by a MANIFEST.json)
+and ``export/`` (the EMA model as safetensors + config.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+DATA_DIR = "data"
+SHARDS_DIR = "shards"
+PARTITIONS_DIR = "partitions"
+ASSIGNMENTS = "assignments.parquet"
+CENTROIDS = "centroids.safetensors"
+ROUTER_DIR = "router"
+MONOLITH_DIR = "monolith"
+ENSEMBLE_FILE = "ensemble.json"
+REPORT_DIR = "report"
+CLASSIFIER_DIR = "eval/classifier"
+PLAN_DIR = "islands"
+PLAN_FILE = f"{PLAN_DIR}/plan.json"
+
+# Inside a training job's folder.
+JOB_CONFIG = "config.json"
+PROGRESS = "progress.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+EXPORT = "export"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def expert_dir(partition: int) -> str:
+    return f"experts/{partition:02d}"
+
+
+def distilled_dir(ensemble: str) -> str:
+    """A student belongs to its teacher: one folder per ensemble id."""
+    return f"distilled/{ensemble}"
+
+
+def samples_dir(name: str) -> str:
+    return f"samples/{name}"
+
+
+def eval_dir(name: str) -> str:
+    return f"eval/{name}"
+
+
+def ensemble_copy(timestamp: int) -> str:
+    """Where a replaced ensemble.json is kept."""
+    return f"ensemble.{timestamp}.json"
+
+
+def plan_job_record(job: str) -> str:
+    return f"{PLAN_DIR}/jobs/{job}.json"
+
+
+def plan_job_config(job: str) -> str:
+    return f"{PLAN_DIR}/jobs/{job}.config.json"
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def committed_steps(checkpoints) -> list[int]:
+    """Steps of the committed checkpoints under ``checkpoints`` (a Store), oldest first, from a
+    fresh listing; a directory without its manifest is not a checkpoint."""
+    if not checkpoints.exists(""):
+        return []
+    found = (STEP_RE.match(name) for name in checkpoints.list(""))
+    return sorted(int(m.group(1)) for m in found if m and checkpoints.is_committed(m.group(0)))
+
+
+# --- ids and digests ------------------------------------------------------------------------
+
+
+def short_digest(obj, length: int = 6) -> str:
+    """A short content hash of a JSON-able object (settings, descriptions) for folder names."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def ensemble_id(description: dict) -> str:
+    """The content id of an ensemble description: outputs are filed under it, so samples or
+    evaluations of two different ensembles never share a folder."""
+    return short_digest(description, 8)
+
+
+def run_id(store_url: str) -> str:
+    """A run's id: the same store URL gives the same id (Ray run names, submission ids)."""
+    return hashlib.sha256(store_url.encode()).hexdigest()[:8]

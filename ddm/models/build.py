@@ -1,0 +1,27 @@
+"""The model registry: ``build_model`` for velocity models, ``build_router`` for routers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ddm.models.config import DIT_SIZES, MLP_SIZES, ModelConfig
+from ddm.models.dit import DiT, DiTRouter
+from ddm.models.mlp import MLPRouter, MLPVelocity
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The velocity model v(x_t, t, y) described by ``cfg``."""
+    if cfg.arch in MLP_SIZES:
+        return MLPVelocity(MLP_SIZES[cfg.arch], cfg.data_shape[0], cfg.num_classes, cfg.class_dropout_prob)
+    c, h, _ = cfg.data_shape
+    return DiT(DIT_SIZES[cfg.arch], h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio, cfg.moe)
+
+
+def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
+    """The router producing logits of p(k | x_t, t, y) over ``num_partitions`` partitions."""
+    if cfg.moe.enabled:
+        raise ValueError("routers are dense: set moe.num_experts=0 in the router model config")
+    if cfg.arch in MLP_SIZES:
+        return MLPRouter(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob)
+    c, h, _ = cfg.data_shape
+    return DiTRouter(DIT_SIZES[cfg.arch], num_partitions, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio)

@@ -1,0 +1,208 @@
+"""What a model is and what it learns, without torch: the settings a job spec, an export's
+``config.json`` and an islands plan carry.
+
+``ModelConfig`` names a preset network (a DiT size from a tiny debug size to XL/2, or an MLP for
+low-dimensional data), the data shape and the conditioning; ``MoEConfig`` its optional MoE
+feed-forward layers; ``FlowConfig`` the probability path whose velocity it learns. Importing this
+module pulls in no torch, so launchers and job specs stay light; ``ddm.models.build`` makes the
+networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+
+
+# The DiT paper's grid (S/B/L/XL x patch 2/4/8) plus a tiny debug size for tests.
+DIT_SIZES: dict[str, DiTSize] = {
+    "DiT-Tiny/2": DiTSize(depth=2, hidden_size=64, num_heads=2, patch_size=2),
+    "DiT-Tiny/4": DiTSize(depth=2, hidden_size=64, num_heads=2, patch_size=4),
+    **{
+        f"DiT-{name}/{p}": DiTSize(depth, hidden, heads, p)
+        for name, (depth, hidden, heads) in {
+            "S": (12, 384, 6),
+            "B": (12, 768, 12),
+            "L": (24, 1024, 16),
+            "XL": (28, 1152, 16),
+        }.items()
+        for p in (2, 4, 8)
+    },
+}
+
+
+@dataclass(frozen=True)
+class MLPSize:
+    hidden_size: int
+    depth: int
+
+
+MLP_SIZES: dict[str, MLPSize] = {
+    "MLP-XS": MLPSize(hidden_size=32, depth=2),
+    "MLP-S": MLPSize(hidden_size=128, depth=3),
+    "MLP-M": MLPSize(hidden_size=256, depth=4),
+    "MLP-L": MLPSize(hidden_size=512, depth=6),
+}
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """MoE feed-forward settings of a DiT.
+
+    num_experts: MoE experts per MoE layer (0 disables MoE).
+    every: every ``every``-th block (counting from the last) uses an MoE feed-forward;
+        1 makes all blocks MoE, 2 alternates dense and MoE as in GShard / Switch.
+    top_k: experts per token, 1 or 2 (DeepSpeed's TopKGate supports these).
+    ep_size: expert-parallel degree; must divide num_experts and the world size.
+    capacity_factor: token capacity per expert relative to an even split; tokens beyond it are
+        dropped (their feed-forward output is zero, the residual passes them through).
+    aux_loss_coef: weight of the load-balancing loss added to the training objective.
+    """
+
+    num_experts: int = 0
+    every: int = 2
+    top_k: int = 1
+    ep_size: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    aux_loss_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        if not self.enabled:
+            return
+        if self.top_k not in (1, 2):
+            raise ValueError(f"top_k must be 1 or 2 (DeepSpeed TopKGate), got {self.top_k}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.ep_size < 1 or self.num_experts % self.ep_size:
+            raise ValueError(
+                f"ep_size={self.ep_size} must divide num_experts={self.num_experts}"
+            )
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ValueError("capacity_factor and eval_capacity_factor must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network and for what data.
+
+    arch: a preset name, a DiT size ("DiT-Tiny/2" ... "DiT-XL/2") or an MLP size ("MLP-S", ...).
+    data_shape: one sample's shape: (C, H, W) for a DiT, (D,) for an MLP.
+    num_classes: 0 for unconditional models; otherwise labels 0..num_classes-1 and a null label.
+    class_dropout_prob: label dropout during training, which classifier-free guidance needs
+        (the DiT paper uses 0.1).
+    """
+
+    arch: str = "DiT-Tiny/2"
+    data_shape: tuple[int, ...] = (4, 32, 32)
+    num_classes: int = 0
+    class_dropout_prob: float = 0.1
+    mlp_ratio: float = 4.0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
+        if self.arch in DIT_SIZES:
+            if len(self.data_shape) != 3 or self.data_shape[1] != self.data_shape[2]:
+                raise ValueError(f"data_shape must be (C, H, H) for {self.arch}, got {self.data_shape}")
+            patch = DIT_SIZES[self.arch].patch_size
+            if self.data_shape[1] % patch:
+                raise ValueError(
+                    f"data_shape side {self.data_shape[1]} is not divisible by the patch size {patch} of {self.arch}"
+                )
+        elif self.arch in MLP_SIZES:
+            if len(self.data_shape) != 1:
+                raise ValueError(f"data_shape must be (D,) for {self.arch}, got {self.data_shape}")
+            if self.moe.enabled:
+                raise ValueError(f"moe is only supported by DiT models, not {self.arch}")
+        else:
+            raise ValueError(f"arch {self.arch!r} is unknown; choose one of {sorted(DIT_SIZES) + sorted(MLP_SIZES)}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+
+PATHS = ("linear", "cosine")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """The probability path a model learns the velocity of, and how training draws t.
+
+    path: "linear" (rectified flow, the default of SD3/SiT-style training) or "cosine".
+    time_sampling: "logit_normal" puts more training steps at intermediate t, which SD3 found
+        better for images; "uniform" is the textbook choice.
+    """
+
+    path: str = "linear"
+    time_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path {self.path!r} is unknown; choose one of {sorted(PATHS)}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling {self.time_sampling!r} is unknown; choose one of {list(TIME_SAMPLINGS)}")
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+
+
+def dit_forward_flops(size: DiTSize, input_size: int, in_channels: int) -> float:
+    """Forward FLOPs of one sample (2 per multiply-add): per block and token 24 D^2 for the
+    qkv/proj/MLP matmuls plus 4 T D for attention; DiT-B/2 at 32x32 latents is 46 GFLOPs
+    (the DiT paper's 23 GMACs). adaLN projections are per sample and left out (< 1%)."""
+    tokens = (input_size // size.patch_size) ** 2
+    d = size.hidden_size
+    blocks = size.depth * (24 * d**2 * tokens + 4 * tokens**2 * d)
+    embed = 2 * 2 * tokens * size.patch_size**2 * in_channels * d  # patch embedding + final linear
+    return float(blocks + embed)
+
+
+def forward_flops(cfg: ModelConfig, router: bool = False, num_partitions: int = 2) -> float:
+    """Forward FLOPs of one sample (2 per multiply-add) of the model ``cfg`` describes (or its router).
+
+    DiT: per block and token 8 D^2 (qkv, proj) + 4 r D^2 (the feed-forward of ratio r; top_k times
+    that in MoE blocks, whose tokens each visit top_k experts) + 4 T D (attention), plus the patch
+    embedding and output layer; the router's CLS token adds one token. MLP: 2 x the weights of its
+    linear layers. Embeddings and adaLN projections (per sample, < 1%) are left out.
+    """
+    if cfg.arch in MLP_SIZES:
+        return 2.0 * _mlp_linear_weights(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions if router else None)
+    size = DIT_SIZES[cfg.arch]
+    c, h, _ = cfg.data_shape
+    tokens = (h // size.patch_size) ** 2 + (1 if router else 0)
+    d, r = size.hidden_size, cfg.mlp_ratio
+    total = 0.0
+    for i in range(size.depth):
+        moe_block = cfg.moe.enabled and not router and (size.depth - 1 - i) % cfg.moe.every == 0
+        ffn = 4 * r * d**2 * (cfg.moe.top_k if moe_block else 1)
+        total += tokens * (8 * d**2 + ffn) + 4 * tokens**2 * d
+    return float(total + 2 * 2 * (h // size.patch_size) ** 2 * size.patch_size**2 * c * d)
+
+
+def _mlp_linear_weights(size: MLPSize, dim: int, num_partitions: int | None) -> int:
+    """Weights of the Linear layers of ``ddm.models.mlp``'s velocity model (or router), counted
+    from its layout: input projection, the 2-layer time MLP (64 frequencies), per block a FiLM
+    projection and a 2-layer MLP, and the output layer (velocity) or head (router)."""
+    h = size.hidden_size
+    out = num_partitions if num_partitions is not None else dim
+    return dim * h + (64 * h + h * h) + size.depth * (2 * h * h + 2 * h * h) + h * out

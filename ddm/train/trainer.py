@@ -1,0 +1,210 @@
+"""The training loop of every job kind: a plain function for Ray Train workers, torchrun or one process.
+
+``train(cfg)`` reads top to bottom: process group, model, DeepSpeed engine, EMA, objective, data,
+resume, loop, checkpoints, export. The job kind (expert, monolith, router, distill) only chooses
+the model and the objective (``ddm.train.objectives``); the loop is the same for all. It runs as
+one process (``python -m ddm.train``), under ``torchrun`` / ``deepspeed`` (which set RANK,
+WORLD_SIZE, MASTER_ADDR), and inside Ray Train workers (``ddm.launchers.ray_job``); Ray never
+reaches into it.
+
+Resume has one source of truth: the newest committed checkpoint in the store. Whether Ray restarted
+the workers or the user ran the command again, the function finds it there and continues with the
+same model, EMA, optimizer, step, RNG streams and data position, so the loss curve continues as if
+nothing had happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ddm import layout
+from ddm.assemble import load_ensemble
+from ddm.checkpoint import FORMAT_VERSION, CheckpointManager, RankState, _fault_hook
+from ddm.config import to_dict
+from ddm.data.reader import PartitionReader
+from ddm.exports import write_export
+from ddm.flow import FlowMatching
+from ddm.job import JobConfig
+from ddm.models.build import build_model, build_router
+from ddm.parallel import ParallelState, ensure_process_group
+from ddm.store import Store
+from ddm.train.ema import EMA
+from ddm.train.engine import build_engine, replica_check, whole_params
+from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
+
+log = logging.getLogger("ddm.train")
+
+
+def build_job(cfg: JobConfig, store: Store, device: torch.device) -> tuple[torch.nn.Module, Callable, dict]:
+    """The model, the objective and the export's extra fields of the job's kind."""
+    flow = FlowMatching.of(cfg.flow)
+    if cfg.job == "router":
+        num_partitions = int(store.manifest(layout.PARTITIONS_DIR)["num_partitions"])
+        return build_router(cfg.model, num_partitions), RouterLoss(flow), {"num_partitions": num_partitions}
+    model = build_model(cfg.model)
+    if cfg.job == "distill":
+        teacher = load_ensemble(store, rule="oracle", device=device)  # the expert of each sample's partition
+        if getattr(model, "y_embedder", None) is not None:
+            model.y_embedder.dropout_prob = 0.0  # the objective drops labels, once for teacher and student
+        distill = DistillLoss(
+            flow,
+            lambda x, t, y, partition: teacher.velocity(x, t, y, partition=partition),
+            cfg.model.num_classes,
+            cfg.model.class_dropout_prob,
+        )
+        return model, distill, {"teacher": cfg.teacher}
+    return model, VelocityLoss(flow, cfg.model.moe.aux_loss_coef), {}
+
+
+def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) one job; returns a summary. ``report`` receives each logged record (Ray Train)."""
+    # --- setup --------------------------------------------------------------------------------
+    on_gpu = torch.cuda.is_available()
+    owns_group = ensure_process_group("nccl" if on_gpu else "gloo")
+    ps = ParallelState.current(cfg.model.moe.ep_size if cfg.model.moe.enabled else 1)
+    if ps.world_size != cfg.ray.num_workers:
+        raise ValueError(f"ray.num_workers={cfg.ray.num_workers} but the job has {ps.world_size} ranks")
+    device = torch.device("cuda", ps.local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    store = Store(cfg.store)
+    run = store.child(cfg.run_dir)
+    t_start, started_at = time.perf_counter(), time.time()
+
+    # --- model, objective, engine, EMA ------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model, objective, export_extra = build_job(cfg, store, device)
+    engine = build_engine(model, cfg, on_gpu)
+    with whole_params(engine, cfg.engine.zero_stage):
+        ema = EMA(engine.module, cfg.ema_decay)
+    t_engine = time.perf_counter()
+
+    # --- data ---------------------------------------------------------------------------------
+    reader = PartitionReader(store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed)
+    # Noise and times: one stream per rank, saved and restored with the checkpoint.
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + ps.rank)
+    t_data = time.perf_counter()
+
+    # --- resume -------------------------------------------------------------------------------
+    # A router's optimizer state from ddm 0.1 follows another parameter order: never restore it.
+    min_format = FORMAT_VERSION if cfg.job == "router" else 1
+    ckpt = CheckpointManager(run, ps.rank, ps.world_size, cfg.checkpoint.keep, min_format=min_format)
+    step, metrics = 0, []
+    restored = ckpt.load_latest(engine)
+    if restored is not None:
+        step, state = restored
+        shadow = {k[4:]: v for k, v in state.tensors.items() if k.startswith("ema.")}
+        upgrade = getattr(engine.module, "upgrade_state_dict", None)  # names of older checkpoints
+        ema.load_state_dict({"shadow": upgrade(shadow) if upgrade else shadow, "num_updates": state.info["ema_updates"]})
+        reader.load_state_dict(state.info["reader"])
+        gen.set_state(state.tensors["rng.noise"])
+        torch.set_rng_state(state.tensors["rng.torch"])  # label dropout draws from the global stream
+        metrics = [m for m in _read_metrics(run) if m["step"] <= step]
+        log.info("rank %d resumed from %s/%s/%s", ps.rank, run.url, layout.CHECKPOINTS, layout.step_dir(step))
+    elif ps.is_main:
+        run.write_json(layout.JOB_CONFIG, to_dict(cfg))
+    t_restore = time.perf_counter()
+    startup = {
+        "engine_s": t_engine - t_start,
+        "data_s": t_data - t_engine,
+        "restore_s": t_restore - t_data,
+        "resumed_from": step if restored else None,
+        "started_at": started_at,  # wall clock: lets a launcher measure its own start-up share
+    }
+    if ps.is_main:
+        log.info(
+            "%s %s: %s, world %d, micro-batch %d, startup %s",
+            cfg.kind,
+            cfg.run_dir,
+            cfg.model.arch,
+            ps.world_size,
+            cfg.micro_batch_size,
+            startup,
+        )
+
+    # --- loop ---------------------------------------------------------------------------------
+    engine.train()
+    t_loop = time.perf_counter()
+    window_loss, window_n, last_log = 0.0, 0, time.perf_counter()
+    while step < cfg.steps:
+        for _ in range(cfg.grad_accum):
+            batch = reader.next_batch()
+            batch = {
+                "x": batch["x"].to(device),
+                "y": batch["y"].to(device) if cfg.model.num_classes else None,
+                "partition": batch["partition"].to(device),
+            }
+            loss = objective(engine, batch, gen)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+        step += 1
+        if "first_step_s" not in startup:  # from train() entry to the end of the first step
+            startup["first_step_s"] = time.perf_counter() - t_start
+        if os.environ.get("DDM_FAULT", "").startswith("step:"):
+            ckpt.wait()  # fault tests crash at a step only after the previous checkpoint is uploaded
+        _fault_hook("step", step, ps.rank)
+        with whole_params(engine, cfg.engine.zero_stage):
+            ema.update(engine.module)
+        window_loss += loss.item()
+        window_n += 1
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            record = {
+                "step": step,
+                "loss": window_loss / window_n,
+                "steps_per_s": window_n / (now - last_log),
+                "time": time.time(),
+            }
+            metrics.append(record)
+            window_loss, window_n, last_log = 0.0, 0, now
+            if ps.is_main:
+                log.info("%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"])
+                run.write_json(layout.PROGRESS, {**record, "steps": cfg.steps})  # cheap, for progress bars and status
+            if report is not None:
+                report(record)
+
+        if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+            state = RankState(
+                tensors={
+                    **{f"ema.{k}": v for k, v in ema.shadow.items()},
+                    "rng.noise": gen.get_state(),
+                    "rng.torch": torch.get_rng_state(),
+                },
+                info={"step": step, "reader": reader.state_dict(), "ema_updates": ema.num_updates},
+            )
+            ckpt.save(engine, step, state)
+            if ps.is_main:
+                run.write_bytes(layout.METRICS, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+        if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step != cfg.steps:
+            write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
+
+    ckpt.close()  # the last upload must be committed before the job reports success
+    write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
+    summary = {
+        "step": step,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "startup": startup,
+        "loop_s": time.perf_counter() - t_loop,
+        "world_size": ps.world_size,
+        **replica_check(engine.module, cfg.engine.zero_stage),
+    }
+    if ps.is_main:
+        run.write_json(layout.SUMMARY, summary)
+    if owns_group:
+        dist.barrier()
+        dist.destroy_process_group()  # torch + gloo can abort at exit without it
+    return summary
+
+
+def _read_metrics(run: Store) -> list[dict]:
+    if not run.exists(layout.METRICS):
+        return []
+    return [json.loads(line) for line in run.read_bytes(layout.METRICS).decode().splitlines() if line.strip()]
