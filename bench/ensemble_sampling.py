@@ -21,7 +21,7 @@ import torch
 
 from ddm.demo import DemoConfig
 from ddm.ensemble import Ensemble, Rule
-from ddm.models import build_model, build_router
+from ddm.models.build import build_model, build_router
 
 
 def timed(fn) -> float:

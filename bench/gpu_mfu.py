@@ -36,8 +36,8 @@ def main() -> None:
     import deepspeed
 
     from ddm.flow import FlowMatching
-    from ddm.models import DIT_SIZES, ModelConfig, build_model
-    from ddm.models.dit import dit_forward_flops
+    from ddm.models.build import build_model
+    from ddm.models.config import DIT_SIZES, ModelConfig, dit_forward_flops
     from ddm.parallel import ensure_process_group
 
     ensure_process_group("nccl")

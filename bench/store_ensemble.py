@@ -44,7 +44,7 @@ def start_s3() -> tuple[object, str]:
 
 
 def write_export(store, run_dir: str, model: torch.nn.Module, config: dict) -> None:
-    """The layout ``ddm.train.expert.export`` writes: safetensors + config.json + manifest."""
+    """The layout ``ddm.exports.write_export`` writes: safetensors + config.json + manifest."""
     from safetensors.torch import save
 
     run = store.child(run_dir)
@@ -70,9 +70,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     from ddm.config import to_dict
-    from ddm.ensemble import assemble, load_ensemble
+    from ddm.assemble import assemble, load_ensemble
     from ddm.flow import FlowMatching
-    from ddm.models import ModelConfig, build_model, build_router
+    from ddm.models import ModelConfig
+    from ddm.models.build import build_model, build_router
     from ddm.store import Store
 
     server, endpoint = start_s3()

@@ -27,7 +27,8 @@ import time
 BARE = r"""
 import json, sys, time, torch
 from ddm.flow import FlowMatching
-from ddm.models import ModelConfig, build_model
+from ddm.models import ModelConfig
+from ddm.models.build import build_model
 arch, batch, steps, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 cfg = ModelConfig(arch, (1, 16, 16), num_classes=10)
@@ -75,9 +76,9 @@ def main() -> None:
     from ddm.config import load
     from ddm.data.ingest import IngestConfig, ingest
     from ddm.data.partition import PartitionConfig, partition
-    from ddm.islands import run_expert
+    from ddm.job import JobConfig, check_inputs, resolve
+    from ddm.launchers.ray_job import run_job
     from ddm.store import Store
-    from ddm.train.expert import TrainConfig
 
     tmp = tempfile.mkdtemp(prefix="ddm-bench-")
     base = os.path.join(tmp, "store")
@@ -85,7 +86,7 @@ def main() -> None:
     ingest(IngestConfig(source="synthetic:4096", resolution=16, shard_size=2048), store)
     partition(PartitionConfig(num_partitions=1, num_fine=64), store)
     common = [f"model.arch={args.arch}", "model.data_shape=[1,16,16]", "model.num_classes=10", f"global_batch_size={args.batch}",
-              f"steps={args.steps}", "log_every=10", "zero_stage=0", "partition=0", "cpus_per_worker=2"]  # fmt: skip
+              f"steps={args.steps}", "log_every=10", "engine.zero_stage=0", "partition=0", "ray.cpus_per_worker=2"]  # fmt: skip
 
     figures: dict = {"arch": args.arch, "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup}
     # 1. bare loop vs the whole stack under Ray, back to back.
@@ -98,7 +99,9 @@ def main() -> None:
     ray_store = os.path.join(tmp, "ray")
     shutil.copytree(base, ray_store)
     fit_at = time.time()
-    s = run_expert(load(TrainConfig, None, [f"store={ray_store}", *common, f"checkpoint_every={10**6}"]))
+    cfg = resolve(load(JobConfig, None, [f"store={ray_store}", *common, f"checkpoint.every={10**6}"]))
+    check_inputs(cfg)
+    s = run_job(cfg)
     ray.shutdown()
     figures["stack_steps_per_s"] = stack_rate(os.path.join(ray_store, "experts/00"), args.warmup)
     figures["stack_over_bare"] = figures["stack_steps_per_s"] / figures["bare_steps_per_s"]
@@ -116,7 +119,7 @@ def main() -> None:
     for name, every in (("no_checkpoints", 10**6), *((f"checkpoint_every_{n}", n) for n in args.checkpoint_every)):
         d = os.path.join(tmp, name)
         shutil.copytree(base, d)
-        run([sys.executable, "-m", "ddm.train.expert", f"store={d}", *common, f"checkpoint_every={every}"])
+        run([sys.executable, "-m", "ddm.train", f"store={d}", *common, f"checkpoint.every={every}"])
         rates[name] = stack_rate(os.path.join(d, "experts/00"), args.warmup)
     for name, rate in rates.items():
         figures[f"steps_per_s_{name}"] = rate

@@ -12,6 +12,8 @@ import textwrap
 import types
 import typing
 
+import torch
+
 import ddm.assemble
 import ddm.data.ingest
 import ddm.data.partition
@@ -36,9 +38,11 @@ from ddm.launchers.ray_job import connect, run_job
 from ddm.launchers.run import JobsFailed, run_pipeline
 from ddm.launchers.spec import RunSpec
 from ddm.logs import setup_logging
+from ddm.models.build import build_model
 from ddm.models.config import DIT_SIZES, MLP_SIZES, ModelConfig
 from ddm.sample import SampleConfig, sample
 from ddm.store import Store, StoreError
+from ddm.train.trainer import train
 
 DESCRIPTION = textwrap.dedent(
     """\
@@ -266,8 +270,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_ray:
         if cfg.ray.num_workers != 1:
             raise ValueError("--no-ray runs one process: set ray.num_workers=1 (or use torchrun/deepspeed launchers)")
-        from ddm.train.trainer import train  # DeepSpeed's start-up only where this process trains
-
         summary = train(cfg)
     else:
         connect(args.address)
@@ -342,10 +344,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    import torch
-
-    from ddm.models.build import build_model
-
     print(f"{'preset':<12}{'params':>10}  shape")
     for name in list(DIT_SIZES) + list(MLP_SIZES):
         shape = (4, 32, 32) if name in DIT_SIZES else (2,)

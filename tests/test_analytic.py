@@ -10,7 +10,7 @@ import torch
 
 from ddm.analytic import GaussianMixture
 from ddm.ensemble import Ensemble, Rule
-from ddm.evaluate import energy_distance
+from ddm.metrics import energy_distance
 from ddm.flow import FlowMatching
 
 

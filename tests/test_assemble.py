@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from ddm.ensemble import ENSEMBLE_FILE, assemble, load_ensemble
+from ddm.assemble import assemble, load_ensemble
 from ddm.flow import FlowMatching
+from ddm.layout import ENSEMBLE_FILE
 from ddm.store import ChecksumError, Store
 from tests.test_train import fresh, prepared, run_cli, summary  # noqa: F401 - fixture
 
@@ -17,8 +18,8 @@ def trained(prepared, tmp_path_factory):  # noqa: F811
     """Two tiny experts and a router, a few steps each (compatibility is what is tested here)."""
     store = fresh(prepared, tmp_path_factory.mktemp("assembled"))
     for part in (0, 1):
-        summary(run_cli(store, f"partition={part}", "steps=2", "checkpoint_every=2"))
-    summary(run_cli(store, "job=router", "steps=2", "checkpoint_every=2"))
+        summary(run_cli(store, f"partition={part}", "steps=2", "checkpoint.every=2"))
+    summary(run_cli(store, "job=router", "steps=2", "checkpoint.every=2"))
     return store
 
 
@@ -51,12 +52,12 @@ def test_a_different_ensemble_is_never_overwritten(trained):
 
 def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # noqa: F811
     store_path = fresh(prepared, tmp_path)
-    summary(run_cli(store_path, "partition=0", "steps=2", "checkpoint_every=2"))
+    summary(run_cli(store_path, "partition=0", "steps=2", "checkpoint.every=2"))
     store = Store(store_path)
     with pytest.raises(ValueError, match="experts/01 has no committed export; train it first"):
         assemble(store)
-    summary(run_cli(store_path, "partition=1", "steps=2", "checkpoint_every=2", "flow.path=cosine"))
-    summary(run_cli(store_path, "job=router", "steps=2", "checkpoint_every=2"))
+    summary(run_cli(store_path, "partition=1", "steps=2", "checkpoint.every=2", "flow.path=cosine"))
+    summary(run_cli(store_path, "job=router", "steps=2", "checkpoint.every=2"))
     with pytest.raises(ValueError, match="trained on the 'cosine' path but experts/00 on 'linear'"):
         assemble(store)
     config = os.path.join(store_path, "router", "export", "config.json")
@@ -73,7 +74,7 @@ def test_export_changed_after_assembly_is_caught(trained, tmp_path):
     shutil.copytree(trained, copy)
     store = Store(str(copy))
     assemble(store, "top1", replace=True)
-    summary(run_cli(str(copy), "partition=1", "steps=4", "checkpoint_every=2"))  # expert 1 trains on
+    summary(run_cli(str(copy), "partition=1", "steps=4", "checkpoint.every=2"))  # expert 1 trains on
     ens = load_ensemble(store, rule="oracle")
     with pytest.raises(ValueError, match="changed since the ensemble was assembled"):
         ens.velocity(torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.arange(2), partition=torch.ones(2, dtype=torch.long))

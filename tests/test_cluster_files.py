@@ -10,9 +10,9 @@ import yaml
 
 import ddm
 from ddm.cli import build_parser
-from ddm.config import load
-from ddm.submit import load_islands
-from ddm.train.expert import TrainConfig
+from ddm.config import from_dict, load
+from ddm.job import JobConfig
+from ddm.launchers.plan import load_islands
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_IMAGE = f"ghcr.io/ddm-project/ddm:{ddm.__version__}-gpu"
@@ -79,8 +79,8 @@ def test_rayjob_entrypoint_is_a_valid_ddm_command():
     assert argv[0] == "ddm"
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.what) == ("train", "expert")
-    cfg = load(TrainConfig, ROOT / args.config, [*args.overrides, f"partition={args.partition}"])
-    assert cfg.partition == 0 and cfg.use_gpu and cfg.store.startswith("s3://")
+    cfg = load(JobConfig, ROOT / args.config, [*args.overrides, f"partition={args.partition}"])
+    assert cfg.partition == 0 and cfg.ray.use_gpu and cfg.store.startswith("s3://")
 
 
 def test_islands_example_loads_and_forwards_only_names():
@@ -88,7 +88,7 @@ def test_islands_example_loads_and_forwards_only_names():
     assert set(cfg.islands) == {"west", "east"} and cfg.router_island == "west"
     assert all(re.fullmatch(r"[A-Z_]+", n) for n in cfg.env)
     for island in cfg.islands.values():
-        TrainConfig(**{**{"store": "x"}, **island.overrides})  # overrides are valid TrainConfig fields
+        from_dict(JobConfig, {"store": "x", **island.overrides})  # overrides are valid JobConfig fields
         assert island.ddm_command == "ddm" and re.fullmatch(r"RAY_AUTH_TOKEN_[A-Z]+", island.auth_token_env)
 
 

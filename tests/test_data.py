@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from ddm.data.ingest import IngestConfig, ingest
-from ddm.data.partition import ASSIGNMENTS, CENTROIDS, PARTITIONS_DIR, PartitionConfig, partition
+from ddm.data.partition import PartitionConfig, partition
 from ddm.data.reader import PartitionReader
-from ddm.data.shards import DATA_DIR, Dataset, read_parquet_bytes, shard_name
+from ddm.data.shards import Dataset, read_parquet_bytes, shard_name
+from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.store import Store, StoreError
 
 

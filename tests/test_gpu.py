@@ -11,7 +11,8 @@ pytestmark = [
 
 def test_dit_b2_bf16_step_on_gpu():
     from ddm.flow import FlowMatching
-    from ddm.models import ModelConfig, build_model
+    from ddm.models import ModelConfig
+    from ddm.models.build import build_model
 
     model = build_model(ModelConfig("DiT-B/2", (4, 32, 32), num_classes=1000)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -98,11 +98,11 @@ SPEC = {
     "partition": {"num_partitions": 2, "num_fine": 64},
     "expert": {
         "model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10},
-        "steps": 300, "global_batch_size": 16, "checkpoint_every": 25, "log_every": 5, "num_workers": 1,
+        "steps": 300, "global_batch_size": 16, "checkpoint": {"every": 25}, "log_every": 5, "ray": {"num_workers": 1},
     },
     "router": {
         "job": "router", "model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10},
-        "steps": 10, "global_batch_size": 16, "checkpoint_every": 10, "log_every": 5, "num_workers": 1,
+        "steps": 10, "global_batch_size": 16, "checkpoint": {"every": 10}, "log_every": 5, "ray": {"num_workers": 1},
     },
 }  # fmt: skip
 
@@ -112,7 +112,7 @@ def islands_file(path, store: str, islands: dict, **extra) -> str:
         "store": store,
         "env": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"],
         "islands": {
-            name: {"address": addr, "ddm_command": f"{sys.executable} -m ddm.cli", "overrides": {"cpus_per_worker": 1}}
+            name: {"address": addr, "ddm_command": f"{sys.executable} -m ddm.cli", "overrides": {"ray": {"cpus_per_worker": 1}}}
             for name, addr in islands.items()
         },
         **extra,
@@ -208,7 +208,8 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
         assert out.returncode == 2 and "authentication failed" in out.stderr, out.stderr[-2000:]
         assert not Store(store_url).exists("islands/plan.json")
         # Per-island tokens: the islands file names the variable, the shell holds the value.
-        from ddm.submit import Island, IslandError, client
+        from ddm.launchers.islands import IslandError, client
+        from ddm.launchers.plan import Island
 
         island = Island(locked.address, auth_token_env="DDM_TEST_LOCKED_TOKEN")
         with pytest.raises(IslandError, match=r"\$DDM_TEST_LOCKED_TOKEN, which this shell does not set"):
@@ -226,7 +227,7 @@ def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3
     a, _ = two_islands
     store_url = f"s3://{BUCKET}/other-{uuid.uuid4().hex[:6]}"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint_every": 5}}))
+    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint": {"every": 5}}}))
     isl = islands_file(tmp_path / "one.yaml", store_url, {"a": a.address})
     out = ddm("submit", str(spec), "--islands", isl)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -251,7 +252,7 @@ def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3
 
 
 def test_balanced_assignment_follows_capacity_and_explicit_map():
-    from ddm.submit import Island, IslandsConfig, assign
+    from ddm.launchers.plan import Island, IslandsConfig, assign
 
     cfg = IslandsConfig(store="s3://b/r", islands={"big": Island("http://a:1", capacity=2), "small": Island("http://b:1", capacity=1)})
     sizes, steps = [300, 100, 200, 100, 200, 300], [10] * 6
@@ -267,13 +268,13 @@ def test_balanced_assignment_follows_capacity_and_explicit_map():
 
 def test_steps_policy_and_island_overrides_shape_each_job():
     from ddm.config import from_dict
-    from ddm.pipeline import RunSpec
-    from ddm.submit import Island, IslandsConfig, plan_jobs
+    from ddm.launchers.plan import Island, IslandsConfig, plan_jobs
+    from ddm.launchers.spec import RunSpec
 
     spec = from_dict(RunSpec, {**SPEC, "store": "ignored"})
     islands = IslandsConfig(
         store="s3://b/r",
-        islands={"gpu": Island("http://a:1", capacity=3, overrides={"num_workers": 2, "use_gpu": True}), "cpu": Island("http://b:1")},
+        islands={"gpu": Island("http://a:1", capacity=3, overrides={"ray": {"num_workers": 2, "use_gpu": True}}), "cpu": Island("http://b:1")},
         steps_policy="proportional",
     )
     jobs = plan_jobs(spec, islands, [100, 300])
@@ -283,4 +284,4 @@ def test_steps_policy_and_island_overrides_shape_each_job():
     assert router.name == "router" and router.island == "gpu"  # the largest island by default
     for j in jobs:
         assert j.config.store == "s3://b/r" and j.config.seed == 2
-        assert (j.config.num_workers, j.config.use_gpu) == ((2, True) if j.island == "gpu" else (1, False))
+        assert (j.config.ray.num_workers, j.config.ray.use_gpu) == ((2, True) if j.island == "gpu" else (1, False))

@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 
 from ddm.flow import FlowMatching, guided
-from ddm.models import DIT_SIZES, MLP_SIZES, ModelConfig, MoEConfig, build_model, build_router
+from ddm.models import DIT_SIZES, MLP_SIZES, ModelConfig, MoEConfig
+from ddm.models.build import build_model, build_router
 from ddm.models.dit import DiTBlock
 
 
@@ -202,7 +203,7 @@ def test_mlp_velocity_and_router():
 
 def test_forward_flops_match_the_dit_paper():
     """DiT paper: DiT-B/2 23.0 and DiT-XL/2 118.6 GMACs per forward at 256 px (2 FLOPs per MAC here)."""
-    from ddm.models.dit import dit_forward_flops
+    from ddm.models.config import dit_forward_flops
 
     assert abs(dit_forward_flops(DIT_SIZES["DiT-B/2"], 32, 4) / 2e9 - 23.0) / 23.0 < 0.02
     assert abs(dit_forward_flops(DIT_SIZES["DiT-XL/2"], 32, 4) / 2e9 - 118.6) / 118.6 < 0.02

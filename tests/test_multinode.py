@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.test_train import TRAIN, assert_same_weights, exported, fresh, prepared  # noqa: F401 - fixture
+from tests.test_train import TRAIN, assert_same_weights, exported, fresh, prepared, ray_train  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,17 @@ def cluster():
 
 def cfg_for(store):
     from ddm.config import load
-    from ddm.train.expert import TrainConfig
+    from ddm.job import JobConfig
 
-    return load(TrainConfig, None, [f"store={store}", *TRAIN, "num_workers=2", "max_failures=3", "steps=6", "checkpoint_every=2"])
+    return load(JobConfig, None, [f"store={store}", *TRAIN, "ray.num_workers=2", "ray.max_failures=3", "steps=6", "checkpoint.every=2"])
 
 
 def test_node_lost_and_replaced_mid_run(prepared, tmp_path, cluster):  # noqa: F811
     import ray
 
-    from ddm.islands import run_expert
-
     c, nodes = cluster
     reference = fresh(prepared, tmp_path, "reference")
-    run_expert(cfg_for(reference))
+    ray_train(cfg_for(reference))
     placed = {a["node_id"] for a in ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)}
     assert len({n.node_id for n in nodes} & placed) == 2  # the workers really ran on two nodes
 
@@ -45,7 +43,7 @@ def test_node_lost_and_replaced_mid_run(prepared, tmp_path, cluster):  # noqa: F
     marker = tmp_path / "paused"
     env = {"DDM_FAULT": "step:5:0", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": str(marker)}
     result = {}
-    thread = threading.Thread(target=lambda: result.update(s=run_expert(cfg_for(store), env=env)), daemon=True)
+    thread = threading.Thread(target=lambda: result.update(s=ray_train(cfg_for(store), env=env)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 180
     while not marker.exists():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ddm.config import from_dict
-from ddm.pipeline import RunSpec, job_flops_per_step, jobs
+from ddm.launchers.spec import RunSpec, jobs
 from ddm.store import Store
 from tests.test_train import child_env
 
@@ -19,11 +19,11 @@ TINY = {
     "partition": {"num_partitions": 2, "num_fine": 64},
     "expert": {
         "model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10},
-        "steps": 6, "global_batch_size": 16, "checkpoint_every": 3, "log_every": 3, "zero_stage": 2,
+        "steps": 6, "global_batch_size": 16, "log_every": 3, "checkpoint": {"every": 3}, "engine": {"zero_stage": 2},
     },
     "router": {
         "job": "router", "model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10},
-        "steps": 4, "global_batch_size": 16, "checkpoint_every": 4, "log_every": 2,
+        "steps": 4, "global_batch_size": 16, "checkpoint": {"every": 4}, "log_every": 2,
     },
     "monolith": True,
     "distill_steps": 3,
@@ -48,9 +48,9 @@ def test_monolith_gets_the_ensembles_training_flops():
     s = from_dict(RunSpec, {**TINY, "store": "x"})
     cfgs = jobs(s, 2)
     assert [c.run_dir for c in cfgs] == ["experts/00", "experts/01", "router", "monolith"]
-    ensemble = sum(job_flops_per_step(c) * c.steps for c in cfgs[:3])
+    ensemble = sum(c.flops_per_step() * c.steps for c in cfgs[:3])
     mono = cfgs[3]
-    assert abs(job_flops_per_step(mono) * mono.steps - ensemble) <= job_flops_per_step(mono) / 2  # rounded to a step
+    assert abs(mono.flops_per_step() * mono.steps - ensemble) <= mono.flops_per_step() / 2  # rounded to a step
     assert mono.steps > 2 * 6  # the router's FLOPs are included
     assert all(c.seed == 1 and c.store == "x" for c in cfgs)
 
@@ -72,7 +72,7 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
     store_url, _, first, _, _ = pipeline_run
     store = Store(store_url)
     ens = store.read_json("ensemble.json")
-    from ddm.ensemble import ensemble_id
+    from ddm.layout import ensemble_id
 
     for d in ("experts/00", "experts/01", "router", "monolith", f"distilled/{ensemble_id(ens)}"):
         store.child(d).verify("export")
@@ -156,7 +156,7 @@ def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monke
 
 
 def test_distilled_student_belongs_to_its_teacher(pipeline_run):
-    from ddm.ensemble import ensemble_id
+    from ddm.layout import ensemble_id
 
     store = Store(pipeline_run[0])
     current = ensemble_id(store.read_json("ensemble.json"))
@@ -187,7 +187,7 @@ def test_a_failed_job_fails_the_run_clearly_and_a_rerun_resumes_it(tmp_path):
     naming it, while the other jobs finish; the same command again resumes it from its commit."""
     store_url = str(tmp_path / "store")
     spec = {**TINY, "store": store_url, "monolith": False, "distill_steps": 0,
-            "expert": {**TINY["expert"], "steps": 8, "checkpoint_every": 4, "max_failures": 0}}  # fmt: skip
+            "expert": {**TINY["expert"], "steps": 8, "checkpoint": {"every": 4}, "ray": {"max_failures": 0}}}  # fmt: skip
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = ddm("run", str(path), env={"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")})

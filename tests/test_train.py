@@ -1,6 +1,6 @@
 """Tiers 4 and 5: real DeepSpeed (CPU, gloo) with and without Ray Train; exact resume; faults.
 
-Single-process runs go through ``python -m ddm.train.expert`` in a subprocess (a fresh process
+Single-process runs go through ``python -m ddm.train`` in a subprocess (a fresh process
 group each time, as a user's command would). Ray runs use a real local Ray runtime with 2 workers.
 """
 
@@ -46,7 +46,7 @@ def child_env(extra: dict | None = None) -> dict:
 
 
 def run_cli(store: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ddm.train.expert", f"store={store}", *TRAIN, *overrides]
+    cmd = [sys.executable, "-m", "ddm.train", f"store={store}", *TRAIN, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(env))
 
 
@@ -71,14 +71,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(prepared, tmp_path):
     straight = fresh(prepared, tmp_path, "straight")
-    s = summary(run_cli(straight, "steps=8", "checkpoint_every=4"))
+    s = summary(run_cli(straight, "steps=8", "checkpoint.every=4"))
     assert s["step"] == 8 and s["startup"]["resumed_from"] is None
 
     crashed = fresh(prepared, tmp_path, "crashed")
     env = {"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}
-    out = run_cli(crashed, "steps=8", "checkpoint_every=4", env=env)
+    out = run_cli(crashed, "steps=8", "checkpoint.every=4", env=env)
     assert out.returncode == -9  # SIGKILL at step 6, after step 4 was committed
-    s2 = summary(run_cli(crashed, "steps=8", "checkpoint_every=4"))
+    s2 = summary(run_cli(crashed, "steps=8", "checkpoint.every=4"))
     assert s2["startup"]["resumed_from"] == 4
     assert_same_weights(exported(straight), exported(crashed))
     # The metrics continue the same loss curve.
@@ -91,25 +91,25 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(prepared, tmp_path):
 def test_crash_inside_an_upload_never_commits_a_partial_checkpoint(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
     env = {"DDM_FAULT": "upload:8", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}
-    out = run_cli(store, "steps=8", "checkpoint_every=4", env=env)
+    out = run_cli(store, "steps=8", "checkpoint.every=4", env=env)
     assert out.returncode == -9
     ckpts = Store(store).child("experts/00/checkpoints")
     assert ckpts.is_committed("step_0000004") and not ckpts.is_committed("step_0000008")
     assert ckpts.list("step_0000008")  # the partial upload is there, uncommitted
-    s = summary(run_cli(store, "steps=8", "checkpoint_every=4"))
+    s = summary(run_cli(store, "steps=8", "checkpoint.every=4"))
     assert s["startup"]["resumed_from"] == 4 and s["step"] == 8
     assert ckpts.is_committed("step_0000008")
 
 
 def test_flipped_bytes_are_caught_and_the_previous_commit_is_used(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
-    summary(run_cli(store, "steps=8", "checkpoint_every=4"))
+    summary(run_cli(store, "steps=8", "checkpoint.every=4"))
     ckpt_dir = os.path.join(store, "experts/00/checkpoints/step_0000008")
     target = next(f for f in sorted(os.listdir(ckpt_dir)) if f.endswith("optim_states.pt"))
     raw = bytearray(open(os.path.join(ckpt_dir, target), "rb").read())
     raw[len(raw) // 2] ^= 0xFF
     open(os.path.join(ckpt_dir, target), "wb").write(bytes(raw))
-    out = run_cli(store, "steps=10", "checkpoint_every=4")
+    out = run_cli(store, "steps=10", "checkpoint.every=4")
     s = summary(out)
     assert s["startup"]["resumed_from"] == 4 and s["step"] == 10
     assert f"{target} is corrupted" in out.stderr and "falling back to the previous commit" in out.stderr
@@ -117,25 +117,26 @@ def test_flipped_bytes_are_caught_and_the_previous_commit_is_used(prepared, tmp_
 
 def test_zero3_trains_and_resumes(prepared, tmp_path):
     straight, resumed = fresh(prepared, tmp_path, "a"), fresh(prepared, tmp_path, "b")
-    summary(run_cli(straight, "steps=4", "checkpoint_every=2", "zero_stage=3"))
-    summary(run_cli(resumed, "steps=2", "checkpoint_every=2", "zero_stage=3"))
-    assert summary(run_cli(resumed, "steps=4", "checkpoint_every=2", "zero_stage=3"))["startup"]["resumed_from"] == 2
+    summary(run_cli(straight, "steps=4", "checkpoint.every=2", "engine.zero_stage=3"))
+    summary(run_cli(resumed, "steps=2", "checkpoint.every=2", "engine.zero_stage=3"))
+    assert summary(run_cli(resumed, "steps=4", "checkpoint.every=2", "engine.zero_stage=3"))["startup"]["resumed_from"] == 2
     assert_same_weights(exported(straight), exported(resumed))
 
 
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
-    summary(run_cli(store, "steps=8", "checkpoint_every=2", "keep_checkpoints=2", "grad_accum=2", "export_every=4"))
+    summary(run_cli(store, "steps=8", "checkpoint.every=2", "checkpoint.keep=2", "grad_accum=2", "checkpoint.export_every=4"))
     ckpts = Store(store).child("experts/00/checkpoints")
     assert ckpts.list("") == ["step_0000006", "step_0000008"]
 
 
 def test_deepspeed_config_from_train_config():
     from ddm.config import load
-    from ddm.train.expert import TrainConfig, deepspeed_config
+    from ddm.job import JobConfig
+    from ddm.train.engine import deepspeed_config
 
-    cfg = load(TrainConfig, None, ["global_batch_size=64", "grad_accum=2", "num_workers=4", "zero_stage=1",
-                                   "deepspeed={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 1.0}"])  # fmt: skip
+    cfg = load(JobConfig, None, ["global_batch_size=64", "grad_accum=2", "ray.num_workers=4", "engine.zero_stage=1",
+                                   "engine.deepspeed={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 1.0}"])  # fmt: skip
     ds = deepspeed_config(cfg, on_gpu=False)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # raw settings merge, not replace
@@ -150,15 +151,15 @@ def test_deepspeed_config_from_train_config():
         (["partition=5"], r"partition 5 does not exist: .* has partitions 0..1"),
         (["model.data_shape=[1,16,16]"], r"does not match the dataset's samples \(1, 8, 8\)"),
         (["model.moe.num_experts=4", "model.moe.ep_size=3"], "must divide num_experts"),
-        (["model.moe.num_experts=4", "model.moe.ep_size=2"], "ep_size=2 must divide num_workers=1"),
+        (["model.moe.num_experts=4", "model.moe.ep_size=2"], "ep_size=2 must divide ray.num_workers=1"),
     ],
 )
 def test_bad_input_fails_before_training(prepared, tmp_path, overrides, match):
     from ddm.config import load
-    from ddm.train.expert import TrainConfig, check_inputs
+    from ddm.job import JobConfig, check_inputs
 
     with pytest.raises(ValueError, match=match):
-        check_inputs(load(TrainConfig, None, [f"store={fresh(prepared, tmp_path)}", *TRAIN, *overrides]))
+        check_inputs(load(JobConfig, None, [f"store={fresh(prepared, tmp_path)}", *TRAIN, *overrides]))
 
 
 # --- Ray Train + DeepSpeed, 2 workers --------------------------------------------------------
@@ -175,17 +176,26 @@ def ray_runtime():
 
 def ray_cfg(store: str, *overrides: str):
     from ddm.config import load
-    from ddm.train.expert import TrainConfig
+    from ddm.job import JobConfig
 
-    return load(TrainConfig, None, [f"store={store}", *TRAIN, "num_workers=2", "max_failures=2", *overrides])
+    return load(JobConfig, None, [f"store={store}", *TRAIN, "ray.num_workers=2", "ray.max_failures=2", *overrides])
+
+
+def ray_train(cfg, env: dict | None = None) -> dict:
+    """What `ddm train expert` does on a Ray cluster: resolve, check once, run the Ray Train job."""
+    from ddm.job import check_inputs, resolve
+    from ddm.launchers.ray_job import run_job
+
+    cfg = resolve(cfg)
+    check_inputs(cfg)
+    return run_job(cfg, env=env)
 
 
 @pytest.fixture(scope="module")
 def zero2_run(prepared, tmp_path_factory, ray_runtime):
-    from ddm.islands import run_expert
 
     store = fresh(prepared, tmp_path_factory.mktemp("zero2"))
-    return store, run_expert(ray_cfg(store, "steps=6", "checkpoint_every=2", "zero_stage=2"))
+    return store, ray_train(ray_cfg(store, "steps=6", "checkpoint.every=2", "engine.zero_stage=2"))
 
 
 def test_ray_two_workers_zero2(zero2_run):
@@ -199,28 +209,26 @@ def test_ray_two_workers_zero2(zero2_run):
 
 
 def test_ray_restarts_a_killed_worker_and_resumes(prepared, tmp_path, zero2_run):
-    from ddm.islands import run_expert
 
     store = fresh(prepared, tmp_path)
     env = {"DDM_FAULT": "step:5:0", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}  # kill rank 0 at step 5
-    s = run_expert(ray_cfg(store, "steps=6", "checkpoint_every=2", "zero_stage=2"), env=env)
+    s = ray_train(ray_cfg(store, "steps=6", "checkpoint.every=2", "engine.zero_stage=2"), env=env)
     assert os.path.exists(tmp_path / "fault-once")  # the kill happened
     assert s["startup"]["resumed_from"] == 4 and s["step"] == 6
     assert_same_weights(exported(zero2_run[0]), exported(store))
 
 
-MOE = ["checkpoint_every=2", "zero_stage=1", "model.moe.num_experts=4", "model.moe.ep_size=2", "model.moe.every=1"]
+MOE = ["checkpoint.every=2", "engine.zero_stage=1", "model.moe.num_experts=4", "model.moe.ep_size=2", "model.moe.every=1"]
 
 
 def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
     import dataclasses
 
-    from ddm.islands import run_expert
-    from ddm.models import build_model
+    from ddm.models.build import build_model
 
     store = fresh(prepared, tmp_path)
     cfg = ray_cfg(store, "steps=4", *MOE)
-    s = run_expert(cfg)
+    s = ray_train(cfg)
     assert s["dense_max_diff_across_ranks"] == 0.0
     assert s["expert_weights_differ_across_ranks"] is True
     # The export holds all 4 MoE experts of every MoE block and loads into a one-process model.
@@ -235,18 +243,17 @@ def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
 
     # Save/load round trip: resuming from step 4 reaches the weights of a straight 6-step run, which
     # needs every rank's MoE experts, dense weights, optimizer state and EMA back exactly.
-    s2 = run_expert(ray_cfg(store, "steps=6", *MOE))
+    s2 = ray_train(ray_cfg(store, "steps=6", *MOE))
     assert s2["startup"]["resumed_from"] == 4
     straight = fresh(prepared, tmp_path, "straight")
-    run_expert(ray_cfg(straight, "steps=6", *MOE))
+    ray_train(ray_cfg(straight, "steps=6", *MOE))
     assert_same_weights(exported(straight), exported(store))
 
 
 def test_ray_rejects_bad_input_before_any_worker(prepared, tmp_path, ray_runtime):
-    from ddm.islands import run_expert
 
     with pytest.raises(ValueError, match="global_batch_size=15 is not divisible"):
-        run_expert(ray_cfg(fresh(prepared, tmp_path), "global_batch_size=15"))
+        ray_train(ray_cfg(fresh(prepared, tmp_path), "global_batch_size=15"))
 
 
 # --- the S3 endpoint goes away mid-run --------------------------------------------------------
@@ -276,7 +283,7 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
         partition(PartitionConfig(num_partitions=2, num_fine=64), store)
         marker = tmp_path / "paused"
         fault = {"DDM_FAULT": "step:8", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": str(marker)}
-        cmd = [sys.executable, "-m", "ddm.train.expert", f"store={url}", *TRAIN, "steps=12", "checkpoint_every=4"]
+        cmd = [sys.executable, "-m", "ddm.train", f"store={url}", *TRAIN, "steps=12", "checkpoint.every=4"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env({**env, **fault}))
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -308,12 +315,13 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
 def test_router_job_learns_the_partitions(prepared, tmp_path):
     """The router is a job like an expert's: cross-entropy of the partition on noised data."""
     from ddm.data.reader import PartitionReader
-    from ddm.models import ModelConfig, build_router
+    from ddm.models.build import build_router
+    from ddm.models.config import ModelConfig
 
     store = fresh(prepared, tmp_path)
     # Unconditional, so the image is the only evidence: with the digit class given, the partition
     # (semantic, so close to a function of the class) would be guessable even from pure noise.
-    s = summary(run_cli(store, "job=router", "model.num_classes=0", "steps=600", "lr=0.002", "global_batch_size=32", "checkpoint_every=300", "log_every=100"))
+    s = summary(run_cli(store, "job=router", "model.num_classes=0", "steps=600", "lr=0.002", "global_batch_size=32", "checkpoint.every=300", "log_every=100"))
     assert s["step"] == 600
     config = json.load(open(os.path.join(store, "router/export/config.json")))
     assert config["job"] == "router" and config["num_partitions"] == 2 and config["partition"] is None

@@ -10,6 +10,7 @@ and saves what it needs to be re-applied (``state``) into the partition's safete
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ddm.data.shards import Dataset
 
@@ -86,8 +87,6 @@ class DINOv2Features:
         return self
 
     def __call__(self, arrays: np.ndarray, dtype: str) -> np.ndarray:
-        import torch
-
         out = []
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

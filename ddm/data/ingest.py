@@ -24,9 +24,15 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import fsspec
+import pyarrow.dataset as pads
+import torch
+from PIL import Image, UnidentifiedImageError
+from sklearn.datasets import load_digits
 import numpy as np
 from tqdm.auto import tqdm
 
+from ddm.config import to_dict
 from ddm.data.shards import encode_shard, shard_name
 from ddm.layout import DATA_DIR, SHARDS_DIR
 from ddm.store import Store
@@ -86,8 +92,6 @@ class Source(abc.ABC):
 
 def _to_chw(img, resolution: int, channels: int) -> np.ndarray:
     """PIL image -> center-cropped, resized uint8 (C, H, W)."""
-    from PIL import Image
-
     img = img.convert("L" if channels == 1 else "RGB")
     if resolution:
         w, h = img.size
@@ -104,8 +108,6 @@ class DigitsSource(Source):
     """scikit-learn's 8x8 digits: real handwriting that ships with the package (no network)."""
 
     def __init__(self, cfg: IngestConfig):
-        from sklearn.datasets import load_digits
-
         digits = load_digits()
         self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
         self.labels = digits.target.astype(np.int64)
@@ -117,8 +119,6 @@ class DigitsSource(Source):
         return len(self.labels)
 
     def __iter__(self):
-        from PIL import Image
-
         res, ch = self.cfg.resolution, self.cfg.channels or 1
         for img, label in zip(self.images, self.labels):
             if (res in (0, 8)) and ch == 1:
@@ -181,8 +181,6 @@ class FolderSource(Source):
         return len(self.files)
 
     def __iter__(self):
-        from PIL import Image, UnidentifiedImageError
-
         for path, label in self.files:
             try:
                 with Image.open(path) as img:
@@ -198,9 +196,6 @@ class ParquetSource(Source):
     """Parquet file(s) with an encoded image column (bytes, or a {bytes, path} struct) and labels."""
 
     def __init__(self, cfg: IngestConfig, url: str):
-        import pyarrow.dataset as pads
-        import fsspec
-
         fs, path = fsspec.core.url_to_fs(url)
         if not fs.exists(path):
             raise ValueError(f"Parquet source {url!r} does not exist")
@@ -221,8 +216,6 @@ class ParquetSource(Source):
         return self.n
 
     def __iter__(self):
-        from PIL import Image, UnidentifiedImageError
-
         cfg = self.cfg
         row = 0
         # use_threads=False: see ddm.data.shards.read_parquet_bytes (pyarrow exit aborts).
@@ -283,8 +276,6 @@ class VAEEncoder:
         self.scale = float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
         with torch.no_grad():
             x = torch.from_numpy(images).float() / 127.5 - 1.0
             if x.shape[1] == 1:
@@ -302,8 +293,6 @@ def ingest(cfg: IngestConfig, store: Store) -> dict:
     nothing and returns its manifest; a different config there is an error (nothing is overwritten).
     Shards left by a crashed ingest (no manifest) are replaced.
     """
-    from ddm.config import to_dict
-
     store.check_reachable()
     if store.is_committed(DATA_DIR):
         manifest = store.manifest(DATA_DIR)

@@ -25,8 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from safetensors.numpy import save as save_safetensors
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from tqdm.auto import tqdm
 
+from ddm.config import to_dict
 from ddm.data.features import build_extractor
 from ddm.data.shards import Dataset, write_parquet_bytes
 from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
@@ -74,8 +77,6 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def merge_fine(fine: np.ndarray, counts: np.ndarray, k: int, cfg: PartitionConfig) -> tuple[np.ndarray, np.ndarray]:
     """Weighted k-means of fine centroids into k coarse ones; returns (coarse, fine_to_coarse)."""
-    from sklearn.cluster import KMeans
-
     used = counts > 0
     km = KMeans(n_clusters=k, n_init=10, random_state=cfg.seed).fit(fine[used], sample_weight=counts[used])
     coarse = km.cluster_centers_.astype(np.float32)
@@ -127,11 +128,6 @@ def partition(cfg: PartitionConfig, store: Store) -> dict:
     Re-running with the same config on committed partitions does nothing; a different config is
     an error (partitions define the experts: they are never overwritten in place).
     """
-    from safetensors.numpy import save as save_safetensors
-    from sklearn.cluster import MiniBatchKMeans
-
-    from ddm.config import to_dict
-
     dataset = Dataset(store)
     # The partitions belong to this exact dataset version: its manifest's hash identifies it.
     data_id = hashlib.sha256(store.read_bytes(f"{DATA_DIR}/MANIFEST.json")).hexdigest()

@@ -238,7 +238,7 @@ def format_status(s: dict) -> str:
     for name, err in s["unreachable"].items():
         lines.append(f"\nisland {name}: {err}")
     if s["all_done"]:
-        lines.append("\nevery export exists: " + ("ensemble.json is assembled" if s["ensemble"] else "run `ddm resume` (or `ddm assemble`) to assemble"))
+        lines.append("\nevery export exists: " + (f"{layout.ENSEMBLE_FILE} is assembled" if s["ensemble"] else "run `ddm resume` (or `ddm assemble`) to assemble"))
     return "\n".join(lines)
 
 
