@@ -54,8 +54,12 @@ def main() -> None:
                 sys.exit(f"size {n} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
         results[f"n_{n}"] = r
-        print(f"N={n:>7}: ingest {r['ingest_samples_per_s']:8.0f} samples/s, partition {r['partition_samples_per_s']:8.0f} "
-              f"samples/s, peak RSS growth {r['total_peak_growth_mib']:.0f} MiB (baseline {r['baseline_rss_mib']:.0f} MiB)")
+        print(
+            f"N={n:>7}: ingest {r['ingest_samples_per_s']:8.0f} samples/s, partition "
+            f"{r['partition_samples_per_s']:8.0f} "
+            f"samples/s, peak RSS growth {r['total_peak_growth_mib']:.0f} MiB (baseline {r['baseline_rss_mib']:.0f} "
+            "MiB)"
+        )
     sizes = sorted(args.sizes)
     if len(sizes) >= 2:
         small, large = results[f"n_{sizes[0]}"], results[f"n_{sizes[-1]}"]

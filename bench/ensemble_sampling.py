@@ -76,8 +76,10 @@ def main() -> None:
             }
             row["ratio"] = statistics.median(ratios)  # median of back-to-back pairs
             figures[f"batch_{batch}"] = row
-            print(f"batch {batch:>6}: one expert {row['single_expert_s']:.3f} s, top-1 ensemble "
-                  f"{row['top1_ensemble_s']:.3f} s, ratio {row['ratio']:.3f}, routed {row['routing_share']}")
+            print(
+                f"batch {batch:>6}: one expert {row['single_expert_s']:.3f} s, top-1 ensemble "
+                f"{row['top1_ensemble_s']:.3f} s, ratio {row['ratio']:.3f}, routed {row['routing_share']}"
+            )
     print(json.dumps(figures))
 
 

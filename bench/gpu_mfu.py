@@ -48,8 +48,13 @@ def main() -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=opt,
-        config={"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-                "zero_optimization": {"stage": 1}, "steps_per_print": 10**9},  # fmt: skip
+        config={
+            "train_micro_batch_size_per_gpu": args.batch,
+            "gradient_accumulation_steps": 1,
+            "bf16": {"enabled": True},
+            "zero_optimization": {"stage": 1},
+            "steps_per_print": 10**9,
+        },  # fmt: skip
     )
     flow = FlowMatching()
     x = torch.randn(args.batch, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
@@ -78,8 +83,10 @@ def main() -> None:
         "peak_bf16_tflops": peak,
         "mfu": achieved / (peak * 1e12) if peak else None,
     }
-    print(f"{name}: {args.arch} batch {args.batch}: {step_s * 1e3:.1f} ms/step, {achieved / 1e12:.0f} TFLOPs"
-          + (f", MFU {figures['mfu']:.1%}" if peak else ""))
+    print(
+        f"{name}: {args.arch} batch {args.batch}: {step_s * 1e3:.1f} ms/step, {achieved / 1e12:.0f} TFLOPs"
+        + (f", MFU {figures['mfu']:.1%}" if peak else "")
+    )
     print(json.dumps(figures))
 
 

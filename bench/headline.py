@@ -37,11 +37,10 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in args.seeds:
         store = f"{args.root}/s{seed}"
-        cmd = [sys.executable, "-m", "ddm.cli", "--log-level", "WARNING", "run", args.spec, f"store={store}", f"seed={seed}",
-               "monolith=true", f"evaluate.seed={seed}", *args.overrides]  # fmt: skip
+        cmd = [sys.executable, "-m", "ddm.cli", "--log-level", "WARNING", "run", args.spec]
+        cmd += [f"store={store}", f"seed={seed}", "monolith=true", f"evaluate.seed={seed}", *args.overrides]
         print(f"seed {seed}: {' '.join(cmd[2:])}", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        s = Store(store)
         per_seed[seed] = Store(store).read_json("report/results.json")  # the evaluation of this run's ensemble
 
     first = next(iter(per_seed.values()))
@@ -50,13 +49,21 @@ def main() -> None:
     for rule in rules:
         vals = [next(r["distance"] for r in res["rules"] if r["rule"] == rule) for res in per_seed.values()]
         fwd = next(r["expert_forwards_per_sample"] for r in first["rules"] if r["rule"] == rule)
-        rows[rule] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "per_seed": vals, "expert_forwards_per_sample": fwd}
+        rows[rule] = {
+            "mean": statistics.mean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "per_seed": vals,
+            "expert_forwards_per_sample": fwd,
+        }
     floor = statistics.mean(res["data_floor"] for res in per_seed.values())
     print(f"\n{first['metric_label']}, lower is better; {len(args.seeds)} seeds; data floor {floor:.3f}\n")
     print("| rule | distance (mean ± std) | per seed | expert forwards / sample |")
     print("|---|---:|---|---:|")
     for rule, r in rows.items():
-        print(f"| {rule} | {r['mean']:.3f} ± {r['std']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | {r['expert_forwards_per_sample']:.0f} |")
+        print(
+            f"| {rule} | {r['mean']:.3f} ± {r['std']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | "
+            f"{r['expert_forwards_per_sample']:.0f} |"
+        )
     best_ens = min((r for r in rows if r != "monolith"), key=lambda r: rows[r]["mean"])
     out = {
         "spec": args.spec,
@@ -65,7 +72,9 @@ def main() -> None:
         "metric": first["metric"],
         "data_floor": floor,
         "rules": rows,
-        "top1_over_monolith": rows["top-1"]["mean"] / rows["monolith"]["mean"] if "monolith" in rows and "top-1" in rows else None,
+        "top1_over_monolith": rows["top-1"]["mean"] / rows["monolith"]["mean"]
+        if "monolith" in rows and "top-1" in rows
+        else None,
         "best_ensemble_rule": best_ens,
         "seconds": time.perf_counter() - t0,
     }

@@ -36,7 +36,12 @@ def start_s3() -> tuple[object, str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
     import s3fs
 
     s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir("bench")
@@ -69,8 +74,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from ddm.config import to_dict
     from ddm.assemble import assemble, load_ensemble
+    from ddm.config import to_dict
     from ddm.flow import FlowMatching
     from ddm.models import ModelConfig
     from ddm.models.build import build_model, build_router
@@ -92,7 +97,19 @@ def main() -> None:
             write_export(store, f"experts/{i:02d}", model, cfg)
         router_cfg = ModelConfig("DiT-Tiny/2", tuple(args.shape), num_classes=10)
         router = build_router(router_cfg, k)
-        write_export(store, "router", router, {"job": "router", "model": to_dict(router_cfg), "flow": to_dict(flow), "step": 1, "partition": None, "num_partitions": k})
+        write_export(
+            store,
+            "router",
+            router,
+            {
+                "job": "router",
+                "model": to_dict(router_cfg),
+                "flow": to_dict(flow),
+                "step": 1,
+                "partition": None,
+                "num_partitions": k,
+            },
+        )
         assemble(store, "top1")
         upload_s = time.perf_counter() - t0
         size_mb = sum(store.size(f"experts/{i:02d}/export/model.safetensors") for i in range(k)) / 2**20
@@ -119,7 +136,11 @@ def main() -> None:
         with torch.no_grad():
             one(), top1()  # warm-up
             for _ in range(args.repeats):
-                a = time.perf_counter(); one(); b = time.perf_counter(); top1(); c = time.perf_counter()  # noqa: E702
+                a = time.perf_counter()
+                one()
+                b = time.perf_counter()
+                top1()
+                c = time.perf_counter()  # noqa: E702
                 t_one.append(b - a)
                 t_top1.append(c - b)
                 ratios.append((c - b) / (b - a))
@@ -143,8 +164,13 @@ def main() -> None:
         }
     finally:
         server.stop()
-    print(f"load from S3 ({k} x {args.arch}, {size_mb:.0f} MB): cold {cold:.2f} s, warm {figures['load_warm_s']:.2f} s, no cache {nocache:.2f} s")
-    print(f"top-1 sampling vs one expert (batch {args.batch}, {args.steps} steps): {figures['top1_over_one_expert']:.3f}x")
+    print(
+        f"load from S3 ({k} x {args.arch}, {size_mb:.0f} MB): cold {cold:.2f} s, warm {figures['load_warm_s']:.2f} "
+        f"s, no cache {nocache:.2f} s"
+    )
+    print(
+        f"top-1 sampling vs one expert (batch {args.batch}, {args.steps} steps): {figures['top1_over_one_expert']:.3f}x"
+    )
     print(json.dumps(figures))
 
 

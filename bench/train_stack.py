@@ -85,12 +85,15 @@ def main() -> None:
     store = Store(base)
     ingest(IngestConfig(source="synthetic:4096", resolution=16, shard_size=2048), store)
     partition(PartitionConfig(num_partitions=1, num_fine=64), store)
-    common = [f"model.arch={args.arch}", "model.data_shape=[1,16,16]", "model.num_classes=10", f"global_batch_size={args.batch}",
-              f"steps={args.steps}", "log_every=10", "engine.zero_stage=0", "partition=0", "ray.cpus_per_worker=2"]  # fmt: skip
+    common = [f"model.arch={args.arch}", "model.data_shape=[1,16,16]", "model.num_classes=10", "partition=0"]
+    common += [f"global_batch_size={args.batch}", f"steps={args.steps}", "log_every=10", "engine.zero_stage=0"]
+    common += ["ray.cpus_per_worker=2"]
 
     figures: dict = {"arch": args.arch, "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup}
     # 1. bare loop vs the whole stack under Ray, back to back.
-    figures["bare_steps_per_s"] = run([sys.executable, "-c", BARE, args.arch, str(args.batch), str(args.steps), str(args.warmup)])["steps_per_s"]
+    figures["bare_steps_per_s"] = run(
+        [sys.executable, "-c", BARE, args.arch, str(args.batch), str(args.steps), str(args.warmup)]
+    )["steps_per_s"]
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t_ray = time.perf_counter() - t0
@@ -128,10 +131,14 @@ def main() -> None:
     figures["checkpointing_over_none"] = figures[f"checkpoint_every_{args.checkpoint_every[0]}_over_none"]
     figures["targets"] = {"stack_over_bare": 0.90, "checkpointing_over_none": 0.95}
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"bare {figures['bare_steps_per_s']:.2f} steps/s, stack {figures['stack_steps_per_s']:.2f} steps/s "
-          f"(ratio {figures['stack_over_bare']:.3f}); with checkpoints: "
-          + ", ".join(f"every {n} steps {figures[f'checkpoint_every_{n}_over_none']:.3f}" for n in args.checkpoint_every))
-    print(f"start-up: {json.dumps({k: round(v, 2) if v is not None else None for k, v in figures['startup_s'].items()})}")
+    print(
+        f"bare {figures['bare_steps_per_s']:.2f} steps/s, stack {figures['stack_steps_per_s']:.2f} steps/s "
+        f"(ratio {figures['stack_over_bare']:.3f}); with checkpoints: "
+        + ", ".join(f"every {n} steps {figures[f'checkpoint_every_{n}_over_none']:.3f}" for n in args.checkpoint_every)
+    )
+    print(
+        f"start-up: {json.dumps({k: round(v, 2) if v is not None else None for k, v in figures['startup_s'].items()})}"
+    )
     print(json.dumps(figures))
 
 

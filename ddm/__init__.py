@@ -1,7 +1,14 @@
-"""ddm: train Decentralized Diffusion Models (McAllister et al., CVPR 2025).
+"""ddm trains Decentralized Diffusion Models (McAllister et al., CVPR 2025).
 
-K expert flow-matching models, each trained in isolation on one semantic partition of the
-data, combined at sampling time by a router that predicts p(partition | x_t, t, c).
+The data is split into K semantic partitions; one expert flow-matching model is
+trained per partition, each in full isolation (its own job, its own cluster); a
+small router learns p(partition | x_t, t, c); at sampling time the router combines
+the experts. With every expert weighted by the router's posterior ("full") this is
+exactly the flow of one model trained on all the data; "top-1" (the default) runs
+one expert per sample and step.
+
+  data ─► partitions ─► expert 0 … expert K-1 (isolated) ─┐
+                   └──► router ────────────────────────────┴─► ensemble ─► samples
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

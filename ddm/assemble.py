@@ -44,7 +44,9 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
     for e in experts[1:]:
         for key, what in (("data_shape", "data shape"), ("num_classes", "classes")):
             if e["config"]["model"][key] != first["model"][key]:
-                raise ValueError(f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}")
+                raise ValueError(
+                    f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}"
+                )
         if e["config"]["flow"]["path"] != first["flow"]["path"]:
             raise ValueError(
                 f"{e['dir']} was trained on the {e['config']['flow']['path']!r} path but experts/00 on "
@@ -52,7 +54,8 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
             )
     if router_cfg["model"]["data_shape"] != first["model"]["data_shape"]:
         raise ValueError(
-            f"the router sees data shape {router_cfg['model']['data_shape']} but the experts {first['model']['data_shape']}"
+            f"the router sees data shape {router_cfg['model']['data_shape']} but the experts "
+            f"{first['model']['data_shape']}"
         )
     description = {
         "kind": "ddm.ensemble",

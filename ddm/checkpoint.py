@@ -38,6 +38,7 @@ log = logging.getLogger("ddm.checkpoint")
 # 2: ddm 0.2's parameter layout (DiT output layers in FinalLayer). Commits without a version are 1.
 FORMAT_VERSION = 2
 
+
 @dataclass
 class RankState:
     """What each rank adds to DeepSpeed's state: tensors (safetensors) and JSON."""
@@ -85,13 +86,18 @@ class CheckpointManager:
         shutil.rmtree(local, ignore_errors=True)
         t0 = time.perf_counter()
         engine.save_checkpoint(self._scratch, tag=tag, save_latest=False)
-        save_file({k: v.detach().cpu().contiguous() for k, v in rank_state.tensors.items()}, os.path.join(local, f"rank{self.rank:03d}.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in rank_state.tensors.items()},
+            os.path.join(local, f"rank{self.rank:03d}.safetensors"),
+        )
         with open(os.path.join(local, f"rank{self.rank:03d}.json"), "w") as f:
             json.dump(rank_state.info, f)
         files = sorted(
             os.path.relpath(os.path.join(d, name), local) for d, _, names in os.walk(local) for name in names
         )
-        log.info("rank %d snapshot %s in %.2fs (training waits for this part only)", self.rank, tag, time.perf_counter() - t0)
+        log.info(
+            "rank %d snapshot %s in %.2fs (training waits for this part only)", self.rank, tag, time.perf_counter() - t0
+        )
         if background:
             self._thread = threading.Thread(target=self._upload_guarded, args=(step, local, files), daemon=True)
             self._thread.start()
@@ -116,7 +122,9 @@ class CheckpointManager:
         shutil.rmtree(local, ignore_errors=True)
         if self.rank == 0:
             self._commit(step)
-        log.info("rank %d uploaded checkpoint %s (%d files) in %.1fs", self.rank, tag, len(files), time.perf_counter() - t0)
+        log.info(
+            "rank %d uploaded checkpoint %s (%d files) in %.1fs", self.rank, tag, len(files), time.perf_counter() - t0
+        )
 
     def _commit(self, step: int) -> None:
         tag = step_dir(step)
@@ -124,12 +132,19 @@ class CheckpointManager:
         markers = [f"{tag}/.rank{r:03d}.done" for r in range(self.world_size)]
         while not all(self.store.exists(m) for m in markers):
             if time.monotonic() > deadline:
-                raise StoreError(f"checkpoint {tag}: not every rank finished uploading within {self.commit_timeout_s:.0f}s")
+                raise StoreError(
+                    f"checkpoint {tag}: not every rank finished uploading within {self.commit_timeout_s:.0f}s"
+                )
             time.sleep(0.2)
         known: dict[str, dict] = {}
         for m in markers:
             known.update(self.store.read_json(m))
-        self.store.commit(tag, list(known), meta={"step": step, "world_size": self.world_size, "format_version": FORMAT_VERSION}, known=known)
+        self.store.commit(
+            tag,
+            list(known),
+            meta={"step": step, "world_size": self.world_size, "format_version": FORMAT_VERSION},
+            known=known,
+        )
         log.info("committed checkpoint %s", tag)
         self._prune(step)
 
@@ -189,7 +204,9 @@ class CheckpointManager:
                 f"checkpoint {tag} was written by {manifest['world_size']} ranks; this job has {self.world_size} and "
                 f"rank {self.rank} has no state there. Resume with the same number of workers."
             )
-        load_path, _ = engine.load_checkpoint(os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise ChecksumError(f"DeepSpeed could not load checkpoint {tag}")
         with open(os.path.join(local, f"{own}.safetensors"), "rb") as f:

@@ -12,8 +12,7 @@ import textwrap
 import types
 import typing
 
-import torch
-
+import ddm
 import ddm.assemble
 import ddm.data.ingest
 import ddm.data.partition
@@ -38,27 +37,10 @@ from ddm.launchers.ray_job import connect, run_job
 from ddm.launchers.run import JobsFailed, run_pipeline
 from ddm.launchers.spec import RunSpec
 from ddm.logs import setup_logging
-from ddm.models.build import build_model
-from ddm.models.config import DIT_SIZES, MLP_SIZES, ModelConfig
+from ddm.models.build import preset_table
 from ddm.sample import SampleConfig, sample
 from ddm.store import Store, StoreError
 from ddm.train.trainer import train
-
-DESCRIPTION = textwrap.dedent(
-    """\
-    ddm trains Decentralized Diffusion Models (McAllister et al., CVPR 2025).
-
-    The data is split into K semantic partitions; one expert flow-matching model is
-    trained per partition, each in full isolation (its own job, its own cluster); a
-    small router learns p(partition | x_t, t, c); at sampling time the router combines
-    the experts. With every expert weighted by the router's posterior ("full") this is
-    exactly the flow of one model trained on all the data; "top-1" (the default) runs
-    one expert per sample and step.
-
-      data ─► partitions ─► expert 0 … expert K-1 (isolated) ─┐
-                       └──► router ────────────────────────────┴─► ensemble ─► samples
-    """
-)
 
 EPILOG = textwrap.dedent(
     """\
@@ -127,27 +109,12 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     _overrides(p)
 
 
-TRAIN_DOC = """Train an expert, the router or a distilled student as one Ray Train + DeepSpeed job.
-
-Ray Train places ray.num_workers workers (a local Ray runtime by default, or --address of a
-cluster); DeepSpeed runs ZeRO data parallelism (and MoE expert parallelism) inside them.
-Checkpoints and the EMA export go to the job's folder in the store (experts/<k>/, router/,
-distilled/<ensemble id>/). Running the same command again resumes from the newest committed
-checkpoint; so do Ray's own restarts after a worker dies. A re-run may change only how long,
-how often and where the job trains; other differences are refused with the fields named.
-
-  expert   velocity of one partition (--partition k; partition=-1: all data, a monolith)
-  router   p(partition | x_t, t, c) by cross-entropy on noised samples of all the data
-  distill  (`ddm distill`) one dense student regressing the assembled ensemble's velocity:
-           the teacher is the expert of each sample's partition, labels are dropped once for
-           both so the student keeps classifier-free guidance"""
-
 MODELS_DOC = "List the model presets (DiT sizes, MLP sizes) with parameter counts."
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ddm", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ddm", description=_doc(ddm), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"ddm {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -171,47 +138,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     _overrides(p)
 
-    train = _command(sub, "train", ddm.job, doc=TRAIN_DOC)
-    what = train.add_subparsers(dest="what", metavar="<what>", required=True)
-    p = what.add_parser(
-        "expert", help="train the expert of one partition", description=TRAIN_DOC + _options(JobConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    _job_args(p)
-    p.add_argument("--partition", type=int, help="which partition's expert (overrides the spec)")
-    p = what.add_parser(
-        "router", help="train the router p(partition | x_t, t, c)", description=TRAIN_DOC + _options(JobConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    _job_args(p)
-    p = sub.add_parser(
-        "distill", help="distil the assembled ensemble into one dense student (STORE/distilled/<ensemble id>/)",
-        description=TRAIN_DOC + _options(JobConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    train = _command(sub, "train", ddm.launchers.ray_job)
+    kinds = train.add_subparsers(dest="what", metavar="<what>", required=True)
+    for name, about in (("expert", "the expert of one partition"), ("router", "the router p(partition | x_t, t, c)")):
+        p = _command(kinds, name, ddm.launchers.ray_job, JobConfig, help=f"train {about}")
+        _job_args(p)
+        if name == "expert":
+            p.add_argument("--partition", type=int, help="which partition's expert (overrides the spec)")
+    p = _command(
+        sub, "distill", ddm.launchers.ray_job, JobConfig, help="distil the assembled ensemble into one student"
+    )
     _job_args(p)
 
-    p = _command(sub, "assemble", ddm.assemble, help="check that the router and the experts' exports fit together; write ensemble.json")
+    p = _command(
+        sub,
+        "assemble",
+        ddm.assemble,
+        help="check that the router and the experts' exports fit together; write ensemble.json",
+    )
     p.add_argument("store")
-    p.add_argument("--rule", default="top1", help="default combine rule: top1, top-k, full, threshold:p, nucleus:p, sample")
-    p.add_argument("--replace", action="store_true", help="keep a different existing ensemble.json as a timestamped copy")
+    p.add_argument(
+        "--rule", default="top1", help="default combine rule: top1, top-k, full, threshold:p, nucleus:p, sample"
+    )
+    p.add_argument(
+        "--replace", action="store_true", help="keep a different existing ensemble.json as a timestamped copy"
+    )
 
     for name, module, config in (("sample", ddm.sample, SampleConfig), ("evaluate", ddm.evaluate, EvalConfig)):
         p = _command(sub, name, module, config)
         p.add_argument("store")
         _overrides(p)
 
-    p = _command(sub, "submit", ddm.launchers.islands, help="submit one Ray job per expert (and the router) to the islands of an islands file")
-    p.add_argument("spec", help="pipeline spec (YAML) whose expert/router sections define the jobs, e.g. launch/digits.yaml")
+    p = _command(
+        sub,
+        "submit",
+        ddm.launchers.islands,
+        help="submit one Ray job per expert (and the router) to the islands of an islands file",
+    )
+    p.add_argument(
+        "spec", help="pipeline spec (YAML) whose expert/router sections define the jobs, e.g. launch/digits.yaml"
+    )
     p.add_argument("--islands", required=True, help="islands file (YAML), e.g. cluster/islands.example.yaml")
     p.add_argument("--wait", action="store_true", help="follow the jobs until they end, then assemble")
     _overrides(p)
-    p = sub.add_parser("status", help="one table across islands: each job's state, step, newest checkpoint, loss, throughput")
+    p = sub.add_parser(
+        "status", help="one table across islands: each job's state, step, newest checkpoint, loss, throughput"
+    )
     p.add_argument("--islands", required=True, help="islands file (YAML)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p = sub.add_parser(
         "resume", help="submit again what failed, stopped or was lost (jobs resume from their last commits); assemble"
     )
-    p.add_argument("--islands", required=True, help="islands file (YAML); addresses may differ from the first submission")
+    p.add_argument(
+        "--islands", required=True, help="islands file (YAML); addresses may differ from the first submission"
+    )
     p.add_argument("--wait", action="store_true", help="follow the jobs until they end, then assemble")
 
     sub.add_parser("models", help=MODELS_DOC.rstrip("."), description=MODELS_DOC)
@@ -292,7 +272,8 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     meta = sample(Store(args.store), load(SampleConfig, None, args.overrides))
     print(
-        f"{meta['config']['num_samples']} samples, rule {meta['rule']}, {meta['expert_forwards_per_sample']:.0f} expert "
+        f"{meta['config']['num_samples']} samples, rule {meta['rule']}, {meta['expert_forwards_per_sample']:.0f} "
+        "expert "
         f"forwards per sample -> {args.store}/{meta['dir']}/grid.png"
     )
     return 0
@@ -344,13 +325,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    print(f"{'preset':<12}{'params':>10}  shape")
-    for name in list(DIT_SIZES) + list(MLP_SIZES):
-        shape = (4, 32, 32) if name in DIT_SIZES else (2,)
-        with torch.device("meta"):  # counts without allocating XL's 675M parameters
-            model = build_model(ModelConfig(name, shape, num_classes=1000 if name in DIT_SIZES else 0))
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{name:<12}{n / 1e6:>9.2f}M  {'32x32x4 latents, 1000 classes' if name in DIT_SIZES else '2-D points'}")
+    print(preset_table())
     return 0
 
 

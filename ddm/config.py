@@ -66,7 +66,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"config field '{where}' must be a mapping, got {value!r}")
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
-        return {_convert(k, key_tp, f"{where} key {k!r}"): _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+        return {
+            _convert(k, key_tp, f"{where} key {k!r}"): _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()
+        }
     if tp is Any:
         return value
     if tp is bool:

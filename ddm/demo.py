@@ -86,7 +86,8 @@ class DemoConfig:
         for name, model in (("expert", self.expert), ("router", self.router)):
             if model.data_shape != (self.data.dim,):
                 raise ValueError(
-                    f"{name}.data_shape {model.data_shape} does not match the data: samples have shape ({self.data.dim},)"
+                    f"{name}.data_shape {model.data_shape} does not match the data: samples have shape "
+                    f"({self.data.dim},)"
                 )
             if model.num_classes:
                 raise ValueError(f"{name}.num_classes must be 0: the mixture demo is unconditional")
@@ -178,13 +179,31 @@ def _run_demo(cfg: DemoConfig, plot: bool, t0: float) -> dict:
     labels = partition(train, k, cfg.seed)
     counts = torch.bincount(labels, minlength=k)
     if (counts == 0).any():
-        raise ValueError(f"k-means left partitions {torch.nonzero(counts == 0).flatten().tolist()} empty; lower num_partitions")
+        raise ValueError(
+            f"k-means left partitions {torch.nonzero(counts == 0).flatten().tolist()} empty; lower num_partitions"
+        )
 
     experts = []
     for i in range(k):
-        log.info("expert %d/%d: %d samples, %d steps (isolated: own model, optimizer and RNG)", i + 1, k, counts[i], cfg.steps_per_expert)
+        log.info(
+            "expert %d/%d: %d samples, %d steps (isolated: own model, optimizer and RNG)",
+            i + 1,
+            k,
+            counts[i],
+            cfg.steps_per_expert,
+        )
         torch.manual_seed(cfg.seed + 1 + i)
-        experts.append(fit_velocity(build_model(cfg.expert), train[labels == i], flow, cfg, cfg.steps_per_expert, cfg.seed + 1 + i, f"expert {i}"))
+        experts.append(
+            fit_velocity(
+                build_model(cfg.expert),
+                train[labels == i],
+                flow,
+                cfg,
+                cfg.steps_per_expert,
+                cfg.seed + 1 + i,
+                f"expert {i}",
+            )
+        )
 
     log.info("router: %d steps on noised samples of all data", cfg.router_steps)
     torch.manual_seed(cfg.seed + 1000)
@@ -204,7 +223,10 @@ def _run_demo(cfg: DemoConfig, plot: bool, t0: float) -> dict:
     with torch.no_grad():
         samples["monolith"] = flow.sample(lambda x, t: monolith(x, t), noise, cfg.sample_steps, cfg.sampler)
         evals = cfg.sample_steps * (2 if cfg.sampler == "heun" else 1)
-        results["monolith"] = {"energy_distance": energy_distance(samples["monolith"], held_out), "expert_forwards_per_sample": evals}
+        results["monolith"] = {
+            "energy_distance": energy_distance(samples["monolith"], held_out),
+            "expert_forwards_per_sample": evals,
+        }
         # The oracle samples a partition with its data frequency, then runs only that expert:
         # an exact sampler of the mixture of partitions if every expert were perfect.
         oracle_part = torch.multinomial(counts.float(), cfg.num_samples, replacement=True, generator=g)
@@ -238,7 +260,9 @@ def _run_demo(cfg: DemoConfig, plot: bool, t0: float) -> dict:
     return results
 
 
-def plot_samples(train: torch.Tensor, labels: torch.Tensor, samples: dict[str, torch.Tensor], results: dict, path: Path) -> Path:
+def plot_samples(
+    train: torch.Tensor, labels: torch.Tensor, samples: dict[str, torch.Tensor], results: dict, path: Path
+) -> Path:
     """One panel for the partitioned data, then one per sampler, titled with its energy distance."""
     import matplotlib
 

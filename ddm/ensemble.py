@@ -121,7 +121,9 @@ def routing_weights(
             raise ValueError("the oracle rule needs the true partition of every sample (partition=...)")
         k = num_experts if num_experts is not None else probs.shape[1]
         if partition.min() < 0 or partition.max() >= k:
-            raise ValueError(f"oracle partitions must lie in [0, {k - 1}], got [{int(partition.min())}, {int(partition.max())}]")
+            raise ValueError(
+                f"oracle partitions must lie in [0, {k - 1}], got [{int(partition.min())}, {int(partition.max())}]"
+            )
         return torch.nn.functional.one_hot(partition.long(), k).float()
     assert probs is not None and probs.ndim == 2
     n, k = probs.shape
@@ -203,7 +205,8 @@ class Ensemble:
         logits = self.router(x, t, y)
         if logits.ndim != 2 or logits.shape != (x.shape[0], self.num_experts):
             raise ValueError(
-                f"the router returned logits of shape {tuple(logits.shape)}; expected ({x.shape[0]}, {self.num_experts}) "
+                f"the router returned logits of shape {tuple(logits.shape)}; expected ({x.shape[0]}, "
+                f"{self.num_experts}) "
                 f"for {self.num_experts} experts"
             )
         self.stats.router_evals += x.shape[0]

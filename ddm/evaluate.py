@@ -53,7 +53,11 @@ class EvalConfig(SamplingConfig):
 
 
 def metric_label(metric: str) -> str:
-    return "FID (Inception-v3, pytorch-fid)" if metric == "fid" else "FD-classifier (Fréchet distance on a CNN trained on this dataset)"
+    return (
+        "FID (Inception-v3, pytorch-fid)"
+        if metric == "fid"
+        else "FD-classifier (Fréchet distance on a CNN trained on this dataset)"
+    )
 
 
 SINGLE_MODELS = ("monolith", "distilled")  # one-model baselines evaluated beside the rules
@@ -64,7 +68,15 @@ def single_model_dir(rule: str, ensemble_description: dict) -> str:
     return layout.MONOLITH_DIR if rule == "monolith" else layout.distilled_dir(layout.ensemble_id(ensemble_description))
 
 
-def router_accuracy(router, flow: FlowMatching, x: torch.Tensor, y: torch.Tensor | None, partitions: torch.Tensor, ts: list[float], seed: int = 0) -> list[float]:
+def router_accuracy(
+    router,
+    flow: FlowMatching,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    partitions: torch.Tensor,
+    ts: list[float],
+    seed: int = 0,
+) -> list[float]:
     """Accuracy of argmax p(k | x_t, t, y) against the true partition at each t."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -72,7 +84,12 @@ def router_accuracy(router, flow: FlowMatching, x: torch.Tensor, y: torch.Tensor
         for t_val in ts:
             t = torch.full((len(x),), float(t_val))
             x_t = flow.interpolate(x, torch.randn(x.shape, generator=g), t)
-            pred = torch.cat([router(x_t[i : i + 500], t[i : i + 500], None if y is None else y[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
+            pred = torch.cat(
+                [
+                    router(x_t[i : i + 500], t[i : i + 500], None if y is None else y[i : i + 500]).argmax(1)
+                    for i in range(0, len(x), 500)
+                ]
+            )
             out.append(float((pred == partitions).float().mean()))
     return out
 
@@ -86,7 +103,12 @@ def _plot_router_accuracy(ts: list[float], acc: list[float], k: int, prior_max: 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(ts, acc, "o-", label="router argmax")
     ax.axhline(prior_max, color="gray", ls="--", lw=1, label=f"largest partition share ({prior_max:.2f})")
-    ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="accuracy", title=f"router accuracy vs noise level (K={k})", ylim=(0, 1.02))
+    ax.set(
+        xlabel="t (0 = data, 1 = noise)",
+        ylabel="accuracy",
+        title=f"router accuracy vs noise level (K={k})",
+        ylim=(0, 1.02),
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -104,7 +126,10 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     for rule in rules:
         if rule in SINGLE_MODELS and not store.is_committed(f"{single_model_dir(rule, desc)}/{layout.EXPORT}"):
             how = "train one with partition=-1" if rule == "monolith" else "run `ddm distill` on this ensemble"
-            raise ValueError(f"rule {rule!r} needs a committed export in {store.url}/{single_model_dir(rule, desc)} ({how}), or drop it from rules")
+            raise ValueError(
+                f"rule {rule!r} needs a committed export in {store.url}/{single_model_dir(rule, desc)} ({how}), or "
+                "drop it from rules"
+            )
     # What the results depend on: the settings, the ensemble, and the exact one-model baselines.
     models = {
         r: store.child(single_model_dir(r, desc)).manifest(layout.EXPORT)["files"][layout.EXPORT_WEIGHTS]["sha256"]
@@ -118,7 +143,10 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     if out.exists("results.json"):
         old = out.read_json("results.json")
         if {k: old.get(k) for k in settings} != settings:
-            raise ValueError(f"{out.url} holds an evaluation made with other settings (or another ensemble or models); choose another name=")
+            raise ValueError(
+                f"{out.url} holds an evaluation made with other settings (or another ensemble or models); choose "
+                "another name="
+            )
         log.info("evaluation already in %s", out.url)
         return old
     flow = FlowMatching(**desc["flow"])
@@ -126,7 +154,9 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
 
     # Reference data: the whole dataset (its labels and partitions also drive the samples' labels).
-    data = PartitionReader(store, None, batch_size=int(sum(store.manifest(layout.PARTITIONS_DIR)["counts"]))).next_batch()
+    data = PartitionReader(
+        store, None, batch_size=int(sum(store.manifest(layout.PARTITIONS_DIR)["counts"]))
+    ).next_batch()
     x_data, y_data, p_data = data["x"], data["y"], data["partition"]
     k = ens.num_experts
     if cfg.metric == "fid":
@@ -134,7 +164,9 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         feature_info = {"network": "inception-v3 (pytorch-fid)"}
     else:
         has_labels = store.manifest(layout.DATA_DIR)["num_classes"] > 0
-        targets, n_targets, target_name = (y_data, num_classes or int(y_data.max()) + 1, "labels") if has_labels else (p_data, k, "partitions")
+        targets, n_targets, target_name = (
+            (y_data, num_classes or int(y_data.max()) + 1, "labels") if has_labels else (p_data, k, "partitions")
+        )
         embedder, feature_info = load_or_train_classifier(store, x_data, targets.long(), n_targets, target_name)
     ref_features = embedder.embed(x_data)
     mu_ref, s_ref = gaussian_stats(ref_features)
@@ -210,7 +242,14 @@ def format_report(r: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for v in r["rules"]:
-        lines.append(f"| {v['rule']} | {v['distance']:.3f} | {v['expert_forwards_per_sample']:.0f} | {v['seconds']:.1f} |")
+        lines.append(
+            f"| {v['rule']} | {v['distance']:.3f} | {v['expert_forwards_per_sample']:.0f} | {v['seconds']:.1f} |"
+        )
     ra = r["router_accuracy"]
-    lines += ["", "Router accuracy (argmax vs partition) by t: " + ", ".join(f"t={t:g}: {a:.2f}" for t, a in zip(ra["t"], ra["accuracy"])), ""]
+    lines += [
+        "",
+        "Router accuracy (argmax vs partition) by t: "
+        + ", ".join(f"t={t:g}: {a:.2f}" for t, a in zip(ra["t"], ra["accuracy"])),
+        "",
+    ]
     return "\n".join(lines)

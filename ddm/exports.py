@@ -34,7 +34,12 @@ _EXPERT_MARKER = ".deepspeed_experts."
 
 
 def write_export(
-    run: Store, weights: dict[str, torch.Tensor], cfg: JobConfig, ps: ParallelState, step: int, extra: dict | None = None
+    run: Store,
+    weights: dict[str, torch.Tensor],
+    cfg: JobConfig,
+    ps: ParallelState,
+    step: int,
+    extra: dict | None = None,
 ) -> None:
     """The EMA model as safetensors + config.json under ``export/``, committed by a manifest.
 
@@ -73,7 +78,9 @@ def write_export(
     weights_bytes = save_safetensors(state, metadata={"step": str(step)})
     known = {
         layout.EXPORT_WEIGHTS: run.write_hashed(f"{layout.EXPORT}/{layout.EXPORT_WEIGHTS}", weights_bytes),
-        layout.EXPORT_CONFIG: run.write_hashed(f"{layout.EXPORT}/{layout.EXPORT_CONFIG}", json.dumps(config, indent=2).encode()),
+        layout.EXPORT_CONFIG: run.write_hashed(
+            f"{layout.EXPORT}/{layout.EXPORT_CONFIG}", json.dumps(config, indent=2).encode()
+        ),
     }
     run.commit(layout.EXPORT, list(known), meta={"step": step}, known=known)
     log.info("exported the EMA model of %s at step %d", cfg.run_dir, step)
@@ -162,7 +169,9 @@ class LazyModel:
             run = self.store.child(self.entry["dir"])
             raw = cached_weights(run, self.entry["sha256"], self.cache_dir)
             if hashlib.sha256(raw).hexdigest() != self.entry["sha256"]:
-                raise ValueError(f"{self.entry['dir']}/export changed since the ensemble was assembled; run `ddm assemble` again")
+                raise ValueError(
+                    f"{self.entry['dir']}/export changed since the ensemble was assembled; run `ddm assemble` again"
+                )
             module = self.build(json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)))
             module.load_state_dict(load_safetensors(raw))
             self.module = module.to(self.device).eval()

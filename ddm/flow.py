@@ -109,9 +109,7 @@ class FlowMatching(FlowConfig):
         z = torch.randn(n, device=device, generator=generator)
         return torch.sigmoid(self.logit_mean + self.logit_std * z)
 
-    def noised(
-        self, x0: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, t) for data x0 at random times: the router's training inputs."""
         t = self.sample_time(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)

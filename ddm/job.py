@@ -216,7 +216,8 @@ def check_inputs(cfg: JobConfig) -> dict:
     dataset = Dataset(store)
     if tuple(dataset.sample_shape) != cfg.model.data_shape:
         raise ValueError(
-            f"model.data_shape {cfg.model.data_shape} does not match the dataset's samples {tuple(dataset.sample_shape)}"
+            f"model.data_shape {cfg.model.data_shape} does not match the dataset's samples "
+            f"{tuple(dataset.sample_shape)}"
         )
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
@@ -228,7 +229,8 @@ def check_inputs(cfg: JobConfig) -> dict:
         if diffs:
             raise ValueError(
                 f"{cfg.store}/{cfg.run_dir} was started with other settings ({diffs}); a re-run resumes that job and "
-                f"may change only {sorted(RESUMABLE - {'store'})}. Use another store or delete {cfg.run_dir}/ to start over"
+                f"may change only {sorted(RESUMABLE - {'store'})}. Use another store or delete {cfg.run_dir}/ to "
+                "start over"
             )
     if cfg.job == "router" or cfg.partition >= 0:
         if not store.is_committed(layout.PARTITIONS_DIR):

@@ -37,7 +37,9 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     U-statistics), so two independent sample sets of one distribution give values near 0.
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"energy_distance needs (N, D) and (M, D) sets with one D, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"energy_distance needs (N, D) and (M, D) sets with one D, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError("energy_distance needs at least 2 samples per set")
     x, y = x.double(), y.double()
@@ -70,7 +72,9 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     """
     mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, s1, s2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched Gaussian statistics: means {mu1.shape}/{mu2.shape}, covariances {s1.shape}/{s2.shape}")
+        raise ValueError(
+            f"mismatched Gaussian statistics: means {mu1.shape}/{mu2.shape}, covariances {s1.shape}/{s2.shape}"
+        )
     r1 = _psd_sqrt(s1)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
@@ -103,7 +107,9 @@ class FeatureClassifier(nn.Module):
         return torch.cat([self.features(x[i : i + batch_size].float()) for i in range(0, len(x), batch_size)]).numpy()
 
 
-def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_classes: int, steps: int = 600, seed: int = 0) -> tuple[FeatureClassifier, float]:
+def train_classifier(
+    x: torch.Tensor, targets: torch.Tensor, num_classes: int, steps: int = 600, seed: int = 0
+) -> tuple[FeatureClassifier, float]:
     """Train on 90% of (x, targets); returns the model and its accuracy on the other 10%."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -126,12 +132,19 @@ def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_classes: int, s
     return model, acc
 
 
-def load_or_train_classifier(store: Store, x: torch.Tensor, targets: torch.Tensor, num_classes: int, target_name: str) -> tuple[FeatureClassifier, dict]:
+def load_or_train_classifier(
+    store: Store, x: torch.Tensor, targets: torch.Tensor, num_classes: int, target_name: str
+) -> tuple[FeatureClassifier, dict]:
     """The store's feature classifier (trained once per dataset and kept under eval/classifier/)."""
     data_committed_at = store.manifest("data").get("committed_at")
     if store.is_committed(CLASSIFIER_DIR):
         info = json.loads(store.read_verified(CLASSIFIER_DIR, "config.json"))
-        if (info["target"], info["num_classes"], info["in_channels"], info["data"]) == (target_name, num_classes, x.shape[1], data_committed_at):
+        if (info["target"], info["num_classes"], info["in_channels"], info["data"]) == (
+            target_name,
+            num_classes,
+            x.shape[1],
+            data_committed_at,
+        ):
             model = FeatureClassifier(info["in_channels"], num_classes)
             model.load_state_dict(load(store.read_verified(CLASSIFIER_DIR, "model.safetensors")))
             return model.eval(), info
@@ -140,11 +153,21 @@ def load_or_train_classifier(store: Store, x: torch.Tensor, targets: torch.Tenso
             f"{info['num_classes']} classes); this evaluation needs one for {target_name} ({num_classes} classes) on "
             "the current dataset; delete that folder to retrain it (distances from the two networks are not comparable)"
         )
-    log.info("training the FD-classifier feature network on %d samples (%s, %d classes)", len(x), target_name, num_classes)
+    log.info(
+        "training the FD-classifier feature network on %d samples (%s, %d classes)", len(x), target_name, num_classes
+    )
     model, acc = train_classifier(x, targets, num_classes)
-    info = {"target": target_name, "num_classes": num_classes, "in_channels": int(x.shape[1]), "val_accuracy": acc, "data": data_committed_at}
+    info = {
+        "target": target_name,
+        "num_classes": num_classes,
+        "in_channels": int(x.shape[1]),
+        "val_accuracy": acc,
+        "data": data_committed_at,
+    }
     known = {
-        "model.safetensors": store.write_hashed(f"{CLASSIFIER_DIR}/model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()})),
+        "model.safetensors": store.write_hashed(
+            f"{CLASSIFIER_DIR}/model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()})
+        ),
         "config.json": store.write_hashed(f"{CLASSIFIER_DIR}/config.json", json.dumps(info, indent=2).encode()),
     }
     store.commit(CLASSIFIER_DIR, list(known), known=known)
@@ -162,7 +185,8 @@ class InceptionFeatures:
             from pytorch_fid.inception import InceptionV3
         except ImportError as e:
             raise ValueError(
-                f"metric=fid needs {FID_REQUIREMENT}: pip install 'ddm[fid]' (or use metric=fd_classifier, which works offline)"
+                f"metric=fid needs {FID_REQUIREMENT}: pip install 'ddm[fid]' (or use metric=fd_classifier, which "
+                "works offline)"
             ) from e
         try:
             self.model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()

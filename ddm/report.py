@@ -44,7 +44,9 @@ def write_report(
         loss = run.read_json(layout.SUMMARY).get("final_loss") if run.exists(layout.SUMMARY) else None
         flops = c.flops_per_step() * c.steps
         loss_text = "" if loss is None else f"{loss:.4f}"
-        lines.append(f"| {c.run_dir} | {c.model.arch} | {c.steps} | {c.global_batch_size} | {loss_text} | {flops:.3g} |")
+        lines.append(
+            f"| {c.run_dir} | {c.model.arch} | {c.steps} | {c.global_batch_size} | {loss_text} | {flops:.3g} |"
+        )
     lines += ["", "## Quality by rule", "", format_report(results), "![router accuracy](router_accuracy.png)", ""]
     lines += ["## Samples", ""]
     evaluation = store.child(results["dir"])

@@ -90,7 +90,9 @@ def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
         r, col = divmod(i, cols)
         grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
     scale = max(1, 512 // max(grid.shape[:2]))  # small images (digits) are upscaled to be seen
-    pil = Image.fromarray(grid[..., 0] if c == 1 else grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid).resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST
+    )
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return buf.getvalue()

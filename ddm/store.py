@@ -79,7 +79,8 @@ class Store:
                 storage_options.setdefault("endpoint_url", endpoint)
             # Bounded, predictable failure: few retries inside s3fs/botocore, then ours with backoff.
             storage_options.setdefault(
-                "config_kwargs", {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2, "mode": "standard"}}
+                "config_kwargs",
+                {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2, "mode": "standard"}},
             )
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
@@ -238,7 +239,9 @@ class Store:
 
     def manifest(self, rel_dir: str) -> dict:
         if not self.is_committed(rel_dir):
-            raise NotCommittedError(f"{self.url}/{rel_dir} has no {MANIFEST}: it was never committed (or its writer crashed)")
+            raise NotCommittedError(
+                f"{self.url}/{rel_dir} has no {MANIFEST}: it was never committed (or its writer crashed)"
+            )
         return self.read_json(f"{rel_dir}/{MANIFEST}")
 
     def _read_checked(self, rel_dir: str, name: str, manifest: dict) -> bytes:

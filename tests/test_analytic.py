@@ -10,8 +10,8 @@ import torch
 
 from ddm.analytic import GaussianMixture
 from ddm.ensemble import Ensemble, Rule
-from ddm.metrics import energy_distance
 from ddm.flow import FlowMatching
+from ddm.metrics import energy_distance
 
 
 def exact_ensemble(gm: GaussianMixture, flow: FlowMatching, rule: str) -> Ensemble:
@@ -50,7 +50,9 @@ def test_single_component_velocity_matches_its_score_form():
     gm = GaussianMixture(torch.tensor([[1.0, -2.0]]), torch.tensor([0.7]), torch.tensor([1.0]))
     flow = FlowMatching()
     x, t = noised_points(gm, flow, 500, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(gm.component_velocity(x, t, 0, flow), gm.marginal_velocity(x, t, flow), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        gm.component_velocity(x, t, 0, flow), gm.marginal_velocity(x, t, flow), rtol=0, atol=1e-10
+    )
 
 
 def test_component_velocity_is_conditional_expectation_of_target():
@@ -108,7 +110,10 @@ def test_top1_measurably_off_where_components_overlap():
     # ... and it shows in the samples: top-1 drifts from the data, full does not.
     noise = torch.randn(3000, 2, generator=g, dtype=torch.float64)
     data, _ = gm.sample(3000, g)
-    ed = {r: energy_distance(flow.sample(exact_ensemble(gm, flow, r).velocity_fn(), noise, 60, "heun"), data) for r in ("full", "top1")}
+    ed = {
+        r: energy_distance(flow.sample(exact_ensemble(gm, flow, r).velocity_fn(), noise, 60, "heun"), data)
+        for r in ("full", "top1")
+    }
     assert ed["full"] < 0.01, ed
     assert ed["top1"] > 5 * ed["full"] and ed["top1"] > 0.03, ed
 

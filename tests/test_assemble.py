@@ -30,7 +30,9 @@ def test_assemble_and_sample_lazily(trained):
     assert assemble(store, "top-2") == d  # same inputs: nothing changes
     ens = load_ensemble(store, rule="oracle")
     assert not any(e.loaded for e in ens.experts)
-    x = FlowMatching().sample(ens.velocity_fn(y=torch.arange(4), partition=torch.zeros(4, dtype=torch.long)), torch.randn(4, 1, 8, 8), 3)
+    x = FlowMatching().sample(
+        ens.velocity_fn(y=torch.arange(4), partition=torch.zeros(4, dtype=torch.long)), torch.randn(4, 1, 8, 8), 3
+    )
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
     assert [e.loaded for e in ens.experts] == [True, False]  # only the expert routed to was loaded
     top2 = load_ensemble(store)
@@ -77,7 +79,9 @@ def test_export_changed_after_assembly_is_caught(trained, tmp_path):
     summary(run_cli(str(copy), "partition=1", "steps=4", "checkpoint.every=2"))  # expert 1 trains on
     ens = load_ensemble(store, rule="oracle")
     with pytest.raises(ValueError, match="changed since the ensemble was assembled"):
-        ens.velocity(torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.arange(2), partition=torch.ones(2, dtype=torch.long))
+        ens.velocity(
+            torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.arange(2), partition=torch.ones(2, dtype=torch.long)
+        )
 
 
 def test_sample_writes_grid_and_arrays_and_never_mixes_configs(trained, tmp_path):

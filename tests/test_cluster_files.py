@@ -20,13 +20,17 @@ GPU_IMAGE = f"ghcr.io/ddm-project/ddm:{ddm.__version__}-gpu"
 
 def pins(dockerfile: str) -> dict[str, str]:
     text = (ROOT / "docker" / dockerfile).read_text()
-    return {name: re.search(rf"{name}(?:\[[^\]]*\])?==([0-9.]+)", text).group(1) for name in ("torch", "deepspeed", "ray")}
+    return {
+        name: re.search(rf"{name}(?:\[[^\]]*\])?==([0-9.]+)", text).group(1) for name in ("torch", "deepspeed", "ray")
+    }
 
 
 def images(node) -> list[str]:
     """Every `image:` value anywhere in a YAML tree."""
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + [i for v in node.values() for i in images(v)]
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + [
+            i for v in node.values() for i in images(v)
+        ]
     if isinstance(node, list):
         return [i for v in node for i in images(v)]
     return []
@@ -34,7 +38,9 @@ def images(node) -> list[str]:
 
 def containers(node) -> list[dict]:
     if isinstance(node, dict):
-        return ([c for c in node.get("containers", [])] if "containers" in node else []) + [c for v in node.values() for c in containers(v)]
+        return ([c for c in node.get("containers", [])] if "containers" in node else []) + [
+            c for v in node.values() for c in containers(v)
+        ]
     if isinstance(node, list):
         return [c for v in node for c in containers(v)]
     return []
@@ -53,7 +59,9 @@ def test_dockerfiles_pin_one_set_of_versions_and_keep_auth_on():
     assert "FROM nvidia/cuda:" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
 
 
-@pytest.mark.parametrize("path", ["cluster/ray-cluster.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"])
+@pytest.mark.parametrize(
+    "path", ["cluster/ray-cluster.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"]
+)
 def test_cluster_manifests_name_the_gpu_image_and_enable_auth(path):
     doc = yaml.safe_load((ROOT / path).read_text())
     found = images(doc)

@@ -96,7 +96,8 @@ def test_run_folder_names_are_spelled_in_one_place():
     """No module but ddm/layout.py spells a run-folder name as a string literal."""
     import re
 
-    names = r'f?"(experts/|distilled/|ensemble\.json|islands/|eval/|samples/|checkpoints"|export"|summary\.json|progress\.json)'
+    names = r'f?"(experts/|distilled/|ensemble\.json|islands/|eval/|samples/|checkpoints"|export"'
+    names += r"|summary\.json|progress\.json)"
     offenders = []
     for path in Path(__file__).parents[1].joinpath("ddm").rglob("*.py"):
         if path.name == "layout.py":

@@ -41,7 +41,11 @@ def test_defaults_and_round_trip(tmp_path):
 
 
 def test_overrides_are_typed_and_keep_sibling_defaults():
-    cfg = load(Outer, None, ["inner.lr=3e-4", "inner.steps=5", "model.moe.num_experts=0", "tags=[a, b]", "verbose=true", "seed=7"])
+    cfg = load(
+        Outer,
+        None,
+        ["inner.lr=3e-4", "inner.steps=5", "model.moe.num_experts=0", "tags=[a, b]", "verbose=true", "seed=7"],
+    )
     assert cfg.inner == Inner(lr=3e-4, steps=5)
     assert cfg.model.arch == "MLP-S" and cfg.model.data_shape == (2,)  # the parent's default survives
     assert isinstance(cfg.model.moe, MoEConfig)

@@ -62,7 +62,10 @@ def test_interrupted_ingest_is_never_taken_for_a_dataset(tmp_path):
     with pytest.raises(ValueError, match="no committed dataset"):
         Dataset(store)
     ingest(IngestConfig(shard_size=1000), store)  # replaces the leftovers
-    assert Dataset(store).num_samples == 1797 and store.list(f"{DATA_DIR}/shards") == ["part-00000.parquet", "part-00001.parquet"]
+    assert Dataset(store).num_samples == 1797 and store.list(f"{DATA_DIR}/shards") == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
 
 
 def _png(color, size=(12, 10)) -> bytes:

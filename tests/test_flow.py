@@ -12,7 +12,10 @@ from ddm.flow import FlowMatching, guided
 def test_path_endpoints_and_velocity_is_time_derivative(path):
     flow = FlowMatching(path=path)
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64),
+    )
     zeros, ones = torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
     torch.testing.assert_close(flow.interpolate(x0, eps, zeros), x0)
     torch.testing.assert_close(flow.interpolate(x0, eps, ones), eps, atol=1e-12, rtol=0)

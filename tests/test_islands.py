@@ -43,7 +43,11 @@ class LocalIsland:
     def start(self) -> None:
         temp = f"/tmp/ddm-isl-{self.name}-{os.getpid()}"  # short: Ray's socket paths have a length limit
         shutil.rmtree(temp, ignore_errors=True)
-        env = child_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token} if self.auth_token else {"RAY_AUTH_MODE": "disabled"})
+        env = child_env(
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token}
+            if self.auth_token
+            else {"RAY_AUTH_MODE": "disabled"}
+        )
         cmd = [
             RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1",
             "--node-ip-address=127.0.0.1", f"--port={self.ports['gcs']}", "--dashboard-host=127.0.0.1",
@@ -112,7 +116,11 @@ def islands_file(path, store: str, islands: dict, **extra) -> str:
         "store": store,
         "env": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"],
         "islands": {
-            name: {"address": addr, "ddm_command": f"{sys.executable} -m ddm.cli", "overrides": {"ray": {"cpus_per_worker": 1}}}
+            name: {
+                "address": addr,
+                "ddm_command": f"{sys.executable} -m ddm.cli",
+                "overrides": {"ray": {"cpus_per_worker": 1}},
+            }
             for name, addr in islands.items()
         },
         **extra,
@@ -133,7 +141,11 @@ def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
 
 def committed_steps(store: Store, run_dir: str) -> list[int]:
     run = store.child(f"{run_dir}/checkpoints")
-    return sorted(int(n[5:]) for n in (run.list("") if store.exists(f"{run_dir}/checkpoints") else []) if n.startswith("step_") and run.is_committed(n))
+    return sorted(
+        int(n[5:])
+        for n in (run.list("") if store.exists(f"{run_dir}/checkpoints") else [])
+        if n.startswith("step_") and run.is_committed(n)
+    )
 
 
 def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoint, tmp_path):
@@ -141,7 +153,13 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
     store_url = f"s3://{BUCKET}/islands-{uuid.uuid4().hex[:6]}"
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "store": store_url}))
-    isl = islands_file(tmp_path / "islands.yaml", store_url, {"a": a.address, "b": b.address}, assignment={0: "a", 1: "b"}, router_island="a")
+    isl = islands_file(
+        tmp_path / "islands.yaml",
+        store_url,
+        {"a": a.address, "b": b.address},
+        assignment={0: "a", 1: "b"},
+        router_island="a",
+    )
     out = ddm("submit", str(spec), "--islands", isl)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "expert-00  -> a" in out.stdout and "expert-01  -> b" in out.stdout and "router" in out.stdout
@@ -154,7 +172,11 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stderr[-2000:]
     from ray.job_submission import JobSubmissionClient
 
-    ids = [j.submission_id for j in JobSubmissionClient(a.address).list_jobs() if (j.submission_id or "").startswith("ddm-")]
+    ids = [
+        j.submission_id
+        for j in JobSubmissionClient(a.address).list_jobs()
+        if (j.submission_id or "").startswith("ddm-")
+    ]
     assert len(ids) == 2  # expert-00 and the router, once each
 
     # Island b is lost once its expert has committed a checkpoint; island a is not affected.
@@ -164,7 +186,11 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
     assert st.returncode == 0, st.stderr[-2000:]
     row = next(line for line in st.stdout.splitlines() if line.startswith("expert-01"))
     assert "UNREACHABLE" in row and f"island b: island 'b' cannot be reached at {b.address}" in st.stdout
-    wait_for(lambda: store.child("experts/00").is_committed("export") and store.child("router").is_committed("export"), 300, "island a's jobs")
+    wait_for(
+        lambda: store.child("experts/00").is_committed("export") and store.child("router").is_committed("export"),
+        300,
+        "island a's jobs",
+    )
     assert store.child("experts/00").read_json("summary.json")["startup"]["resumed_from"] is None  # never interrupted
     resumed_at = committed_steps(store, "experts/01")[-1]
     assert not store.child("experts/01").is_committed("export")
@@ -227,7 +253,11 @@ def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3
     a, _ = two_islands
     store_url = f"s3://{BUCKET}/other-{uuid.uuid4().hex[:6]}"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint": {"every": 5}}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint": {"every": 5}}}
+        )
+    )
     isl = islands_file(tmp_path / "one.yaml", store_url, {"a": a.address})
     out = ddm("submit", str(spec), "--islands", isl)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -254,7 +284,9 @@ def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3
 def test_balanced_assignment_follows_capacity_and_explicit_map():
     from ddm.launchers.plan import Island, IslandsConfig, assign
 
-    cfg = IslandsConfig(store="s3://b/r", islands={"big": Island("http://a:1", capacity=2), "small": Island("http://b:1", capacity=1)})
+    cfg = IslandsConfig(
+        store="s3://b/r", islands={"big": Island("http://a:1", capacity=2), "small": Island("http://b:1", capacity=1)}
+    )
     sizes, steps = [300, 100, 200, 100, 200, 300], [10] * 6
     where = assign(sizes, cfg, steps)
     load = {n: sum(s for s, w in zip(sizes, where) if w == n) for n in cfg.islands}
@@ -274,7 +306,10 @@ def test_steps_policy_and_island_overrides_shape_each_job():
     spec = from_dict(RunSpec, {**SPEC, "store": "ignored"})
     islands = IslandsConfig(
         store="s3://b/r",
-        islands={"gpu": Island("http://a:1", capacity=3, overrides={"ray": {"num_workers": 2, "use_gpu": True}}), "cpu": Island("http://b:1")},
+        islands={
+            "gpu": Island("http://a:1", capacity=3, overrides={"ray": {"num_workers": 2, "use_gpu": True}}),
+            "cpu": Island("http://b:1"),
+        },
         steps_policy="proportional",
     )
     jobs = plan_jobs(spec, islands, [100, 300])

@@ -1,7 +1,6 @@
 """One expert across two Ray nodes on this machine (ray.cluster_utils.Cluster): lose a node
 mid-run, add one back, and the job resumes from the store to the weights of an uninterrupted run."""
 
-import os
 import threading
 import time
 
@@ -27,7 +26,11 @@ def cfg_for(store):
     from ddm.config import load
     from ddm.job import JobConfig
 
-    return load(JobConfig, None, [f"store={store}", *TRAIN, "ray.num_workers=2", "ray.max_failures=3", "steps=6", "checkpoint.every=2"])
+    return load(
+        JobConfig,
+        None,
+        [f"store={store}", *TRAIN, "ray.num_workers=2", "ray.max_failures=3", "steps=6", "checkpoint.every=2"],
+    )
 
 
 def test_node_lost_and_replaced_mid_run(prepared, tmp_path, cluster):  # noqa: F811
@@ -36,7 +39,9 @@ def test_node_lost_and_replaced_mid_run(prepared, tmp_path, cluster):  # noqa: F
     c, nodes = cluster
     reference = fresh(prepared, tmp_path, "reference")
     ray_train(cfg_for(reference))
-    placed = {a["node_id"] for a in ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)}
+    placed = {
+        a["node_id"] for a in ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)
+    }
     assert len({n.node_id for n in nodes} & placed) == 2  # the workers really ran on two nodes
 
     store = fresh(prepared, tmp_path, "faulted")

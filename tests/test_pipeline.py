@@ -34,7 +34,9 @@ TINY = {
 
 def ddm(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """The `ddm` command in a subprocess of its own (no launcher or Ray address inherited)."""
-    return subprocess.run([sys.executable, "-m", "ddm.cli", *args], capture_output=True, text=True, timeout=timeout, env=child_env(env))
+    return subprocess.run(
+        [sys.executable, "-m", "ddm.cli", *args], capture_output=True, text=True, timeout=timeout, env=child_env(env)
+    )
 
 
 def write_spec(tmp_path, store: str, **changes) -> str:
@@ -80,7 +82,15 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
     evals = [e for e in store.list("eval") if not e.endswith("classifier")]
     assert evals, store.list("eval")
     report = store.read_bytes("report/README.md").decode()
-    for needle in ("| monolith |", "| top-1 |", "| top-2 |", "| full |", "| oracle |", "| distilled |", "![router accuracy]"):
+    for needle in (
+        "| monolith |",
+        "| top-1 |",
+        "| top-2 |",
+        "| full |",
+        "| oracle |",
+        "| distilled |",
+        "![router accuracy]",
+    ):
         assert needle in report, needle
     assert store.read_bytes("report/router_accuracy.png")[:4] == b"\x89PNG"
     assert "experts/00" in first.stderr and "2 at a time" in first.stderr  # two 1-CPU jobs at once on 2 CPUs
@@ -104,20 +114,43 @@ def test_rerun_resumes_unfinished_jobs_and_skips_finished_ones(pipeline_run):
 
 def test_evaluate_table_counts_expert_forwards(pipeline_run):
     store_url = pipeline_run[0]
-    out = ddm("evaluate", store_url, "rules=[top1, top2, full, oracle, monolith]", "num_samples=16", "steps=3", "sampler=euler", "name=counts")
+    out = ddm(
+        "evaluate",
+        store_url,
+        "rules=[top1, top2, full, oracle, monolith]",
+        "num_samples=16",
+        "steps=3",
+        "sampler=euler",
+        "name=counts",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = Store(store_url).read_json("eval/counts/results.json")
     per_rule = {r["rule"]: r for r in results["rules"]}
     assert [r["rule"] for r in results["rules"]] == ["top-1", "top-2", "full", "oracle", "monolith"]
     assert {k: v["expert_forwards_per_sample"] for k, v in per_rule.items()} == {
-        "top-1": 3, "top-2": 6, "full": 6, "oracle": 3, "monolith": 3,
+        "top-1": 3,
+        "top-2": 6,
+        "full": 6,
+        "oracle": 3,
+        "monolith": 3,
     }  # fmt: skip  (K = 2: top-2 = full)
     assert all(v["distance"] > results["data_floor"] for v in per_rule.values())  # 6-step models are far from data
     assert len(results["router_accuracy"]["accuracy"]) == 10  # the default t grid
     # Classifier-free guidance evaluates two branches: every rule, the monolith too, counts both.
-    cfg = ddm("evaluate", store_url, "rules=[top1, monolith]", "num_samples=8", "steps=2", "sampler=euler", "guidance=2.0", "name=cfg")
+    cfg = ddm(
+        "evaluate",
+        store_url,
+        "rules=[top1, monolith]",
+        "num_samples=8",
+        "steps=2",
+        "sampler=euler",
+        "guidance=2.0",
+        "name=cfg",
+    )
     assert cfg.returncode == 0, cfg.stderr[-3000:]
-    guided = {r["rule"]: r["expert_forwards_per_sample"] for r in Store(store_url).read_json("eval/cfg/results.json")["rules"]}
+    guided = {
+        r["rule"]: r["expert_forwards_per_sample"] for r in Store(store_url).read_json("eval/cfg/results.json")["rules"]
+    }
     assert guided == {"top-1": 4, "monolith": 4}
     # Same name, other settings: an error, the earlier results stay.
     again = ddm("evaluate", store_url, "num_samples=20", "name=counts")
@@ -137,7 +170,9 @@ def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monke
     cfg = EvalConfig(metric="fid", name="fid", num_samples=8, steps=2)
     monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # `import pytorch_fid...` now raises ImportError
     monkeypatch.setitem(sys.modules, "pytorch_fid.inception", None)
-    with pytest.raises(ValueError, match=r"metric=fid needs pytorch-fid==0\.3\.0: pip install 'ddm\[fid\]'.*metric=fd_classifier"):
+    with pytest.raises(
+        ValueError, match=r"metric=fid needs pytorch-fid==0\.3\.0: pip install 'ddm\[fid\]'.*metric=fd_classifier"
+    ):
         evaluate(store, cfg)
 
     class OfflineInception:  # what pytorch-fid does on a machine that cannot download the weights
@@ -164,7 +199,9 @@ def test_distilled_student_belongs_to_its_teacher(pipeline_run):
     assert len(students) == 2 and current in students  # one per ensemble: the first run's and the extended one's
     cfg = json.loads(store.child(f"distilled/{current}").read_verified("export", "config.json"))
     assert cfg["job"] == "distill" and cfg["partition"] is None and cfg["teacher"] == current
-    metrics = [json.loads(line) for line in store.read_bytes(f"distilled/{current}/metrics.jsonl").decode().splitlines()]
+    metrics = [
+        json.loads(line) for line in store.read_bytes(f"distilled/{current}/metrics.jsonl").decode().splitlines()
+    ]
     assert metrics and all(m["loss"] > 0 for m in metrics)
     kept = [n for n in store.list("") if n.startswith("ensemble.") and n != "ensemble.json"]
     assert len(kept) == 1  # the first run's ensemble.json, kept when the extended experts were assembled
@@ -187,7 +224,8 @@ def test_a_failed_job_fails_the_run_clearly_and_a_rerun_resumes_it(tmp_path):
     naming it, while the other jobs finish; the same command again resumes it from its commit."""
     store_url = str(tmp_path / "store")
     spec = {**TINY, "store": store_url, "monolith": False, "distill_steps": 0,
-            "expert": {**TINY["expert"], "steps": 8, "checkpoint": {"every": 4}, "ray": {"max_failures": 0}}}  # fmt: skip
+            "expert": {**TINY["expert"], "steps": 8, "checkpoint": {"every": 4},
+                       "ray": {"max_failures": 0}}}  # fmt: skip
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = ddm("run", str(path), env={"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")})

@@ -91,7 +91,13 @@ def test_missing_bucket_is_a_clear_error(s3_endpoint):
 
 def test_unreachable_endpoint_fails_after_bounded_retries(s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
-    store = Store("s3://ddm-test/x", retries=2, backoff_s=0.01, config_kwargs={"retries": {"max_attempts": 1}}, skip_instance_cache=True)
+    store = Store(
+        "s3://ddm-test/x",
+        retries=2,
+        backoff_s=0.01,
+        config_kwargs={"retries": {"max_attempts": 1}},
+        skip_instance_cache=True,
+    )
     with pytest.raises(StoreError, match="failed after 3 attempts .* Check that the store is reachable"):
         store.read_bytes("anything")
 
@@ -107,5 +113,7 @@ def test_pyarrow_reads_what_s3fs_wrote(s3_endpoint):
     with store.open_write("t.parquet") as f:
         pq.write_table(table, f)
     host_port = s3_endpoint.removeprefix("http://")
-    s3 = pafs.S3FileSystem(endpoint_override=host_port, scheme="http", region="us-east-1", access_key="testing", secret_key="testing")
+    s3 = pafs.S3FileSystem(
+        endpoint_override=host_port, scheme="http", region="us-east-1", access_key="testing", secret_key="testing"
+    )
     assert pq.read_table("ddm-test/interop/t.parquet", filesystem=s3, use_threads=False).equals(table)

@@ -119,13 +119,20 @@ def test_zero3_trains_and_resumes(prepared, tmp_path):
     straight, resumed = fresh(prepared, tmp_path, "a"), fresh(prepared, tmp_path, "b")
     summary(run_cli(straight, "steps=4", "checkpoint.every=2", "engine.zero_stage=3"))
     summary(run_cli(resumed, "steps=2", "checkpoint.every=2", "engine.zero_stage=3"))
-    assert summary(run_cli(resumed, "steps=4", "checkpoint.every=2", "engine.zero_stage=3"))["startup"]["resumed_from"] == 2
+    assert (
+        summary(run_cli(resumed, "steps=4", "checkpoint.every=2", "engine.zero_stage=3"))["startup"]["resumed_from"]
+        == 2
+    )
     assert_same_weights(exported(straight), exported(resumed))
 
 
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
-    summary(run_cli(store, "steps=8", "checkpoint.every=2", "checkpoint.keep=2", "grad_accum=2", "checkpoint.export_every=4"))
+    summary(
+        run_cli(
+            store, "steps=8", "checkpoint.every=2", "checkpoint.keep=2", "grad_accum=2", "checkpoint.export_every=4"
+        )
+    )
     ckpts = Store(store).child("experts/00/checkpoints")
     assert ckpts.list("") == ["step_0000006", "step_0000008"]
 
@@ -135,10 +142,16 @@ def test_deepspeed_config_from_train_config():
     from ddm.job import JobConfig
     from ddm.train.engine import deepspeed_config
 
-    cfg = load(JobConfig, None, ["global_batch_size=64", "grad_accum=2", "ray.num_workers=4", "engine.zero_stage=1",
-                                   "engine.deepspeed={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 1.0}"])  # fmt: skip
+    raw = "engine.deepspeed={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 1.0}"
+    cfg = load(
+        JobConfig, None, ["global_batch_size=64", "grad_accum=2", "ray.num_workers=4", "engine.zero_stage=1", raw]
+    )
     ds = deepspeed_config(cfg, on_gpu=False)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        2,
+    )
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # raw settings merge, not replace
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
     assert deepspeed_config(cfg, on_gpu=True)["bf16"]["enabled"] is True  # precision=auto: bf16 on GPU
@@ -218,7 +231,13 @@ def test_ray_restarts_a_killed_worker_and_resumes(prepared, tmp_path, zero2_run)
     assert_same_weights(exported(zero2_run[0]), exported(store))
 
 
-MOE = ["checkpoint.every=2", "engine.zero_stage=1", "model.moe.num_experts=4", "model.moe.ep_size=2", "model.moe.every=1"]
+MOE = [
+    "checkpoint.every=2",
+    "engine.zero_stage=1",
+    "model.moe.num_experts=4",
+    "model.moe.ep_size=2",
+    "model.moe.every=1",
+]
 
 
 def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
@@ -238,7 +257,11 @@ def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
     one_process = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, ep_size=1))
     missing, unexpected = build_model(one_process).load_state_dict(weights, strict=False)
     assert not unexpected and not missing
-    w = {k: v for k, v in weights.items() if "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts." in k and k.endswith("fc1.weight")}
+    w = {
+        k: v
+        for k, v in weights.items()
+        if "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts." in k and k.endswith("fc1.weight")
+    }
     assert len(w) == 4 and not torch.equal(w[sorted(w)[0]], w[sorted(w)[-1]])
 
     # Save/load round trip: resuming from step 4 reaches the weights of a straight 6-step run, which
@@ -273,7 +296,12 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     url = "s3://ddm-test/outage"
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -284,7 +312,9 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
         marker = tmp_path / "paused"
         fault = {"DDM_FAULT": "step:8", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": str(marker)}
         cmd = [sys.executable, "-m", "ddm.train", f"store={url}", *TRAIN, "steps=12", "checkpoint.every=4"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env({**env, **fault}))
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env({**env, **fault})
+        )
         deadline = time.monotonic() + 120
         while not marker.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -321,11 +351,24 @@ def test_router_job_learns_the_partitions(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
     # Unconditional, so the image is the only evidence: with the digit class given, the partition
     # (semantic, so close to a function of the class) would be guessable even from pure noise.
-    s = summary(run_cli(store, "job=router", "model.num_classes=0", "steps=600", "lr=0.002", "global_batch_size=32", "checkpoint.every=300", "log_every=100"))
+    s = summary(
+        run_cli(
+            store,
+            "job=router",
+            "model.num_classes=0",
+            "steps=600",
+            "lr=0.002",
+            "global_batch_size=32",
+            "checkpoint.every=300",
+            "log_every=100",
+        )
+    )
     assert s["step"] == 600
     config = json.load(open(os.path.join(store, "router/export/config.json")))
     assert config["job"] == "router" and config["num_partitions"] == 2 and config["partition"] is None
-    model_cfg = ModelConfig(**{**config["model"], "data_shape": tuple(config["model"]["data_shape"]), "moe": ModelConfig().moe})
+    model_cfg = ModelConfig(
+        **{**config["model"], "data_shape": tuple(config["model"]["data_shape"]), "moe": ModelConfig().moe}
+    )
     router = build_router(model_cfg, 2).eval()
     router.load_state_dict(exported(store, "router"))
     batch = PartitionReader(Store(store), None, batch_size=512, seed=9).next_batch()

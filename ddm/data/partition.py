@@ -38,7 +38,6 @@ from ddm.store import Store
 log = logging.getLogger("ddm.partition")
 
 
-
 @dataclass(frozen=True)
 class PartitionConfig:
     num_partitions: int = 4  # K, the number of experts (paper: 8 on ImageNet)
@@ -67,7 +66,12 @@ def _feature_batches(dataset: Dataset, extractor, batch_size: int, desc: str):
         shard = dataset.read_shard(i)
         for start in range(0, len(shard.ids), batch_size):
             sl = slice(start, start + batch_size)
-            yield i, shard, np.arange(start, min(start + batch_size, len(shard.ids))), extractor(shard.arrays[sl], dataset.dtype)
+            yield (
+                i,
+                shard,
+                np.arange(start, min(start + batch_size, len(shard.ids))),
+                extractor(shard.arrays[sl], dataset.dtype),
+            )
 
 
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -114,7 +118,10 @@ def _balanced(fine: np.ndarray, counts: np.ndarray, coarse: np.ndarray, tol: flo
         empty = counts == 0
         mapping[empty] = _nearest(fine[empty], coarse) if empty.any() else mapping[empty]
         new = np.stack(
-            [np.average(fine[mapping == c], axis=0, weights=counts[mapping == c]) if load[c] > 0 else coarse[c] for c in range(k)]
+            [
+                np.average(fine[mapping == c], axis=0, weights=counts[mapping == c]) if load[c] > 0 else coarse[c]
+                for c in range(k)
+            ]
         ).astype(np.float32)
         if np.allclose(new, coarse):
             break
@@ -150,14 +157,22 @@ def partition(cfg: PartitionConfig, store: Store) -> dict:
     t0 = time.perf_counter()
 
     extractor = build_extractor(cfg.features, cfg.pca_dim, cfg.pca_fit_samples, cfg.seed).fit(dataset)
-    log.info("features: %s; fine k-means with %d centroids over %d samples in %d shards", extractor.name, num_fine, n, dataset.num_shards)
+    log.info(
+        "features: %s; fine k-means with %d centroids over %d samples in %d shards",
+        extractor.name,
+        num_fine,
+        n,
+        dataset.num_shards,
+    )
 
     # Stage 1: fine centroids, mini-batch k-means streamed over shards. The first partial_fit
     # needs at least a few samples per centroid to initialise, so the start is buffered.
     fine_km = MiniBatchKMeans(n_clusters=num_fine, random_state=cfg.seed, n_init=1, batch_size=cfg.batch_size)
     pending, fitted = [], False
     for epoch in range(cfg.fine_epochs):
-        for _, _, _, feats in _feature_batches(dataset, extractor, cfg.batch_size, f"fine k-means {epoch + 1}/{cfg.fine_epochs}"):
+        for _, _, _, feats in _feature_batches(
+            dataset, extractor, cfg.batch_size, f"fine k-means {epoch + 1}/{cfg.fine_epochs}"
+        ):
             if fitted:
                 fine_km.partial_fit(feats)
                 continue
@@ -224,4 +239,3 @@ def partition(cfg: PartitionConfig, store: Store) -> dict:
     manifest = store.commit(PARTITIONS_DIR, list(known), meta=meta, known=known)
     log.info("%d partitions of sizes %s (largest / mean = %.2f)", k, counts.tolist(), meta["max_over_mean"])
     return manifest
-

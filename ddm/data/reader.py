@@ -47,7 +47,13 @@ class PartitionReader:
         self.shard_idx = table.column("shard").to_numpy()[keep]
         self.row_idx = table.column("row").to_numpy()[keep]
         self.partitions = parts[keep]
-        self.partition, self.batch_size, self.rank, self.world_size, self.seed = partition, batch_size, rank, world_size, seed
+        self.partition, self.batch_size, self.rank, self.world_size, self.seed = (
+            partition,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+        )
         self.per_rank = len(self.shard_idx) // world_size
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:

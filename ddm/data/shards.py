@@ -21,9 +21,7 @@ import pyarrow.parquet as pq
 from ddm.layout import DATA_DIR, SHARDS_DIR
 from ddm.store import Store
 
-SCHEMA = pa.schema(
-    [("id", pa.int64()), ("data", pa.binary()), ("label", pa.int32()), ("shape", pa.list_(pa.int32()))]
-)
+SCHEMA = pa.schema([("id", pa.int64()), ("data", pa.binary()), ("label", pa.int32()), ("shape", pa.list_(pa.int32()))])
 
 
 def read_parquet_bytes(raw: bytes, columns: list[str] | None = None) -> pa.Table:
@@ -53,9 +51,7 @@ def encode_shard(ids: np.ndarray, arrays: np.ndarray, labels: np.ndarray) -> byt
     flat = np.ascontiguousarray(arrays).reshape(n, -1)
     data = pa.array([row.tobytes() for row in flat], type=pa.binary())
     shape = pa.array([list(arrays.shape[1:])] * n, type=pa.list_(pa.int32()))
-    table = pa.Table.from_arrays(
-        [pa.array(ids, pa.int64()), data, pa.array(labels, pa.int32()), shape], schema=SCHEMA
-    )
+    table = pa.Table.from_arrays([pa.array(ids, pa.int64()), data, pa.array(labels, pa.int32()), shape], schema=SCHEMA)
     return write_parquet_bytes(table)
 
 

@@ -53,7 +53,9 @@ def client(name: str, island: Island):
     if island.auth_token_env:
         token = os.environ.get(island.auth_token_env)
         if not token:
-            raise IslandError(f"island {name!r} reads its Ray token from ${island.auth_token_env}, which this shell does not set")
+            raise IslandError(
+                f"island {name!r} reads its Ray token from ${island.auth_token_env}, which this shell does not set"
+            )
         headers = {"Authorization": f"Bearer {token}"}
     try:
         c = JobSubmissionClient(island.address, headers=headers)
@@ -66,7 +68,9 @@ def client(name: str, island: Island):
                 f"island {name!r} ({island.address}) refused the request: authentication failed. In this shell set "
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to that cluster's token"
             ) from e
-        raise IslandError(f"island {name!r} cannot be reached at {island.address} ({text.splitlines()[0][:300]})") from e
+        raise IslandError(
+            f"island {name!r} cannot be reached at {island.address} ({text.splitlines()[0][:300]})"
+        ) from e
 
 
 def _job_state(c, sid: str) -> str:
@@ -143,7 +147,10 @@ def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = Fal
     # Every island that gets a job, or may still run an earlier attempt of one, is contacted first.
     needed = {j["island"] for j in todo} | {records[j["name"]]["island"] for j in todo if records[j["name"]]}
     for name in sorted(needed - set(islands.islands)):
-        raise ValueError(f"an earlier attempt ran on island {name!r}, which the islands file no longer lists; add it back to check that job")
+        raise ValueError(
+            f"an earlier attempt ran on island {name!r}, which the islands file no longer lists; add it back to "
+            "check that job"
+        )
     for name in sorted(needed - set(clients)):  # resume: the islands it needs, before any change
         clients[name] = client(name, islands.islands[name])
     if not resume_only:
@@ -155,7 +162,13 @@ def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = Fal
         if record is not None:
             state = _job_state(clients[record["island"]], record["submission_id"])
             if state in ACTIVE:  # never a second copy, not even on another island
-                log.info("%s is %s on %s as %s: not submitted again", j["name"], state.lower(), record["island"], record["submission_id"])
+                log.info(
+                    "%s is %s on %s as %s: not submitted again",
+                    j["name"],
+                    state.lower(),
+                    record["island"],
+                    record["submission_id"],
+                )
                 continue
         attempt = 0 if record is None else record["attempt"] + 1
         sid = submission_id(islands.store, j["name"], attempt)
@@ -174,7 +187,10 @@ def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = Fal
             if "already exists" not in str(e):
                 raise IslandError(f"island {j['island']!r} did not accept {j['name']}: {e}") from e
             log.info("%s: %s already exists on %s", j["name"], sid, j["island"])  # a lost record: same id, no duplicate
-        store.write_json(layout.plan_job_record(j["name"]), {"island": j["island"], "submission_id": sid, "attempt": attempt, "submitted_at": time.time()})
+        store.write_json(
+            layout.plan_job_record(j["name"]),
+            {"island": j["island"], "submission_id": sid, "attempt": attempt, "submitted_at": time.time()},
+        )
         log.info("submitted %s to %s as %s", j["name"], j["island"], sid)
         submitted.append({"job": j["name"], "island": j["island"], "submission_id": sid})
     return submitted
@@ -210,7 +226,11 @@ def status(islands: IslandsConfig) -> dict:
                         clients[island_name] = client(island_name, islands.islands[island_name])
                     except IslandError as e:
                         errors[island_name] = str(e)
-                state = "UNREACHABLE" if island_name in errors else _job_state(clients[island_name], record["submission_id"])
+                state = (
+                    "UNREACHABLE"
+                    if island_name in errors
+                    else _job_state(clients[island_name], record["submission_id"])
+                )
         rows.append({
             "job": j["name"], "island": island_name, "state": state, "done": done,
             "step": progress.get("step", 0), "steps": j["config"]["steps"],
@@ -228,17 +248,32 @@ def status(islands: IslandsConfig) -> dict:
 
 
 def format_status(s: dict) -> str:
-    lines = [f"run {s['store']}", "", f"{'job':<10} {'island':<10} {'state':<14} {'step':>12} {'checkpoint':>10} {'loss':>8} {'steps/s':>8}  submission"]
+    lines = [
+        f"run {s['store']}",
+        "",
+        f"{'job':<10} {'island':<10} {'state':<14} {'step':>12} {'checkpoint':>10} {'loss':>8} {'steps/s':>8}  "
+        "submission",
+    ]
     for r in s["jobs"]:
         state = "DONE" if r["done"] else r["state"]
         loss = "" if r["loss"] is None else f"{r['loss']:.4f}"
         sps = "" if r["steps_per_s"] is None else f"{r['steps_per_s']:.1f}"
         ckpt = "" if r["checkpoint"] is None else str(r["checkpoint"])
-        lines.append(f"{r['job']:<10} {r['island']:<10} {state:<14} {r['step']:>5}/{r['steps']:<6} {ckpt:>10} {loss:>8} {sps:>8}  {r['submission_id'] or ''}")
+        lines.append(
+            f"{r['job']:<10} {r['island']:<10} {state:<14} {r['step']:>5}/{r['steps']:<6} {ckpt:>10} {loss:>8} "
+            f"{sps:>8}  {r['submission_id'] or ''}"
+        )
     for name, err in s["unreachable"].items():
         lines.append(f"\nisland {name}: {err}")
     if s["all_done"]:
-        lines.append("\nevery export exists: " + (f"{layout.ENSEMBLE_FILE} is assembled" if s["ensemble"] else "run `ddm resume` (or `ddm assemble`) to assemble"))
+        lines.append(
+            "\nevery export exists: "
+            + (
+                f"{layout.ENSEMBLE_FILE} is assembled"
+                if s["ensemble"]
+                else "run `ddm resume` (or `ddm assemble`) to assemble"
+            )
+        )
     return "\n".join(lines)
 
 

@@ -38,9 +38,14 @@ class Island:
 
     def __post_init__(self) -> None:
         if self.auth_token_env and not ENV_NAME_RE.match(self.auth_token_env):
-            raise ValueError(f"auth_token_env names the variable that holds the token, got {self.auth_token_env!r}; never the token itself")
+            raise ValueError(
+                f"auth_token_env names the variable that holds the token, got {self.auth_token_env!r}; never the "
+                "token itself"
+            )
         if not re.match(r"^(https?|ray)://[^/\s]+", self.address):
-            raise ValueError(f"island address {self.address!r} must be the job server's URL, e.g. http://head-node:8265")
+            raise ValueError(
+                f"island address {self.address!r} must be the job server's URL, e.g. http://head-node:8265"
+            )
         if self.capacity <= 0:
             raise ValueError(f"island capacity must be > 0, got {self.capacity}")
         bad = sorted(set(self.overrides) & {"store", "job", "partition", "teacher"})
@@ -54,7 +59,9 @@ class IslandsConfig:
 
     store: str
     islands: dict[str, Island]
-    env: list[str] = field(default_factory=list)  # NAMES of variables forwarded to every job; values come from the submitting shell
+    env: list[str] = field(
+        default_factory=list
+    )  # NAMES of variables forwarded to every job; values come from the submitting shell
     assignment: dict[int, str] = field(default_factory=dict)  # partition -> island; the rest are balanced
     router_island: str = ""  # empty: the island with the largest capacity
     steps_policy: str = "fixed"  # fixed | proportional (to partition size)
@@ -75,7 +82,9 @@ class IslandsConfig:
                 )
         for part, island in self.assignment.items():
             if island not in self.islands:
-                raise ValueError(f"assignment: partition {part} -> unknown island {island!r}; islands are {sorted(self.islands)}")
+                raise ValueError(
+                    f"assignment: partition {part} -> unknown island {island!r}; islands are {sorted(self.islands)}"
+                )
         if self.router_island and self.router_island not in self.islands:
             raise ValueError(f"router_island {self.router_island!r} is not one of the islands {sorted(self.islands)}")
         if self.steps_policy not in ("fixed", "proportional"):
@@ -109,7 +118,10 @@ def assign(sizes: list[int], islands: IslandsConfig, steps: list[int]) -> list[s
             load[isl] += sizes[k] * steps[k]
     for k in sorted((k for k in range(len(sizes)) if out[k] is None), key=lambda k: -sizes[k] * steps[k]):
         work = sizes[k] * steps[k]
-        best = min(islands.islands, key=lambda n: ((load[n] + work) / islands.islands[n].capacity, list(islands.islands).index(n)))
+        best = min(
+            islands.islands,
+            key=lambda n: ((load[n] + work) / islands.islands[n].capacity, list(islands.islands).index(n)),
+        )
         out[k] = best
         load[best] += sizes[k] * steps[k]
     return out  # type: ignore[return-value]
@@ -158,9 +170,12 @@ def check_plan_matches(old: dict, new: dict) -> None:
     new_jobs = {j["name"]: j for j in new["jobs"]}
     if set(old_jobs) != set(new_jobs):
         raise ValueError(
-            f"the store's run has jobs {sorted(old_jobs)} but this spec makes {sorted(new_jobs)}; use a new store for a new run"
+            f"the store's run has jobs {sorted(old_jobs)} but this spec makes {sorted(new_jobs)}; use a new store "
+            "for a new run"
         )
     for name, j in new_jobs.items():
         diffs = config_changes(old_jobs[name]["config"], j["config"])
         if diffs:
-            raise ValueError(f"{name} in the store's run was planned with other settings ({diffs}); use a new store for a new run")
+            raise ValueError(
+                f"{name} in the store's run was planned with other settings ({diffs}); use a new store for a new run"
+            )

@@ -1,9 +1,19 @@
-"""One training job on one Ray cluster with Ray Train.
+"""``ddm train``: train an expert, the router or a distilled student as one Ray Train + DeepSpeed job.
 
-Ray places and restarts the workers; DeepSpeed runs inside them; the training function
-(``ddm.train.trainer.train``) knows nothing of Ray. Each job has one fixed run name, so running
-the same command again finds the same store directory and resumes there; the store's manifests,
-not Ray's checkpoint bookkeeping, decide where training continues.
+Ray Train places ray.num_workers workers (a local Ray runtime by default, or --address of a
+cluster) and restarts them after a failure; DeepSpeed runs ZeRO data parallelism (and MoE expert
+parallelism) inside them; the training function (``ddm.train.trainer.train``) knows nothing of
+Ray. Checkpoints and the EMA export go to the job's folder in the store (experts/<k>/, router/,
+distilled/<ensemble id>/). Running the same command again resumes from the newest committed
+checkpoint, and so do Ray's restarts: the store's manifests, not Ray's bookkeeping, decide where
+training continues. A re-run may change only how long, how often and where the job trains; other
+differences are refused with the fields named. --no-ray trains in this process.
+
+  expert   velocity of one partition (--partition k; partition=-1: all data, a monolith)
+  router   p(partition | x_t, t, c) by cross-entropy on noised samples of all the data
+  distill  (`ddm distill`) one dense student regressing the assembled ensemble's velocity:
+           the teacher is the expert of each sample's partition; labels are dropped once for
+           both, so the student keeps classifier-free guidance
 """
 
 from __future__ import annotations

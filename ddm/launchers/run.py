@@ -69,7 +69,9 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
         with stage("assemble"):
             old = store.read_json(layout.ENSEMBLE_FILE) if store.exists(layout.ENSEMBLE_FILE) else None
             if assemble(store, spec.rule, replace=True) != old and old is not None:  # e.g. experts trained longer
-                log.info("the exports changed since %s was written: the old one is kept as a copy", layout.ENSEMBLE_FILE)
+                log.info(
+                    "the exports changed since %s was written: the old one is kept as a copy", layout.ENSEMBLE_FILE
+                )
         if distill is not None:
             with stage("distill"):
                 distill = with_teacher(distill)
@@ -159,7 +161,8 @@ def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, po
     if failures:
         first = next(iter(failures.values()))
         raise JobsFailed(
-            f"training jobs failed: {', '.join(failures)}; run the same command again to resume them. First error: {first}"
+            f"training jobs failed: {', '.join(failures)}; run the same command again to resume them. First error: "
+            f"{first}"
         )
     return summaries
 

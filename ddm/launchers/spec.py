@@ -47,7 +47,8 @@ def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = No
     base = {"store": spec.store, "seed": spec.seed}
     steps = expert_steps or [spec.expert.steps] * num_partitions
     experts = [
-        dataclasses.replace(spec.expert, **base, job="expert", partition=k, steps=steps[k]) for k in range(num_partitions)
+        dataclasses.replace(spec.expert, **base, job="expert", partition=k, steps=steps[k])
+        for k in range(num_partitions)
     ]
     router = dataclasses.replace(spec.router, **base, job="router")
     out = [*experts, router]

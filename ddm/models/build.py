@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ddm.models.config import DIT_SIZES, MLP_SIZES, ModelConfig
@@ -22,6 +23,20 @@ def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
     if cfg.moe.enabled:
         raise ValueError("routers are dense: set moe.num_experts=0 in the router model config")
     if cfg.arch in MLP_SIZES:
-        return MLPRouter(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob)
+        return MLPRouter(
+            MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob
+        )
     c, h, _ = cfg.data_shape
     return DiTRouter(DIT_SIZES[cfg.arch], num_partitions, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio)
+
+
+def preset_table() -> str:
+    """The model presets with their parameter counts (``ddm models``)."""
+    lines = [f"{'preset':<12}{'params':>10}  shape"]
+    for name in list(DIT_SIZES) + list(MLP_SIZES):
+        dit = name in DIT_SIZES
+        with torch.device("meta"):  # counts without allocating XL's 675M parameters
+            model = build_model(ModelConfig(name, (4, 32, 32) if dit else (2,), num_classes=1000 if dit else 0))
+        n = sum(p.numel() for p in model.parameters())
+        lines.append(f"{name:<12}{n / 1e6:>9.2f}M  {'32x32x4 latents, 1000 classes' if dit else '2-D points'}")
+    return "\n".join(lines)

@@ -51,6 +51,7 @@ MLP_SIZES: dict[str, MLPSize] = {
     "MLP-L": MLPSize(hidden_size=512, depth=6),
 }
 
+
 @dataclass(frozen=True)
 class MoEConfig:
     """MoE feed-forward settings of a DiT.
@@ -87,9 +88,7 @@ class MoEConfig:
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
         if self.ep_size < 1 or self.num_experts % self.ep_size:
-            raise ValueError(
-                f"ep_size={self.ep_size} must divide num_experts={self.num_experts}"
-            )
+            raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError("capacity_factor and eval_capacity_factor must be > 0")
 

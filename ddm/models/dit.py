@@ -13,13 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddm.models.config import DiTSize, MoEConfig
-from ddm.models.layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from ddm.models.layers import (
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
 from ddm.models.moe import MoEFeedForward
-
 
 # Parameter names of ddm 0.1's output layers (before FinalLayer), renamed on load so exports and
 # checkpoints written by it keep loading.
-LEGACY_NAMES = {"linear_final.": "final_layer.linear.", "adaLN_final.": "final_layer.adaLN_modulation.", "head.": "final_layer.linear."}
+LEGACY_NAMES = {
+    "linear_final.": "final_layer.linear.",
+    "adaLN_final.": "final_layer.adaLN_modulation.",
+    "head.": "final_layer.linear.",
+}
 
 
 def upgrade_state_dict(state: dict, prefix: str = "") -> dict:

@@ -102,7 +102,9 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
         step, state = restored
         shadow = {k[4:]: v for k, v in state.tensors.items() if k.startswith("ema.")}
         upgrade = getattr(engine.module, "upgrade_state_dict", None)  # names of older checkpoints
-        ema.load_state_dict({"shadow": upgrade(shadow) if upgrade else shadow, "num_updates": state.info["ema_updates"]})
+        ema.load_state_dict(
+            {"shadow": upgrade(shadow) if upgrade else shadow, "num_updates": state.info["ema_updates"]}
+        )
         reader.load_state_dict(state.info["reader"])
         gen.set_state(state.tensors["rng.noise"])
         torch.set_rng_state(state.tensors["rng.torch"])  # label dropout draws from the global stream
@@ -166,7 +168,9 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
             metrics.append(record)
             window_loss, window_n, last_log = 0.0, 0, now
             if ps.is_main:
-                log.info("%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"])
+                log.info(
+                    "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
+                )
                 run.write_json(layout.PROGRESS, {**record, "steps": cfg.steps})  # cheap, for progress bars and status
             if report is not None:
                 report(record)
