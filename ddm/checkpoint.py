@@ -78,13 +78,17 @@ class CheckpointManager:
         return committed_steps(self.store)
 
     # --- save -------------------------------------------------------------------------------
-    def save(self, engine, step: int, rank_state: RankState, background: bool = True) -> None:
-        """Snapshot now (DeepSpeed to local scratch, collective), upload in the background."""
+    def save(self, engine, step: int, rank_state: RankState, background: bool = True) -> float:
+        """Snapshot now (DeepSpeed to local scratch, collective), upload in the background.
+
+        Returns the seconds training waited: for the previous upload, if it was still running, and
+        for the snapshot (the device-to-host copy and the write to memory-backed scratch).
+        """
+        t0 = time.perf_counter()
         self.wait()  # at most one upload in flight; surfaces the previous one's failure
         tag = step_dir(step)
         local = os.path.join(self._scratch, tag)
         shutil.rmtree(local, ignore_errors=True)
-        t0 = time.perf_counter()
         engine.save_checkpoint(self._scratch, tag=tag, save_latest=False)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in rank_state.tensors.items()},
@@ -95,14 +99,14 @@ class CheckpointManager:
         files = sorted(
             os.path.relpath(os.path.join(d, name), local) for d, _, names in os.walk(local) for name in names
         )
-        log.info(
-            "rank %d snapshot %s in %.2fs (training waits for this part only)", self.rank, tag, time.perf_counter() - t0
-        )
         if background:
             self._thread = threading.Thread(target=self._upload_guarded, args=(step, local, files), daemon=True)
             self._thread.start()
         else:
             self._upload(step, local, files)
+        stall = time.perf_counter() - t0
+        log.info("rank %d snapshot %s: training waited %.0f ms", self.rank, tag, 1000 * stall)
+        return stall
 
     def _upload_guarded(self, step: int, local: str, files: list[str]) -> None:
         try:

@@ -144,7 +144,9 @@ def routing_weights(
         counts = (mass_before < rule.top_p).sum(dim=1).clamp(min=1)
         return _renormalised(probs, _keep_top(probs, counts))
     assert rule.name == "sample"
-    choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # Drawn where the generator lives (samplers keep one CPU stream for every device).
+    on = probs if generator is None else probs.to(generator.device)
+    choice = torch.multinomial(on, 1, generator=generator).squeeze(1).to(probs.device)
     return torch.nn.functional.one_hot(choice, k).float()
 
 

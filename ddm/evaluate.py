@@ -24,6 +24,7 @@ from ddm.ensemble import Rule
 from ddm.exports import load_export
 from ddm.flow import FlowMatching, VelocityFn, guided
 from ddm.metrics import InceptionFeatures, frechet_distance, gaussian_stats, load_or_train_classifier
+from ddm.parallel import resolve_device
 from ddm.sample import SamplingConfig, draw, image_grid
 from ddm.store import Store
 
@@ -76,21 +77,22 @@ def router_accuracy(
     partitions: torch.Tensor,
     ts: list[float],
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Accuracy of argmax p(k | x_t, t, y) against the true partition at each t."""
+    """Accuracy of argmax p(k | x_t, t, y) against the true partition at each t (the router runs
+    on ``device``; the noise comes from a CPU stream, the same on every device)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
         for t_val in ts:
             t = torch.full((len(x),), float(t_val))
             x_t = flow.interpolate(x, torch.randn(x.shape, generator=g), t)
-            pred = torch.cat(
-                [
-                    router(x_t[i : i + 500], t[i : i + 500], None if y is None else y[i : i + 500]).argmax(1)
-                    for i in range(0, len(x), 500)
-                ]
-            )
-            out.append(float((pred == partitions).float().mean()))
+            pred = []
+            for i in range(0, len(x), 500):
+                rows = slice(i, i + 500)
+                y_rows = None if y is None else y[rows].to(device)
+                pred.append(router(x_t[rows].to(device), t[rows].to(device), y_rows).argmax(1).cpu())
+            out.append(float((torch.cat(pred) == partitions).float().mean()))
     return out
 
 
@@ -120,7 +122,8 @@ def _plot_router_accuracy(ts: list[float], acc: list[float], k: int, prior_max: 
 
 def evaluate(store: Store, cfg: EvalConfig) -> dict:
     """Sample under each rule with one set of labels, measure the distance to the data; see module doc."""
-    ens = load_ensemble(store)
+    device = resolve_device(cfg.device)
+    ens = load_ensemble(store, device=device)
     desc = ens.description
     rules = list(cfg.rules)
     for rule in rules:
@@ -177,8 +180,8 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     # consistent with the labels, and every rule must sample the same conditional distribution.
     g = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randint(len(x_data), (cfg.num_samples,), generator=g)
-    labels = y_data[pick] if num_classes else None
-    parts = p_data[pick]
+    labels = y_data[pick].to(device) if num_classes else None
+    parts = p_data[pick].to(device)
     results = []  # in the order asked for
     grids = {}
     cfg_branches = 2 if cfg.guidance != 1.0 and labels is not None else 1  # CFG: conditional + unconditional
@@ -186,7 +189,7 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same initial noise for every rule
         start = time.perf_counter()
         if rule in SINGLE_MODELS:
-            model = load_export(store, single_model_dir(rule, desc))
+            model = load_export(store, single_model_dir(rule, desc), device)
 
             def velocity(rows: slice) -> VelocityFn:
                 return guided(model, None if labels is None else labels[rows], cfg.guidance)
@@ -211,7 +214,8 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
             grids[key] = image_grid(x[:64].numpy())
         log.info("%s: %s %.3f, %.1f expert forwards per sample (%.0f s)", key, cfg.metric, fd, forwards, seconds)
 
-    acc = router_accuracy(ens.router, flow, x_data, y_data if num_classes else None, p_data, cfg.router_t, cfg.seed)
+    y_ref = y_data if num_classes else None
+    acc = router_accuracy(ens.router, flow, x_data, y_ref, p_data, cfg.router_t, cfg.seed, device)
     prior_max = float(torch.bincount(p_data, minlength=k).max()) / len(p_data)
     report = {
         **settings,

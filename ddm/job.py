@@ -32,6 +32,7 @@ RESUMABLE = frozenset(
         "checkpoint.every",
         "checkpoint.keep",
         "checkpoint.export_every",
+        "engine.compile",
         "ray.cpus_per_worker",
         "ray.use_gpu",
         "ray.max_failures",
@@ -75,10 +76,17 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The DeepSpeed engine inside each island."""
+    """The DeepSpeed engine inside each island.
+
+    precision: bf16 runs the forward under bf16 autocast with fp32 weights, fp32 optimizer state and
+        an fp32 EMA (DeepSpeed's ``torch_autocast``); losses are computed in fp32. auto: bf16 on GPU,
+        fp32 on CPU (whose numbers then match a plain fp32 loop).
+    compile: torch.compile the model through the engine; None (the default): on GPU only.
+    """
 
     zero_stage: int = 2
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"
+    compile: bool | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed settings, merged last
 
     def __post_init__(self) -> None:

@@ -19,6 +19,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; otherwise a torch device name."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r} but this machine has no CUDA GPU; use device=cpu (or auto)")
+    return device
+
+
 def load_deepspeed():
     """DeepSpeed, imported on first use with its accelerator chosen first (it reads DS_ACCELERATOR
     at import; on a machine without CUDA "cpu" also silences its probing)."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ddm import layout
 from ddm.assemble import load_ensemble
 from ddm.flow import SAMPLERS, FlowMatching, VelocityFn
+from ddm.parallel import resolve_device
 from ddm.store import Store
 
 log = logging.getLogger("ddm.sample")
@@ -37,6 +38,8 @@ class SamplingConfig:
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
     seed: int = 0
     batch_size: int = 64
+    device: str = "auto"  # auto: a CUDA GPU when there is one, else the CPU; or cpu, cuda, cuda:1, ...
+    precision: str = "fp32"  # bf16: the networks run under bf16 autocast; the ODE state stays fp32
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "steps", "batch_size"):
@@ -44,6 +47,8 @@ class SamplingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is unknown; choose one of {list(SAMPLERS)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
     @property
     def evals_per_sample(self) -> int:
@@ -65,16 +70,24 @@ def draw(
     generator: torch.Generator,
     desc: str | None = None,
 ) -> torch.Tensor:
-    """``cfg.num_samples`` samples in batches: each batch's initial noise from ``generator``, then
-    the ODE from noise to data with ``velocity(rows)``, the velocity function for those rows."""
+    """``cfg.num_samples`` samples in batches, on the CPU: each batch's initial noise from
+    ``generator`` (a CPU generator, so a seed gives the same noise on every device), then the ODE
+    from noise to data on ``cfg.device`` with ``velocity(rows)``, the velocity function for those rows."""
+    device = resolve_device(cfg.device)
     chunks = []
     starts = range(0, cfg.num_samples, cfg.batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
         n = min(cfg.batch_size, cfg.num_samples - start)
-        noise = torch.randn(n, *data_shape, generator=generator)
-        with torch.no_grad():
-            chunks.append(flow.sample(velocity(slice(start, start + n)), noise, cfg.steps, cfg.sampler))
+        noise = torch.randn(n, *data_shape, generator=generator).to(device)
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            x = flow.sample(_fp32(velocity(slice(start, start + n))), noise, cfg.steps, cfg.sampler)
+        chunks.append(x.float().cpu())
     return torch.cat(chunks)
+
+
+def _fp32(velocity: VelocityFn) -> VelocityFn:
+    """Velocities as fp32, so the ODE state keeps fp32 under bf16 autocast."""
+    return lambda x, t: velocity(x, t).float()
 
 
 def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
@@ -100,7 +113,8 @@ def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
 
 def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
-    ens = load_ensemble(store, rule=cfg.rule or None)
+    device = resolve_device(cfg.device)
+    ens = load_ensemble(store, rule=cfg.rule or None, device=device)
     desc = ens.description
     digest = layout.short_digest(asdict(cfg))
     name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{layout.ensemble_id(desc)}-{digest}"
@@ -115,15 +129,15 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     flow = FlowMatching(**desc["flow"])
     g = torch.Generator().manual_seed(cfg.seed)
     num_classes = int(desc["num_classes"])
-    labels = torch.arange(cfg.num_samples) % num_classes if num_classes else None
+    labels = (torch.arange(cfg.num_samples) % num_classes).to(device) if num_classes else None
 
     def velocity(rows: slice) -> VelocityFn:
         return ens.velocity_fn(y=None if labels is None else labels[rows], guidance_scale=cfg.guidance, generator=g)
 
-    x = draw(flow, velocity, cfg, tuple(desc["data_shape"]), g, desc="sample").numpy().astype(np.float32)
+    x = draw(flow, velocity, cfg, tuple(desc["data_shape"]), g, desc="sample").numpy()
     meta["expert_forwards_per_sample"] = ens.stats.expert_forwards_per_eval * cfg.evals_per_sample
     meta["experts_loaded"] = [e.loaded for e in ens.experts]
-    for fname, array in (("samples.npy", x), ("labels.npy", None if labels is None else labels.numpy())):
+    for fname, array in (("samples.npy", x), ("labels.npy", None if labels is None else labels.cpu().numpy())):
         if array is not None:
             buf = io.BytesIO()
             np.save(buf, array, allow_pickle=False)

@@ -153,8 +153,9 @@ def test_deepspeed_config_from_train_config():
         2,
     )
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # raw settings merge, not replace
-    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
-    assert deepspeed_config(cfg, on_gpu=True)["bf16"]["enabled"] is True  # precision=auto: bf16 on GPU
+    assert ds["gradient_clipping"] == 1.0 and ds["torch_autocast"]["enabled"] is False
+    assert deepspeed_config(cfg, on_gpu=True)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # auto: GPU
+    assert "bf16" not in ds  # never DeepSpeed's bf16 mode: it casts the weights
 
 
 @pytest.mark.parametrize(

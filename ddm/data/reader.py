@@ -30,8 +30,10 @@ class PartitionReader:
         world_size: int = 1,
         seed: int = 0,
         cache_shards: int = 8,
+        pin_memory: bool = False,
     ):
-        """``partition=None`` reads every sample (the router and a monolith train on all data)."""
+        """``partition=None`` reads every sample (the router and a monolith train on all data).
+        ``pin_memory``: batches in page-locked host memory, so a copy to the GPU can overlap compute."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         if batch_size < 1:
@@ -62,6 +64,7 @@ class PartitionReader:
                 f"on {world_size} ranks; lower the batch size"
             )
         self.epoch, self.batch_index = 0, 0
+        self.pin_memory = pin_memory
         self._cache: OrderedDict[int, Shard] = OrderedDict()
         self._cache_shards = cache_shards
         self._order: np.ndarray | None = None
@@ -106,6 +109,8 @@ class PartitionReader:
             "id": torch.from_numpy(ids),
             "partition": torch.from_numpy(self.partitions[pick].astype(np.int64)),
         }
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         self.batch_index += 1
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index, self._order = self.epoch + 1, 0, None

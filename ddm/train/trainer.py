@@ -36,7 +36,7 @@ from ddm.models.build import build_model, build_router
 from ddm.parallel import ParallelState, ensure_process_group
 from ddm.store import Store
 from ddm.train.ema import EMA
-from ddm.train.engine import build_engine, replica_check, whole_params
+from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile, whole_params
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
 
 log = logging.getLogger("ddm.train")
@@ -74,6 +74,8 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
     device = torch.device("cuda", ps.local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     store = Store(cfg.store)
     run = store.child(cfg.run_dir)
     t_start, started_at = time.perf_counter(), time.time()
@@ -87,9 +89,12 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
     t_engine = time.perf_counter()
 
     # --- data ---------------------------------------------------------------------------------
-    reader = PartitionReader(store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed)
-    # Noise and times: one stream per rank, saved and restored with the checkpoint.
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + ps.rank)
+    reader = PartitionReader(
+        store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed, pin_memory=on_gpu
+    )
+    # Noise and times: one stream per rank, made on the job's device, saved and restored with the checkpoint.
+    noise_seed = cfg.seed * 100_003 + ps.rank
+    gen = torch.Generator(device=device).manual_seed(noise_seed)
     t_data = time.perf_counter()
 
     # --- resume -------------------------------------------------------------------------------
@@ -106,8 +111,7 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
             {"shadow": upgrade(shadow) if upgrade else shadow, "num_updates": state.info["ema_updates"]}
         )
         reader.load_state_dict(state.info["reader"])
-        gen.set_state(state.tensors["rng.noise"])
-        torch.set_rng_state(state.tensors["rng.torch"])  # label dropout draws from the global stream
+        _restore_rng(gen, state, device, noise_seed + step)
         metrics = [m for m in _read_metrics(run) if m["step"] <= step]
         log.info("rank %d resumed from %s/%s/%s", ps.rank, run.url, layout.CHECKPOINTS, layout.step_dir(step))
     elif ps.is_main:
@@ -134,14 +138,17 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
     # --- loop ---------------------------------------------------------------------------------
     engine.train()
     t_loop = time.perf_counter()
-    window_loss, window_n, last_log = 0.0, 0, time.perf_counter()
+    # Losses add up on the device (float64, as exact as Python floats); read once per log window,
+    # since reading a GPU value every step would make the host wait for the device.
+    window_loss, window_n, last_log = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
+    stall_s = 0.0  # how long training waited for checkpoint snapshots
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
             batch = reader.next_batch()
             batch = {
-                "x": batch["x"].to(device),
-                "y": batch["y"].to(device) if cfg.model.num_classes else None,
-                "partition": batch["partition"].to(device),
+                "x": batch["x"].to(device, non_blocking=True),
+                "y": batch["y"].to(device, non_blocking=True) if cfg.model.num_classes else None,
+                "partition": batch["partition"].to(device, non_blocking=True),
             }
             loss = objective(engine, batch, gen)
             engine.backward(loss)
@@ -154,19 +161,16 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
         _fault_hook("step", step, ps.rank)
         with whole_params(engine, cfg.engine.zero_stage):
             ema.update(engine.module)
-        window_loss += loss.item()
+        window_loss += loss.detach().double()
         window_n += 1
 
         if step % cfg.log_every == 0 or step == cfg.steps:
+            mean_loss = window_loss.item() / window_n  # the one host sync of the window
             now = time.perf_counter()
-            record = {
-                "step": step,
-                "loss": window_loss / window_n,
-                "steps_per_s": window_n / (now - last_log),
-                "time": time.time(),
-            }
+            record = {"step": step, "loss": mean_loss, "steps_per_s": window_n / (now - last_log), "time": time.time()}
             metrics.append(record)
-            window_loss, window_n, last_log = 0.0, 0, now
+            window_loss.zero_()
+            window_n, last_log = 0, now
             if ps.is_main:
                 log.info(
                     "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
@@ -177,14 +181,10 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
 
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
             state = RankState(
-                tensors={
-                    **{f"ema.{k}": v for k, v in ema.shadow.items()},
-                    "rng.noise": gen.get_state(),
-                    "rng.torch": torch.get_rng_state(),
-                },
+                tensors={**{f"ema.{k}": v for k, v in ema.shadow.items()}, **_rng_state(gen, device)},
                 info={"step": step, "reader": reader.state_dict(), "ema_updates": ema.num_updates},
             )
-            ckpt.save(engine, step, state)
+            stall_s += ckpt.save(engine, step, state)
             if ps.is_main:
                 run.write_bytes(layout.METRICS, "".join(json.dumps(m) + "\n" for m in metrics).encode())
         if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step != cfg.steps:
@@ -197,6 +197,10 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "startup": startup,
         "loop_s": time.perf_counter() - t_loop,
+        "checkpoint_stall_s": stall_s,
+        "device": str(device),
+        "bf16": uses_bf16(cfg, on_gpu),
+        "compiled": uses_compile(cfg, on_gpu),
         "world_size": ps.world_size,
         **replica_check(engine.module, cfg.engine.zero_stage),
     }
@@ -206,6 +210,29 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
         dist.barrier()
         dist.destroy_process_group()  # torch + gloo can abort at exit without it
     return summary
+
+
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The random streams a step draws from: the job's noise generator, and torch's global streams
+    (label dropout draws from them), the CUDA one on a GPU."""
+    state = {"rng.noise": gen.get_state(), "rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(gen: torch.Generator, state: RankState, device: torch.device, reseed: int) -> None:
+    torch.set_rng_state(state.tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in state.tensors:
+        torch.cuda.set_rng_state(state.tensors["rng.cuda"], device)
+    try:
+        gen.set_state(state.tensors["rng.noise"])
+    except RuntimeError:  # a CPU generator's state on a GPU, or the reverse: another kind of stream
+        gen.manual_seed(reseed)
+        log.warning(
+            "the checkpoint's noise stream comes from another device type; reseeded: training continues, but its "
+            "noise differs from an uninterrupted run on one device"
+        )
 
 
 def _read_metrics(run: Store) -> list[dict]:

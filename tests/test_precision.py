@@ -1,0 +1,107 @@
+"""The GPU code paths that a CPU can run: bf16 autocast training through the real train function,
+compiled models without graph breaks, bf16 sampling, device-independent noise.
+
+On a GPU these paths are the defaults (``engine.precision=auto`` and ``engine.compile`` pick bf16
+and torch.compile there); here they are switched on by hand, so a defect in them fails the
+default test run and not only the opt-in GPU tier (``tests/test_gpu.py``).
+"""
+
+import pytest
+import torch
+
+from ddm.flow import FlowMatching
+from ddm.models.build import build_model, build_router
+from ddm.models.config import ModelConfig
+from ddm.sample import SamplingConfig, draw
+from tests.test_train import assert_same_weights, exported, fresh, prepared, run_cli, summary  # noqa: F401
+
+CFG = ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10)
+
+
+def test_bf16_job_trains_and_resumes_exactly(prepared, tmp_path):  # noqa: F811
+    """DeepSpeed's bf16 mode cast the weights and broke at the first step ("Input type (float) and
+    bias type (BFloat16)"); bf16 is autocast over fp32 weights, and a killed bf16 run resumes to the
+    weights of an uninterrupted one."""
+    bf16 = ["engine.precision=bf16", "steps=6", "checkpoint.every=3"]
+    straight = fresh(prepared, tmp_path, "straight")
+    s = summary(run_cli(straight, *bf16))
+    assert s["bf16"] is True and s["step"] == 6 and s["final_loss"] < 10
+    crashed = fresh(prepared, tmp_path, "crashed")
+    out = run_cli(crashed, *bf16, env={"DDM_FAULT": "step:5", "DDM_FAULT_ONCE": str(tmp_path / "once")})
+    assert out.returncode != 0  # killed at step 5, after the step-3 commit
+    assert summary(run_cli(crashed, *bf16))["startup"]["resumed_from"] == 3
+    assert_same_weights(exported(straight), exported(crashed))
+    # Autocast really ran: the same job in fp32 ends with other weights.
+    fp32 = fresh(prepared, tmp_path, "fp32")
+    summary(run_cli(fp32, "engine.precision=fp32", "steps=6", "checkpoint.every=3"))
+    a, b = exported(straight), exported(fp32)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(a[k].dtype == torch.float32 for k in a)  # the EMA export stays fp32
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dit_and_router_compile_without_graph_breaks(train):
+    x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 0.5), torch.randint(0, 10, (4,))
+    for model in (build_model(CFG), build_router(CFG, 3)):
+        model.train(train)
+        explanation = torch._dynamo.explain(model)(x, t, y)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
+    """Random non-zero weights: a zero-initialised output layer would make every velocity 0."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def test_bf16_sampling_is_close_to_fp32_and_keeps_an_fp32_state():
+    model = _trained_looking(build_model(CFG))
+    labels = torch.arange(16) % 10
+
+    def run(precision: str) -> torch.Tensor:
+        cfg = SamplingConfig(num_samples=16, steps=8, sampler="heun", batch_size=8, device="cpu", precision=precision)
+        return draw(
+            FlowMatching(), lambda rows: lambda x, t: model(x, t, labels[rows]), cfg, (1, 8, 8), torch.Generator()
+        )
+
+    fp32, bf16 = run("fp32"), run("bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(fp32, bf16)  # bf16 autocast was on
+    assert (fp32 - bf16).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_sampling_noise_comes_from_a_cpu_stream_whatever_the_device():
+    """The initial noise of a seed is the same on every device: samples on a GPU and on the CPU
+    differ only by arithmetic, never by their starting points."""
+    seen = []
+
+    def velocity(rows):
+        def v(x, t):
+            if float(t[0]) == 1.0:
+                seen.append(x.clone())
+            return torch.zeros_like(x)
+
+        return v
+
+    cfg = SamplingConfig(num_samples=6, steps=2, sampler="euler", batch_size=6, device="cpu")
+    out = draw(FlowMatching(), velocity, cfg, (3,), torch.Generator().manual_seed(7))
+    assert torch.equal(seen[0], torch.randn(6, 3, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(out, seen[0])  # a zero velocity leaves the noise where it was
+
+
+@pytest.mark.slow
+def test_compiled_job_matches_the_eager_one(prepared, tmp_path):  # noqa: F811
+    """engine.compile=true (the GPU default) through the real train function: the compiled model
+    trains to the eager model's weights up to float reassociation. About 2 minutes on 2 CPU cores."""
+    eager = fresh(prepared, tmp_path, "eager")
+    summary(run_cli(eager, "steps=4", "checkpoint.every=4"))
+    compiled = fresh(prepared, tmp_path, "compiled")
+    s = summary(run_cli(compiled, "steps=4", "checkpoint.every=4", "engine.compile=true"))
+    assert s["compiled"] is True
+    a, b = exported(eager), exported(compiled)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
