@@ -10,7 +10,8 @@ from ddm.assemble import assemble, load_ensemble
 from ddm.flow import FlowMatching
 from ddm.layout import ENSEMBLE_FILE
 from ddm.store import ChecksumError, Store
-from tests.test_train import fresh, prepared, run_cli, summary  # noqa: F401 - fixture
+from tests.helpers import summary
+from tests.test_train import fresh, prepared, run_cli  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")

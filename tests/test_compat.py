@@ -10,7 +10,6 @@ resumed that expert from step 4 to step 6.
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from ddm.flow import FlowMatching
 from ddm.job import JobConfig, config_changes, is_finished
 from ddm.models.dit import upgrade_state_dict
 from ddm.store import Store
-from tests.test_train import child_env
+from tests.helpers import child_env, digits_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD_EXPERT = [
@@ -34,9 +33,7 @@ OLD_EXPERT = [
 
 @pytest.fixture
 def old_store(tmp_path) -> str:
-    with tarfile.open(FIXTURES / "store_v0.1.tar.gz") as tar:
-        tar.extractall(tmp_path, filter="data")
-    return str(tmp_path / "store")
+    return digits_store(str(tmp_path))
 
 
 def test_old_ensemble_loads_and_samples(old_store):

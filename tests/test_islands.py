@@ -16,8 +16,8 @@ import yaml
 
 from ddm.store import Store
 from tests.conftest import BUCKET
+from tests.helpers import child_env
 from tests.test_pipeline import ddm
-from tests.test_train import child_env
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from tests.test_train import TRAIN, assert_same_weights, exported, fresh, prepared, ray_train  # noqa: F401 - fixture
+from tests.helpers import assert_same_weights, exported
+from tests.test_train import TRAIN, fresh, prepared, ray_train  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")

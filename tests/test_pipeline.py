@@ -11,7 +11,7 @@ import yaml
 from ddm.config import from_dict
 from ddm.launchers.spec import RunSpec, jobs
 from ddm.store import Store
-from tests.test_train import child_env
+from tests.helpers import child_env
 
 TINY = {
     "seed": 1,

@@ -13,7 +13,8 @@ from ddm.flow import FlowMatching
 from ddm.models.build import build_model, build_router
 from ddm.models.config import ModelConfig
 from ddm.sample import SamplingConfig, draw
-from tests.test_train import assert_same_weights, exported, fresh, prepared, run_cli, summary  # noqa: F401
+from tests.helpers import assert_same_weights, exported, summary
+from tests.test_train import fresh, prepared, run_cli  # noqa: F401
 
 CFG = ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10)
 

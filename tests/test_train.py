@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ddm.data.ingest import IngestConfig, ingest
 from ddm.data.partition import PartitionConfig, partition
 from ddm.store import Store
+from tests.helpers import assert_same_weights, child_env, exported, summary
 
 TRAIN = ["partition=0", "global_batch_size=16", "log_every=2", "seed=3", "model.class_dropout_prob=0.1"]
 
@@ -37,33 +37,9 @@ def fresh(prepared, tmp_path, name="run") -> str:
     return str(dst)
 
 
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")
-
-
-def child_env(extra: dict | None = None) -> dict:
-    """This process's environment without launcher variables: each run is its own world."""
-    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, **(extra or {})}
-
-
 def run_cli(store: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ddm.train", f"store={store}", *TRAIN, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(env))
-
-
-def summary(out: subprocess.CompletedProcess) -> dict:
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def exported(store: str, run_dir: str = "experts/00") -> dict[str, torch.Tensor]:
-    Store(store).child(run_dir).verify("export")
-    return load_file(os.path.join(store, run_dir, "export", "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 # --- one process, no Ray --------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""Helpers for tests that run jobs in subprocesses; light imports only (the GPU tier imports this
+on machines without Ray, scikit-learn or an S3 client)."""
+
+import json
+import os
+import subprocess
+
+import torch
+from safetensors.torch import load_file
+
+from ddm.store import Store
+
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment without launcher variables: each run is its own world."""
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, **(extra or {})}
+
+
+def summary(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def exported(store: str, run_dir: str = "experts/00") -> dict[str, torch.Tensor]:
+    Store(store).child(run_dir).verify("export")
+    return load_file(os.path.join(store, run_dir, "export", "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def digits_store(root: str, with_jobs: bool = True) -> str:
+    """The store of ``fixtures/store_v0.1.tar.gz`` (ddm 0.1: digits in 2 partitions; with its two
+    experts, router and ensemble, or with ``with_jobs=False`` only its data and partitions),
+    extracted under ``root``; made without scikit-learn on the machine that runs the test."""
+    import shutil
+    import tarfile
+
+    with tarfile.open(os.path.join(FIXTURES, "store_v0.1.tar.gz")) as tar:
+        tar.extractall(root, filter="data")
+    store = os.path.join(root, "store")
+    if not with_jobs:
+        for name in ("experts", "router", "ensemble.json"):
+            path = os.path.join(store, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return store
