@@ -67,10 +67,7 @@ class CheckpointManager:
         self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        # Local snapshots go to memory-backed /dev/shm when there is one: the synchronous part of a
-        # save (DeepSpeed writing its files) then costs a memory copy, not a disk write.
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self._scratch = tempfile.mkdtemp(prefix=f"ddm-ckpt-r{rank}-", dir=shm)
+        self._scratch = tempfile.mkdtemp(prefix=f"ddm-ckpt-r{rank}-", dir=_scratch_root())
 
     # --- discovery --------------------------------------------------------------------------
     def committed_steps(self) -> list[int]:
@@ -223,6 +220,18 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _scratch_root() -> str | None:
+    """Where snapshots are written before upload: $DDM_SCRATCH_DIR, else memory-backed /dev/shm when
+    it is writable and roomy (the synchronous part of a save is then a memory copy, not a disk write;
+    containers often mount a /dev/shm of 64 MB), else the system's temp directory."""
+    if os.environ.get("DDM_SCRATCH_DIR"):
+        return os.environ["DDM_SCRATCH_DIR"]
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 16 * 2**30:
+        return shm
+    return None
 
 
 def _fault_hook(point: str, step: int, rank: int) -> None:

@@ -258,6 +258,7 @@ class Ensemble:
                     f"expert {k} returned a velocity of shape {tuple(v.shape)} for inputs of shape {tuple(x_k.shape)}; "
                     "all experts must model the data shape the ensemble samples"
                 )
+            v = v.to(out.dtype)  # under bf16 autocast the experts return bf16; the sum stays in x's dtype
             if not hard:
                 v = wk * v
             if whole:

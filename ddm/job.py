@@ -35,6 +35,7 @@ RESUMABLE = frozenset(
         "engine.compile",
         "ray.cpus_per_worker",
         "ray.use_gpu",
+        "ray.gpus_per_worker",
         "ray.max_failures",
     }
 )
@@ -47,12 +48,15 @@ class RayConfig:
     num_workers: int = 1
     cpus_per_worker: int = 1  # Ray gives each worker this many CPUs (and torch as many threads)
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (0.5) lets small jobs share a GPU
     max_failures: int = 3  # Ray restarts the workers this often; each restart resumes from the store
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_worker <= 0:
+            raise ValueError(f"gpus_per_worker must be > 0, got {self.gpus_per_worker}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
 

@@ -106,3 +106,37 @@ def test_compiled_job_matches_the_eager_one(prepared, tmp_path):  # noqa: F811
     a, b = exported(eager), exported(compiled)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ensemble_samples_under_bf16_autocast():
+    """Sparse rules add expert velocities into the fp32 state with index_add_, which refuses bf16
+    inputs: the ensemble casts what its experts return."""
+    from ddm.ensemble import Ensemble, Rule
+
+    experts = [_trained_looking(build_model(CFG)) for _ in range(3)]
+    router = _trained_looking(build_router(CFG, 3))
+    labels, parts = torch.arange(16) % 10, torch.arange(16) % 3  # each expert gets some rows: index_add_
+    out = {}
+    for precision in ("fp32", "bf16"):
+        ens = Ensemble(experts, router, Rule.parse("oracle"))
+
+        def velocity(rows, ens=ens):
+            return ens.velocity_fn(y=labels[rows], partition=parts[rows])
+
+        cfg = SamplingConfig(num_samples=16, steps=4, sampler="euler", batch_size=16, device="cpu", precision=precision)
+        out[precision] = draw(FlowMatching(), velocity, cfg, (1, 8, 8), torch.Generator())
+    assert torch.isfinite(out["bf16"]).all() and not torch.equal(out["bf16"], out["fp32"])
+    assert (out["bf16"] - out["fp32"]).abs().max() < 0.05 * out["fp32"].abs().max()
+
+
+def test_ema_restores_onto_the_device_of_the_weights():
+    """Checkpoints hold CPU tensors; a GPU job's EMA must come back on its GPU (checked here with
+    the meta device, which is as foreign to the CPU as CUDA is)."""
+    from ddm.train.ema import EMA
+
+    with torch.device("meta"):
+        model = build_model(CFG)
+    ema = EMA(model, 0.99)
+    ema.load_state_dict({"shadow": {k: torch.zeros(v.shape) for k, v in ema.shadow.items()}, "num_updates": 3})
+    assert {v.device.type for v in ema.shadow.values()} == {"meta"}
+    assert {v.dtype for v in ema.shadow.values()} == {torch.float32}

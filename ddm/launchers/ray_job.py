@@ -75,7 +75,8 @@ def run_job(cfg: JobConfig, storage_path: str | None = None, env: dict[str, str]
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+            | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {}),
         ),
         run_config=RunConfig(
             name=run_name(cfg),

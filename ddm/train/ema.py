@@ -58,5 +58,6 @@ class EMA:
         missing = self.shadow.keys() - state["shadow"].keys()
         if missing:
             raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
-        self.shadow = {k: state["shadow"][k].float().clone() for k in self.shadow}
+        # Checkpoints hold CPU tensors; the shadow stays on the device of the weights it averages.
+        self.shadow = {k: state["shadow"][k].to(self.shadow[k].device, torch.float32).clone() for k in self.shadow}
         self.num_updates = int(state["num_updates"])

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU acceptance in one command, on a bare GPU machine with a CUDA build of PyTorch: the GPU
+# test tier (tests/test_gpu.py) and the GPU benchmarks, each with a time limit, all within about
+# 8 minutes; one JSON line per benchmark at the end (also in $OUT/gpu-check.jsonl when $OUT is set).
+#
+# ddm needs no install here (it runs from this checkout). What the machine lacks (DeepSpeed, PyYAML,
+# tqdm, Pillow) is installed from .whl/ when that folder exists; build it beforehand on a machine
+# with the package index:  ../shared/gpu/prepare-wheels.sh pyyaml tqdm pillow
+# Ray, s3fs and scikit-learn are not needed: the jobs run through the train function that Ray
+# workers call (python -m ddm.train), on a local store.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$ROOT/gpu-check}"
+mkdir -p "$OUT"
+if ! "$PY" -c 'import deepspeed, yaml, tqdm, PIL' 2>/dev/null; then
+  if [ -d .whl ]; then
+    SITE="$(mktemp -d)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+  else
+    "$PY" -m pip install -q deepspeed pyyaml tqdm pillow
+  fi
+fi
+export PYTHONPATH="$ROOT:${PYTHONPATH:-}"
+"$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print("[gpu-check]", torch.cuda.get_device_name(), "torch", torch.__version__)' || exit 2
+
+status=0
+run() {  # run <name> <seconds> <command...>: the command's last line (its JSON) goes to the results
+  local name="$1" limit="$2"; shift 2
+  echo "[gpu-check] $name (limit ${limit}s)"
+  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
+    tail -n 1 "$OUT/$name.log" >> "$OUT/gpu-check.jsonl"
+  else
+    echo "[gpu-check] $name FAILED (exit $?); last lines:"; tail -n 30 "$OUT/$name.log"; status=1
+  fi
+}
+: > "$OUT/gpu-check.jsonl"
+echo "[gpu-check] tests/test_gpu.py (limit 240s)"
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -n 15
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run mfu-dit-b2 100 "$PY" bench/gpu_mfu.py --arch DiT-B/2 --batch 256 --steps 60 --warmup 20
+run mfu-dit-xl2 150 "$PY" bench/gpu_mfu.py --arch DiT-XL/2 --batch 128 --steps 40 --warmup 15
+run sampling-top1 60 "$PY" bench/gpu_sampling.py --batch 256 --steps 20
+echo "[gpu-check] results:"
+cat "$OUT/gpu-check.jsonl"
+exit $status
