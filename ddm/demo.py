@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from sklearn.cluster import KMeans
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -146,6 +145,8 @@ def fit_router(
 
 def partition(data: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """k-means cluster index of every sample (the data tier replaces this with two-stage k-means)."""
+    from sklearn.cluster import KMeans  # scikit-learn takes 1.5 s to import: only where k-means runs
+
     km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(data.numpy())
     return torch.from_numpy(km.labels_).long()
 

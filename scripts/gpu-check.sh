@@ -5,7 +5,8 @@
 #
 # ddm needs no install here (it runs from this checkout). What the machine lacks (DeepSpeed, PyYAML,
 # tqdm, Pillow) is installed from .whl/ when that folder exists; build it beforehand on a machine
-# with the package index:  ../shared/gpu/prepare-wheels.sh pyyaml tqdm pillow
+# with the package index (DeepSpeed's own needs included):
+#   ../shared/gpu/prepare-wheels.sh pyyaml tqdm pillow einops msgpack psutil py-cpuinfo ninja packaging
 # Ray, s3fs and scikit-learn are not needed: the jobs run through the train function that Ray
 # workers call (python -m ddm.train), on a local store.
 set -uo pipefail

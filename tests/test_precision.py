@@ -140,3 +140,21 @@ def test_ema_restores_onto_the_device_of_the_weights():
     ema.load_state_dict({"shadow": {k: torch.zeros(v.shape) for k, v in ema.shadow.items()}, "num_updates": 3})
     assert {v.device.type for v in ema.shadow.values()} == {"meta"}
     assert {v.dtype for v in ema.shadow.values()} == {torch.float32}
+
+
+def test_the_gpu_tier_needs_no_ray_scikit_learn_or_s3_client():
+    """scripts/gpu-check.sh runs on bare GPU machines: the train function, sampling and the GPU
+    tests must import with Ray, scikit-learn, s3fs, moto and matplotlib absent."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "for name in ('ray', 'sklearn', 's3fs', 'moto', 'matplotlib'): sys.modules[name] = None\n"
+        "import ddm.train.trainer, ddm.train.__main__, ddm.sample, ddm.assemble, tests.test_gpu\n"
+        "import bench.gpu_mfu, bench.gpu_sampling\n"
+    )
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -142,6 +142,8 @@ def test_deepspeed_config_from_train_config():
         (["model.data_shape=[1,16,16]"], r"does not match the dataset's samples \(1, 8, 8\)"),
         (["model.moe.num_experts=4", "model.moe.ep_size=3"], "must divide num_experts"),
         (["model.moe.num_experts=4", "model.moe.ep_size=2"], "ep_size=2 must divide ray.num_workers=1"),
+        (["ray.gpus_per_worker=0"], "gpus_per_worker must be > 0"),
+        (["engine.precision=fp16"], "precision must be auto, fp32 or bf16"),
     ],
 )
 def test_bad_input_fails_before_training(prepared, tmp_path, overrides, match):

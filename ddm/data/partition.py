@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from safetensors.numpy import save as save_safetensors
-from sklearn.cluster import KMeans, MiniBatchKMeans
 from tqdm.auto import tqdm
 
 from ddm.config import to_dict
@@ -81,6 +80,8 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def merge_fine(fine: np.ndarray, counts: np.ndarray, k: int, cfg: PartitionConfig) -> tuple[np.ndarray, np.ndarray]:
     """Weighted k-means of fine centroids into k coarse ones; returns (coarse, fine_to_coarse)."""
+    from sklearn.cluster import KMeans  # scikit-learn takes 1.5 s to import: only where k-means runs
+
     used = counts > 0
     km = KMeans(n_clusters=k, n_init=10, random_state=cfg.seed).fit(fine[used], sample_weight=counts[used])
     coarse = km.cluster_centers_.astype(np.float32)
@@ -167,6 +168,8 @@ def partition(cfg: PartitionConfig, store: Store) -> dict:
 
     # Stage 1: fine centroids, mini-batch k-means streamed over shards. The first partial_fit
     # needs at least a few samples per centroid to initialise, so the start is buffered.
+    from sklearn.cluster import MiniBatchKMeans
+
     fine_km = MiniBatchKMeans(n_clusters=num_fine, random_state=cfg.seed, n_init=1, batch_size=cfg.batch_size)
     pending, fitted = [], False
     for epoch in range(cfg.fine_epochs):

@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow.dataset as pads
 import torch
 from PIL import Image, UnidentifiedImageError
-from sklearn.datasets import load_digits
 
 if TYPE_CHECKING:  # the config belongs to the ingest stage, which imports this module
     from ddm.data.ingest import IngestConfig
@@ -56,6 +55,8 @@ class DigitsSource(Source):
     """scikit-learn's 8x8 digits: real handwriting that ships with the package (no network)."""
 
     def __init__(self, cfg: IngestConfig):
+        from sklearn.datasets import load_digits  # scikit-learn takes 1.5 s to import: only where used
+
         digits = load_digits()
         self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
         self.labels = digits.target.astype(np.int64)
