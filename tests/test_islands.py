@@ -313,7 +313,7 @@ def test_steps_policy_and_island_overrides_shape_each_job():
         steps_policy="proportional",
     )
     jobs = plan_jobs(spec, islands, [100, 300])
-    experts = {j.name: j for j in jobs if j.kind == "expert"}
+    experts = {j.name: j for j in jobs if j.config.kind == "expert"}
     assert experts["expert-00"].config.steps == 150 and experts["expert-01"].config.steps == 450  # 300 x n_k / mean
     router = jobs[-1]
     assert router.name == "router" and router.island == "gpu"  # the largest island by default
