@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
@@ -37,6 +38,20 @@ log = logging.getLogger("ddm.checkpoint")
 
 # 2: ddm 0.2's parameter layout (DiT output layers in FinalLayer). Commits without a version are 1.
 FORMAT_VERSION = 2
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A readable commit that this job cannot restore (another world size, an older format)."""
+
+
+def _all_ranks(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank of the job (one small collective; True alone without one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @dataclass
@@ -172,25 +187,53 @@ class CheckpointManager:
 
     # --- load -------------------------------------------------------------------------------
     def load_latest(self, engine) -> tuple[int, RankState] | None:
-        """Load the newest committed checkpoint that verifies; None when there is none.
+        """Restore the newest usable committed checkpoint into ``engine``; None when there is none.
 
-        A checkpoint whose files fail their checksums is reported and skipped for the previous one.
-        Every rank reads the same manifests, so every rank settles on the same step.
+        A commit that cannot be read for any reason (its manifest missing, truncated or invalid, a
+        file missing or failing its checksum, rank state that does not deserialize, on any rank) is
+        skipped with a warning naming it, for the one before; with no usable commit the job starts
+        over, and says so. The ranks agree on every commit before any of them touches the engine,
+        so all of them restore the same step. A readable commit this job cannot restore (another
+        world size, an older format) is an error, never a silent start-over.
         """
-        for step in reversed(self.committed_steps()):
+        steps = self.committed_steps()
+        for step in reversed(steps):
             try:
-                return step, self.load(engine, step)
-            except ChecksumError as e:
-                log.error("checkpoint %s is unusable (%s); falling back to the previous commit", step_dir(step), e)
+                staged, error = self._stage(step), None
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever makes a commit unreadable, the one before may do
+                staged, error = None, e
+            if not _all_ranks(staged is not None):
+                reason = f"{type(error).__name__}: {error}" if error else "unreadable on another rank"
+                log.warning(
+                    "checkpoint %s/%s is unusable (%s); trying the commit before it",
+                    self.store.url,
+                    step_dir(step),
+                    reason,
+                )
+                continue
+            return step, self._restore(engine, step, staged)
+        if steps:
+            log.warning(
+                "none of the %d commits in %s is usable: the job starts over from step 0", len(steps), self.store.url
+            )
         return None
 
-    def load(self, engine, step: int) -> RankState:
+    def _stage(self, step: int) -> tuple[str, RankState]:
+        """Verify a commit and bring this rank's part of it to local scratch, deserialised: all that
+        can fail before the engine is touched."""
         tag = step_dir(step)
         manifest = self.store.verify(tag)  # sha256 of every file, before anything is deserialised
         if manifest.get("format_version", 1) < self.min_format:
-            raise ValueError(
+            raise IncompatibleCheckpoint(
                 f"checkpoint {self.store.url}/{tag} was written by ddm 0.1, whose parameter order this job's optimizer "
                 f"state cannot be restored in; delete {self.store.url} to train this job again from its start"
+            )
+        if manifest.get("world_size", self.world_size) != self.world_size:
+            raise IncompatibleCheckpoint(
+                f"checkpoint {self.store.url}/{tag} was written by {manifest['world_size']} ranks; this job has "
+                f"{self.world_size}. Resume with the same number of workers."
             )
         local = os.path.join(self._scratch, "restore", tag)
         shutil.rmtree(local, ignore_errors=True)
@@ -200,22 +243,22 @@ class CheckpointManager:
             with open(path, "wb") as f:
                 f.write(self.store.read_bytes(f"{tag}/{name}"))
         own = f"rank{self.rank:03d}"
-        if f"{own}.json" not in manifest["files"]:
-            raise ValueError(
-                f"checkpoint {tag} was written by {manifest['world_size']} ranks; this job has {self.world_size} and "
-                f"rank {self.rank} has no state there. Resume with the same number of workers."
-            )
-        load_path, _ = engine.load_checkpoint(
-            os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if load_path is None:
-            raise ChecksumError(f"DeepSpeed could not load checkpoint {tag}")
         with open(os.path.join(local, f"{own}.safetensors"), "rb") as f:
             tensors = load_safetensors(f.read())
         with open(os.path.join(local, f"{own}.json")) as f:
             info = json.load(f)
+        return local, RankState(tensors, info)
+
+    def _restore(self, engine, step: int, staged: tuple[str, RankState]) -> RankState:
+        local, state = staged
+        tag = step_dir(step)
+        load_path, _ = engine.load_checkpoint(
+            os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:  # DeepSpeed found nothing to load: nothing of the engine was touched
+            raise ChecksumError(f"DeepSpeed could not load checkpoint {tag}")
         shutil.rmtree(local, ignore_errors=True)
-        return RankState(tensors, info)
+        return state
 
     def close(self) -> None:
         self.wait()

@@ -77,18 +77,65 @@ def test_crash_inside_an_upload_never_commits_a_partial_checkpoint(prepared, tmp
     assert ckpts.is_committed("step_0000008")
 
 
-def test_flipped_bytes_are_caught_and_the_previous_commit_is_used(prepared, tmp_path):
-    store = fresh(prepared, tmp_path)
-    summary(run_cli(store, "steps=8", "checkpoint.every=4"))
-    ckpt_dir = os.path.join(store, "experts/00/checkpoints/step_0000008")
+def _flip_a_byte(ckpt_dir: str) -> str:
     target = next(f for f in sorted(os.listdir(ckpt_dir)) if f.endswith("optim_states.pt"))
     raw = bytearray(open(os.path.join(ckpt_dir, target), "rb").read())
     raw[len(raw) // 2] ^= 0xFF
     open(os.path.join(ckpt_dir, target), "wb").write(bytes(raw))
+    return f"{target} is corrupted"
+
+
+def _truncate_the_manifest(ckpt_dir: str) -> str:
+    path = os.path.join(ckpt_dir, "MANIFEST.json")
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])
+    return "JSONDecodeError"
+
+
+def _delete_a_file(ckpt_dir: str) -> str:
+    os.remove(os.path.join(ckpt_dir, "rank000.json"))
+    return "rank000.json is listed in the manifest but missing"
+
+
+def _undeserializable_rank_state(ckpt_dir: str) -> str:
+    """Garbage whose size and sha256 the manifest records: it passes the checksums, then fails to load."""
+    import hashlib
+
+    garbage = b"\x08\x00\x00\x00\x00\x00\x00\x00not json"
+    open(os.path.join(ckpt_dir, "rank000.safetensors"), "wb").write(garbage)
+    path = os.path.join(ckpt_dir, "MANIFEST.json")
+    manifest = json.load(open(path))
+    manifest["files"]["rank000.safetensors"] = {"size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
+    json.dump(manifest, open(path, "w"))
+    return "SafetensorError"
+
+
+@pytest.fixture(scope="module")
+def two_commits(prepared, tmp_path_factory) -> str:
+    """A job trained 8 steps with commits at steps 4 and 8 (copied per test)."""
+    store = fresh(prepared, tmp_path_factory.mktemp("two-commits"))
+    summary(run_cli(store, "steps=8", "checkpoint.every=4"))
+    return store
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate_the_manifest, _delete_a_file, _undeserializable_rank_state])
+def test_an_unreadable_newest_commit_falls_back_to_the_one_before(two_commits, tmp_path, damage):
+    store = fresh(two_commits, tmp_path)
+    reason = damage(os.path.join(store, "experts/00/checkpoints/step_0000008"))
     out = run_cli(store, "steps=10", "checkpoint.every=4")
     s = summary(out)
     assert s["startup"]["resumed_from"] == 4 and s["step"] == 10
-    assert f"{target} is corrupted" in out.stderr and "falling back to the previous commit" in out.stderr
+    assert "step_0000008 is unusable" in out.stderr and reason in out.stderr
+
+
+def test_with_no_usable_commit_the_job_starts_over_and_says_so(two_commits, tmp_path):
+    store = fresh(two_commits, tmp_path)
+    for step in ("step_0000004", "step_0000008"):
+        _truncate_the_manifest(os.path.join(store, "experts/00/checkpoints", step))
+    out = run_cli(store, "steps=8", "checkpoint.every=4")
+    s = summary(out)
+    assert s["startup"]["resumed_from"] is None and s["step"] == 8
+    assert "none of the 2 commits" in out.stderr and "starts over" in out.stderr
 
 
 def test_zero3_trains_and_resumes(prepared, tmp_path):

@@ -47,13 +47,15 @@ def run_name(cfg: JobConfig) -> str:
 def _worker(config: dict) -> None:
     """Runs in every Ray Train worker: the plain training function on the job's dataclass."""
     import ray.train
+    import ray.train.torch
 
     cfg: JobConfig = config["cfg"]
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())  # DeepSpeed reads it
     torch.set_num_threads(cfg.ray.cpus_per_worker)  # as many threads as CPUs Ray reserved
     os.environ.update(config["env"])
     setup_logging()
-    train(cfg)
+    # Ray assigns each worker its GPU (workers with fractional GPUs share one): ask it, not the rank.
+    train(cfg, device=ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu"))
 
 
 def run_job(cfg: JobConfig, storage_path: str | None = None, env: dict[str, str] | None = None) -> dict:

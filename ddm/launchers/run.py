@@ -121,14 +121,28 @@ def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, po
             log.info("%s: finished earlier (export at step %d), skipped", c.run_dir, c.steps)
     if not todo:
         return {}
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
     per_job = max(c.ray.num_workers * c.ray.cpus_per_worker for c in todo)
     if per_job > cpus:
         raise ValueError(
             f"a job needs {per_job} CPUs but the Ray cluster has {cpus}; lower ray.num_workers or ray.cpus_per_worker"
         )
-    slots = max_concurrent or max(1, cpus // per_job)
-    log.info("%d training jobs, %d at a time on %d CPUs (Ray worker logs: %s)", len(todo), slots, cpus, _ray_log_dir())
+    slots = max(1, cpus // per_job)
+    gpu_jobs = [c.ray.num_workers * c.ray.gpus_per_worker for c in todo if c.ray.use_gpu]
+    if gpu_jobs:
+        if max(gpu_jobs) > gpus:
+            raise ValueError(f"a job needs {max(gpu_jobs):g} GPUs but the Ray cluster has {gpus:g}")
+        slots = min(slots, max(1, int(gpus // max(gpu_jobs))))
+    slots = max_concurrent or slots
+    log.info(
+        "%d training jobs, %d at a time on %d CPUs, %g GPUs (Ray worker logs: %s)",
+        len(todo),
+        slots,
+        cpus,
+        gpus,
+        _ray_log_dir(),
+    )
     remote = ray.remote(num_cpus=0, max_retries=0)(_ray_job)
     bars = {
         c.run_dir: tqdm(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True)

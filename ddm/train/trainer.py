@@ -63,15 +63,21 @@ def build_job(cfg: JobConfig, store: Store, device: torch.device) -> tuple[torch
     return model, VelocityLoss(flow, cfg.model.moe.aux_loss_coef), {}
 
 
-def train(cfg: JobConfig, report: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume) one job; returns a summary. ``report`` receives each logged record (Ray Train)."""
+def train(cfg: JobConfig, report: Callable[[dict], None] | None = None, device: torch.device | None = None) -> dict:
+    """Train (or resume) one job; returns a summary. ``report`` receives each logged record (Ray Train).
+
+    ``device``: the launcher's choice (Ray Train assigns each worker its GPU); by default the GPU of
+    this process's local rank when CUDA is there, else the CPU.
+    """
     # --- setup --------------------------------------------------------------------------------
-    on_gpu = torch.cuda.is_available()
+    if device is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    device = device or torch.device("cpu")
+    on_gpu = device.type == "cuda"
     owns_group = ensure_process_group("nccl" if on_gpu else "gloo")
     ps = ParallelState.current(cfg.model.moe.ep_size if cfg.model.moe.enabled else 1)
     if ps.world_size != cfg.ray.num_workers:
         raise ValueError(f"ray.num_workers={cfg.ray.num_workers} but the job has {ps.world_size} ranks")
-    device = torch.device("cuda", ps.local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
