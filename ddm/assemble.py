@@ -12,17 +12,18 @@ import time
 
 from ddm import layout
 from ddm.ensemble import Ensemble, Rule
-from ddm.exports import LazyModel, default_cache_dir, read_export, weights_sha256
+from ddm.exports import LazyModel, check_weights, default_cache_dir, read_export, weights_sha256
 from ddm.store import Store
 
 
 def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
     """Check that the router and every expert fit together, then write ``ensemble.json``.
 
-    Checked: one committed, checksum-verified export per partition and one for the router; every
-    expert was trained on its own partition, on the same data shape, classes and flow path; the
-    router predicts as many partitions as there are experts. An existing, different ensemble.json
-    is kept (renamed with a timestamp) only with ``replace``; otherwise it is an error.
+    Checked: one committed, checksum-verified export per partition and one for the router, whose
+    tensors are those its config builds; every expert was trained on its own partition, on the same
+    data shape, classes and flow path; the router predicts as many partitions as there are experts.
+    An existing, different ensemble.json is kept (renamed with a timestamp) only with ``replace``;
+    otherwise it is an error.
     """
     parsed = Rule.parse(rule)
     k = int(store.manifest(layout.PARTITIONS_DIR)["num_partitions"])
@@ -34,12 +35,14 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
             raise ValueError(
                 f"{run_dir}/export was not trained as the expert of partition {i} (config says {cfg.get('partition')})"
             )
+        check_weights(store, run_dir, cfg)
         experts.append({"dir": run_dir, "step": cfg["step"], "sha256": weights_sha256(manifest), "config": cfg})
     router_cfg, router_manifest = read_export(store, layout.ROUTER_DIR)
     if router_cfg.get("job") != "router":
         raise ValueError(f"{store.url}/{layout.ROUTER_DIR}/export is not a router (job={router_cfg.get('job')!r})")
     if router_cfg["num_partitions"] != k:
         raise ValueError(f"the router predicts {router_cfg['num_partitions']} partitions but there are {k} experts")
+    check_weights(store, layout.ROUTER_DIR, router_cfg)
     first = experts[0]["config"]
     for e in experts[1:]:
         for key, what in (("data_shape", "data shape"), ("num_classes", "classes")):

@@ -96,6 +96,38 @@ def read_export(store: Store, run_dir: str) -> tuple[dict, dict]:
     return json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)), manifest
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def check_weights(store: Store, run_dir: str, export_config: dict) -> None:
+    """The export's tensors (names, shapes, dtypes, read from the safetensors header only) are the
+    ones its config.json builds; ValueError naming the export and the first tensor that differs."""
+    with store.child(run_dir).open_read(f"{layout.EXPORT}/{layout.EXPORT_WEIGHTS}") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    with torch.device("meta"):  # the architecture without allocating it
+        module = build_from_export(export_config)
+    upgrade = getattr(module, "upgrade_state_dict", None)  # exports of ddm 0.1 use older names
+    stored = upgrade(header) if upgrade else header
+    expected = module.state_dict()
+    where = f"{store.url}/{run_dir}/{layout.EXPORT}"
+    for name in sorted(set(expected) | set(stored)):
+        if name not in stored:
+            raise ValueError(
+                f"{where} lacks the tensor {name!r} that its config ({export_config['model']['arch']}) has"
+            )
+        if name not in expected:
+            raise ValueError(
+                f"{where} holds a tensor {name!r} that its config ({export_config['model']['arch']}) has not"
+            )
+        shape, dtype = tuple(stored[name]["shape"]), _SAFETENSORS_DTYPES.get(stored[name]["dtype"])
+        if shape != tuple(expected[name].shape) or dtype != expected[name].dtype:
+            raise ValueError(
+                f"{where}: tensor {name!r} is {stored[name]['dtype']} {list(shape)} but its config makes "
+                f"{expected[name].dtype} {list(expected[name].shape)}"
+            )
+
+
 def weights_sha256(manifest: dict) -> str:
     return manifest["files"][layout.EXPORT_WEIGHTS]["sha256"]
 

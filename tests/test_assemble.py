@@ -141,3 +141,24 @@ def test_export_cache_is_content_addressed_and_checked(trained, tmp_path):
             load_ensemble(store, cache_dir=None).experts[0].load()
     finally:
         os.rename(tmp_path / "moved", os.path.join(trained, "experts/00/export/model.safetensors"))
+
+
+def test_assemble_checks_the_weights_against_each_config(trained, tmp_path):
+    """A router's weights under an expert's config, with a manifest that agrees with the bytes: every
+    checksum passes, so only reading the tensors against the config catches it, before ensemble.json."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "swapped"
+    shutil.copytree(trained, copy)
+    raw = (copy / "router/export/model.safetensors").read_bytes()
+    (copy / "experts/01/export/model.safetensors").write_bytes(raw)
+    manifest = json.loads((copy / "experts/01/export/MANIFEST.json").read_text())
+    manifest["files"]["model.safetensors"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (copy / "experts/01/export/MANIFEST.json").write_text(json.dumps(manifest))
+    store = Store(str(copy))
+    if store.exists(ENSEMBLE_FILE):
+        store.delete(ENSEMBLE_FILE)
+    with pytest.raises(ValueError, match=r"experts/01/export (lacks|holds) .*tensor '[\w.]+'"):
+        assemble(store)
+    assert not store.exists(ENSEMBLE_FILE)
