@@ -287,3 +287,47 @@ def test_reader_over_all_data_for_the_router(parted):
     assert reader.num_samples == 3000
     parts = reader.next_batch()["partition"]
     assert len(set(parts.tolist())) == 3  # every partition shows up in a shuffled batch of all data
+
+
+def test_image_modes_are_converted_not_clipped(tmp_path):
+    """16-bit grayscale, palette, CMYK, alpha and EXIF-rotated images, ingested from a folder, against
+    conversions computed independently (numpy, or PIL's own decoding of the same file)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images" / "all"
+    root.mkdir(parents=True)
+    yy, xx = np.mgrid[0:16, 0:16]
+    expected = {}
+
+    gray16 = (yy * 16 + xx).astype(np.uint16) * 257  # 0 .. 65535: 8-bit values 0 .. 255
+    Image.fromarray(gray16).save(root / "a_gray16.png")
+    expected["a_gray16.png"] = np.repeat((yy * 16 + xx).astype(np.uint8)[None], 3, axis=0)
+
+    rgb = np.stack([yy * 15, xx * 15, (yy + xx) * 7], axis=-1).astype(np.uint8)
+    palette = Image.fromarray(rgb).quantize(colors=16)
+    palette.save(root / "b_palette.png")
+    expected["b_palette.png"] = np.asarray(palette.convert("RGB")).transpose(2, 0, 1)
+
+    Image.fromarray(rgb).convert("CMYK").save(root / "c_cmyk.jpg", quality=95)
+    expected["c_cmyk.jpg"] = np.asarray(Image.open(root / "c_cmyk.jpg").convert("RGB")).transpose(2, 0, 1)
+
+    alpha = (xx * 17).astype(np.uint8)  # transparent on the left, opaque on the right
+    Image.fromarray(np.dstack([rgb, alpha])).save(root / "d_alpha.png")
+    a = alpha[..., None] / 255.0
+    expected["d_alpha.png"] = np.round(rgb * a + 255 * (1 - a)).astype(np.uint8).transpose(2, 0, 1)  # over white
+
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: stored upside down
+    Image.fromarray(rgb).save(root / "e_rotated.jpg", quality=95, exif=exif)
+    decoded = np.asarray(Image.open(root / "e_rotated.jpg").convert("RGB"))
+    expected["e_rotated.jpg"] = decoded[::-1, ::-1].transpose(2, 0, 1)  # shown upright
+
+    store = Store(str(tmp_path / "run"))
+    m = ingest(IngestConfig(source=str(tmp_path / "images"), channels=3), store)
+    assert m["num_samples"] == 5 and m["skipped"]["count"] == 0
+    arrays = Dataset(store).read_shard(0).arrays
+    for got, (name, want) in zip(arrays, sorted(expected.items())):
+        diff = np.abs(got.astype(int) - want.astype(int)).max()
+        assert diff <= 1, (name, diff)  # rounding of the alpha blend; every other case is exact
+    assert arrays[0].mean() == pytest.approx(127.5, abs=0.5)  # 16-bit: the middle grey, not 255
