@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,11 @@ class CheckpointManager:
         self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._scratch = tempfile.mkdtemp(prefix=f"ddm-ckpt-r{rank}-", dir=_scratch_root())
+        root = _scratch_root()
+        _sweep_stale_scratch(root or tempfile.gettempdir())
+        # The pid in the name lets a later job on this host remove what a killed one left behind.
+        self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-r{rank}-", dir=root)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)  # any exit but a kill
 
     # --- discovery --------------------------------------------------------------------------
     def committed_steps(self) -> list[int]:
@@ -261,8 +266,38 @@ class CheckpointManager:
         return state
 
     def close(self) -> None:
-        self.wait()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        """Wait for the last upload (raising its error), then remove the local scratch space."""
+        try:
+            self.wait()
+        finally:
+            self._cleanup()
+
+
+SCRATCH_PREFIX = "ddm-ckpt-"
+
+
+def _sweep_stale_scratch(root: str) -> None:
+    """Remove the scratch folders of checkpoint managers whose process is gone (killed jobs)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not name.startswith(SCRATCH_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        log.info("removing the scratch space of a process that is gone: %s", os.path.join(root, name))
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _scratch_root() -> str | None:

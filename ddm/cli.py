@@ -33,7 +33,7 @@ from ddm.evaluate import EvalConfig, evaluate, format_report
 from ddm.job import JobConfig, check_inputs, resolve
 from ddm.launchers.islands import assemble_if_complete, format_status, status, submit, wait
 from ddm.launchers.plan import load_islands
-from ddm.launchers.ray_job import connect, run_job
+from ddm.launchers.ray_job import ray_cluster, run_job
 from ddm.launchers.run import JobsFailed, run_pipeline
 from ddm.launchers.spec import RunSpec
 from ddm.logs import setup_logging
@@ -252,8 +252,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--no-ray runs one process: set ray.num_workers=1 (or use torchrun/deepspeed launchers)")
         summary = train(cfg)
     else:
-        connect(args.address)
-        summary = run_job(cfg)
+        with ray_cluster(args.address):
+            summary = run_job(cfg)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -365,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StoreError) as e:  # user errors and unreachable stores: one clear line
         print(f"ddm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was committed stays, and the same command resumes from it
+        print(
+            f"\nddm {args.command}: interrupted. Everything committed to the store is kept; run the same command "
+            "again to resume from it.",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

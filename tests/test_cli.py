@@ -48,3 +48,22 @@ def test_ingest_and_partition_cli(tmp_path, capsys):
     assert "3 partitions" in capsys.readouterr().out
     assert main(["partition", store, "num_partitions=4"]) == 2  # refuses to overwrite
     assert "not overwritten" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
+    """SIGINT during a long command: no traceback, exit 130, and what to do next."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddm.cli", "demo", f"output_dir={tmp_path}", "steps_per_expert=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(8)  # imports done, training under way
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert "interrupted. Everything committed to the store is kept; run the same command again" in err

@@ -51,11 +51,15 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(prepared, tmp_path):
     assert s["step"] == 8 and s["startup"]["resumed_from"] is None
 
     crashed = fresh(prepared, tmp_path, "crashed")
-    env = {"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}
+    scratch = tmp_path / "scratch"  # where checkpoint snapshots are staged (default: /dev/shm)
+    scratch.mkdir()
+    env = {"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once"), "DDM_SCRATCH_DIR": str(scratch)}
     out = run_cli(crashed, "steps=8", "checkpoint.every=4", env=env)
     assert out.returncode == -9  # SIGKILL at step 6, after step 4 was committed
-    s2 = summary(run_cli(crashed, "steps=8", "checkpoint.every=4"))
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("ddm-ckpt-")]  # a kill cleans nothing
+    s2 = summary(run_cli(crashed, "steps=8", "checkpoint.every=4", env={"DDM_SCRATCH_DIR": str(scratch)}))
     assert s2["startup"]["resumed_from"] == 4
+    assert not list(scratch.iterdir())  # the killed run's scratch was swept, the finished run's removed
     assert_same_weights(exported(straight), exported(crashed))
     # The metrics continue the same loss curve.
     m1 = [json.loads(line) for line in open(os.path.join(straight, "experts/00/metrics.jsonl"))]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -32,11 +33,20 @@ from ddm.train.trainer import train
 log = logging.getLogger("ddm.ray")
 
 
-def connect(address: str | None = None, **kwargs) -> None:
-    """Connect to the Ray cluster at ``address``, or start a local Ray runtime (no dashboard)."""
+@contextmanager
+def ray_cluster(address: str | None = None, needed: bool = True, **kwargs):
+    """Connected to the Ray cluster at ``address`` (or a local Ray runtime, no dashboard) for the
+    block; a connection or runtime this opened is closed when the block ends, however it ends."""
     import ray
 
-    ray.init(address=address, include_dashboard=False, **kwargs)
+    started = needed and not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, **kwargs)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_name(cfg: JobConfig) -> str:
@@ -70,7 +80,7 @@ def run_job(cfg: JobConfig, storage_path: str | None = None, env: dict[str, str]
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        raise ValueError("not connected to a Ray cluster: call connect(address) first")
+        raise ValueError("not connected to a Ray cluster: run the job inside ray_cluster(address)")
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config={"cfg": cfg, "env": env or {}},

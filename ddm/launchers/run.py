@@ -26,7 +26,7 @@ from ddm.data.ingest import ingest
 from ddm.data.partition import partition
 from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
-from ddm.launchers.ray_job import connect, run_job
+from ddm.launchers.ray_job import ray_cluster, run_job
 from ddm.launchers.spec import RunSpec, jobs, student
 from ddm.logs import setup_logging
 from ddm.report import write_report
@@ -63,7 +63,9 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
     distill = student(spec)
     # Distillation is still to do unless the current ensemble (if any) already has its student.
     distill_done = distill is None or (store.exists(layout.ENSEMBLE_FILE) and is_finished(with_teacher(distill)))
-    with _ray(address, needed=not distill_done or not all(is_finished(c) for c in configs)):
+    # Workers log to Ray's session directory, not over the progress bars.
+    needed = not distill_done or not all(is_finished(c) for c in configs)
+    with ray_cluster(address, needed, log_to_driver=False):
         with stage("train"):
             run_jobs(store, configs, spec.max_concurrent_jobs)
         with stage("assemble"):
@@ -86,21 +88,6 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
         results = evaluate(store, dataclasses.replace(spec.evaluate, rules=rules))
     write_report(store, spec, data, parts, configs + ([distill] if distill else []), samples, results, timings)
     return results
-
-
-@contextmanager
-def _ray(address: str | None, needed: bool):
-    """A Ray connection for the block when jobs are to run (none when every job is finished)."""
-    import ray
-
-    started = needed and not ray.is_initialized()
-    if started:  # workers log to Ray's session directory, not over the progress bars
-        connect(address, log_to_driver=False)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _ray_job(cfg: JobConfig) -> dict:
