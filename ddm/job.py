@@ -19,7 +19,7 @@ from ddm import layout
 from ddm.config import from_dict, to_dict
 from ddm.data.shards import Dataset
 from ddm.models.config import FlowConfig, ModelConfig, forward_flops
-from ddm.store import Store, absolute_url
+from ddm.store import ChecksumError, Store, absolute_url
 
 JOBS = ("expert", "router", "distill")
 
@@ -260,9 +260,15 @@ def resolve(cfg: JobConfig) -> JobConfig:
 
 
 def is_finished(cfg: JobConfig) -> bool:
-    """Whether the job's export exists at its final step (nothing left to train)."""
+    """Whether the job's export exists at its final step (nothing left to train). An unreadable
+    export counts as missing: the job runs again, resumes from its last commit and exports anew."""
     run = Store(cfg.store).child(cfg.run_dir)
-    return run.is_committed(layout.EXPORT) and run.manifest(layout.EXPORT).get("step") == cfg.steps
+    if not run.is_committed(layout.EXPORT):
+        return False
+    try:
+        return run.manifest(layout.EXPORT).get("step") == cfg.steps
+    except ChecksumError:
+        return False
 
 
 def _teacher_description(store: Store, cfg: JobConfig) -> dict:

@@ -242,7 +242,13 @@ class Store:
             raise NotCommittedError(
                 f"{self.url}/{rel_dir} has no {MANIFEST}: it was never committed (or its writer crashed)"
             )
-        return self.read_json(f"{rel_dir}/{MANIFEST}")
+        try:
+            manifest = self.read_json(f"{rel_dir}/{MANIFEST}")
+        except ValueError as e:  # json's decode errors: a truncated or overwritten manifest
+            raise ChecksumError(f"{self.url}/{rel_dir}/{MANIFEST} is not a valid manifest ({e})") from e
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ChecksumError(f"{self.url}/{rel_dir}/{MANIFEST} is not a valid manifest (no file list)")
+        return manifest
 
     def _read_checked(self, rel_dir: str, name: str, manifest: dict) -> bytes:
         """One file's bytes, checked against its manifest entry (size and sha256)."""

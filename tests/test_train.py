@@ -93,7 +93,7 @@ def _truncate_the_manifest(ckpt_dir: str) -> str:
     path = os.path.join(ckpt_dir, "MANIFEST.json")
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) // 2])
-    return "JSONDecodeError"
+    return "MANIFEST.json is not a valid manifest"
 
 
 def _delete_a_file(ckpt_dir: str) -> str:
@@ -140,6 +140,19 @@ def test_with_no_usable_commit_the_job_starts_over_and_says_so(two_commits, tmp_
     s = summary(out)
     assert s["startup"]["resumed_from"] is None and s["step"] == 8
     assert "none of the 2 commits" in out.stderr and "starts over" in out.stderr
+
+
+def test_an_unreadable_export_counts_as_unfinished_and_is_written_again(two_commits, tmp_path):
+    from ddm.config import load
+    from ddm.job import JobConfig, is_finished
+
+    store = fresh(two_commits, tmp_path)
+    cfg = load(JobConfig, None, [f"store={store}", *TRAIN, "steps=8", "checkpoint.every=4"])
+    assert is_finished(cfg)
+    _truncate_the_manifest(os.path.join(store, "experts/00/export"))
+    assert not is_finished(cfg)  # `ddm run` would run the job again
+    s = summary(run_cli(store, "steps=8", "checkpoint.every=4"))
+    assert s["startup"]["resumed_from"] == 8 and is_finished(cfg)  # nothing retrained, the export rewritten
 
 
 def test_zero3_trains_and_resumes(prepared, tmp_path):
