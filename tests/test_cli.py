@@ -61,7 +61,7 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(8)  # imports done, training under way
+    time.sleep(5)  # imports done, training under way
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]

@@ -122,7 +122,15 @@ def two_commits(prepared, tmp_path_factory) -> str:
     return store
 
 
-@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate_the_manifest, _delete_a_file, _undeserializable_rank_state])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _flip_a_byte,
+        _truncate_the_manifest,
+        _undeserializable_rank_state,
+        pytest.param(_delete_a_file, marks=pytest.mark.slow),  # the store's own tests cover missing files
+    ],
+)
 def test_an_unreadable_newest_commit_falls_back_to_the_one_before(two_commits, tmp_path, damage):
     store = fresh(two_commits, tmp_path)
     reason = damage(os.path.join(store, "experts/00/checkpoints/step_0000008"))
