@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import re
+import signal
 import sys
 import textwrap
 import types
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was committed stays, and the same command resumes from it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a re-raised one) ends nothing now
         print(
             f"\nddm {args.command}: interrupted. Everything committed to the store is kept; run the same command "
             "again to resume from it.",

@@ -55,15 +55,17 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ddm.cli", "demo", f"output_dir={tmp_path}", "steps_per_expert=100000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(5)  # imports done, training under way
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        cmd = [sys.executable, "-m", "ddm.cli", "demo", f"output_dir={tmp_path}", "steps_per_expert=100000"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + 120
+        while "expert 1/4" not in log.read_text():  # started: imports done, training under way
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert "interrupted. Everything committed to the store is kept; run the same command again" in err
