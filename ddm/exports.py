@@ -96,7 +96,10 @@ def read_export(store: Store, run_dir: str) -> tuple[dict, dict]:
     return json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)), manifest
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 def check_weights(store: Store, run_dir: str, export_config: dict) -> None:
