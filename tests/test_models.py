@@ -207,3 +207,17 @@ def test_forward_flops_match_the_dit_paper():
 
     assert abs(dit_forward_flops(DIT_SIZES["DiT-B/2"], 32, 4) / 2e9 - 23.0) / 23.0 < 0.02
     assert abs(dit_forward_flops(DIT_SIZES["DiT-XL/2"], 32, 4) / 2e9 - 118.6) / 118.6 < 0.02
+
+
+@pytest.mark.parametrize("router", [False, True])
+def test_mlp_flops_are_counted_from_the_layout_without_building(router):
+    """forward_flops counts an MLP's Linear weights in closed form (no torch); it must agree with
+    the network that build_model / build_router make."""
+    from ddm.models.config import forward_flops
+
+    for arch in MLP_SIZES:
+        cfg = ModelConfig(arch, (3,))
+        with torch.device("meta"):
+            model = build_router(cfg, 2) if router else build_model(cfg)
+        weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert forward_flops(cfg, router=router) == 2.0 * weights, arch
