@@ -118,19 +118,22 @@ def test_dit_router_has_cls_token_and_k_way_head():
 
 
 def test_dit_trains_a_step():
+    """Steps on one batch with fixed times and noise fit it: the loss must fall (seeded: 0.72-0.88
+    of its start across seeds 0-9; fresh noise every step made this test flaky)."""
+    torch.manual_seed(0)
     model = build_model(tiny())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     flow = FlowMatching()
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
-    g = torch.Generator().manual_seed(0)
+    t, noise = torch.rand(8), torch.randn(8, 3, 8, 8)
     losses = []
     for _ in range(20):
-        loss = flow.training_losses(model, x, y, generator=g)["loss"].mean()
+        loss = flow.training_losses(model, x, y, t=t, noise=noise)["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-5:]) < sum(losses[:5])
+    assert losses[-1] < 0.95 * losses[0]
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
