@@ -71,8 +71,8 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None, device: 
     """
     # --- setup --------------------------------------------------------------------------------
     if device is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-    device = device or torch.device("cpu")
+        on_cuda = torch.cuda.is_available()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_cuda else torch.device("cpu")
     on_gpu = device.type == "cuda"
     owns_group = ensure_process_group("nccl" if on_gpu else "gloo")
     ps = ParallelState.current(cfg.model.moe.ep_size if cfg.model.moe.enabled else 1)
