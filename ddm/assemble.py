@@ -8,8 +8,6 @@ its first use (a top-1 ensemble that never routes to an expert never downloads i
 
 from __future__ import annotations
 
-import time
-
 from ddm import layout
 from ddm.ensemble import Ensemble, Rule
 from ddm.exports import LazyModel, check_weights, default_cache_dir, read_export, weights_sha256
@@ -78,9 +76,9 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
         if not replace:
             raise ValueError(
                 f"{store.url}/{layout.ENSEMBLE_FILE} already describes a different ensemble; pass replace=True "
-                "(--replace) to keep it as a timestamped copy and write the new one"
+                "(--replace) to keep it as ensemble.<its id>.json and write the new one"
             )
-        store.write_json(layout.ensemble_copy(int(time.time())), old)
+        store.write_json(layout.ensemble_copy(old), old)
     store.write_json(layout.ENSEMBLE_FILE, description)
     return description
 

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rule", default="top1", help="default combine rule: top1, top-k, full, threshold:p, nucleus:p, sample"
     )
     p.add_argument(
-        "--replace", action="store_true", help="keep a different existing ensemble.json as a timestamped copy"
+        "--replace", action="store_true", help="keep a different existing ensemble.json as ensemble.<its id>.json"
     )
 
     for name, module, config in (("sample", ddm.sample, SampleConfig), ("evaluate", ddm.evaluate, EvalConfig)):

@@ -69,9 +69,10 @@ def eval_dir(name: str) -> str:
     return f"eval/{name}"
 
 
-def ensemble_copy(timestamp: int) -> str:
-    """Where a replaced ensemble.json is kept."""
-    return f"ensemble.{timestamp}.json"
+def ensemble_copy(description: dict) -> str:
+    """Where a replaced ensemble.json is kept: named by its content id, so two replaced
+    ensembles never share a name however close in time they were replaced."""
+    return f"ensemble.{ensemble_id(description)}.json"
 
 
 def plan_job_record(job: str) -> str:

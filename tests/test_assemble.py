@@ -8,7 +8,7 @@ import torch
 
 from ddm.assemble import assemble, load_ensemble
 from ddm.flow import FlowMatching
-from ddm.layout import ENSEMBLE_FILE
+from ddm.layout import ENSEMBLE_FILE, ensemble_id
 from ddm.store import ChecksumError, Store
 from tests.helpers import summary
 from tests.test_train import fresh, prepared, run_cli  # noqa: F401 - fixture
@@ -48,9 +48,12 @@ def test_a_different_ensemble_is_never_overwritten(trained):
     with pytest.raises(ValueError, match="already describes a different ensemble"):
         assemble(store, "full")
     assert store.read_bytes(ENSEMBLE_FILE) == before
+    top1 = json.loads(before)
     assemble(store, "full", replace=True)
-    kept = [n for n in store.list("") if n.startswith("ensemble.") and n != ENSEMBLE_FILE]
-    assert kept and json.loads(store.read_bytes(kept[0]))["rule"] == "top-1"
+    assemble(store, "top1", replace=True)  # within the same second: the "full" copy must not overwrite anything
+    kept = {n: store.read_json(n) for n in store.list("") if n.startswith("ensemble.") and n != ENSEMBLE_FILE}
+    assert f"ensemble.{ensemble_id(top1)}.json" in kept and kept[f"ensemble.{ensemble_id(top1)}.json"] == top1
+    assert {d["rule"] for d in kept.values()} >= {"top-1", "full"}
 
 
 def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # noqa: F811
