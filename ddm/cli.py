@@ -37,11 +37,12 @@ from ddm.launchers.plan import load_islands
 from ddm.launchers.ray_job import ray_cluster, run_job
 from ddm.launchers.run import JobsFailed, run_pipeline
 from ddm.launchers.spec import RunSpec
+from ddm.lease import LeaseHeld, LeaseLost
 from ddm.logs import setup_logging
 from ddm.models.build import preset_table
 from ddm.sample import SampleConfig, sample
 from ddm.store import Store, StoreError
-from ddm.train.trainer import train
+from ddm.train.trainer import job_lease, train
 
 EPILOG = textwrap.dedent(
     """\
@@ -107,6 +108,14 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="job spec (YAML), e.g. launch/digits_expert.yaml")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
     p.add_argument("--no-ray", action="store_true", help="run in this process (1 worker), without Ray")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take the job folder's lease from a live holder (which then stops before its next commit)",
+    )
+    p.add_argument(
+        "--lease-wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for another writer to end"
+    )
     _overrides(p)
 
 
@@ -251,10 +260,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_ray:
         if cfg.ray.num_workers != 1:
             raise ValueError("--no-ray runs one process: set ray.num_workers=1 (or use torchrun/deepspeed launchers)")
-        summary = train(cfg)
+        with job_lease(cfg, args.force, args.lease_wait) as token:
+            summary = train(cfg, lease=token)
     else:
         with ray_cluster(args.address):
-            summary = run_job(cfg)
+            summary = run_job(cfg, force=args.force, lease_wait_s=args.lease_wait)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -366,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StoreError) as e:  # user errors and unreachable stores: one clear line
         print(f"ddm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (LeaseHeld, LeaseLost) as e:  # another writer has the folder: nothing was mixed
+        print(f"ddm {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:  # Ctrl-C: what was committed stays, and the same command resumes from it
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a re-raised one) ends nothing now
         print(

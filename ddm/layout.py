@@ -9,11 +9,12 @@ here, so a name is spelled once::
     router/                         the router job
     monolith/                       the equal-FLOP baseline trained on all data
     distilled/<ensemble id>/        a student distilled from one ensemble
-    ensemble.json                   which exports make the ensemble (+ ensemble.<time>.json copies)
+    ensemble.json                   which exports make the ensemble (+ ensemble.<id>.json copies)
     samples/<name>/                 ``ddm sample`` outputs
     eval/<name>/, eval/classifier/  ``ddm evaluate`` outputs and its feature network
     report/                         ``ddm run``'s report
     islands/plan.json               ``ddm submit``'s plan; islands/jobs/<job>.json (+ .config.json)
+    leases/<folder>/<gen>.json      who writes <folder> now (``ddm.lease``): one writer per folder
 
 A training job's folder holds ``config.json`` (the job spec), ``progress.json``,
 ``metrics.jsonl``, ``summary.json``, ``checkpoints/step_0001000/`` (committed by a MANIFEST.json)
@@ -50,6 +51,15 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+LEASES_DIR = "leases"
+RUN_LEASE = "run"  # the lease of a whole ``ddm run``; each stage and job also takes its own
+
+
+def lease_dir(folder: str) -> str:
+    """Where the lease on ``folder`` (a job folder, data/, partitions/, islands/, or RUN_LEASE) lives."""
+    return f"{LEASES_DIR}/{folder.strip('/')}"
 
 
 def expert_dir(partition: int) -> str:

@@ -11,6 +11,10 @@ plain local path) and addresses everything below it by relative POSIX paths. It 
   ``verify`` catches any file whose bytes changed.
 - **Fresh listings.** Listings and existence checks bypass fsspec's directory cache, so a reader
   never acts on a stale view of what another process (or island) wrote.
+- **Exclusive creates and fenced writes.** ``create_json`` publishes an object only if the name is
+  free (S3 conditional PUT, a hard link locally): leases (``ddm.lease``) are built on it. A store
+  ``with_fence(check)`` calls ``check`` before each write, delete and commit, so a writer that lost its
+  lease stops before it writes.
 - **Credentials from the environment.** S3 uses the standard AWS provider chain; an S3-compatible
   endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``). Nothing secret is logged.
 """
@@ -57,7 +61,9 @@ class NotCommittedError(StoreError):
 
 def _transient(exc: BaseException) -> bool:
     """Errors worth retrying: connection problems and server-side hiccups, not missing files."""
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)):
+    if isinstance(
+        exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+    ):
         return False
     name = type(exc).__name__
     return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
@@ -91,6 +97,7 @@ class Store:
             self.fs.retries = 2  # s3fs's own retry loop (default 5); ours runs on top
         self.retries = retries
         self.backoff_s = backoff_s
+        self.fence: Callable[..., None] | None = None
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -108,6 +115,14 @@ class Store:
         sub.__dict__.update(self.__dict__)
         sub.url, sub.root = f"{self.url}/{rel.strip('/')}", self.path(rel)
         return sub
+
+    def with_fence(self, fence: Callable[..., None]) -> "Store":
+        """This store, with ``fence(what, always=False)`` called before every write and delete, and
+        with ``always=True`` before every commit (``ddm.lease.Fence`` raises once the lease is lost)."""
+        fenced = Store.__new__(Store)
+        fenced.__dict__.update(self.__dict__)
+        fenced.fence = fence
+        return fenced
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with bounded retries and exponential backoff on transient errors."""
@@ -179,6 +194,8 @@ class Store:
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[io.IOBase]:
         """A writable file that is published only if the ``with`` block completes."""
+        if self.fence is not None:
+            self.fence(f"{self.url}/{rel}")
         p = self.path(rel)
         parent = p.rsplit("/", 1)[0]
         if self.protocol == "file":
@@ -210,7 +227,36 @@ class Store:
             self._call(f"write {rel}", lambda: self.fs.pipe_file(p, data))
         self.fs.invalidate_cache(parent)
 
+    def create_json(self, rel: str, obj: Any) -> bool:
+        """Publish ``obj`` at ``rel`` only if nothing is there yet; False if something is. Atomic on
+        local files (hard link of a complete temporary file) and S3 (``If-None-Match: *``); other
+        filesystems get fsspec's ``mode="create"``, as atomic as the backend makes it."""
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        p = self.path(rel)
+        parent = p.rsplit("/", 1)[0]
+        try:
+            if self.protocol == "file":
+                os.makedirs(parent, exist_ok=True)
+                tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(p)}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.link(tmp, p)
+                finally:
+                    os.unlink(tmp)
+            else:
+                self._call(f"create {rel}", lambda: self.fs.pipe_file(p, data, mode="create"))
+        except FileExistsError:
+            return False
+        finally:
+            self.fs.invalidate_cache(parent)
+        return True
+
     def delete(self, rel: str, recursive: bool = False) -> None:
+        if self.fence is not None:
+            self.fence(f"delete {self.url}/{rel}")
         p = self.path(rel)
         if self.exists(rel):
             self._call(f"delete {rel}", lambda: self.fs.rm(p, recursive=recursive))
@@ -231,6 +277,10 @@ class Store:
             data = self.read_bytes(f"{rel_dir}/{name}")
             entries[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = {"files": entries, "committed_at": time.time(), **(meta or {})}
+        if self.fence is not None:
+            self.fence(f"the commit of {self.url}/{rel_dir}", always=True)
+            if getattr(self.fence, "writer", None):
+                manifest["writer"] = self.fence.writer  # which lease holder committed this
         self.write_json(f"{rel_dir}/{MANIFEST}", manifest)
         return manifest
 

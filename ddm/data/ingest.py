@@ -27,6 +27,7 @@ from ddm.config import to_dict
 from ddm.data.shards import encode_shard, shard_name
 from ddm.data.sources import VAEEncoder, open_source
 from ddm.layout import DATA_DIR, SHARDS_DIR
+from ddm.lease import holding
 from ddm.store import Store
 
 log = logging.getLogger("ddm.ingest")
@@ -71,18 +72,32 @@ def ingest(cfg: IngestConfig, store: Store) -> dict:
 
     Re-running with the same config on a store that already holds the committed dataset does
     nothing and returns its manifest; a different config there is an error (nothing is overwritten).
-    Shards left by a crashed ingest (no manifest) are replaced.
+    Shards left by a crashed ingest (no manifest) are replaced. One ingest writes at a time: it holds
+    the lease on data/ (``ddm.lease``), and a second one is refused.
     """
     store.check_reachable()
-    if store.is_committed(DATA_DIR):
-        manifest = store.manifest(DATA_DIR)
-        if manifest.get("ingest") == to_dict(cfg):
-            log.info("dataset already ingested in %s/%s; nothing to do", store.url, DATA_DIR)
-            return manifest
-        raise ValueError(
-            f"{store.url}/{DATA_DIR} already holds a dataset ingested with a different config "
-            f"(source {manifest.get('ingest', {}).get('source')!r}); use a new store root for a new dataset"
-        )
+    done = _ingested(cfg, store)
+    if done is not None:
+        return done
+    with holding(store, DATA_DIR, "ddm ingest") as (writes, _):
+        return _ingested(cfg, writes) or _ingest(cfg, writes)
+
+
+def _ingested(cfg: IngestConfig, store: Store) -> dict | None:
+    """The committed dataset's manifest if it was ingested with ``cfg``; None if there is none."""
+    if not store.is_committed(DATA_DIR):
+        return None
+    manifest = store.manifest(DATA_DIR)
+    if manifest.get("ingest") == to_dict(cfg):
+        log.info("dataset already ingested in %s/%s; nothing to do", store.url, DATA_DIR)
+        return manifest
+    raise ValueError(
+        f"{store.url}/{DATA_DIR} already holds a dataset ingested with a different config "
+        f"(source {manifest.get('ingest', {}).get('source')!r}); use a new store root for a new dataset"
+    )
+
+
+def _ingest(cfg: IngestConfig, store: Store) -> dict:
     if store.list(f"{DATA_DIR}/{SHARDS_DIR}"):
         log.warning("removing uncommitted shards left by an interrupted ingest in %s/%s", store.url, DATA_DIR)
         store.delete(f"{DATA_DIR}/{SHARDS_DIR}", recursive=True)

@@ -32,6 +32,7 @@ from ddm.config import to_dict
 from ddm.data.features import build_extractor
 from ddm.data.shards import Dataset, write_parquet_bytes
 from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
+from ddm.lease import holding
 from ddm.store import Store
 
 log = logging.getLogger("ddm.partition")
@@ -134,21 +135,35 @@ def partition(cfg: PartitionConfig, store: Store) -> dict:
     """Partition the store's committed dataset into cfg.num_partitions; returns the manifest.
 
     Re-running with the same config on committed partitions does nothing; a different config is
-    an error (partitions define the experts: they are never overwritten in place).
+    an error (partitions define the experts: they are never overwritten in place). One partition
+    writes at a time: it holds the lease on partitions/ (``ddm.lease``).
     """
     dataset = Dataset(store)
     # The partitions belong to this exact dataset version: its manifest's hash identifies it.
     data_id = hashlib.sha256(store.read_bytes(f"{DATA_DIR}/MANIFEST.json")).hexdigest()
-    if store.is_committed(PARTITIONS_DIR):
-        manifest = store.manifest(PARTITIONS_DIR)
-        if manifest.get("config") == to_dict(cfg) and manifest.get("dataset_sha256") == data_id:
-            log.info("partitions already committed in %s/%s; nothing to do", store.url, PARTITIONS_DIR)
-            return manifest
-        raise ValueError(
-            f"{store.url}/{PARTITIONS_DIR} already holds partitions made with a different config or dataset "
-            f"(K={manifest.get('num_partitions')}); experts are trained on them, so they are not overwritten: "
-            "use a new store root"
-        )
+    done = _partitioned(cfg, store, data_id)
+    if done is not None:
+        return done
+    with holding(store, PARTITIONS_DIR, "ddm partition") as (writes, _):
+        return _partitioned(cfg, writes, data_id) or _partition(cfg, writes, dataset, data_id)
+
+
+def _partitioned(cfg: PartitionConfig, store: Store, data_id: str) -> dict | None:
+    """The committed partitions' manifest if made with ``cfg`` from this dataset; None if there are none."""
+    if not store.is_committed(PARTITIONS_DIR):
+        return None
+    manifest = store.manifest(PARTITIONS_DIR)
+    if manifest.get("config") == to_dict(cfg) and manifest.get("dataset_sha256") == data_id:
+        log.info("partitions already committed in %s/%s; nothing to do", store.url, PARTITIONS_DIR)
+        return manifest
+    raise ValueError(
+        f"{store.url}/{PARTITIONS_DIR} already holds partitions made with a different config or dataset "
+        f"(K={manifest.get('num_partitions')}); experts are trained on them, so they are not overwritten: "
+        "use a new store root"
+    )
+
+
+def _partition(cfg: PartitionConfig, store: Store, dataset: Dataset, data_id: str) -> dict:
     n, k = dataset.num_samples, cfg.num_partitions
     if k > n:
         raise ValueError(f"num_partitions={k} exceeds the {n} samples in the dataset")

@@ -32,6 +32,7 @@ from ddm.launchers.plan import (
     submission_id,
 )
 from ddm.launchers.spec import RunSpec
+from ddm.lease import holding
 from ddm.store import Store, absolute_url
 
 log = logging.getLogger("ddm.islands")
@@ -90,9 +91,13 @@ def _forwarded_env(islands: IslandsConfig) -> dict[str, str]:
     return {n: os.environ[n] for n in islands.env}
 
 
+# A job resubmitted after its island was lost waits for the lost attempt's lease to expire.
+LEASE_WAIT_S = 300
+
+
 def _entrypoint(island: Island, config: JobConfig, config_url: str) -> str:
     what = "router" if config.job == "router" else "expert"
-    return f"{island.ddm_command} train {what} -c {shlex.quote(config_url)}"
+    return f"{island.ddm_command} train {what} -c {shlex.quote(config_url)} --lease-wait {LEASE_WAIT_S}"
 
 
 # --- submit / status / resume ----------------------------------------------------------------------
@@ -153,6 +158,11 @@ def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = Fal
         )
     for name in sorted(needed - set(clients)):  # resume: the islands it needs, before any change
         clients[name] = client(name, islands.islands[name])
+    with holding(store, layout.PLAN_DIR, "ddm resume" if resume_only else "ddm submit") as (writes, _):
+        return _submit_jobs(islands, writes, plan, records, todo, clients, env, resume_only)
+
+
+def _submit_jobs(islands, store, plan, records, todo, clients, env, resume_only) -> list[dict]:
     if not resume_only:
         store.write_json(layout.PLAN_FILE, plan)
     submitted = []

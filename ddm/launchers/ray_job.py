@@ -26,9 +26,10 @@ import torch
 
 from ddm import layout
 from ddm.job import JobConfig
+from ddm.lease import fenced
 from ddm.logs import setup_logging
 from ddm.store import Store
-from ddm.train.trainer import train
+from ddm.train.trainer import job_lease, train
 
 log = logging.getLogger("ddm.ray")
 
@@ -65,25 +66,44 @@ def _worker(config: dict) -> None:
     os.environ.update(config["env"])
     setup_logging()
     # Ray assigns each worker its GPU (workers with fractional GPUs share one): ask it, not the rank.
-    train(cfg, device=ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu"))
+    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    train(cfg, device=device, lease=config["lease"])
 
 
-def run_job(cfg: JobConfig, storage_path: str | None = None, env: dict[str, str] | None = None) -> dict:
+def run_job(
+    cfg: JobConfig,
+    storage_path: str | None = None,
+    env: dict[str, str] | None = None,
+    force: bool = False,
+    lease_wait_s: float = 0.0,
+) -> dict:
     """Train one checked job (``check_inputs``) on the Ray cluster this process is connected to.
 
-    ``cfg.store`` must be an absolute URL (workers run in other directories). Returns the summary
-    the job wrote to the store. ``env`` sets environment variables in the workers (fault injection
-    in tests).
+    ``cfg.store`` must be an absolute URL (workers run in other directories). This process holds the
+    job folder's lease while the job runs (``force`` takes it from a live holder; ``lease_wait_s``
+    waits that long for one to end); the workers write under it. Returns the summary the job wrote
+    to the store. ``env`` sets environment variables in the workers (fault injection in tests).
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         raise ValueError("not connected to a Ray cluster: run the job inside ray_cluster(address)")
+    with job_lease(cfg, force, lease_wait_s) as token:
+        try:
+            _fit(cfg, storage_path, env, token)
+        except Exception:
+            fenced(Store(cfg.store), token).fence("the job's summary", always=True)  # lost: say so, not Ray's error
+            raise
+    return Store(cfg.store).child(cfg.run_dir).read_json(layout.SUMMARY)
+
+
+def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, token) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
-        train_loop_config={"cfg": cfg, "env": env or {}},
+        train_loop_config={"cfg": cfg, "env": env or {}, "lease": token},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
@@ -99,4 +119,3 @@ def run_job(cfg: JobConfig, storage_path: str | None = None, env: dict[str, str]
     )
     log.info("submitting %s: %d workers%s", run_name(cfg), cfg.ray.num_workers, " with GPUs" if cfg.ray.use_gpu else "")
     trainer.fit()
-    return Store(cfg.store).child(cfg.run_dir).read_json(layout.SUMMARY)

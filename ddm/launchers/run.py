@@ -28,6 +28,7 @@ from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
 from ddm.launchers.ray_job import ray_cluster, run_job
 from ddm.launchers.spec import RunSpec, jobs, student
+from ddm.lease import holding
 from ddm.logs import setup_logging
 from ddm.report import write_report
 from ddm.sample import sample
@@ -43,7 +44,12 @@ class JobsFailed(RuntimeError):
 def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
     """Run every stage of ``spec``; returns the evaluation report (also written under report/)."""
     spec = spec.resolved()
-    store = Store(spec.store)
+    # One `ddm run` per store at a time; its stages and jobs also take the leases of what they write.
+    with holding(Store(spec.store), layout.RUN_LEASE, "ddm run") as (store, _):
+        return _run_stages(spec, store, address)
+
+
+def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
     timings: dict[str, float] = {}
 
     @contextmanager

@@ -6,23 +6,34 @@ Ray Train workers run (``ddm.train.trainer.train``); prints the job's summary as
 
 import argparse
 import json
+import os
 import sys
 
 from ddm.config import load
 from ddm.job import JobConfig, check_inputs, with_teacher
 from ddm.logs import setup_logging
-from ddm.train.trainer import train
+from ddm.lease import LeaseHeld, LeaseLost
+from ddm.train.trainer import job_lease, train
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ddm.train", description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config")
+    parser.add_argument("--force", action="store_true", help="take the job folder's lease from a live holder")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = with_teacher(load(JobConfig, args.config, args.overrides))
     check_inputs(cfg)
-    summary = train(cfg)
+    try:
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 holds the lease and fences its commits
+            with job_lease(cfg, args.force) as token:
+                summary = train(cfg, lease=token)
+        else:
+            summary = train(cfg)
+    except (LeaseHeld, LeaseLost) as e:  # another writer has the job folder: one line, exit 3
+        print(f"python -m ddm.train: error: {e}", file=sys.stderr)
+        sys.exit(3)
     print(json.dumps(summary), file=sys.stdout, flush=True)
 
 

@@ -11,6 +11,10 @@ Resume has one source of truth: the newest committed checkpoint in the store. Wh
 the workers or the user ran the command again, the function finds it there and continues with the
 same model, EMA, optimizer, step, RNG streams and data position, so the loss curve continues as if
 nothing had happened.
+
+One writer per job: the launcher holds the job folder's lease (``job_lease``; ``ddm.lease``) and
+hands its token to every rank, whose store writes are then fenced by it; a rank whose job lost the
+lease stops before its next write.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,6 +37,7 @@ from ddm.data.reader import PartitionReader
 from ddm.exports import write_export
 from ddm.flow import FlowMatching
 from ddm.job import JobConfig
+from ddm.lease import Token, fenced, holding
 from ddm.models.build import build_model, build_router
 from ddm.parallel import ParallelState, ensure_process_group
 from ddm.store import Store
@@ -63,11 +69,25 @@ def build_job(cfg: JobConfig, store: Store, device: torch.device) -> tuple[torch
     return model, VelocityLoss(flow, cfg.model.moe.aux_loss_coef), {}
 
 
-def train(cfg: JobConfig, report: Callable[[dict], None] | None = None, device: torch.device | None = None) -> dict:
+@contextmanager
+def job_lease(cfg: JobConfig, force: bool = False, wait_s: float = 0.0) -> Iterator[Token]:
+    """Hold the lease on the job's folder for the block (in the launching process); yields the
+    token to pass to ``train`` in every rank."""
+    with holding(Store(cfg.store), cfg.run_dir, f"ddm train {cfg.run_dir}", force, wait_s) as (_, token):
+        yield token
+
+
+def train(
+    cfg: JobConfig,
+    report: Callable[[dict], None] | None = None,
+    device: torch.device | None = None,
+    lease: Token | None = None,
+) -> dict:
     """Train (or resume) one job; returns a summary. ``report`` receives each logged record (Ray Train).
 
     ``device``: the launcher's choice (Ray Train assigns each worker its GPU); by default the GPU of
-    this process's local rank when CUDA is there, else the CPU.
+    this process's local rank when CUDA is there, else the CPU. ``lease``: the token of the job
+    folder's lease (``job_lease``); every write is fenced by it. Without one, nothing is fenced.
     """
     # --- setup --------------------------------------------------------------------------------
     if device is None:
@@ -83,6 +103,9 @@ def train(cfg: JobConfig, report: Callable[[dict], None] | None = None, device: 
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     store = Store(cfg.store)
+    if lease is not None:
+        store = fenced(store, lease)
+        store.fence("the start of the job", always=True)  # a restart after the lease was lost ends here
     run = store.child(cfg.run_dir)
     t_start, started_at = time.perf_counter(), time.time()
 
