@@ -11,8 +11,8 @@ import sys
 
 from ddm.config import load
 from ddm.job import JobConfig, check_inputs, with_teacher
-from ddm.logs import setup_logging
 from ddm.lease import LeaseHeld, LeaseLost
+from ddm.logs import setup_logging
 from ddm.train.trainer import job_lease, train
 
 
@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     setup_logging()
-    cfg = with_teacher(load(JobConfig, args.config, args.overrides))
-    check_inputs(cfg)
     try:
+        cfg = with_teacher(load(JobConfig, args.config, args.overrides))
+        check_inputs(cfg)
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 holds the lease and fences its commits
             with job_lease(cfg, args.force) as token:
                 summary = train(cfg, lease=token)
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     except (LeaseHeld, LeaseLost) as e:  # another writer has the job folder: one line, exit 3
         print(f"python -m ddm.train: error: {e}", file=sys.stderr)
         sys.exit(3)
+    except ValueError as e:  # settings that do not fit the store: one line, exit 2 (as `ddm train`)
+        print(f"python -m ddm.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(summary), file=sys.stdout, flush=True)
 
 
