@@ -1,6 +1,6 @@
 """A fault campaign: many randomized faults against a small expert on a local S3 server.
 
-Each scenario trains the same small expert (digits, DiT, 16 steps, a checkpoint every 4) on a fresh
+Each scenario trains the same small expert (digits, DiT, 24 steps, a checkpoint every 4) on a fresh
 store prefix of a real S3 endpoint (moto's server on 127.0.0.1, reached through a TCP proxy that
 can cut the connection), injects one randomized fault, recovers the way a user would (the same
 command again), and then checks:
@@ -29,6 +29,7 @@ import argparse
 import collections
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -46,7 +47,7 @@ from ddm.store import Store  # noqa: E402
 
 BUCKET = "faults"
 JOB = "experts/00"
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 24, 4
 TRAIN = [
     "partition=0",
     "global_batch_size=16",
@@ -161,6 +162,7 @@ class Env:
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.proxy.port}",
             "DDM_LEASE_TTL_S": str(TTL_S),
             "DDM_SCRATCH_DIR": os.path.join(workdir, "scratch"),
+            "RAY_AUTH_MODE": "disabled",  # a private local cluster
         }
         os.makedirs(self.vars["DDM_SCRATCH_DIR"], exist_ok=True)
         os.environ.update({k: v for k, v in self.vars.items() if k.startswith("AWS_")})
@@ -223,19 +225,31 @@ class Env:
             self.fs.copy(f"{BUCKET}/base/{name}", f"{BUCKET}/{prefix}/{name}", recursive=True)
 
     def start_ray(self) -> None:
-        if self.ray_address:
-            return
+        """A local Ray cluster of its own (a head in its own session, killed at the end)."""
         port = free_port()
-        subprocess.run(
-            ["ray", "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
-             "--disable-usage-stats"],
-            check=True, capture_output=True, env=self.child_env(),
-        )  # fmt: skip
+        temp = f"/tmp/ddm-faults-{os.getpid()}"  # short: Ray's socket paths have a length limit
+        cmd = [
+            "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
+            "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+        ]  # fmt: skip
+        log = open(os.path.join(self.workdir, "ray-head.log"), "ab")
+        self.ray_head = subprocess.Popen(
+            cmd, env=self.child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.ray_address = f"127.0.0.1:{port}"
+        probe = [sys.executable, "-c", f"import ray; ray.init(address={self.ray_address!r}); ray.shutdown()"]
+        deadline = time.monotonic() + 120
+        while subprocess.run(probe, env=self.child_env(), capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or self.ray_head.poll() is not None:
+                raise SystemExit(f"the Ray head did not start; see {self.workdir}/ray-head.log")
+            time.sleep(2)
 
     def close(self) -> None:
         if self.ray_address:
-            subprocess.run(["ray", "stop", "--force"], capture_output=True)
+            try:
+                os.killpg(self.ray_head.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proxy.down()
         self.server.stop()
 
@@ -362,16 +376,33 @@ class Scenario:
 
     # each returns the summary of the final, successful run (None if recovery failed)
 
+    def _strike_time(self, p: subprocess.Popen, ray: bool) -> str | None:
+        """Wait for a random moment of the run ``p``: mostly inside the training loop (after its
+        first progress record, uniformly over the loop's length), sometimes during start-up.
+        None if the run ended first."""
+        startup = self.refs["startup_ray" if ray else "startup"]
+        loop = self.refs["total_ray" if ray else "total"] - startup
+        t0 = time.monotonic()
+        if self.rng.random() < 0.2:
+            delay = self.rng.uniform(0.3, 1.0) * startup
+            ended = not wait_until(lambda: p.poll() is not None, delay)
+            return f"{delay:.1f}s into start-up" if ended else None
+        progress = f"{JOB}/progress.json"
+        wait_until(lambda: p.poll() is not None or self.store.exists(progress), 600)
+        delay = self.rng.uniform(0, loop)
+        if wait_until(lambda: p.poll() is not None, delay):
+            return None
+        return f"{time.monotonic() - t0:.1f}s (loop +{delay:.1f}s)"
+
     def _kill_at_random_time(self, ray: bool) -> dict | None:
-        t0, t1 = self.refs["startup_ray" if ray else "startup"], self.refs["total_ray" if ray else "total"]
-        delay = self.rng.uniform(0.7 * t0, 0.98 * t1)
         p = self.env.start(self.prefix, ray)
-        try:
-            p.wait(timeout=delay)
+        when = self._strike_time(p, ray)
+        if when is None:
             self.detail["fault"] = "none: finished first"
-        except subprocess.TimeoutExpired:
+        else:
             kill_tree(p)
-            self.detail["fault"] = f"kill -9 at {delay:.1f}s"
+            self.detail["fault"] = f"kill -9 at {when}"
+        p.wait()
         return self.recover()
 
     def kill_command(self) -> dict | None:
@@ -390,13 +421,10 @@ class Scenario:
     def kill_ray_worker(self) -> dict | None:
         import psutil
 
-        delay = self.rng.uniform(0.8 * self.refs["startup_ray"], 0.95 * self.refs["total_ray"])
         p = self.env.start(self.prefix, ray=True)
-        t0 = time.monotonic()
+        when = self._strike_time(p, ray=True)
         victim = None
-        while p.poll() is None and time.monotonic() - t0 < delay:
-            time.sleep(0.2)
-        if p.poll() is None:
+        if when is not None:
             workers = [
                 q for q in psutil.process_iter(["cmdline", "name"])
                 if "RayTrainWorker" in " ".join(q.info["cmdline"] or []) + (q.info["name"] or "")
@@ -407,7 +435,7 @@ class Scenario:
                     victim.kill()
                 except psutil.NoSuchProcess:
                     victim = None
-        self.detail["fault"] = f"kill -9 of a Ray Train worker at {delay:.1f}s" if victim else "none: no worker found"
+        self.detail["fault"] = f"kill -9 of a Ray Train worker at {when}" if victim else "none: no worker found"
         self.expected_resume = max(intact(self.store), default=None)  # Ray restarts the workers in the same command
         out, _ = p.communicate(timeout=900)
         if p.returncode == 0:
@@ -450,17 +478,16 @@ class Scenario:
         return self.recover()
 
     def outage(self) -> dict | None:
-        delay = self.rng.uniform(0.7 * self.refs["startup"], 0.95 * self.refs["total"])
         length = self.rng.choice([self.rng.uniform(0.5, 5), self.rng.uniform(5, 40)])
         p = self.env.start(self.prefix)
-        try:
-            p.wait(timeout=delay)
+        when = self._strike_time(p, ray=False)
+        if when is None:
             self.detail["fault"] = "none: finished first"
-        except subprocess.TimeoutExpired:
+        else:
             self.env.proxy.down()
             time.sleep(length)
             self.env.proxy.up()
-            self.detail["fault"] = f"store outage of {length:.1f}s at {delay:.1f}s"
+            self.detail["fault"] = f"store outage of {length:.1f}s at {when}"
         out, _ = p.communicate(timeout=900)
         self.detail["survived"] = p.returncode == 0
         if p.returncode == 0:
@@ -468,17 +495,28 @@ class Scenario:
         return self.recover()
 
     def second_writer(self) -> dict | None:
-        delay = self.rng.uniform(0.2 * self.refs["startup"], 0.9 * self.refs["total"])
+        """A second command for the same job, at a random moment, with the same settings or another
+        lr. It must be refused while the first holds the lease (exit 3; another lr may also be refused
+        as a settings change, exit 2); once the first released it, it may run (it resumes the finished job)."""
+        # Both pay the same start-up before they ask for the lease: a start within the first third of
+        # the first's run makes the second ask while the first holds it (or, rarely, win the race).
+        delay = self.rng.uniform(0, 0.35 * self.refs["total"])
+        extra = self.rng.choice([(), ("lr=0.0003",)])
         first = self.env.start(self.prefix)
         time.sleep(delay)
-        rc, _ = self.env.run(self.prefix, extra=("lr=0.0003",))
+        rc, _ = self.env.run(self.prefix, extra=extra)
         out, _ = first.communicate(timeout=900)
-        finished_first = first.returncode == 0
-        self.detail["fault"] = f"second writer (lr 3e-4) at {delay:.1f}s: rc {rc}"
-        # Refused while the first runs (3); after it finished, refused as a settings change (1/2).
-        self.detail["second_refused"] = rc in (1, 2, 3)
+        self.detail["fault"] = f"second writer ({'lr 3e-4' if extra else 'same settings'}) at {delay:.1f}s: rc {rc}"
+        admitted_while_live = False
+        if rc == 0:  # it ran: only allowed if the first had released its lease (its work done) by then
+            records = self.store.list(f"leases/{JOB}")
+            newest = self.store.read_json(f"leases/{JOB}/{records[-1]}")
+            before = self.store.read_json(f"leases/{JOB}/{records[-2]}") if len(records) > 1 else {}
+            released_at = before["renewed_at"] if before.get("released") else float("inf")
+            admitted_while_live = newest["started_at"] < released_at
+        self.detail["second_refused"] = not admitted_while_live
         self.expected_resume = None
-        return summary_of(out) if finished_first else self.recover()
+        return summary_of(out) if first.returncode == 0 else self.recover()
 
     def paused_writer(self) -> dict | None:
         once = os.path.join(self.env.workdir, f"{self.prefix}.once")
@@ -549,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = kinds
     else:
         plan = rng.choices(kinds, weights=[KINDS[k] for k in kinds], k=args.scenarios)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no line per request
     env = Env(workdir)
     t_start = time.monotonic()
     results = []
