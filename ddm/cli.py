@@ -38,7 +38,7 @@ from ddm.launchers.ray_job import ray_cluster, run_job
 from ddm.launchers.run import JobsFailed, run_pipeline
 from ddm.launchers.spec import RunSpec
 from ddm.lease import LeaseHeld, LeaseLost
-from ddm.logs import setup_logging
+from ddm.logs import setup_logging, stdout_to_stderr
 from ddm.models.build import preset_table
 from ddm.sample import SampleConfig, sample
 from ddm.store import Store, StoreError
@@ -257,14 +257,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"job={args.what}")
     cfg = resolve(load(JobConfig, args.config, overrides))
     check_inputs(cfg)
-    if args.no_ray:
-        if cfg.ray.num_workers != 1:
-            raise ValueError("--no-ray runs one process: set ray.num_workers=1 (or use torchrun/deepspeed launchers)")
-        with job_lease(cfg, args.force, args.lease_wait) as token:
-            summary = train(cfg, lease=token)
-    else:
-        with ray_cluster(args.address):
-            summary = run_job(cfg, force=args.force, lease_wait_s=args.lease_wait)
+    if args.no_ray and cfg.ray.num_workers != 1:
+        raise ValueError("--no-ray runs one process: set ray.num_workers=1 (or use torchrun/deepspeed launchers)")
+    with stdout_to_stderr():  # stdout carries the JSON result only (`ddm train ... | jq`)
+        if args.no_ray:
+            with job_lease(cfg, args.force, args.lease_wait) as token:
+                summary = train(cfg, lease=token)
+        else:
+            with ray_cluster(args.address):
+                summary = run_job(cfg, force=args.force, lease_wait_s=args.lease_wait)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -367,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a command is required: the help, and the usage-error exit status
+        parser.print_help(sys.stderr)
+        return 2
     setup_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)

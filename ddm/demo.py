@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ddm.analytic import GaussianMixture
 from ddm.config import to_dict
 from ddm.ensemble import Ensemble, Rule
 from ddm.flow import SAMPLERS, FlowMatching
+from ddm.logs import progress
 from ddm.metrics import energy_distance
 from ddm.models.build import build_model, build_router
 from ddm.models.config import ModelConfig
@@ -114,7 +114,7 @@ def fit_velocity(
     ema = EMA(model, cfg.ema_decay)
     objective = VelocityLoss(flow)
     model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
+    for _ in progress(range(steps), desc=desc, leave=False, mininterval=1.0):
         batch = data[torch.randint(len(data), (cfg.batch_size,), generator=g)]
         loss = objective(model, {"x": batch, "y": None}, g)
         opt.zero_grad(set_to_none=True)
@@ -133,7 +133,7 @@ def fit_router(
     ema = EMA(router, cfg.ema_decay)
     objective = RouterLoss(flow)
     router.train()
-    for _ in tqdm(range(cfg.router_steps), desc="router", leave=False, mininterval=1.0):
+    for _ in progress(range(cfg.router_steps), desc="router", leave=False, mininterval=1.0):
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
         loss = objective(router, {"x": data[idx], "y": None, "partition": labels[idx]}, g)
         opt.zero_grad(set_to_none=True)

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from ddm import layout
 from ddm.assemble import load_ensemble
@@ -23,6 +22,7 @@ from ddm.data.reader import PartitionReader
 from ddm.ensemble import Rule
 from ddm.exports import load_export
 from ddm.flow import FlowMatching, VelocityFn, guided
+from ddm.logs import progress
 from ddm.metrics import InceptionFeatures, frechet_distance, gaussian_stats, load_or_train_classifier
 from ddm.parallel import resolve_device
 from ddm.sample import SamplingConfig, draw, image_grid
@@ -185,7 +185,7 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     results = []  # in the order asked for
     grids = {}
     cfg_branches = 2 if cfg.guidance != 1.0 and labels is not None else 1  # CFG: conditional + unconditional
-    for rule in tqdm(rules, desc="evaluate", unit="rule"):
+    for rule in progress(rules, desc="evaluate", unit="rule"):
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same initial noise for every rule
         start = time.perf_counter()
         if rule in SINGLE_MODELS:

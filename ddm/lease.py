@@ -194,11 +194,16 @@ class Lease:
                 )
             elif live:
                 expires = float(record.get("ttl_s", self.ttl_s)) - age
+                options = (  # training commands can wait for the lease or take it
+                    " (or wait with --lease-wait S), or take it now with --force (a holder that still runs then "
+                    "stops before its next commit and loses its work since that commit)"
+                    if str(record.get("what", "")).startswith("ddm train")
+                    else ""
+                )
                 raise LeaseHeld(
                     f"{self.store.url}/{self.folder} is being written by {describe(record)}; two writers would mix "
                     f"their results, so this one is refused. If that process is gone, its lease expires in "
-                    f"{max(expires, 0):.0f} s: re-run then, or pass --force to take it now (a holder that still runs "
-                    "then stops before its next commit and loses its work since that commit)"
+                    f"{max(expires, 0):.0f} s: re-run then{options}"
                 )
             elif not record.get("released"):
                 log.warning("taking over the expired lease on %s from %s", self.folder, describe(record))

@@ -17,11 +17,11 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ddm import layout
 from ddm.assemble import load_ensemble
 from ddm.flow import SAMPLERS, FlowMatching, VelocityFn
+from ddm.logs import progress
 from ddm.parallel import resolve_device
 from ddm.store import Store
 
@@ -76,7 +76,7 @@ def draw(
     device = resolve_device(cfg.device)
     chunks = []
     starts = range(0, cfg.num_samples, cfg.batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
+    for start in progress(starts, desc=desc, unit="batch", disable=desc is None):
         n = min(cfg.batch_size, cfg.num_samples - start)
         noise = torch.randn(n, *data_shape, generator=generator).to(device)
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):

@@ -58,14 +58,62 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
     log = tmp_path / "stderr.log"
     with open(log, "w") as stderr:
         cmd = [sys.executable, "-m", "ddm.cli", "demo", f"output_dir={tmp_path}", "steps_per_expert=100000"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        deadline = time.monotonic() + 120
-        while "expert 1/4" not in log.read_text():  # started: imports done, training under way
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        # As from a terminal: SIGINT handled (a test run in a background job would pass on SIG_IGN).
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while "expert 1/4" not in log.read_text():  # started: imports done, training under way
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()  # never leave it training for the rest of the test run
     err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert "interrupted. Everything committed to the store is kept; run the same command again" in err
+
+
+def test_no_command_prints_help_and_exits_2():
+    out = run()
+    assert out.returncode == 2 and "usage: ddm" in out.stderr and out.stdout == ""
+
+
+def test_progress_is_plain_lines_off_a_terminal(caplog):
+    """Piped or logged, progress is a log line (no carriage returns), at least at the end."""
+    import logging
+
+    from ddm.logs import progress
+
+    with caplog.at_level(logging.INFO, logger="ddm.progress"):
+        assert list(progress(range(5), desc="things", unit="thing")) == list(range(5))
+        bar = progress(total=3, desc="job", unit="step")
+        bar.update(3)
+        bar.set_postfix_str("loss 0.5 done")
+        bar.close()
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == ["things: started (5 thing)", lines[1]] and lines[1].startswith("things: 5/5 thing")
+    assert "\r" not in "".join(lines) and len(lines) == 4 and lines[2] == "job: started (3 step)"
+    assert lines[3].startswith("job: 3/3 step") and lines[3].endswith("loss 0.5 done)")
+    assert progress([1, 2], disable=True) == [1, 2]
+
+
+def test_stdout_to_stderr_moves_native_writes_too(capfd):
+    import os
+
+    from ddm.logs import stdout_to_stderr
+
+    with stdout_to_stderr():
+        print("python line", flush=True)
+        os.write(1, b"native line\n")  # what a C extension or a subprocess would write
+    print("result")
+    out, err = capfd.readouterr()
+    assert out == "result\n" and "python line" in err and "native line" in err

@@ -143,6 +143,26 @@ def test_a_dead_local_holder_is_taken_over_at_once(tmp_path):
     lease.release()
 
 
+def test_a_holder_killed_on_another_machine_is_taken_over_after_expiry(tmp_path):
+    """Its pid means nothing here: the next writer waits for the lease to expire, then takes it."""
+    url = str(tmp_path / "store")
+    code = (
+        "import os, signal\n"
+        "from ddm.lease import Lease\nfrom ddm.store import Store\n"
+        f"Lease(Store({url!r}), 'router', 'elsewhere', ttl_s=2.0).acquire()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=False)
+    store = Store(url)
+    record_path = f"{layout.lease_dir('router')}/00000001.json"
+    store.write_json(record_path, {**store.read_json(record_path), "machine": "another-host/boot/ns"})
+    with pytest.raises(LeaseHeld, match=r"expires in [0-2] s"):
+        Lease(Store(url), "router", "next", ttl_s=2.0).acquire()
+    lease = Lease(Store(url), "router", "next", ttl_s=2.0)
+    assert lease.acquire(wait_s=10).generation == 2  # waits out the ttl
+    lease.release()
+
+
 def test_records_describe_the_holder(tmp_path):
     store = Store(str(tmp_path))
     with holding(store, "experts/03", "ddm train experts/03"):

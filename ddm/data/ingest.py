@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ddm.config import to_dict
 from ddm.data.shards import encode_shard, shard_name
 from ddm.data.sources import VAEEncoder, open_source
 from ddm.layout import DATA_DIR, SHARDS_DIR
 from ddm.lease import holding
+from ddm.logs import progress
 from ddm.store import Store
 
 log = logging.getLogger("ddm.ingest")
@@ -126,7 +126,7 @@ def _ingest(cfg: IngestConfig, store: Store) -> dict:
         ids.clear(), arrays.clear(), labels.clear()
 
     next_id = 0
-    for label, arr in tqdm(source, total=len(source), desc="ingest", unit="img", mininterval=1.0):
+    for label, arr in progress(source, total=len(source), desc="ingest", unit="img", mininterval=1.0):
         if sample_shape is None:
             sample_shape = arr.shape
         elif arr.shape != sample_shape:

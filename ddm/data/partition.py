@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from safetensors.numpy import save as save_safetensors
-from tqdm.auto import tqdm
 
 from ddm.config import to_dict
 from ddm.data.features import build_extractor
 from ddm.data.shards import Dataset, write_parquet_bytes
 from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.lease import holding
+from ddm.logs import progress
 from ddm.store import Store
 
 log = logging.getLogger("ddm.partition")
@@ -62,7 +62,7 @@ class PartitionConfig:
 
 def _feature_batches(dataset: Dataset, extractor, batch_size: int, desc: str):
     """(shard index, row offsets, features) per batch, streaming over shards."""
-    for i in tqdm(range(dataset.num_shards), desc=desc, unit="shard", leave=False, mininterval=1.0):
+    for i in progress(range(dataset.num_shards), desc=desc, unit="shard", leave=False, mininterval=1.0):
         shard = dataset.read_shard(i)
         for start in range(0, len(shard.ids), batch_size):
             sl = slice(start, start + batch_size)

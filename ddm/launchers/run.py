@@ -18,8 +18,6 @@ import logging
 import time
 from contextlib import contextmanager
 
-from tqdm.auto import tqdm
-
 from ddm import layout
 from ddm.assemble import assemble
 from ddm.data.ingest import ingest
@@ -29,7 +27,7 @@ from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
 from ddm.launchers.ray_job import ray_cluster, run_job
 from ddm.launchers.spec import RunSpec, jobs, student
 from ddm.lease import holding
-from ddm.logs import setup_logging
+from ddm.logs import progress, setup_logging
 from ddm.report import write_report
 from ddm.sample import sample
 from ddm.store import Store
@@ -138,7 +136,7 @@ def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, po
     )
     remote = ray.remote(num_cpus=0, max_retries=0)(_ray_job)
     bars = {
-        c.run_dir: tqdm(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True)
+        c.run_dir: progress(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True)
         for i, c in enumerate(todo)
     }
     # Longest first (by training FLOPs): with fewer slots than jobs this finishes soonest.

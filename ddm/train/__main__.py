@@ -12,7 +12,7 @@ import sys
 from ddm.config import load
 from ddm.job import JobConfig, check_inputs, with_teacher
 from ddm.lease import LeaseHeld, LeaseLost
-from ddm.logs import setup_logging
+from ddm.logs import setup_logging, stdout_to_stderr
 from ddm.train.trainer import job_lease, train
 
 
@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = with_teacher(load(JobConfig, args.config, args.overrides))
         check_inputs(cfg)
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 holds the lease and fences its commits
-            with job_lease(cfg, args.force) as token:
-                summary = train(cfg, lease=token)
-        else:
-            summary = train(cfg)
+        with stdout_to_stderr():  # stdout carries the JSON summary only
+            if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 holds the lease and fences its commits
+                with job_lease(cfg, args.force) as token:
+                    summary = train(cfg, lease=token)
+            else:
+                summary = train(cfg)
     except (LeaseHeld, LeaseLost) as e:  # another writer has the job folder: one line, exit 3
         print(f"python -m ddm.train: error: {e}", file=sys.stderr)
         sys.exit(3)
