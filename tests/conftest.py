@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: skip the accelerator probe on CPU machines
 
 BUCKET = "ddm-test"
+SECRET = f"ddm-test-secret-{uuid.uuid4().hex[:12]}"  # moto accepts any key
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def s3_endpoint():
     }
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_SECRET_ACCESS_KEY=SECRET,  # distinctive: tests assert it never shows up where it must not
         AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=endpoint,
     )

@@ -12,7 +12,7 @@ import ddm
 from ddm.cli import build_parser
 from ddm.config import from_dict, load
 from ddm.job import JobConfig
-from ddm.launchers.plan import load_islands
+from ddm.launchers.plan import load_islands, looks_secret
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_IMAGE = f"ghcr.io/ddm-project/ddm:{ddm.__version__}-gpu"
@@ -94,7 +94,9 @@ def test_rayjob_entrypoint_is_a_valid_ddm_command():
 def test_islands_example_loads_and_forwards_only_names():
     cfg = load_islands(str(ROOT / "cluster/islands.example.yaml"))
     assert set(cfg.islands) == {"west", "east"} and cfg.router_island == "west"
-    assert all(re.fullmatch(r"[A-Z_]+", n) for n in cfg.env)
+    assert all(re.fullmatch(r"[A-Z_]+", n) and not looks_secret(n) for n in cfg.env)
+    assert not looks_secret("AWS_ACCESS_KEY_ID") and not looks_secret("AWS_ENDPOINT_URL")
+    assert looks_secret("AWS_SECRET_ACCESS_KEY") and looks_secret("RAY_AUTH_TOKEN") and looks_secret("SSH_KEY")
     for island in cfg.islands.values():
         from_dict(JobConfig, {"store": "x", **island.overrides})  # overrides are valid JobConfig fields
         assert island.ddm_command == "ddm" and re.fullmatch(r"RAY_AUTH_TOKEN_[A-Z]+", island.auth_token_env)
@@ -104,6 +106,10 @@ def test_islands_file_errors_name_the_problem(tmp_path):
     base = {"store": "s3://b/r", "islands": {"a": {"address": "http://h:8265"}}}
     cases = [
         ({"env": ["AWS_SECRET_ACCESS_KEY=abc"]}, "env lists variable names"),
+        ({"env": ["AWS_SECRET_ACCESS_KEY"]}, "AWS_SECRET_ACCESS_KEY, which looks like a secret"),
+        ({"env": ["HF_TOKEN"]}, "HF_TOKEN, which looks like a secret"),
+        ({"env": ["GOOGLE_APPLICATION_CREDENTIALS"]}, "looks like a secret"),
+        ({"env": ["WANDB_API_KEY"]}, "looks like a secret"),
         ({"assignment": {0: "nowhere"}}, "unknown island 'nowhere'"),
         ({"islands": {"a": {"address": "h:8265"}}}, "must be the job server's URL"),
         ({"islands": {"a": {"address": "http://h:8265", "overrides": {"partition": 3}}}}, "may not set ['partition']"),

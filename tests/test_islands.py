@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ddm.store import Store
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, SECRET
 from tests.helpers import child_env
 from tests.test_pipeline import ddm
 
@@ -86,7 +86,8 @@ class LocalIsland:
 
 
 @pytest.fixture(scope="module")
-def two_islands(tmp_path_factory):
+def two_islands(tmp_path_factory, s3_endpoint):
+    """Two islands whose nodes start with the store's credentials in their environment."""
     root = tmp_path_factory.mktemp("islands")
     a, b = LocalIsland("a", root), LocalIsland("b", root)
     a.start()
@@ -114,7 +115,8 @@ SPEC = {
 def islands_file(path, store: str, islands: dict, **extra) -> str:
     doc = {
         "store": store,
-        "env": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"],
+        # No secrets: each island reads the store with the credentials it started with (its own env).
+        "env": ["AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"],
         "islands": {
             name: {
                 "address": addr,
@@ -178,6 +180,12 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
         if (j.submission_id or "").startswith("ddm-")
     ]
     assert len(ids) == 2  # expert-00 and the router, once each
+    # Nothing the job server returns (job info, runtime env, metadata, entrypoint, logs) holds the secret.
+    for island in (a, b):
+        c = JobSubmissionClient(island.address)
+        for job in c.list_jobs():
+            assert SECRET not in repr(job)  # every field, the runtime env's variables included
+            assert SECRET not in c.get_job_logs(job.submission_id)
 
     # Island b is lost once its expert has committed a checkpoint; island a is not affected.
     wait_for(lambda: committed_steps(store, "experts/01"), 240, "a committed checkpoint of expert 1 on island b")

@@ -5,6 +5,7 @@ import hashlib
 import pytest
 
 from ddm.store import MANIFEST, ChecksumError, NotCommittedError, Store, StoreError
+from tests.conftest import SECRET
 
 
 def test_write_read_list(store_url):
@@ -114,6 +115,6 @@ def test_pyarrow_reads_what_s3fs_wrote(s3_endpoint):
         pq.write_table(table, f)
     host_port = s3_endpoint.removeprefix("http://")
     s3 = pafs.S3FileSystem(
-        endpoint_override=host_port, scheme="http", region="us-east-1", access_key="testing", secret_key="testing"
+        endpoint_override=host_port, scheme="http", region="us-east-1", access_key="testing", secret_key=SECRET
     )
     assert pq.read_table("ddm-test/interop/t.parquet", filesystem=s3, use_threads=False).equals(table)

@@ -53,6 +53,14 @@ class Island:
             raise ValueError(f"island overrides may not set {bad}: the plan sets them")
 
 
+SECRET_RE = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|KEY(?!_ID$)")
+
+
+def looks_secret(name: str) -> bool:
+    """A variable name that may hold a secret (``*KEY*`` but not ``*_KEY_ID``, ``*TOKEN*``, ...)."""
+    return bool(SECRET_RE.search(name.upper()))
+
+
 @dataclass(frozen=True)
 class IslandsConfig:
     """The islands file: the store, the islands, what environment to forward, how to assign."""
@@ -79,6 +87,14 @@ class IslandsConfig:
                 raise ValueError(
                     f"env lists variable names to forward, got {name!r}; put the value in the submitting shell's "
                     "environment, never in the islands file"
+                )
+            if looks_secret(name):
+                raise ValueError(
+                    f"env forwards {name}, which looks like a secret: Ray keeps forwarded variables in each job's "
+                    "runtime env and shows them to anyone who can reach the island's job server (`ray job list`). "
+                    "Give every island its own store credentials instead (an instance profile or IRSA role, a "
+                    "Kubernetes secret mounted in its pods, or variables set where its nodes start; see "
+                    "cluster/README.md) and forward only names that are not secrets, e.g. AWS_DEFAULT_REGION"
                 )
         for part, island in self.assignment.items():
             if island not in self.islands:
