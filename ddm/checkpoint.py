@@ -163,7 +163,12 @@ class CheckpointManager:
         self.store.commit(
             tag,
             list(known),
-            meta={"step": step, "world_size": self.world_size, "format_version": FORMAT_VERSION},
+            meta={
+                "kind": "ddm.checkpoint",
+                "step": step,
+                "world_size": self.world_size,
+                "format_version": FORMAT_VERSION,
+            },
             known=known,
         )
         log.info("committed checkpoint %s", tag)

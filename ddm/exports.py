@@ -24,13 +24,15 @@ from ddm import layout
 from ddm.config import to_dict
 from ddm.job import JobConfig
 from ddm.models.build import build_model, build_router
-from ddm.models.config import ModelConfig, MoEConfig
+from ddm.models.config import ModelConfig, MoEConfig, architecture, flow_description
 from ddm.parallel import ParallelState
 from ddm.store import NotCommittedError, Store
 
 log = logging.getLogger("ddm.exports")
 
 _EXPERT_MARKER = ".deepspeed_experts."
+# config.json of an export: 2 adds kind, format_version, architecture and probability_path (ddm 0.2).
+EXPORT_FORMAT = 2
 
 
 def write_export(
@@ -64,17 +66,23 @@ def write_export(
             state.update(part)
     if not ps.is_main:
         return
+    extra = extra or {}
     config = {
+        "kind": "ddm.export",
+        "format_version": EXPORT_FORMAT,
         "job": cfg.job,
         "model": to_dict(cfg.model),
         "flow": to_dict(cfg.flow),
+        # Self-describing: enough to rebuild and sample the network without ddm (examples/plain_dit.py).
+        "architecture": architecture(cfg.model, extra.get("num_partitions") if cfg.job == "router" else None),
+        "probability_path": flow_description(cfg.flow),
         "step": step,
         "partition": cfg.data_partition,
         "ema_decay": cfg.ema_decay,
     }
     if cfg.job == "distill":
         config["teacher"] = cfg.teacher
-    config.update(extra or {})
+    config.update(extra)
     weights_bytes = save_safetensors(state, metadata={"step": str(step)})
     known = {
         layout.EXPORT_WEIGHTS: run.write_hashed(f"{layout.EXPORT}/{layout.EXPORT_WEIGHTS}", weights_bytes),
@@ -82,7 +90,12 @@ def write_export(
             f"{layout.EXPORT}/{layout.EXPORT_CONFIG}", json.dumps(config, indent=2).encode()
         ),
     }
-    run.commit(layout.EXPORT, list(known), meta={"step": step}, known=known)
+    run.commit(
+        layout.EXPORT,
+        list(known),
+        meta={"kind": "ddm.export", "format_version": EXPORT_FORMAT, "step": step},
+        known=known,
+    )
     log.info("exported the EMA model of %s at step %d", cfg.run_dir, step)
 
 

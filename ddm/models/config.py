@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Models see t in [0, 1]; the sinusoidal embedding is tuned for integer-like timesteps
+# (DiT uses 0..999), so t is scaled by this factor before embedding.
+TIME_SCALE = 1000.0
+
 
 @dataclass(frozen=True)
 class DiTSize:
@@ -205,3 +209,63 @@ def _mlp_linear_weights(size: MLPSize, dim: int, num_partitions: int | None) -> 
     h = size.hidden_size
     out = num_partitions if num_partitions is not None else dim
     return dim * h + (64 * h + h * h) + size.depth * (2 * h * h + 2 * h * h) + h * out
+
+
+def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
+    """Everything needed to rebuild the network without ddm's preset table: explicit sizes, the
+    embeddings and what the output means (an export's ``config.json`` carries it; see
+    ``examples/plain_dit.py``). ``num_partitions``: the network is a router with that many outputs."""
+    common = {
+        "num_classes": cfg.num_classes,
+        "null_label": cfg.num_classes if cfg.num_classes else None,  # the label index meaning "no class"
+        "class_dropout_prob": cfg.class_dropout_prob,
+        "time_embedding": {
+            "input": "t in [0, 1], scaled by time_scale",
+            "time_scale": TIME_SCALE,
+            "frequencies": 256,
+            "max_period": 10000.0,
+            "layout": "[cos, sin] then Linear-SiLU-Linear",
+        },
+        "output": "logits over partitions (N, K)" if num_partitions else "velocity, same shape as x",
+    }
+    if num_partitions:
+        common["num_partitions"] = num_partitions
+    if cfg.arch in MLP_SIZES:
+        size = MLP_SIZES[cfg.arch]
+        return {"family": "mlp-router" if num_partitions else "mlp", "preset": cfg.arch, "dim": cfg.data_shape[0],
+                "hidden_size": size.hidden_size, "depth": size.depth, **common}  # fmt: skip
+    size = DIT_SIZES[cfg.arch]
+    moe = cfg.moe
+    return {
+        "family": "dit-router" if num_partitions else "dit",
+        "preset": cfg.arch,
+        "in_channels": cfg.data_shape[0],
+        "input_size": cfg.data_shape[1],
+        "depth": size.depth,
+        "hidden_size": size.hidden_size,
+        "num_heads": size.num_heads,
+        "patch_size": size.patch_size,
+        "mlp_ratio": cfg.mlp_ratio,
+        "mlp_activation": "gelu-tanh",
+        "norm": "LayerNorm without affine, eps 1e-6, modulated by adaLN-Zero (shift, scale, gate)",
+        "pos_embed": "fixed 2-D sin-cos (MAE), added to the patch tokens",
+        "attention": "softmax(q k^T / sqrt(head_dim)) v, no mask",
+        "moe_blocks": [i for i in range(size.depth) if moe.enabled and (size.depth - 1 - i) % moe.every == 0],
+        "moe": {"num_experts": moe.num_experts, "top_k": moe.top_k} if moe.enabled else None,
+        **common,
+    }
+
+
+def flow_description(flow: FlowConfig) -> dict:
+    """The probability path and the regression target, spelled out (an export's ``config.json``)."""
+    paths = {
+        "linear": {"alpha": "1 - t", "sigma": "t"},
+        "cosine": {"alpha": "cos(pi t / 2)", "sigma": "sin(pi t / 2)"},
+    }
+    return {
+        "path": flow.path,
+        "convention": "x_t = alpha(t) x_0 + sigma(t) eps, eps ~ N(0, I); t = 0 is data, t = 1 is noise",
+        **paths[flow.path],
+        "target": "velocity d/dt x_t = alpha'(t) x_0 + sigma'(t) eps",
+        "sampling": "integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data)",
+    }

@@ -8,9 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# Models see t in [0, 1]; the sinusoidal embedding is tuned for integer-like timesteps
-# (DiT uses 0..999), so t is scaled by this factor before embedding.
-TIME_SCALE = 1000.0
+from ddm.models.config import TIME_SCALE
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
