@@ -605,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = rng.choices(kinds, weights=[KINDS[k] for k in kinds], k=args.scenarios)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no line per request
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still stop the Ray head and the servers
     env = Env(workdir)
     t_start = time.monotonic()
     results = []

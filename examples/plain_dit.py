@@ -106,9 +106,7 @@ class PlainDiT(nn.Module):
     def __init__(self, a: dict):
         super().__init__()
         if a["family"] != "dit" or a.get("moe"):
-            raise ValueError(
-                f"this example rebuilds dense DiT experts; the export is {a['family']} (moe: {a.get('moe')})"
-            )
+            raise ValueError(f"this example rebuilds dense DiT experts, not {a['family']} (moe: {a.get('moe')})")
         h, p, c = a["hidden_size"], a["patch_size"], a["in_channels"]
         self.a = a
         self.x_embedder = nn.Module()

@@ -165,3 +165,35 @@ def test_assemble_checks_the_weights_against_each_config(trained, tmp_path):
     with pytest.raises(ValueError, match=r"experts/01/export (lacks|holds) .*tensor '[\w.]+'"):
         assemble(store)
     assert not store.exists(ENSEMBLE_FILE)
+
+
+def test_exports_describe_themselves_and_rebuild_without_ddm(trained):
+    """config.json alone rebuilds an expert in plain PyTorch (examples/plain_dit.py, no ddm import)
+    with the same outputs; every manifest says what it is."""
+    import importlib.util
+
+    from ddm.exports import load_export
+
+    spec = importlib.util.spec_from_file_location(
+        "plain_dit", os.path.join(os.path.dirname(__file__), "..", "examples", "plain_dit.py")
+    )
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    store = Store(trained)
+    rebuilt, config = plain.load(os.path.join(trained, "experts/00/export"))
+    a = config["architecture"]
+    assert (a["family"], a["depth"], a["hidden_size"], a["num_heads"], a["patch_size"]) == ("dit", 2, 64, 2, 2)
+    assert a["null_label"] == 10 and config["probability_path"]["alpha"] == "1 - t"
+    ours = load_export(store, "experts/00").eval()
+    x, t, y = torch.randn(5, 1, 8, 8), torch.rand(5), torch.tensor([0, 3, 9, 10, 2])  # 10: the null label
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, t, y), ours(x, t, y), rtol=1e-5, atol=1e-6)
+    assert plain.sample(rebuilt, config, n=4, steps=3).shape == (4, 1, 8, 8)
+    router = json.loads(store.read_bytes("router/export/config.json"))["architecture"]
+    assert router["family"] == "dit-router" and router["num_partitions"] == 2
+    for run_dir in ("experts/00", "router"):
+        assert store.child(run_dir).manifest("export")["kind"] == "ddm.export"
+        steps = store.child(f"{run_dir}/checkpoints").list("")
+        assert store.child(f"{run_dir}/checkpoints").manifest(steps[-1])["kind"] == "ddm.checkpoint"
+    with pytest.raises(ValueError, match="dense DiT experts, not dit-router"):
+        plain.PlainDiT(router)
