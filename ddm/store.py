@@ -5,7 +5,8 @@ plain local path) and addresses everything below it by relative POSIX paths. It 
 
 - **Atomic objects.** A write either publishes the whole object or nothing: local files are written
   to a temporary name and renamed; S3 objects are one PUT (or a multipart upload that is completed
-  only on success and aborted on error); other filesystems get the bytes in one call.
+  only on success and aborted on error); other filesystems get the bytes in one call. Every retry
+  uploads the whole object again.
 - **Manifests commit directories.** ``commit(dir, files)`` writes a ``MANIFEST.json`` with each file's
   size and sha256 *after* the files; readers trust a directory only when its manifest exists and
   ``verify`` catches any file whose bytes changed.
@@ -210,17 +211,10 @@ class Store:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        elif self.protocol in ("s3", "s3a"):
-            f = self._call(f"open {rel} for writing", lambda: self.fs.open(p, "wb"))
-            try:
-                yield f
-            except BaseException:
-                # s3fs would publish a partial object on close: abort the upload instead.
-                f.discard()
-                f.closed = True
-                raise
-            self._call(f"upload {rel}", f.close)
         else:
+            # One call publishes the bytes (S3: one PUT, or a multipart upload completed only on
+            # success and aborted on error), so a retry uploads them again. (Retrying an s3fs file's
+            # close() after a failed upload is a no-op that reports success: the object was lost.)
             buf = io.BytesIO()
             yield buf
             data = buf.getvalue()

@@ -118,3 +118,28 @@ def test_pyarrow_reads_what_s3fs_wrote(s3_endpoint):
         endpoint_override=host_port, scheme="http", region="us-east-1", access_key="testing", secret_key=SECRET
     )
     assert pq.read_table("ddm-test/interop/t.parquet", filesystem=s3, use_threads=False).equals(table)
+
+
+@pytest.mark.parametrize("backend", ["memory", "s3"])  # local writes are a rename, not an upload
+def test_a_failed_upload_is_uploaded_again_on_retry(backend, request, monkeypatch):
+    """A write whose first attempt dies mid-way (a connection reset) publishes the whole object on
+    the retry: nothing reports success without the bytes in the store."""
+    import uuid
+
+    if backend == "s3":
+        request.getfixturevalue("s3_endpoint")
+    store_url = (
+        f"s3://ddm-test/retry-{uuid.uuid4().hex[:8]}" if backend == "s3" else f"memory://retry/{uuid.uuid4().hex}"
+    )
+    store = Store(store_url, backoff_s=0.01)
+    real, calls = store.fs.pipe_file, []
+
+    def flaky(path, data, **kw):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise ConnectionResetError("connection reset by peer")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(store.fs, "pipe_file", flaky)
+    store.write_json("ckpt/.rank000.done", {"a": 1})
+    assert calls == [calls[0], calls[0]] and Store(store_url).read_json("ckpt/.rank000.done") == {"a": 1}
