@@ -34,6 +34,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -76,58 +77,48 @@ KINDS = {  # kind -> weight in a random campaign
 
 
 class Proxy:
-    """Forwards 127.0.0.1:<port> to the S3 server; ``down()`` closes the listener and every open
-    connection (clients see refused and reset connections), ``up()`` listens again on the same port."""
+    """Forwards 127.0.0.1:<port> to the S3 server. ``down()`` resets every open connection and,
+    until ``up()``, every new one (clients see resets, as when a server or a link dies); it keeps
+    listening, so coming back never depends on the port being free again."""
 
     def __init__(self, target: tuple[str, int]):
         self.target = target
-        # Below the ephemeral range (32768+): while the proxy is down, no outgoing connection can be
-        # given its port, so it can always listen again.
-        self.port = next(p for p in random.Random().sample(range(20000, 32000), 200) if _free(p))
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.up()
+        self._down = False
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def up(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                listener.bind(("127.0.0.1", self.port))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        self._down = False
 
     def down(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
+        self._down = True
         with self._lock:
             for c in list(self._conns):
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
+                _reset(c)
             self._conns.clear()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def close(self) -> None:
+        self.down()
+        self._listener.close()
+
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._down:
+                _reset(client)
+                continue
             try:
                 server = socket.create_connection(self.target)
             except OSError:
-                client.close()
+                _reset(client)
                 continue
             with self._lock:
                 self._conns |= {client, server}
@@ -258,17 +249,17 @@ class Env:
                 os.killpg(self.ray_head.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proxy.down()
+        self.proxy.close()
         self.server.stop()
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a dead peer or link looks to the other side."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
 
 
 def free_port() -> int:

@@ -81,6 +81,15 @@ class LocalIsland:
         # Processes Ray daemonised out of the group: match this island's GCS port / temp dir.
         subprocess.run(["pkill", "-9", "-f", f"ddm-isl-{self.name}-{os.getpid()}"], check=False)
         subprocess.run(["pkill", "-9", "-f", f"127.0.0.1:{self.ports['gcs']}"], check=False)
+        # Job drivers run in sessions of their own: they are this island's if they talk to its GCS.
+        import psutil
+
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("RAY_ADDRESS", "").endswith(f":{self.ports['gcs']}"):
+                    proc.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
         self.proc = None
         time.sleep(2)
 
