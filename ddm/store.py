@@ -110,20 +110,20 @@ class Store:
             raise ValueError(f"store path {rel!r} escapes the store root")
         return f"{self.root}/{rel}" if rel else self.root
 
+    def _copy(self, **changes: Any) -> "Store":
+        """This store (same filesystem, settings and fence) with ``changes`` to its attributes."""
+        other = Store.__new__(Store)
+        other.__dict__.update(self.__dict__, **changes)
+        return other
+
     def child(self, rel: str) -> "Store":
         """A store rooted at a sub-directory, sharing this one's filesystem."""
-        sub = Store.__new__(Store)
-        sub.__dict__.update(self.__dict__)
-        sub.url, sub.root = f"{self.url}/{rel.strip('/')}", self.path(rel)
-        return sub
+        return self._copy(url=f"{self.url}/{rel.strip('/')}", root=self.path(rel))
 
     def with_fence(self, fence: Callable[..., None]) -> "Store":
         """This store, with ``fence(what, always=False)`` called before every write and delete, and
         with ``always=True`` before every commit (``ddm.lease.Fence`` raises once the lease is lost)."""
-        fenced = Store.__new__(Store)
-        fenced.__dict__.update(self.__dict__)
-        fenced.fence = fence
-        return fenced
+        return self._copy(fence=fence)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with bounded retries and exponential backoff on transient errors."""

@@ -125,17 +125,22 @@ def test_acquire_waits_for_a_release(store_url):
     assert 0.4 < time.monotonic() - t0 < 5
 
 
+def _killed_holder(url: str, folder: str, what: str, ttl_s: float | None = None) -> None:
+    """A process that takes the lease on ``folder`` and dies with kill -9 (nothing released)."""
+    code = (
+        "import os, signal\n"
+        "from ddm.lease import Lease\nfrom ddm.store import Store\n"
+        f"Lease(Store({url!r}), {folder!r}, {what!r}, ttl_s={ttl_s!r}).acquire()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=False)
+
+
 def test_a_dead_local_holder_is_taken_over_at_once(tmp_path):
     """A holder on this machine whose process is gone (kill -9) does not make the next run wait for
     its ttl."""
     url = str(tmp_path / "store")
-    code = (
-        "import os, signal\n"
-        "from ddm.lease import Lease\nfrom ddm.store import Store\n"
-        f"Lease(Store({url!r}), 'experts/02', 'killed').acquire()\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=False)
+    _killed_holder(url, "experts/02", "killed")
     record = Store(url).read_json(f"{layout.lease_dir('experts/02')}/00000001.json")
     assert record["what"] == "killed" and not record.get("released")
     lease = Lease(Store(url), "experts/02", "next")  # ttl 120 s: only the dead pid lets it in now
@@ -146,13 +151,7 @@ def test_a_dead_local_holder_is_taken_over_at_once(tmp_path):
 def test_a_holder_killed_on_another_machine_is_taken_over_after_expiry(tmp_path):
     """Its pid means nothing here: the next writer waits for the lease to expire, then takes it."""
     url = str(tmp_path / "store")
-    code = (
-        "import os, signal\n"
-        "from ddm.lease import Lease\nfrom ddm.store import Store\n"
-        f"Lease(Store({url!r}), 'router', 'elsewhere', ttl_s=2.0).acquire()\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=False)
+    _killed_holder(url, "router", "elsewhere", ttl_s=2.0)
     store = Store(url)
     record_path = f"{layout.lease_dir('router')}/00000001.json"
     store.write_json(record_path, {**store.read_json(record_path), "machine": "another-host/boot/ns"})
