@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -135,9 +136,8 @@ class CheckpointManager:
         tag = step_dir(step)
         t0 = time.perf_counter()
         entries = {}
-        for name in files:
-            with open(os.path.join(local, name), "rb") as f:
-                entries[name] = self.store.write_hashed(f"{tag}/{name}", f.read())
+        for name in files:  # streamed: a rank's state of several GB is never read whole into memory
+            entries[name] = self.store.put_file(os.path.join(local, name), f"{tag}/{name}")
             _fault_hook("upload", step, self.rank)
         self.store.write_json(f"{tag}/.rank{self.rank:03d}.done", entries)
         shutil.rmtree(local, ignore_errors=True)
@@ -234,7 +234,7 @@ class CheckpointManager:
         """Verify a commit and bring this rank's part of it to local scratch, deserialised: all that
         can fail before the engine is touched."""
         tag = step_dir(step)
-        manifest = self.store.verify(tag)  # sha256 of every file, before anything is deserialised
+        manifest = self.store.manifest(tag)
         if manifest.get("format_version", 1) < self.min_format:
             raise IncompatibleCheckpoint(
                 f"checkpoint {self.store.url}/{tag} was written by ddm 0.1, whose parameter order this job's optimizer "
@@ -247,11 +247,11 @@ class CheckpointManager:
             )
         local = os.path.join(self._scratch, "restore", tag)
         shutil.rmtree(local, ignore_errors=True)
+        # Each rank fetches (streamed, checked against the manifest before anything is deserialised)
+        # the files every rank reads and its own; the ranks' agreement on the commit covers the rest.
         for name in manifest["files"]:
-            path = os.path.join(local, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(self.store.read_bytes(f"{tag}/{name}"))
+            if _owner(name) in (None, self.rank):
+                self.store.get_verified(tag, name, os.path.join(local, name), manifest)
         own = f"rank{self.rank:03d}"
         with open(os.path.join(local, f"{own}.safetensors"), "rb") as f:
             tensors = load_safetensors(f.read())
@@ -279,6 +279,15 @@ class CheckpointManager:
 
 
 SCRATCH_PREFIX = "ddm-ckpt-"
+# Files of one rank: DeepSpeed's ZeRO optimizer shards (by data-parallel rank, which is the rank
+# here: ddm has no pipeline or tensor parallelism) and ddm's own per-rank state.
+_OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank(\d+)\.")
+
+
+def _owner(name: str) -> int | None:
+    """The rank a checkpoint file belongs to; None for files every rank reads."""
+    m = _OWNED.match(os.path.basename(name))
+    return None if m is None else int(m.group(1) or m.group(2))
 
 
 def _sweep_stale_scratch(root: str) -> None:

@@ -16,13 +16,19 @@ plain local path) and addresses everything below it by relative POSIX paths. It 
   free (S3 conditional PUT, a hard link locally): leases (``ddm.lease``) are built on it. A store
   ``with_fence(check)`` calls ``check`` before each write, delete and commit, so a writer that lost its
   lease stops before it writes.
+- **Streams at checkpoint scale.** ``put_file``/``get_file`` hash and move files in bounded pieces
+  (never a whole file in memory): S3 multipart uploads of ``part_bytes`` parts, a few in flight,
+  each with S3's own SHA-256 checksum, so the server rejects bytes that changed on the way.
 - **Credentials from the environment.** S3 uses the standard AWS provider chain; an S3-compatible
   endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``). Nothing secret is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -30,6 +36,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
@@ -60,20 +67,79 @@ class NotCommittedError(StoreError):
     """A directory has no manifest: it was never committed (or its writer crashed)."""
 
 
+CHUNK = 4 * 2**20  # bytes per read while hashing or copying a stream
+# S3 status codes and error codes that a retry can fix (throttling, server faults, slow requests).
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                "InternalError", "ServiceUnavailable", "OperationAborted", "BadDigest", "XAmzContentSHA256Mismatch"}
+_NETWORK_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                   errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the network or the server failed this time": Python's own,
+    botocore's connection errors, aiohttp's client connection and payload errors, fsspec's timeout."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, asyncio.TimeoutError]
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions as be
+
+        types += [be.ConnectionError, be.HTTPClientError, be.IncompleteReadError, be.ResponseStreamingError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+    return tuple(types)
+
+
+_TRANSIENT: tuple[type[BaseException], ...] | None = None
+
+
 def _transient(exc: BaseException) -> bool:
-    """Errors worth retrying: connection problems and server-side hiccups, not missing files."""
-    if isinstance(
-        exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
-    ):
+    """Whether a retry can fix ``exc``, decided by type: a network error, a server fault or
+    throttling (S3 5xx/429 and their codes, also when s3fs re-raised them as ``OSError``), never a
+    missing object, a refusal or bad input. The exception's causes are followed (s3fs keeps the
+    botocore error as ``__cause__``)."""
+    global _TRANSIENT
+    if _TRANSIENT is None:
+        _TRANSIENT = _transient_types()
+    if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return False
-    name = type(exc).__name__
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
-        s in name for s in ("Connect", "Timeout", "Endpoint", "Throttl", "ServiceUnavailable")
-    )
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _TRANSIENT):
+            return True
+        response = getattr(e, "response", None)  # botocore's ClientError
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return code in _RETRY_CODES or status >= 500 or status == 429 or code in ("500", "502", "503", "504")
+        if isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def file_digest(path: str) -> dict:
+    """{size, sha256} of a local file, read in pieces."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 class Store:
     """Reads and writes below one root URL."""
+
+    # Multipart uploads: parts of this size, this many in flight (memory: their product).
+    part_bytes = int(os.environ.get("DDM_STORE_PART_MB", "32")) * 2**20
+    parts_in_flight = 4
 
     def __init__(self, url: str, retries: int = 3, backoff_s: float = 0.5, **storage_options: Any):
         if not url:
@@ -221,6 +287,154 @@ class Store:
             self._call(f"write {rel}", lambda: self.fs.pipe_file(p, data))
         self.fs.invalidate_cache(parent)
 
+    # --- files at checkpoint scale: streamed, never whole in memory ----------------------------
+    def put_file(self, local: str, rel: str) -> dict:
+        """Publish the local file ``local`` at ``rel`` atomically, in pieces; return its manifest
+        entry {size, sha256}, hashed from the bytes read while uploading."""
+        if self.fence is not None:
+            self.fence(f"{self.url}/{rel}")
+        p = self.path(rel)
+        parent = p.rsplit("/", 1)[0]
+        try:
+            if self.protocol == "file":
+                return self._put_local(local, p, parent)
+            if self.protocol in ("s3", "s3a"):
+                return self._put_s3(local, p, rel)
+            entry = file_digest(local)
+            self._call(f"upload {rel}", lambda: self.fs.put_file(local, p))
+            return entry
+        finally:
+            self.fs.invalidate_cache(parent)
+
+    @staticmethod
+    def _put_local(local: str, p: str, parent: str) -> dict:
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(p)}"
+        h, size = hashlib.sha256(), 0
+        try:
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return {"size": size, "sha256": h.hexdigest()}
+
+    def _put_s3(self, local: str, p: str, rel: str) -> dict:
+        """One PUT for a file of at most one part, else a multipart upload; every request carries
+        the SHA-256 of its body, which S3 checks (a mismatch is a ``BadDigest`` error, retried)."""
+        bucket, key, _ = self.fs.split_path(p)
+        size = os.path.getsize(local)
+        # S3's bounds: parts of at least 5 MiB (but the last), at most 10 000 parts.
+        part_bytes = max(self.part_bytes, 5 * 2**20, -(-size // 10_000))
+        if size <= part_bytes:
+            with open(local, "rb") as f:
+                data = f.read()
+            digest = hashlib.sha256(data)
+            self._call(
+                f"write {rel}",
+                lambda: self.fs.call_s3(
+                    "put_object", Bucket=bucket, Key=key, Body=data, ChecksumSHA256=_b64(digest.digest())
+                ),
+            )
+            return {"size": size, "sha256": digest.hexdigest()}
+        mpu = self._call(
+            f"start upload {rel}",
+            lambda: self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256"),
+        )
+        upload_id, whole, parts = mpu["UploadId"], hashlib.sha256(), []
+        try:
+            with open(local, "rb") as f, ThreadPoolExecutor(self.parts_in_flight) as pool:
+                in_flight: set = set()
+                number = 0
+                while True:
+                    if len(in_flight) >= self.parts_in_flight:  # bounded memory: wait for one to finish
+                        done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                        parts += [x.result() for x in done]
+                    chunk = f.read(part_bytes)
+                    if not chunk:
+                        break
+                    whole.update(chunk)
+                    number += 1
+                    in_flight.add(pool.submit(self._put_part, bucket, key, upload_id, number, chunk, rel))
+                    del chunk  # held by the part's upload until it is sent, no longer
+                parts += [x.result() for x in in_flight]
+            parts.sort(key=lambda x: x["PartNumber"])
+            self._call(
+                f"finish upload {rel}",
+                lambda: self.fs.call_s3(
+                    "complete_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+        return {"size": size, "sha256": whole.hexdigest()}
+
+    def _put_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes, rel: str) -> dict:
+        checksum = _b64(hashlib.sha256(data).digest())
+        out = self._call(
+            f"upload part {number} of {rel}",
+            lambda: self.fs.call_s3(
+                "upload_part",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                ChecksumSHA256=checksum,
+            ),
+        )
+        return {"PartNumber": number, "ETag": out["ETag"], "ChecksumSHA256": out.get("ChecksumSHA256", checksum)}
+
+    def get_file(self, rel: str, local: str, expected: dict | None = None) -> dict:
+        """Copy the object at ``rel`` to the local file ``local`` in pieces, hashing as it goes;
+        return {size, sha256}. With ``expected`` (a manifest entry) a mismatch is a ChecksumError
+        and leaves no local file."""
+
+        def fetch() -> dict:
+            h, size = hashlib.sha256(), 0
+            with self.fs.open(self.path(rel), "rb", block_size=self.part_bytes) as src, open(local, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    dst.write(chunk)
+            return {"size": size, "sha256": h.hexdigest()}
+
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        try:
+            entry = self._call(f"read {rel}", fetch)
+            if expected is not None:
+                _check_entry(f"{self.url}/{rel}", entry, expected)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(local)
+            raise
+        return entry
+
+    def digest(self, rel: str) -> dict:
+        """{size, sha256} of a stored object, streamed (nothing kept)."""
+
+        def run() -> dict:
+            h, size = hashlib.sha256(), 0
+            with self.fs.open(self.path(rel), "rb", block_size=self.part_bytes) as src:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+            return {"size": size, "sha256": h.hexdigest()}
+
+        return self._call(f"read {rel}", run)
+
     def create_json(self, rel: str, obj: Any) -> bool:
         """Publish ``obj`` at ``rel`` only if nothing is there yet; False if something is. Atomic on
         local files (hard link of a complete temporary file) and S3 (``If-None-Match: *``); other
@@ -296,27 +510,35 @@ class Store:
 
     def _read_checked(self, rel_dir: str, name: str, manifest: dict) -> bytes:
         """One file's bytes, checked against its manifest entry (size and sha256)."""
-        expected = manifest["files"].get(name)
-        if expected is None:
-            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is not listed in its manifest")
+        expected = _listed(self.url, rel_dir, name, manifest)
         try:
             data = self.read_bytes(f"{rel_dir}/{name}")
         except FileNotFoundError as e:
             raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != expected["size"] or digest != expected["sha256"]:
-            raise ChecksumError(
-                f"{self.url}/{rel_dir}/{name} is corrupted: sha256 {digest[:12]}… size {len(data)}, "
-                f"manifest says {expected['sha256'][:12]}… size {expected['size']}"
-            )
+        _check_entry(f"{self.url}/{rel_dir}/{name}", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+                     expected)
         return data
 
     def verify(self, rel_dir: str, names: list[str] | None = None) -> dict:
-        """Check sizes and sha256 of committed files; returns the manifest or raises ChecksumError."""
+        """Check sizes and sha256 of committed files (streamed); returns the manifest or raises
+        ChecksumError."""
         manifest = self.manifest(rel_dir)
         for name in names if names is not None else manifest["files"]:
-            self._read_checked(rel_dir, name, manifest)
+            expected = _listed(self.url, rel_dir, name, manifest)
+            try:
+                entry = self.digest(f"{rel_dir}/{name}")
+            except FileNotFoundError as e:
+                raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
+            _check_entry(f"{self.url}/{rel_dir}/{name}", entry, expected)
         return manifest
+
+    def get_verified(self, rel_dir: str, name: str, local: str, manifest: dict) -> None:
+        """Copy one committed file to ``local``, streamed and checked against ``manifest``."""
+        expected = _listed(self.url, rel_dir, name, manifest)
+        try:
+            self.get_file(f"{rel_dir}/{name}", local, expected)
+        except FileNotFoundError as e:
+            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
 
     def read_verified(self, rel_dir: str, name: str) -> bytes:
         """One committed file's bytes, checked against its manifest."""
@@ -331,3 +553,22 @@ class Store:
                     f"bucket {bucket!r} of store {self.url} does not exist or is not visible with the "
                     "credentials in the environment; create it or fix AWS_* settings"
                 )
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _listed(url: str, rel_dir: str, name: str, manifest: dict) -> dict:
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise ChecksumError(f"{url}/{rel_dir}/{name} is not listed in its manifest")
+    return expected
+
+
+def _check_entry(where: str, got: dict, expected: dict) -> None:
+    if got["size"] != expected["size"] or got["sha256"] != expected["sha256"]:
+        raise ChecksumError(
+            f"{where} is corrupted: sha256 {got['sha256'][:12]}… size {got['size']}, "
+            f"manifest says {expected['sha256'][:12]}… size {expected['size']}"
+        )
