@@ -6,6 +6,9 @@ A checkpoint of step n lives at ``{run}/checkpoints/step_{n:07d}/``:
                               writes them (torch.save); loaded only from this run's committed dirs
   rank{r:03d}.safetensors     per rank: EMA weights and RNG states (no pickle)
   rank{r:03d}.json            per rank: data position, step, loss
+  portable/rank{r:03d}.safetensors  per rank: its pieces of the weights and optimizer state by
+                              parameter name (``ddm.reshard``): what a job on another worker count
+                              resumes from
   .rank{r:03d}.done           per rank: sizes + sha256 of what that rank uploaded
   MANIFEST.json               written last by rank 0, once every rank's .done exists
 
@@ -27,6 +30,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,12 +38,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from ddm.layout import CHECKPOINTS, STEP_RE, committed_steps, step_dir
+from ddm.reshard import PORTABLE_DIR, portable_name
 from ddm.store import ChecksumError, Store, StoreError
 
 log = logging.getLogger("ddm.checkpoint")
 
 # 2: ddm 0.2's parameter layout (DiT output layers in FinalLayer). Commits without a version are 1.
-FORMAT_VERSION = 2
+# 3: the portable state beside DeepSpeed's files (resume on another worker count).
+FORMAT_VERSION = 3
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -62,6 +68,7 @@ class RankState:
 
     tensors: dict[str, torch.Tensor]
     info: dict
+    resharded_from: int | None = None  # the world size that wrote it, when it was not this job's
 
 
 class CheckpointManager:
@@ -69,6 +76,11 @@ class CheckpointManager:
 
     ``min_format``: the oldest checkpoint format this job can restore; older commits are an error
     that says so (a router's optimizer state from ddm 0.1 follows another parameter order).
+
+    ``portable(path)`` writes this rank's portable state (``ddm.reshard.save_portable``) into each
+    checkpoint; ``reshard(paths)`` restores the engine from every rank's portable files when a
+    commit was written by another world size (``ep_size``: MoE experts of rank r are those of the
+    writer's rank ``r % ep_size``, whose EMA this rank takes). Without them such a commit is an error.
     """
 
     def __init__(
@@ -79,8 +91,12 @@ class CheckpointManager:
         keep_last: int = 3,
         commit_timeout_s: float = 600.0,
         min_format: int = 1,
+        portable: Callable[[str], None] | None = None,
+        reshard: Callable[[list[str]], None] | None = None,
+        ep_size: int = 1,
     ):
         self.store, self.rank, self.world_size = run.child(CHECKPOINTS), rank, world_size
+        self.portable, self.reshard, self.ep_size = portable, reshard, ep_size
         self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -114,6 +130,9 @@ class CheckpointManager:
         )
         with open(os.path.join(local, f"rank{self.rank:03d}.json"), "w") as f:
             json.dump(rank_state.info, f)
+        if self.portable is not None:
+            os.makedirs(os.path.join(local, PORTABLE_DIR), exist_ok=True)
+            self.portable(os.path.join(local, portable_name(self.rank)))
         files = sorted(
             os.path.relpath(os.path.join(d, name), local) for d, _, names in os.walk(local) for name in names
         )
@@ -168,6 +187,7 @@ class CheckpointManager:
                 "step": step,
                 "world_size": self.world_size,
                 "format_version": FORMAT_VERSION,
+                "portable": any(n.startswith(f"{PORTABLE_DIR}/") for n in known),
             },
             known=known,
         )
@@ -240,28 +260,60 @@ class CheckpointManager:
                 f"checkpoint {self.store.url}/{tag} was written by ddm 0.1, whose parameter order this job's optimizer "
                 f"state cannot be restored in; delete {self.store.url} to train this job again from its start"
             )
-        if manifest.get("world_size", self.world_size) != self.world_size:
-            raise IncompatibleCheckpoint(
-                f"checkpoint {self.store.url}/{tag} was written by {manifest['world_size']} ranks; this job has "
-                f"{self.world_size}. Resume with the same number of workers."
-            )
+        written_by = int(manifest.get("world_size", self.world_size))
         local = os.path.join(self._scratch, "restore", tag)
         shutil.rmtree(local, ignore_errors=True)
+        if written_by != self.world_size:
+            return self._stage_reshard(tag, manifest, local, written_by)
         # Each rank fetches (streamed, checked against the manifest before anything is deserialised)
         # the files every rank reads and its own; the ranks' agreement on the commit covers the rest.
         for name in manifest["files"]:
-            if _owner(name) in (None, self.rank):
+            if _owner(name) in (None, self.rank) and not name.startswith(f"{PORTABLE_DIR}/"):
                 self.store.get_verified(tag, name, os.path.join(local, name), manifest)
-        own = f"rank{self.rank:03d}"
-        with open(os.path.join(local, f"{own}.safetensors"), "rb") as f:
+        return local, self._rank_state(local, self.rank)
+
+    def _stage_reshard(self, tag: str, manifest: dict, local: str, written_by: int) -> tuple[str, RankState]:
+        """A commit of another world size: every rank's portable state, and the EMA, data position
+        and step of the writer's rank whose MoE experts this rank holds."""
+        where = f"checkpoint {self.store.url}/{tag}"
+        if self.reshard is None or not manifest.get("portable"):
+            raise IncompatibleCheckpoint(
+                f"{where} was written by {written_by} ranks; this job has {self.world_size}, and the checkpoint has "
+                f"no portable state to reshard (written before ddm 0.3). Resume with {written_by} workers."
+            )
+        if written_by % self.ep_size:
+            raise IncompatibleCheckpoint(
+                f"{where} was written by {written_by} ranks, not a multiple of this job's moe.ep_size={self.ep_size}: "
+                "MoE experts reshard only with the same ep_size"
+            )
+        source = self.rank % self.ep_size
+        for name in manifest["files"]:
+            if name.startswith(f"{PORTABLE_DIR}/") or _owner(name) == source:
+                self.store.get_verified(tag, name, os.path.join(local, name), manifest)
+        state = self._rank_state(local, source)
+        state.resharded_from = written_by
+        return local, state
+
+    @staticmethod
+    def _rank_state(local: str, rank: int) -> RankState:
+        with open(os.path.join(local, f"rank{rank:03d}.safetensors"), "rb") as f:
             tensors = load_safetensors(f.read())
-        with open(os.path.join(local, f"{own}.json")) as f:
+        with open(os.path.join(local, f"rank{rank:03d}.json")) as f:
             info = json.load(f)
-        return local, RankState(tensors, info)
+        return RankState(tensors, info)
 
     def _restore(self, engine, step: int, staged: tuple[str, RankState]) -> RankState:
         local, state = staged
         tag = step_dir(step)
+        if state.resharded_from is not None:
+            portable = sorted(os.path.join(local, PORTABLE_DIR, n) for n in os.listdir(os.path.join(local, PORTABLE_DIR)))
+            self.reshard(portable)
+            log.info(
+                "rank %d restored %s, written by %d ranks, resharded to %d",
+                self.rank, tag, state.resharded_from, self.world_size,
+            )
+            shutil.rmtree(local, ignore_errors=True)
+            return state
         load_path, _ = engine.load_checkpoint(
             os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )

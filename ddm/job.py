@@ -23,9 +23,12 @@ from ddm.store import ChecksumError, Store, absolute_url
 
 JOBS = ("expert", "router", "distill")
 
-# Dotted fields a re-run may change without changing what is being trained (how long, how often, where).
+# Dotted fields a re-run may change without changing what is being trained (how long, how often,
+# where, on how many workers: checkpoints reshard to another worker count, ``ddm.reshard``).
 RESUMABLE = frozenset(
     {
+        "ray.num_workers",
+        "grad_accum",
         "store",
         "steps",
         "log_every",

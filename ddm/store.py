@@ -138,7 +138,7 @@ class Store:
     """Reads and writes below one root URL."""
 
     # Multipart uploads: parts of this size, this many in flight (memory: their product).
-    part_bytes = int(os.environ.get("DDM_STORE_PART_MB", "32")) * 2**20
+    part_bytes = int(os.environ.get("DDM_STORE_PART_MB", "16")) * 2**20
     parts_in_flight = 4
 
     def __init__(self, url: str, retries: int = 3, backoff_s: float = 0.5, **storage_options: Any):
@@ -397,19 +397,45 @@ class Store:
         )
         return {"PartNumber": number, "ETag": out["ETag"], "ChecksumSHA256": out.get("ChecksumSHA256", checksum)}
 
+    def _stream(self, rel: str, sink: Callable[[bytes], None]) -> dict:
+        """Feed the object's bytes to ``sink`` in pieces; return {size, sha256}. S3: one streamed
+        GET (not a ranged request per piece)."""
+        h, size = hashlib.sha256(), 0
+
+        def take(chunk: bytes) -> None:
+            nonlocal size
+            h.update(chunk)
+            size += len(chunk)
+            sink(chunk)
+
+        if self.protocol in ("s3", "s3a"):
+            from fsspec.asyn import sync
+
+            bucket, key, _ = self.fs.split_path(self.path(rel))
+
+            async def run() -> None:
+                body = (await self.fs._call_s3("get_object", Bucket=bucket, Key=key))["Body"]
+                try:
+                    while chunk := await body.read(CHUNK):
+                        take(chunk)
+                finally:
+                    body.close()
+
+            sync(self.fs.loop, run)
+        else:
+            with self.fs.open(self.path(rel), "rb", block_size=self.part_bytes) as src:
+                while chunk := src.read(CHUNK):
+                    take(chunk)
+        return {"size": size, "sha256": h.hexdigest()}
+
     def get_file(self, rel: str, local: str, expected: dict | None = None) -> dict:
         """Copy the object at ``rel`` to the local file ``local`` in pieces, hashing as it goes;
         return {size, sha256}. With ``expected`` (a manifest entry) a mismatch is a ChecksumError
-        and leaves no local file."""
+        and leaves no local file. A retry starts the copy over."""
 
         def fetch() -> dict:
-            h, size = hashlib.sha256(), 0
-            with self.fs.open(self.path(rel), "rb", block_size=self.part_bytes) as src, open(local, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    dst.write(chunk)
-            return {"size": size, "sha256": h.hexdigest()}
+            with open(local, "wb") as dst:
+                return self._stream(rel, dst.write)
 
         os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
         try:
@@ -424,16 +450,7 @@ class Store:
 
     def digest(self, rel: str) -> dict:
         """{size, sha256} of a stored object, streamed (nothing kept)."""
-
-        def run() -> dict:
-            h, size = hashlib.sha256(), 0
-            with self.fs.open(self.path(rel), "rb", block_size=self.part_bytes) as src:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-            return {"size": size, "sha256": h.hexdigest()}
-
-        return self._call(f"read {rel}", run)
+        return self._call(f"read {rel}", lambda: self._stream(rel, lambda chunk: None))
 
     def create_json(self, rel: str, obj: Any) -> bool:
         """Publish ``obj`` at ``rel`` only if nothing is there yet; False if something is. Atomic on

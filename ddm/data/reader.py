@@ -126,11 +126,19 @@ class PartitionReader:
             "batch_size": self.batch_size,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "partition", "world_size", "batch_size"):
+    def load_state_dict(self, state: dict, reshard: bool = False) -> None:
+        """Continue from a saved position. With ``reshard`` the position may come from a job of
+        another world size or batch size: the same epoch, at the same share of it (the samples
+        all ranks had drawn, rounded down to this reader's batches)."""
+        keys = ("seed", "partition") if reshard else ("seed", "partition", "world_size", "batch_size")
+        for key in keys:
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot resume the data position: it was saved with {key}={state[key]!r}, this reader has "
                     f"{key}={getattr(self, key)!r}"
                 )
-        self.epoch, self.batch_index, self._order = int(state["epoch"]), int(state["batch_index"]), None
+        batch_index = int(state["batch_index"])
+        if reshard:
+            drawn = batch_index * int(state["batch_size"]) * int(state["world_size"])
+            batch_index = min(drawn // (self.batch_size * self.world_size), self.batches_per_epoch - 1)
+        self.epoch, self.batch_index, self._order = int(state["epoch"]), batch_index, None

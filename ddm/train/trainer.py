@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ddm import layout
 from ddm.assemble import load_ensemble
-from ddm.checkpoint import FORMAT_VERSION, CheckpointManager, RankState, _fault_hook
+from ddm.checkpoint import CheckpointManager, RankState, _fault_hook
 from ddm.config import to_dict
 from ddm.data.reader import PartitionReader
 from ddm.exports import write_export
@@ -40,6 +40,7 @@ from ddm.job import JobConfig
 from ddm.lease import Token, fenced, holding
 from ddm.models.build import build_model, build_router
 from ddm.parallel import ParallelState, ensure_process_group
+from ddm.reshard import load_portable, save_portable
 from ddm.store import Store
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile, whole_params
@@ -128,8 +129,24 @@ def train(
 
     # --- resume -------------------------------------------------------------------------------
     # A router's optimizer state from ddm 0.1 follows another parameter order: never restore it.
-    min_format = FORMAT_VERSION if cfg.job == "router" else 1
-    ckpt = CheckpointManager(run, ps.rank, ps.world_size, cfg.checkpoint.keep, min_format=min_format)
+    min_format = 2 if cfg.job == "router" else 1
+    num_experts = cfg.model.moe.num_experts if cfg.model.moe.enabled else 0
+    zero = cfg.engine.zero_stage
+
+    def reshard(paths: list[str]) -> None:  # a commit of another worker count (ddm.reshard)
+        _zero_lr_step(engine, objective, reader, gen, cfg, device)
+        load_portable(engine, paths, zero, ps, num_experts)
+
+    ckpt = CheckpointManager(
+        run,
+        ps.rank,
+        ps.world_size,
+        cfg.checkpoint.keep,
+        min_format=min_format,
+        portable=lambda path: save_portable(engine, path, zero, ps, num_experts),
+        reshard=reshard,
+        ep_size=ps.ep_size,
+    )
     step, metrics = 0, []
     restored = ckpt.load_latest(engine)
     if restored is not None:
@@ -139,8 +156,13 @@ def train(
         ema.load_state_dict(
             {"shadow": upgrade(shadow) if upgrade else shadow, "num_updates": state.info["ema_updates"]}
         )
-        reader.load_state_dict(state.info["reader"])
-        _restore_rng(gen, state, device, noise_seed + step)
+        if state.resharded_from is None:
+            reader.load_state_dict(state.info["reader"])
+            _restore_rng(gen, state, device, noise_seed + step)
+        else:  # the same epoch, at the same share of it; new noise streams (one per rank now)
+            reader.load_state_dict(state.info["reader"], reshard=True)
+            gen.manual_seed(noise_seed + step)
+            torch.manual_seed(cfg.seed * 100_003 + ps.rank + step)
         metrics = [m for m in _read_metrics(run) if m["step"] <= step]
         log.info("rank %d resumed from %s/%s/%s", ps.rank, run.url, layout.CHECKPOINTS, layout.step_dir(step))
     elif ps.is_main:
@@ -239,6 +261,27 @@ def train(
         dist.barrier()
         dist.destroy_process_group()  # torch + gloo can abort at exit without it
     return summary
+
+
+def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.device) -> None:
+    """One optimizer step at learning rate 0: every optimizer state then exists in this job's
+    layout (ZeRO creates its partitions' states lazily) while the weights stay as they are; the
+    reshard overwrites the states it made."""
+    groups = engine.optimizer.param_groups
+    lrs = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = 0.0
+    for _ in range(cfg.grad_accum):
+        batch = reader.next_batch()
+        batch = {
+            "x": batch["x"].to(device),
+            "y": batch["y"].to(device) if cfg.model.num_classes else None,
+            "partition": batch["partition"].to(device),
+        }
+        engine.backward(objective(engine, batch, gen))
+        engine.step()
+    for g, lr in zip(groups, lrs):
+        g["lr"] = lr
 
 
 def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,193 @@
+"""Training state that does not depend on the worker count: what lets a job resume on M workers
+from a checkpoint written by N.
+
+DeepSpeed's own checkpoint files shard the optimizer by rank (ZeRO 1-3 flatten, pad and split the
+parameters per data-parallel rank), so they load only into the world size that wrote them. Beside
+them every rank writes ``portable/rank{r:03d}.safetensors``: for each parameter (by name; MoE
+experts by their global index), the pieces of its fp32 master weights and of Adam's two moments
+that this rank owns, each as a flat slice at an offset of the flattened parameter, plus the
+optimizer's step in the metadata. Every element of every parameter is owned by exactly one rank
+(ZeRO's partitions tile each parameter; without ZeRO, rank 0 writes the dense parameters and the
+ranks of the first data-parallel replica write the experts), so the files tile the whole state.
+
+Restoring on any world size (ZeRO 0-3; MoE with the same ``ep_size``): the engine takes one step
+with learning rate 0 so that every optimizer state exists in the new layout (weights unchanged),
+then each rank assembles every whole parameter from the pieces and hands it to DeepSpeed's
+tensor-fragment API (``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``), which keeps
+the part this rank owns now; the module's weights are set from the fp32 masters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ddm.parallel import ParallelState, load_deepspeed
+
+log = logging.getLogger("ddm.reshard")
+
+PORTABLE_DIR = "portable"
+KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the master weights and AdamW's moments
+_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+def portable_name(rank: int) -> str:
+    return f"{PORTABLE_DIR}/rank{rank:03d}.safetensors"
+
+
+def _global_names(module: torch.nn.Module, ps: ParallelState, num_experts: int) -> dict[str, str]:
+    """Each parameter's name, with a local MoE expert index replaced by its global one."""
+    local = max(num_experts // ps.ep_size, 1)
+
+    def rename(name: str) -> str:
+        return _EXPERT.sub(lambda m: f"deepspeed_experts.{ps.ep_rank * local + int(m.group(1))}.", name)
+
+    return {name: rename(name) for name, _ in module.named_parameters()}
+
+
+def _is_expert(p: torch.nn.Parameter) -> bool:
+    from deepspeed.moe.utils import is_moe_param
+
+    return is_moe_param(p)
+
+
+def _optimizer_step(engine) -> float:
+    """Adam's step count (the same for every parameter: all take every step)."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    for state in opt.state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def _torch_state(engine, p: torch.nn.Parameter) -> dict:
+    """Without ZeRO the torch optimizer keeps each parameter's state as it is."""
+    return engine.optimizer.state[p]
+
+
+def _pieces(engine, p: torch.nn.Parameter, zero_stage: int, ps: ParallelState):
+    """(start, {key: flat tensor}) pieces of ``p``'s fp32 state that this rank owns."""
+    if zero_stage == 3:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        local = safe_get_local_fp32_param(p).flatten()  # this rank's partition (the last one padded)
+        start = p._z3_optimizer._get_param_partition_rank(p) * local.numel()
+        numel = min(local.numel(), p.ds_numel - start)
+        if numel <= 0:
+            return []
+        values = {"fp32": safe_get_local_fp32_param(p)}
+        for key in KEYS[1:]:
+            values[key] = safe_get_local_optimizer_state(p, key)
+        return [(start, {k: v.flatten()[:numel] for k, v in values.items()})]
+    if zero_stage in (1, 2):
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return []
+        address = mapping.lp_fragment_address
+        values = {"fp32": mapping.get_hp_fragment()}
+        for key in KEYS[1:]:
+            values[key] = mapping.get_hp_fragment(key)
+        return [(address.start, {k: v.flatten() for k, v in values.items()})]
+    # No ZeRO: every rank holds everything; one rank per distinct parameter writes it.
+    writer = ps.rank < ps.ep_size if _is_expert(p) else ps.rank == 0
+    if not writer:
+        return []
+    state = _torch_state(engine, p)
+    values = {"fp32": p.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+    return [(0, {k: v.flatten() for k, v in values.items()})]
+
+
+def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_experts: int) -> None:
+    """Write this rank's pieces of the training state to the local file ``path``."""
+    load_deepspeed()
+    names = _global_names(engine.module, ps, num_experts)
+    tensors, shapes = {}, {}
+    for name, p in engine.module.named_parameters():
+        g = names[name]
+        shapes[g] = list(p.ds_shape if zero_stage == 3 else p.shape)
+        for start, values in _pieces(engine, p, zero_stage, ps):
+            for key, v in values.items():
+                tensors[f"{g}|{key}|{start}"] = v.detach().float().cpu().contiguous()
+    meta = {"shapes": json.dumps(shapes), "step": repr(_optimizer_step(engine)), "world_size": str(ps.world_size)}
+    save_file(tensors, path, metadata=meta)
+
+
+def _assemble(paths: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """Whole flat tensors {param: {key: tensor}} from every rank's pieces; checks they tile."""
+    shapes: dict[str, list[int]] = {}
+    pieces: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    steps = set()
+    for path in paths:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            shapes.update(json.loads(meta["shapes"]))
+            steps.add(float(meta["step"]))
+            for k in f.keys():
+                g, key, start = k.rsplit("|", 2)
+                pieces[(g, key)].append((int(start), f.get_tensor(k)))
+    if len(steps) != 1:
+        raise ValueError(f"the ranks' optimizer steps differ ({sorted(steps)}): the checkpoint is inconsistent")
+    out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for g, shape in shapes.items():
+        numel = int(torch.Size(shape).numel())
+        for key in KEYS:
+            flat, covered = torch.zeros(numel), 0
+            for start, t in sorted(pieces.get((g, key), []), key=lambda x: x[0]):
+                if start != covered:
+                    raise ValueError(f"{g} {key}: pieces leave a gap or overlap at element {covered} (next at {start})")
+                flat[start : start + t.numel()] = t
+                covered = start + t.numel()
+            if covered != numel:
+                raise ValueError(f"{g} {key}: the pieces cover {covered} of {numel} elements")
+            out[g][key] = flat.reshape(shape)
+    return out, steps.pop()
+
+
+@torch.no_grad()
+def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, num_experts: int) -> float:
+    """Set weights, fp32 masters, moments and step from the portable pieces in ``paths`` (local
+    files of every rank that wrote the checkpoint). The engine must have taken one step (any
+    learning rate 0 step) so that its optimizer state exists. Returns the optimizer step."""
+    deepspeed = load_deepspeed()
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    state, step = _assemble(paths)
+    names = _global_names(engine.module, ps, num_experts)
+    params = dict(engine.module.named_parameters())
+    missing = [n for n, g in names.items() if g not in state]
+    if missing:
+        raise ValueError(f"the checkpoint has no state for {len(missing)} parameters, e.g. {missing[:3]}")
+    device = next(iter(params.values())).device
+    for name, p in params.items():
+        whole = {k: v.to(device) for k, v in state[names[name]].items()}
+        if zero_stage in (1, 2, 3):
+            safe_set_full_fp32_param(p, whole["fp32"])
+            for key in KEYS[1:]:
+                safe_set_full_optimizer_state(p, whole[key], key)
+            if zero_stage != 3:
+                p.data.copy_(whole["fp32"].to(p.dtype))
+        else:
+            p.data.copy_(whole["fp32"].to(p.dtype))
+            st = _torch_state(engine, p)
+            for key in KEYS[1:]:
+                st[key].copy_(whole[key])
+    if zero_stage == 3:  # the module's partitions of the weights, from the whole fp32 masters
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if ps.rank == 0:
+                for name, p in params.items():
+                    p.data.copy_(state[names[name]]["fp32"].to(p.device, p.dtype))
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for st in opt.state.values():
+        if "step" in st:
+            if torch.is_tensor(st["step"]):
+                st["step"].fill_(step)
+            else:
+                st["step"] = step
+    return step
