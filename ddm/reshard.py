@@ -72,6 +72,20 @@ def _torch_state(engine, p: torch.nn.Parameter) -> dict:
     return engine.optimizer.state[p]
 
 
+def _link_optimizer_states(engine, zero_stage: int) -> None:
+    """ZeRO 1/2 link each parameter's fragment to the optimizer states once, after the first
+    step of the first parameter group, before a second group (MoE experts) has any state: link
+    every group again (its states exist once the engine has stepped)."""
+    if zero_stage not in (1, 2):
+        return
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    zero = engine.optimizer
+    for i in range(len(zero.optimizer.param_groups)):
+        lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i],
+                                            zero.optimizer.state)
+
+
 def _pieces(engine, p: torch.nn.Parameter, zero_stage: int, ps: ParallelState):
     """(start, {key: flat tensor}) pieces of ``p``'s fp32 state that this rank owns."""
     if zero_stage == 3:
@@ -107,6 +121,7 @@ def _pieces(engine, p: torch.nn.Parameter, zero_stage: int, ps: ParallelState):
 def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_experts: int) -> None:
     """Write this rank's pieces of the training state to the local file ``path``."""
     load_deepspeed()
+    _link_optimizer_states(engine, zero_stage)
     names = _global_names(engine.module, ps, num_experts)
     tensors, shapes = {}, {}
     for name, p in engine.module.named_parameters():
@@ -159,6 +174,7 @@ def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     state, step = _assemble(paths)
+    _link_optimizer_states(engine, zero_stage)
     names = _global_names(engine.module, ps, num_experts)
     params = dict(engine.module.named_parameters())
     missing = [n for n, g in names.items() if g not in state]

@@ -1,0 +1,130 @@
+"""Test helper, run as one process per rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set):
+restore a job's newest commit on this world size the way ``train`` does, then compare every
+parameter's fp32 weights and Adam moments, as DeepSpeed reports them after the restore (its own
+collective ``safe_get_full_*`` API, not ddm's code), with the saved ones rebuilt from DeepSpeed's
+own checkpoint files (ZeRO 0-2 layouts). Rank 0 prints the largest differences as JSON.
+
+    python -m tests.reshard_check store=... [overrides]
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def saved_state(step_dir: str, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]] | None, float | None]:
+    """{name: {fp32, exp_avg, exp_avg_sq}} and Adam's step, from DeepSpeed's files of one commit
+    (``names``: the model's parameters in order, as the optimizer was given them); None for
+    ZeRO-3's layout, which this rebuild does not read."""
+    if not os.path.exists(os.path.join(step_dir, "mp_rank_00_model_states.pt")):
+        return None, None
+    model = torch.load(os.path.join(step_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    shards = sorted(glob.glob(os.path.join(step_dir, "zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if not shards:  # no ZeRO: the torch optimizer's state dict, by parameter index
+        opt = model["optimizer"]
+        order = [i for g in opt["param_groups"] for i in g["params"]]
+        for index, name in zip(order, names):
+            st = opt["state"][index]
+            out[name] = {"fp32": model["module"][name], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+        return out, float(next(iter(opt["state"].values()))["step"])
+    shards.sort(key=lambda p: int(os.path.basename(p).split("_")[3]))  # by rank
+    parts = [torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"] for p in shards]
+    step = None
+    for i, shapes in enumerate(model["param_shapes"]):  # ZeRO 1/2: rank r holds a slice of each flat group
+        flat = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
+        for sd in parts:
+            fp32 = sd["single_partition_of_fp32_groups"][i]  # padding already removed
+            st = sd["base_optimizer_state"]["state"][i]
+            step = float(st["step"])
+            flat["fp32"].append(fp32)
+            for key in ("exp_avg", "exp_avg_sq"):
+                flat[key].append(st[key][: fp32.numel()])
+        whole = {k: torch.cat(v) for k, v in flat.items()}
+        offset = 0
+        for name, shape in shapes.items():
+            n = int(torch.Size(shape).numel())
+            out[name] = {k: v[offset : offset + n].reshape(shape) for k, v in whole.items()}
+            offset += n
+    return out, step
+
+
+def main(overrides: list[str]) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from ddm import layout
+    from ddm.checkpoint import CheckpointManager
+    from ddm.config import load
+    from ddm.data.reader import PartitionReader
+    from ddm.job import JobConfig, resolve
+    from ddm.parallel import ParallelState, ensure_process_group
+    from ddm.reshard import _optimizer_step, load_portable
+    from ddm.store import Store
+    from ddm.train.engine import build_engine
+    from ddm.train.trainer import _zero_lr_step, build_job
+
+    cfg = resolve(load(JobConfig, None, overrides))
+    ensure_process_group("gloo")
+    ps = ParallelState.current()
+    cpu, zero = torch.device("cpu"), cfg.engine.zero_stage
+    store = Store(cfg.store)
+    run = store.child(cfg.run_dir)
+    torch.manual_seed(cfg.seed)
+    model, objective, _ = build_job(cfg, store, cpu)
+    engine = build_engine(model, cfg, False)
+    reader = PartitionReader(store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed)
+    gen = torch.Generator().manual_seed(0)
+
+    def reshard(paths: list[str]) -> None:  # what train() does
+        _zero_lr_step(engine, objective, reader, gen, cfg, cpu)
+        load_portable(engine, paths, zero, ps, 0)
+
+    ckpt = CheckpointManager(run, ps.rank, ps.world_size, reshard=reshard)
+    step, state = ckpt.load_latest(engine)
+    got = {}
+    for name, p in engine.module.named_parameters():
+        if zero:
+            got[name] = {
+                "fp32": safe_get_full_fp32_param(p),
+                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
+                "module": p.detach().clone(),
+            }
+        else:
+            st = engine.optimizer.state[p]
+            got[name] = {"fp32": p.detach(), "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+    if ps.rank == 0:
+        saved, saved_step = saved_state(os.path.join(cfg.store, cfg.run_dir, layout.CHECKPOINTS, layout.step_dir(step)), list(got))
+        diffs = {k: 0.0 for k in ("fp32", "exp_avg", "exp_avg_sq", "module")} if saved else None
+        for name, values in got.items() if saved else ():
+            for key, v in values.items():
+                ref = saved[name]["fp32" if key == "module" else key]
+                diffs[key] = max(diffs[key], float((v.float() - ref.float()).abs().max()))
+        moment_scale = max(float(v["exp_avg"].abs().max()) for v in got.values())
+        print(
+            json.dumps(
+                {
+                    "step": step,
+                    "resharded_from": state.resharded_from,
+                    "adam_step": _optimizer_step(engine),
+                    "saved_adam_step": saved_step,
+                    "max_diff": diffs,
+                    "moment_scale": moment_scale,
+                    "params": len(got),
+                }
+            ),
+            flush=True,
+        )
+    ckpt.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
