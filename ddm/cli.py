@@ -202,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--islands", required=True, help="islands file (YAML); addresses may differ from the first submission"
     )
+    p.add_argument(
+        "--move",
+        action="append",
+        default=[],
+        metavar="JOB=ISLAND",
+        help="run an unfinished job on another island from now on (e.g. expert-03=island-b; repeatable), with "
+        "that island's overrides: another worker count is fine, the job reshards its last checkpoint",
+    )
     p.add_argument("--wait", action="store_true", help="follow the jobs until they end, then assemble")
 
     sub.add_parser("models", help=MODELS_DOC.rstrip("."), description=MODELS_DOC)
@@ -324,7 +332,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     islands = load_islands(args.islands)
-    done = submit(None, islands, resume_only=True)
+    moves = {}
+    for m in args.move:
+        job, sep, island = m.partition("=")
+        if not sep or not job or not island:
+            raise ValueError(f"--move {m!r}: write JOB=ISLAND, e.g. --move expert-03=island-b")
+        moves[job] = island
+    done = submit(None, islands, resume_only=True, moves=moves)
     for d in done:
         print(f"{d['job']:<10} -> {d['island']:<10} {d['submission_id']}  (resubmitted)")
     if args.wait:

@@ -49,7 +49,7 @@ class LocalIsland:
             else {"RAY_AUTH_MODE": "disabled"}
         )
         cmd = [
-            RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1",
+            RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
             "--node-ip-address=127.0.0.1", f"--port={self.ports['gcs']}", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.ports['dashboard']}", f"--ray-client-server-port={self.ports['client']}",
             f"--dashboard-agent-listen-port={self.ports['agent']}", f"--temp-dir={temp}",
@@ -121,7 +121,9 @@ SPEC = {
 }  # fmt: skip
 
 
-def islands_file(path, store: str, islands: dict, **extra) -> str:
+def islands_file(path, store: str, islands: dict, workers: dict | None = None, **extra) -> str:
+    """``workers``: island -> ray.num_workers of the jobs it runs (default: the spec's)."""
+    workers = workers or {}
     doc = {
         "store": store,
         # No secrets: each island reads the store with the credentials it started with (its own env).
@@ -130,7 +132,7 @@ def islands_file(path, store: str, islands: dict, **extra) -> str:
             name: {
                 "address": addr,
                 "ddm_command": f"{sys.executable} -m ddm.cli",
-                "overrides": {"ray": {"cpus_per_worker": 1}},
+                "overrides": {"ray": {"cpus_per_worker": 1, **({"num_workers": workers[name]} if name in workers else {})}},
             }
             for name, addr in islands.items()
         },
@@ -219,12 +221,21 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
 
     rows = {r["job"]: r for r in json.loads(st.stdout)["jobs"]}
     assert rows["expert-01"]["state"] == "LOST" and rows["expert-00"]["done"] and rows["router"]["done"]
-    res = ddm("resume", "--islands", isl, "--wait", timeout=600)
+    # The lost job moves to another island ("a2": island a's cluster, its jobs on 2 workers) and
+    # resumes there from its last commit, resharded from 1 worker to 2.
+    isl2 = islands_file(
+        tmp_path / "islands2.yaml", store_url, {"a": a.address, "b": b.address, "a2": a.address}, workers={"a2": 2}
+    )
+    bad = ddm("resume", "--islands", isl2, "--move", "expert-07=a2")
+    assert bad.returncode != 0 and "the run has no job 'expert-07'" in bad.stderr
+    res = ddm("resume", "--islands", isl2, "--move", "expert-01=a2", "--wait", timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert "expert-01  -> b" in res.stdout and "assembled" in res.stdout
+    assert "expert-01  -> a2" in res.stdout and "assembled" in res.stdout
     summary = store.child("experts/01").read_json("summary.json")
     assert summary["step"] == 300 and summary["startup"]["resumed_from"] >= resumed_at  # from its last commit
+    assert summary["world_size"] == 2
     assert store.read_json("islands/jobs/expert-01.json")["attempt"] == 1
+    assert next(j for j in store.read_json("islands/plan.json")["jobs"] if j["name"] == "expert-01")["island"] == "a2"
     assert store.read_json("ensemble.json")["num_experts"] == 2
 
 
@@ -337,3 +348,27 @@ def test_steps_policy_and_island_overrides_shape_each_job():
     for j in jobs:
         assert j.config.store == "s3://b/r" and j.config.seed == 2
         assert (j.config.ray.num_workers, j.config.ray.use_gpu) == ((2, True) if j.island == "gpu" else (1, False))
+
+
+def test_a_moved_job_may_change_only_what_a_resumed_job_may():
+    from ddm.config import from_dict
+    from ddm.launchers.plan import Island, IslandsConfig, plan_jobs, plan_record, relocated
+    from ddm.launchers.spec import RunSpec
+
+    spec = from_dict(RunSpec, {**SPEC, "store": "ignored"})
+    islands = IslandsConfig(
+        store="s3://b/r",
+        islands={
+            "a": Island("http://a:1"),
+            "big": Island("http://b:1", overrides={"ray": {"num_workers": 4, "use_gpu": True}}),
+            "other": Island("http://c:1", overrides={"lr": 0.5}),
+        },
+        assignment={0: "a", 1: "a"},
+        router_island="a",
+    )
+    job = plan_record(plan_jobs(spec, islands, [100, 100]), islands)["jobs"][0]
+    moved = relocated(job, "big", islands)
+    assert moved["island"] == "big" and moved["config"]["ray"]["num_workers"] == 4 and moved["config"]["ray"]["use_gpu"]
+    assert moved["config"]["model"] == job["config"]["model"] and moved["config"]["lr"] == job["config"]["lr"]
+    with pytest.raises(ValueError, match=r"--move expert-00=other: .*change what the job trains \(lr: 0.0001 -> 0.5\)"):
+        relocated(job, "other", islands)

@@ -29,6 +29,7 @@ from ddm.launchers.plan import (
     plan_jobs,
     plan_record,
     planned_config,
+    relocated,
     submission_id,
 )
 from ddm.launchers.spec import RunSpec
@@ -118,11 +119,15 @@ def _export_done(job: dict) -> bool:
     return is_finished(planned_config(job))
 
 
-def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = False) -> list[dict]:
+def submit(
+    spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = False, moves: dict[str, str] | None = None
+) -> list[dict]:
     """Plan (or check the stored plan) and submit every job that is neither done nor active.
 
     Islands are contacted before anything is written (a new submission: every island of the file;
-    a resume: those it needs), so a wrong address or refused credentials change nothing.
+    a resume: those it needs), so a wrong address or refused credentials change nothing. ``moves``
+    (a resume: job name -> island) sends unfinished jobs to other islands, with those islands'
+    overrides (another worker count, GPUs: the job reshards its checkpoint, ``ddm.reshard``).
     """
     islands, store = _resolved(islands)
     store.check_reachable()
@@ -132,6 +137,7 @@ def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = Fal
         clients = {name: client(name, isl) for name, isl in islands.islands.items()}
     if resume_only:
         plan = _read_plan(islands, store)
+        plan = _moved(plan, islands, moves or {})
     else:
         if spec.store not in ("", islands.store) and absolute_url(spec.store) != islands.store:
             log.info("the islands file's store %s is used (the spec says %s)", islands.store, spec.store)
@@ -159,11 +165,33 @@ def submit(spec: RunSpec | None, islands: IslandsConfig, resume_only: bool = Fal
     for name in sorted(needed - set(clients)):  # resume: the islands it needs, before any change
         clients[name] = client(name, islands.islands[name])
     with holding(store, layout.PLAN_DIR, "ddm resume" if resume_only else "ddm submit") as (writes, _):
-        return _submit_jobs(islands, writes, plan, records, todo, clients, env, resume_only)
+        return _submit_jobs(islands, writes, plan, records, todo, clients, env, (not resume_only) or bool(moves))
 
 
-def _submit_jobs(islands, store, plan, records, todo, clients, env, resume_only) -> list[dict]:
-    if not resume_only:
+def _moved(plan: dict, islands: IslandsConfig, moves: dict[str, str]) -> dict:
+    """The plan with each job of ``moves`` on its new island, under that island's overrides; a
+    move may change only what a resumed job may change (``ddm.job.RESUMABLE``)."""
+    if not moves:
+        return plan
+    jobs = {j["name"]: j for j in plan["jobs"]}
+    out = []
+    for name, island in moves.items():
+        if name not in jobs:
+            raise ValueError(f"--move {name}={island}: the run has no job {name!r}; its jobs are {sorted(jobs)}")
+        if island not in islands.islands:
+            raise ValueError(
+                f"--move {name}={island}: no island {island!r} in the islands file; islands are {sorted(islands.islands)}"
+            )
+    for j in plan["jobs"]:
+        if j["name"] in moves and not _export_done(j):
+            log.info("%s moves from %s to %s", j["name"], j["island"], moves[j["name"]])
+            j = relocated(j, moves[j["name"]], islands)
+        out.append(j)
+    return {**plan, "jobs": out}
+
+
+def _submit_jobs(islands, store, plan, records, todo, clients, env, write_plan) -> list[dict]:
+    if write_plan:
         store.write_json(layout.PLAN_FILE, plan)
     submitted = []
     for j in todo:

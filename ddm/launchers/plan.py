@@ -180,6 +180,20 @@ def planned_config(job: dict) -> JobConfig:
     return from_dict(JobConfig, job["config"])
 
 
+def relocated(job: dict, island: str, islands: IslandsConfig) -> dict:
+    """A planned job (as the plan stores it) on another island, under that island's overrides,
+    which may change only what a resumed job may change (``ddm.job.RESUMABLE``: workers, GPUs,
+    steps, checkpoint settings; the job reshards its checkpoint to the new worker count)."""
+    config = to_dict(_with_overrides(planned_config(job), islands.islands[island].overrides))
+    diffs = config_changes(job["config"], config)
+    if diffs:
+        raise ValueError(
+            f"--move {job['name']}={island}: that island's overrides change what the job trains ({diffs}); a moved "
+            "job may change only its workers, GPUs, steps and checkpoint settings"
+        )
+    return {**job, "island": island, "config": config}
+
+
 def check_plan_matches(old: dict, new: dict) -> None:
     """A new submission must train what the store's plan trains (islands may change)."""
     old_jobs = {j["name"]: j for j in old["jobs"]}
