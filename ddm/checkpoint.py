@@ -97,6 +97,7 @@ class CheckpointManager:
     ):
         self.store, self.rank, self.world_size = run.child(CHECKPOINTS), rank, world_size
         self.portable, self.reshard, self.ep_size = portable, reshard, ep_size
+        self.last_committed: int | None = None  # rank 0: the newest step this manager committed
         self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -192,6 +193,7 @@ class CheckpointManager:
             known=known,
         )
         log.info("committed checkpoint %s", tag)
+        self.last_committed = step
         self._prune(step)
 
     def _prune(self, newest: int) -> None:

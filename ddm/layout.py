@@ -45,6 +45,7 @@ JOB_CONFIG = "config.json"
 PROGRESS = "progress.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"  # event files: `tensorboard --logdir <store URL>/<job folder>/tensorboard`
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
 EXPORT_WEIGHTS = "model.safetensors"

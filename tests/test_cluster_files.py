@@ -59,26 +59,93 @@ def test_dockerfiles_pin_one_set_of_versions_and_keep_auth_on():
     assert "FROM nvidia/cuda:" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
 
 
-@pytest.mark.parametrize(
-    "path", ["cluster/ray-cluster.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"]
-)
-def test_cluster_manifests_name_the_gpu_image_and_enable_auth(path):
+# KubeRay's ray.io/v1 fields (ray-operator/apis/ray/v1/raycluster_types.go and rayjob_types.go, v1.5.1+)
+# for the parts of the objects these manifests use, strictly: an unknown or misplaced field fails.
+# ANY: a Kubernetes type checked by Kubernetes itself (pod templates). A set: an enum.
+ANY = object()
+AUTH_OPTIONS = {"mode": {"token", "disabled"}, "secretName": str, "enableK8sTokenAuth": bool}
+HEAD_GROUP = {"rayStartParams": {str: str}, "template": ANY, "serviceType": str, "headService": ANY,
+              "enableIngress": bool}
+WORKER_GROUP = {"groupName": str, "replicas": int, "minReplicas": int, "maxReplicas": int,
+                "rayStartParams": {str: str}, "template": ANY, "numOfHosts": int, "scaleStrategy": ANY,
+                "suspend": bool, "idleTimeoutSeconds": int}
+RAYCLUSTER_SPEC = {"rayVersion": str, "authOptions": AUTH_OPTIONS, "headGroupSpec": HEAD_GROUP,
+                   "workerGroupSpecs": [WORKER_GROUP], "enableInTreeAutoscaling": bool, "autoscalerOptions": ANY,
+                   "headServiceAnnotations": {str: str}, "suspend": bool, "managedBy": str,
+                   "gcsFaultToleranceOptions": ANY, "upgradeStrategy": ANY}
+RAYJOB_SPEC = {"entrypoint": str, "shutdownAfterJobFinishes": bool, "ttlSecondsAfterFinished": int,
+               "backoffLimit": int, "activeDeadlineSeconds": int, "runtimeEnvYAML": str, "jobId": str,
+               "submissionMode": {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"},
+               "rayClusterSpec": RAYCLUSTER_SPEC, "clusterSelector": {str: str}, "submitterPodTemplate": ANY,
+               "suspend": bool, "entrypointNumCpus": float, "entrypointNumGpus": float, "deletionStrategy": ANY}
+KUBERAY = {"RayCluster": RAYCLUSTER_SPEC, "RayJob": RAYJOB_SPEC}
+
+
+def schema_errors(node, schema, where="spec") -> list[str]:
+    if schema is ANY:
+        return []
+    if isinstance(schema, set):
+        return [] if node in schema else [f"{where}: {node!r} is not one of {sorted(schema)}"]
+    if isinstance(schema, type):
+        ok = isinstance(node, (int, float)) if schema is float else isinstance(node, schema) and not (
+            schema is int and isinstance(node, bool))
+        return [] if ok else [f"{where}: {node!r} is not a {schema.__name__}"]
+    if isinstance(schema, list):
+        if not isinstance(node, list):
+            return [f"{where}: not a list"]
+        return [e for i, item in enumerate(node) for e in schema_errors(item, schema[0], f"{where}[{i}]")]
+    if not isinstance(node, dict):
+        return [f"{where}: not an object"]
+    if list(schema) == [str]:  # a map of strings
+        return [e for k, v in node.items() for e in schema_errors(v, schema[str], f"{where}.{k}")]
+    return [f"{where}.{k}: no such field in KubeRay's CRD" for k in node if k not in schema] + [
+        e for k, v in node.items() if k in schema for e in schema_errors(v, schema[k], f"{where}.{k}")
+    ]
+
+
+def test_the_schema_subset_catches_what_kubectl_would_refuse():
+    bad = {"rayVersion": "2.60.0", "authOptions": {"mode": "bearer", "secret": "x"},
+           "headGroupSpec": {"rayStartParams": {"num-gpus": 0}, "template": {}}, "workerGroupSpecs": []}
+    errors = schema_errors(bad, RAYCLUSTER_SPEC)
+    assert any("authOptions.mode: 'bearer'" in e for e in errors)
+    assert any("authOptions.secret: no such field" in e for e in errors)
+    assert any("rayStartParams.num-gpus: 0 is not a str" in e for e in errors)
+
+
+@pytest.mark.parametrize("path", ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"])
+def test_kuberay_manifests_follow_the_crds_and_enable_auth_through_auth_options(path):
     doc = yaml.safe_load((ROOT / path).read_text())
-    found = images(doc)
-    assert found and set(found) == {GPU_IMAGE}, found
-    ray_pin = pins("Dockerfile.gpu")["ray"]
-    if path.startswith("cluster/kuberay"):
-        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
-        assert spec["rayVersion"] == ray_pin
-        for c in containers(doc):
-            env = {e["name"]: e for e in c["env"]}
-            assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]  # the token comes from a secret
-            assert all("value" not in env[k] for k in env if k.startswith("AWS_"))  # no credentials in the file
-    else:
-        assert doc["docker"]["image"] == GPU_IMAGE
-        assert "-e RAY_AUTH_MODE=token" in doc["docker"]["run_options"]
-        assert all("--dashboard-host" not in c or "ray start --head" in c for c in doc["head_start_ray_commands"])
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert schema_errors(doc["spec"], KUBERAY[doc["kind"]]) == []
+    assert set(images(doc)) == {GPU_IMAGE}
+    cluster = doc["spec"].get("rayClusterSpec", doc["spec"])
+    assert cluster["rayVersion"] == pins("Dockerfile.gpu")["ray"]
+    # Token auth as KubeRay's token-auth example: authOptions with the token's secret. KubeRay then
+    # sets the token on every container and gives it to the RayJob submitter and its own polling.
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "ddm-ray-auth"}
+    for c in containers(doc):
+        names = {e["name"] for e in c.get("env", [])}
+        assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, c["name"]  # KubeRay's to set, not the pods'
+        assert all("value" not in e for e in c.get("env", []) if e["name"].startswith("AWS_"))  # no credentials
+
+
+def test_cluster_launcher_file_follows_rays_schema_and_puts_the_token_on_every_node():
+    import json
+
+    import jsonschema
+    import ray
+
+    doc = yaml.safe_load((ROOT / "cluster/ray-cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(doc, schema)  # the launcher's own schema
+    assert doc["docker"]["image"] == GPU_IMAGE
+    run = doc["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in run
+    assert "-e RAY_AUTH_TOKEN" not in run  # would forward an unset variable from the node's shell
+    # The token file goes to Ray's default token path on the head and every worker (file_mounts
+    # are synced to all nodes, into the container, before Ray starts there).
+    assert doc["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert all("--dashboard-host" not in c or "ray start --head" in c for c in doc["head_start_ray_commands"])
 
 
 def test_rayjob_entrypoint_is_a_valid_ddm_command():

@@ -121,9 +121,12 @@ SPEC = {
 }  # fmt: skip
 
 
-def islands_file(path, store: str, islands: dict, workers: dict | None = None, **extra) -> str:
-    """``workers``: island -> ray.num_workers of the jobs it runs (default: the spec's)."""
-    workers = workers or {}
+def islands_file(
+    path, store: str, islands: dict, workers: dict | None = None, tokens: dict | None = None, **extra
+) -> str:
+    """``workers``: island -> ray.num_workers of the jobs it runs (default: the spec's);
+    ``tokens``: island -> the variable holding its Ray token (its ``auth_token_env``)."""
+    workers, tokens = workers or {}, tokens or {}
     doc = {
         "store": store,
         # No secrets: each island reads the store with the credentials it started with (its own env).
@@ -133,6 +136,7 @@ def islands_file(path, store: str, islands: dict, workers: dict | None = None, *
                 "address": addr,
                 "ddm_command": f"{sys.executable} -m ddm.cli",
                 "overrides": {"ray": {"cpus_per_worker": 1, **({"num_workers": workers[name]} if name in workers else {})}},
+                **({"auth_token_env": tokens[name]} if name in tokens else {}),
             }
             for name, addr in islands.items()
         },
@@ -273,6 +277,22 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
             client("locked", island).list_jobs()  # accepted
         finally:
             del os.environ["DDM_TEST_LOCKED_TOKEN"]
+        # Every command that talks to the job server carries the island's token: submit, status, resume.
+        ok_store = f"s3://{BUCKET}/locked-{uuid.uuid4().hex[:6]}"
+        spec_ok = tmp_path / "spec-ok.yaml"
+        spec_ok.write_text(yaml.safe_dump({**SPEC, "store": ok_store}))
+        isl = islands_file(
+            tmp_path / "locked-ok.yaml", ok_store, {"locked": locked.address}, tokens={"locked": "DDM_TEST_LOCKED_TOKEN"}
+        )
+        token = {"DDM_TEST_LOCKED_TOKEN": "the-right-token"}
+        out = ddm("submit", str(spec_ok), "--islands", isl, env=token)
+        assert out.returncode == 0 and "expert-00  -> locked" in out.stdout, out.stderr[-2000:]
+        st = ddm("status", "--islands", isl, env=token)
+        assert st.returncode == 0 and "UNREACHABLE" not in st.stdout and "expert-00" in st.stdout, st.stderr[-2000:]
+        res = ddm("resume", "--islands", isl, env=token)
+        assert res.returncode == 0 and "nothing to resume" in res.stdout, res.stderr[-2000:]
+        st = ddm("status", "--islands", isl)  # no token in this shell: refused, and said so
+        assert "$DDM_TEST_LOCKED_TOKEN, which this shell does not set" in st.stdout + st.stderr
     finally:
         locked.stop()
 

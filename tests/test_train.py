@@ -66,6 +66,21 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(prepared, tmp_path):
     m2 = [json.loads(line) for line in open(os.path.join(crashed, "experts/00/metrics.jsonl"))]
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [2, 4, 6, 8]
     assert [round(m["loss"], 5) for m in m1] == [round(m["loss"], 5) for m in m2]
+    # TensorBoard (its own reader) shows the same curve: the killed attempt's step 6 was dropped at
+    # the resumed run's session start, so every step appears once.
+    for run, m in ((straight, m1), (crashed, m2)):
+        board = tensorboard_scalars(os.path.join(run, "experts/00/tensorboard"))
+        assert [(e.step, round(e.value, 5)) for e in board["train/loss"]] == [(x["step"], round(x["loss"], 5)) for x in m]
+        assert [e.step for e in board["train/steps_per_s"]] == [2, 4, 6, 8]
+
+
+def tensorboard_scalars(logdir: str) -> dict:
+    """Scalars as TensorBoard reads a log directory (any URL its file system layer reads)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logdir, purge_orphaned_data=True)
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
 def test_crash_inside_an_upload_never_commits_a_partial_checkpoint(prepared, tmp_path):
@@ -266,6 +281,10 @@ def test_ray_two_workers_zero2(zero2_run):
     store, s = zero2_run
     assert s["world_size"] == 2 and s["step"] == 6
     assert s["dense_max_diff_across_ranks"] == 0.0  # data-parallel replicas stay identical
+    # Ray recorded the job's progress: its last report is the final step, loss and commit.
+    reported = s["ray_reported"]
+    assert reported["step"] == 6 and reported["loss"] == s["final_loss"] and reported["steps_per_s"] > 0
+    assert reported["checkpoint"].endswith("experts/00/checkpoints/step_0000006")
     manifest = Store(store).child("experts/00/checkpoints").manifest("step_0000006")
     names = manifest["files"]
     assert "rank000.safetensors" in names and "rank001.safetensors" in names

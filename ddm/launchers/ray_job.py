@@ -67,7 +67,9 @@ def _worker(config: dict) -> None:
     setup_logging()
     # Ray assigns each worker its GPU (workers with fractional GPUs share one): ask it, not the rank.
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
-    train(cfg, device=device, lease=config["lease"])
+    # Step, loss, steps/s and the newest committed checkpoint's URL, for Ray's Train state and
+    # dashboard and the run's Result (the checkpoints stay in the store: Ray gets their location).
+    train(cfg, report=ray.train.report, device=device, lease=config["lease"])
 
 
 def run_job(
@@ -82,7 +84,8 @@ def run_job(
     ``cfg.store`` must be an absolute URL (workers run in other directories). This process holds the
     job folder's lease while the job runs (``force`` takes it from a live holder; ``lease_wait_s``
     waits that long for one to end); the workers write under it. Returns the summary the job wrote
-    to the store. ``env`` sets environment variables in the workers (fault injection in tests).
+    to the store, with what Ray recorded of it last (``ray_reported``: step, loss, steps/s, checkpoint).
+    ``env`` sets environment variables in the workers (fault injection in tests).
     """
     import ray
 
@@ -90,14 +93,15 @@ def run_job(
         raise ValueError("not connected to a Ray cluster: run the job inside ray_cluster(address)")
     with job_lease(cfg, force, lease_wait_s) as token:
         try:
-            _fit(cfg, storage_path, env, token)
+            result = _fit(cfg, storage_path, env, token)
         except Exception:
             fenced(Store(cfg.store), token).fence("the job's summary", always=True)  # lost: say so, not Ray's error
             raise
-    return Store(cfg.store).child(cfg.run_dir).read_json(layout.SUMMARY)
+    summary = Store(cfg.store).child(cfg.run_dir).read_json(layout.SUMMARY)
+    return {**summary, "ray_reported": result.metrics}  # what Ray recorded last (step, loss, checkpoint)
 
 
-def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, token) -> None:
+def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, token):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -118,4 +122,4 @@ def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, t
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
     )
     log.info("submitting %s: %d workers%s", run_name(cfg), cfg.ray.num_workers, " with GPUs" if cfg.ray.use_gpu else "")
-    trainer.fit()
+    return trainer.fit()

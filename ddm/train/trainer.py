@@ -42,6 +42,7 @@ from ddm.models.build import build_model, build_router
 from ddm.parallel import ParallelState, ensure_process_group
 from ddm.reshard import load_portable, save_portable
 from ddm.store import Store
+from ddm.train.board import Board
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile, whole_params
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
@@ -186,6 +187,8 @@ def train(
             startup,
         )
 
+    board = Board(run, step if restored else None) if ps.is_main else None
+
     # --- loop ---------------------------------------------------------------------------------
     engine.train()
     t_loop = time.perf_counter()
@@ -227,8 +230,10 @@ def train(
                     "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
                 )
                 run.write_json(layout.PROGRESS, {**record, "steps": cfg.steps})  # cheap, for progress bars and status
-            if report is not None:
-                report(record)
+                board.log(record)
+            if report is not None:  # every rank (Ray Train's report is a collective); Ray shows rank 0's
+                last = ckpt.last_committed
+                report({**record, "checkpoint": f"{ckpt.store.url}/{layout.step_dir(last)}" if last else None})
 
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
             state = RankState(
@@ -242,6 +247,8 @@ def train(
             write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
 
     ckpt.close()  # the last upload must be committed before the job reports success
+    if board is not None:
+        board.close()
     write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
     summary = {
         "step": step,
