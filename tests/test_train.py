@@ -371,6 +371,7 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_ENDPOINT": endpoint,  # TensorBoard's own S3 client reads its endpoint from here
     }
     url = "s3://ddm-test/outage"
     old = {k: os.environ.get(k) for k in env}
@@ -403,6 +404,10 @@ def test_s3_outage_fails_clearly_then_resumes(tmp_path, s3_endpoint):
         assert ckpts.is_committed("step_0000004")  # nothing committed was lost
         s = summary(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(env)))
         assert s["startup"]["resumed_from"] == 4 and s["step"] == 12
+        # `tensorboard --logdir` on the store URL: TensorBoard reads the job's event files from S3
+        # itself, one curve, each step once (the lost attempt's step 6 dropped at the resume).
+        board = tensorboard_scalars(f"{url}/experts/00/tensorboard")
+        assert [e.step for e in board["train/loss"]] == [2, 4, 6, 8, 10, 12]
     finally:
         server.stop()
         for k, v in old.items():

@@ -1,7 +1,7 @@
 """TensorBoard event files of a job, beside ``metrics.jsonl`` in its folder in the store.
 
 Rank 0 writes one event file per run of the job (``tensorboard/events.out.tfevents.*``) into local
-scratch with tensorboardX and uploads it after every log window, so ``tensorboard --logdir
+scratch (TensorBoard's record format, tensorboardX's protobufs) and uploads it after every log window, so ``tensorboard --logdir
 <store URL>/<job folder>/tensorboard`` (TensorBoard reads s3:// and other fsspec URLs) shows step,
 loss and steps/s while the job runs. A resumed run starts its file with TensorBoard's session-start
 marker just past the resumed step: TensorBoard then drops what an earlier attempt logged after the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 
@@ -24,35 +25,44 @@ log = logging.getLogger("ddm.train")
 
 
 class Board:
-    """The event file of this run of a job (rank 0 only)."""
+    """The event file of this run of a job (rank 0 only), written synchronously: each upload holds
+    every window logged so far."""
 
     def __init__(self, run: Store, resumed_step: int | None):
-        from tensorboardX import SummaryWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import RecordWriter
 
         self.run = run
         self._dir = tempfile.mkdtemp(prefix="ddm-tb-")
-        self._writer = SummaryWriter(logdir=self._dir, flush_secs=3600)
+        self.name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._writer = RecordWriter(os.path.join(self._dir, self.name))
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         if resumed_step is not None:
             # TensorBoard drops earlier events from this step on: what came after the resumed commit.
-            start = Event(wall_time=time.time(), step=resumed_step + 1, session_log=SessionLog(status=SessionLog.START))
-            self._writer._get_file_writer().add_event(start)
+            start = SessionLog(status=SessionLog.START)
+            self._write(Event(wall_time=time.time(), step=resumed_step + 1, session_log=start))
+
+    def _write(self, event) -> None:
+        self._writer.write(event.SerializeToString())
 
     def log(self, record: dict) -> None:
         """Add a log window's scalars and upload the event file (a failed upload only warns: the
         next window uploads the whole file again)."""
-        step = int(record["step"])
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        wall = float(record.get("time") or time.time())
         for key in ("loss", "steps_per_s"):
             if record.get(key) is not None:
-                self._writer.add_scalar(f"train/{key}", float(record[key]), step, walltime=record.get("time"))
+                value = Summary.Value(tag=f"train/{key}", simple_value=float(record[key]))
+                self._write(Event(wall_time=wall, step=int(record["step"]), summary=Summary(value=[value])))
         self._writer.flush()
-        for name in os.listdir(self._dir):
-            try:
-                self.run.put_file(os.path.join(self._dir, name), f"{TENSORBOARD}/{name}")
-            except LeaseLost:
-                raise
-            except Exception as e:  # noqa: BLE001 - the event file is a view; training goes on
-                log.warning("could not upload the TensorBoard events (%s: %s); retried next window", type(e).__name__, e)
+        try:
+            self.run.put_file(os.path.join(self._dir, self.name), f"{TENSORBOARD}/{self.name}")
+        except LeaseLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - the event file is a view; training goes on
+            log.warning("could not upload the TensorBoard events (%s: %s); retried next window", type(e).__name__, e)
 
     def close(self) -> None:
         self._writer.close()
