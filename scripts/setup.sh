@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 STAMP="$VENV/.ddm-installed"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
@@ -24,6 +24,13 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     "$VENV/bin/pip" install -q ${DDM_TORCH:-torch==2.13.0}
   fi
   echo "[setup] installing ddm and its dependencies into .venv (about a minute the first time)"
-  "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+  # DeepSpeed compiles its CPU collectives op the first time a job starts (about a minute); build
+  # it now, once per machine (cached in ~/.cache/torch_extensions), so no job waits for it.
+  if "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.cuda.is_available())' 2>/dev/null; then  # no GPU
+    echo "[setup] building DeepSpeed's CPU collectives op (once per machine)"
+    DS_ACCELERATOR=cpu "$VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)' >/dev/null 2>&1 \
+      || echo "[setup] (it could not be built now; the first job builds it)"
+  fi
   echo "$WANT" > "$STAMP"
 fi

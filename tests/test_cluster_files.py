@@ -51,12 +51,55 @@ def test_dockerfiles_pin_one_set_of_versions_and_keep_auth_on():
     assert cpu == gpu
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert f"torch=={cpu['torch']}" in setup  # the local set-up installs the same torch
+    assert constraints()["torch"] == cpu["torch"]
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
         text = (ROOT / "docker" / name).read_text()
         assert "ENV RAY_AUTH_MODE=token" in text
         for src in re.findall(r"^COPY (\S+)", text, flags=re.M):
             assert (ROOT / src).exists(), f"{name} copies {src}, which is not in the repo"
     assert "FROM nvidia/cuda:" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
+
+
+def constraints() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            out[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return out
+
+
+def test_constraints_pin_every_dependency_and_ci_installs_from_them():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"]
+    pinned = constraints()
+    for req in wanted:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", req).group(0)).lower()
+        assert name in pinned, f"{req} has no pin in constraints.txt"
+    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for v in pinned.values())  # exact, no local builds
+    assert '-c "$ROOT/constraints.txt"' in (ROOT / "scripts" / "setup.sh").read_text()  # CI's install
+    for name in ("torch", "deepspeed", "ray"):
+        assert pins("Dockerfile.gpu")[name] == pinned[name]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_are_for_production(dockerfile):
+    """A non-root user, no test extras, every install pinned by constraints.txt, DeepSpeed's CPU op
+    compiled into the image (and checked there), not by each job at its start."""
+    text = (ROOT / "docker" / dockerfile).read_text()
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.startswith("#")]
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0") and "useradd" in text
+    last_run = max(i for i, ln in enumerate(lines) if ln.startswith("RUN "))
+    assert lines.index(f"USER {users[-1]}") > last_run  # everything after the installs runs unprivileged
+    assert "[test]" not in text and "pytest" not in text and "moto" not in text
+    installs = [cmd for ln in lines for cmd in ln.split("&&") if "pip install" in cmd]
+    for cmd in installs:
+        assert "-c constraints.txt" in cmd or "download.pytorch.org" in cmd, cmd  # torch: its own index, exact pin
+    assert "COPY constraints.txt" in text
+    assert "DS_BUILD_SHM_COMM=1" in text and "installed_ops" in text and "deepspeed_shm_comm" in text
 
 
 # KubeRay's ray.io/v1 fields (ray-operator/apis/ray/v1/raycluster_types.go and rayjob_types.go, v1.5.1+)

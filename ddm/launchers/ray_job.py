@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 
 import torch
@@ -67,9 +68,34 @@ def _worker(config: dict) -> None:
     setup_logging()
     # Ray assigns each worker its GPU (workers with fractional GPUs share one): ask it, not the rank.
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
-    # Step, loss, steps/s and the newest committed checkpoint's URL, for Ray's Train state and
-    # dashboard and the run's Result (the checkpoints stay in the store: Ray gets their location).
-    train(cfg, report=ray.train.report, device=device, lease=config["lease"])
+    train(cfg, report=_reporter(), device=device, lease=config["lease"])
+
+
+def _reporter():
+    """``ray.train.report`` of each log window's step, loss and steps/s, on every worker (Ray
+    Train's report is a collective). Each new commit is also reported, by rank 0, as a Ray
+    checkpoint: a folder holding only ``ddm_checkpoint.json`` with the commit's URL and step (the
+    weights stay in the store), so Ray's Result and Train state name the newest checkpoint and
+    carry the metrics reported with it."""
+    import json
+    import tempfile
+
+    import ray.train
+
+    last = [None]
+
+    def report(record: dict) -> None:
+        url = record.get("checkpoint")
+        if ray.train.get_context().get_world_rank() != 0 or not url or url == last[0]:
+            ray.train.report(record)
+            return
+        with tempfile.TemporaryDirectory(prefix="ddm-ray-ckpt-") as d:
+            with open(os.path.join(d, "ddm_checkpoint.json"), "w") as f:
+                json.dump({"url": url, "step": record["step"]}, f)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
+        last[0] = url
+
+    return report
 
 
 def run_job(
@@ -93,12 +119,15 @@ def run_job(
         raise ValueError("not connected to a Ray cluster: run the job inside ray_cluster(address)")
     with job_lease(cfg, force, lease_wait_s) as token:
         try:
+            fit_called_at = time.time()
             result = _fit(cfg, storage_path, env, token)
         except Exception:
             fenced(Store(cfg.store), token).fence("the job's summary", always=True)  # lost: say so, not Ray's error
             raise
     summary = Store(cfg.store).child(cfg.run_dir).read_json(layout.SUMMARY)
-    return {**summary, "ray_reported": result.metrics}  # what Ray recorded last (step, loss, checkpoint)
+    # What Ray recorded with the newest checkpoint (step, loss, the commit's URL), and when the Ray Train run was started (the
+    # start-up from there to the workers' train() is Ray's: placement, worker processes, process group).
+    return {**summary, "ray_reported": result.metrics, "fit_called_at": fit_called_at}
 
 
 def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, token):

@@ -249,6 +249,8 @@ def train(
     ckpt.close()  # the last upload must be committed before the job reports success
     if board is not None:
         board.close()
+    if report is not None and metrics:  # the final commit, with the last window's figures
+        report({**metrics[-1], "checkpoint": f"{ckpt.store.url}/{layout.step_dir(step)}" if ps.is_main else None})
     write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
     summary = {
         "step": step,
