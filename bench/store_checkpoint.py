@@ -39,7 +39,9 @@ def start_s3() -> str:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=endpoint,
     )
     import s3fs
@@ -117,8 +119,11 @@ def main() -> None:
             fig = json.loads(res.stdout.strip().splitlines()[-1])
             out[f"{mode}_extra_mb"] = round(fig["peak_extra_mb"], 1)
             out[f"{mode}_mb_per_s"] = round(size_mb / fig["seconds"], 1)
-            print(f"{mode}: {fig['seconds']:.1f}s, {size_mb / fig['seconds']:.0f} MB/s, "
-                  f"peak extra memory {fig['peak_extra_mb']:.0f} MB", flush=True)
+            print(
+                f"{mode}: {fig['seconds']:.1f}s, {size_mb / fig['seconds']:.0f} MB/s, "
+                f"peak extra memory {fig['peak_extra_mb']:.0f} MB",
+                flush=True,
+            )
     out["target_extra_mb"] = 256
     out["upload_stream_meets_target"] = out["upload_stream_extra_mb"] <= 256
     print(json.dumps(out))

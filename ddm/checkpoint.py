@@ -308,11 +308,16 @@ class CheckpointManager:
         local, state = staged
         tag = step_dir(step)
         if state.resharded_from is not None:
-            portable = sorted(os.path.join(local, PORTABLE_DIR, n) for n in os.listdir(os.path.join(local, PORTABLE_DIR)))
+            portable = sorted(
+                os.path.join(local, PORTABLE_DIR, n) for n in os.listdir(os.path.join(local, PORTABLE_DIR))
+            )
             self.reshard(portable)
             log.info(
                 "rank %d restored %s, written by %d ranks, resharded to %d",
-                self.rank, tag, state.resharded_from, self.world_size,
+                self.rank,
+                tag,
+                state.resharded_from,
+                self.world_size,
             )
             shutil.rmtree(local, ignore_errors=True)
             return state

@@ -25,7 +25,6 @@ import re
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -82,8 +81,9 @@ def _link_optimizer_states(engine, zero_stage: int) -> None:
 
     zero = engine.optimizer
     for i in range(len(zero.optimizer.param_groups)):
-        lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i],
-                                            zero.optimizer.state)
+        lazy_init_hp_params_optimizer_state(
+            zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], zero.optimizer.state
+        )
 
 
 def _pieces(engine, p: torch.nn.Parameter, zero_stage: int, ps: ParallelState):

@@ -69,10 +69,29 @@ class NotCommittedError(StoreError):
 
 CHUNK = 4 * 2**20  # bytes per read while hashing or copying a stream
 # S3 status codes and error codes that a retry can fix (throttling, server faults, slow requests).
-_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-                "InternalError", "ServiceUnavailable", "OperationAborted", "BadDigest", "XAmzContentSHA256Mismatch"}
-_NETWORK_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-                   errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
+_RETRY_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "OperationAborted",
+    "BadDigest",
+    "XAmzContentSHA256Mismatch",
+}
+_NETWORK_ERRNOS = {
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.EAGAIN,
+}
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -532,8 +551,9 @@ class Store:
             data = self.read_bytes(f"{rel_dir}/{name}")
         except FileNotFoundError as e:
             raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
-        _check_entry(f"{self.url}/{rel_dir}/{name}", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-                     expected)
+        _check_entry(
+            f"{self.url}/{rel_dir}/{name}", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, expected
+        )
         return data
 
     def verify(self, rel_dir: str, names: list[str] | None = None) -> dict:

@@ -101,7 +101,9 @@ def main(overrides: list[str]) -> None:
             st = engine.optimizer.state[p]
             got[name] = {"fp32": p.detach(), "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
     if ps.rank == 0:
-        saved, saved_step = saved_state(os.path.join(cfg.store, cfg.run_dir, layout.CHECKPOINTS, layout.step_dir(step)), list(got))
+        saved, saved_step = saved_state(
+            os.path.join(cfg.store, cfg.run_dir, layout.CHECKPOINTS, layout.step_dir(step)), list(got)
+        )
         diffs = {k: 0.0 for k in ("fp32", "exp_avg", "exp_avg_sq", "module")} if saved else None
         for name, values in got.items() if saved else ():
             for key, v in values.items():

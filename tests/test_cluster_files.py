@@ -107,20 +107,55 @@ def test_images_are_for_production(dockerfile):
 # ANY: a Kubernetes type checked by Kubernetes itself (pod templates). A set: an enum.
 ANY = object()
 AUTH_OPTIONS = {"mode": {"token", "disabled"}, "secretName": str, "enableK8sTokenAuth": bool}
-HEAD_GROUP = {"rayStartParams": {str: str}, "template": ANY, "serviceType": str, "headService": ANY,
-              "enableIngress": bool}
-WORKER_GROUP = {"groupName": str, "replicas": int, "minReplicas": int, "maxReplicas": int,
-                "rayStartParams": {str: str}, "template": ANY, "numOfHosts": int, "scaleStrategy": ANY,
-                "suspend": bool, "idleTimeoutSeconds": int}
-RAYCLUSTER_SPEC = {"rayVersion": str, "authOptions": AUTH_OPTIONS, "headGroupSpec": HEAD_GROUP,
-                   "workerGroupSpecs": [WORKER_GROUP], "enableInTreeAutoscaling": bool, "autoscalerOptions": ANY,
-                   "headServiceAnnotations": {str: str}, "suspend": bool, "managedBy": str,
-                   "gcsFaultToleranceOptions": ANY, "upgradeStrategy": ANY}
-RAYJOB_SPEC = {"entrypoint": str, "shutdownAfterJobFinishes": bool, "ttlSecondsAfterFinished": int,
-               "backoffLimit": int, "activeDeadlineSeconds": int, "runtimeEnvYAML": str, "jobId": str,
-               "submissionMode": {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"},
-               "rayClusterSpec": RAYCLUSTER_SPEC, "clusterSelector": {str: str}, "submitterPodTemplate": ANY,
-               "suspend": bool, "entrypointNumCpus": float, "entrypointNumGpus": float, "deletionStrategy": ANY}
+HEAD_GROUP = {
+    "rayStartParams": {str: str},
+    "template": ANY,
+    "serviceType": str,
+    "headService": ANY,
+    "enableIngress": bool,
+}
+WORKER_GROUP = {
+    "groupName": str,
+    "replicas": int,
+    "minReplicas": int,
+    "maxReplicas": int,
+    "rayStartParams": {str: str},
+    "template": ANY,
+    "numOfHosts": int,
+    "scaleStrategy": ANY,
+    "suspend": bool,
+    "idleTimeoutSeconds": int,
+}
+RAYCLUSTER_SPEC = {
+    "rayVersion": str,
+    "authOptions": AUTH_OPTIONS,
+    "headGroupSpec": HEAD_GROUP,
+    "workerGroupSpecs": [WORKER_GROUP],
+    "enableInTreeAutoscaling": bool,
+    "autoscalerOptions": ANY,
+    "headServiceAnnotations": {str: str},
+    "suspend": bool,
+    "managedBy": str,
+    "gcsFaultToleranceOptions": ANY,
+    "upgradeStrategy": ANY,
+}
+RAYJOB_SPEC = {
+    "entrypoint": str,
+    "shutdownAfterJobFinishes": bool,
+    "ttlSecondsAfterFinished": int,
+    "backoffLimit": int,
+    "activeDeadlineSeconds": int,
+    "runtimeEnvYAML": str,
+    "jobId": str,
+    "submissionMode": {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"},
+    "rayClusterSpec": RAYCLUSTER_SPEC,
+    "clusterSelector": {str: str},
+    "submitterPodTemplate": ANY,
+    "suspend": bool,
+    "entrypointNumCpus": float,
+    "entrypointNumGpus": float,
+    "deletionStrategy": ANY,
+}
 KUBERAY = {"RayCluster": RAYCLUSTER_SPEC, "RayJob": RAYJOB_SPEC}
 
 
@@ -130,8 +165,11 @@ def schema_errors(node, schema, where="spec") -> list[str]:
     if isinstance(schema, set):
         return [] if node in schema else [f"{where}: {node!r} is not one of {sorted(schema)}"]
     if isinstance(schema, type):
-        ok = isinstance(node, (int, float)) if schema is float else isinstance(node, schema) and not (
-            schema is int and isinstance(node, bool))
+        ok = (
+            isinstance(node, (int, float))
+            if schema is float
+            else isinstance(node, schema) and not (schema is int and isinstance(node, bool))
+        )
         return [] if ok else [f"{where}: {node!r} is not a {schema.__name__}"]
     if isinstance(schema, list):
         if not isinstance(node, list):
@@ -147,8 +185,12 @@ def schema_errors(node, schema, where="spec") -> list[str]:
 
 
 def test_the_schema_subset_catches_what_kubectl_would_refuse():
-    bad = {"rayVersion": "2.60.0", "authOptions": {"mode": "bearer", "secret": "x"},
-           "headGroupSpec": {"rayStartParams": {"num-gpus": 0}, "template": {}}, "workerGroupSpecs": []}
+    bad = {
+        "rayVersion": "2.60.0",
+        "authOptions": {"mode": "bearer", "secret": "x"},
+        "headGroupSpec": {"rayStartParams": {"num-gpus": 0}, "template": {}},
+        "workerGroupSpecs": [],
+    }
     errors = schema_errors(bad, RAYCLUSTER_SPEC)
     assert any("authOptions.mode: 'bearer'" in e for e in errors)
     assert any("authOptions.secret: no such field" in e for e in errors)

@@ -135,7 +135,9 @@ def islands_file(
             name: {
                 "address": addr,
                 "ddm_command": f"{sys.executable} -m ddm.cli",
-                "overrides": {"ray": {"cpus_per_worker": 1, **({"num_workers": workers[name]} if name in workers else {})}},
+                "overrides": {
+                    "ray": {"cpus_per_worker": 1, **({"num_workers": workers[name]} if name in workers else {})}
+                },
                 **({"auth_token_env": tokens[name]} if name in tokens else {}),
             }
             for name, addr in islands.items()
@@ -282,7 +284,10 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
         spec_ok = tmp_path / "spec-ok.yaml"
         spec_ok.write_text(yaml.safe_dump({**SPEC, "store": ok_store}))
         isl = islands_file(
-            tmp_path / "locked-ok.yaml", ok_store, {"locked": locked.address}, tokens={"locked": "DDM_TEST_LOCKED_TOKEN"}
+            tmp_path / "locked-ok.yaml",
+            ok_store,
+            {"locked": locked.address},
+            tokens={"locked": "DDM_TEST_LOCKED_TOKEN"},
         )
         token = {"DDM_TEST_LOCKED_TOKEN": "the-right-token"}
         out = ddm("submit", str(spec_ok), "--islands", isl, env=token)

@@ -220,15 +220,27 @@ def test_retries_are_decided_by_exception_type():
         return exc
 
     transient = [
-        ConnectionResetError(), TimeoutError(), be.EndpointConnectionError(endpoint_url="http://x"),
-        be.ReadTimeoutError(endpoint_url="http://x"), aiohttp.ServerDisconnectedError(),
-        aiohttp.ClientPayloadError("cut"), client_error("SlowDown", 503), client_error("InternalError", 500),
-        wrapped(client_error("ServiceUnavailable", 503)), OSError(errno.ECONNRESET, "reset"),
+        ConnectionResetError(),
+        TimeoutError(),
+        be.EndpointConnectionError(endpoint_url="http://x"),
+        be.ReadTimeoutError(endpoint_url="http://x"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("cut"),
+        client_error("SlowDown", 503),
+        client_error("InternalError", 500),
+        wrapped(client_error("ServiceUnavailable", 503)),
+        OSError(errno.ECONNRESET, "reset"),
     ]
     permanent = [
-        FileNotFoundError("gone"), PermissionError("denied"), ValueError("bad"), KeyError("x"),
-        client_error("AccessDenied", 403), client_error("NoSuchBucket", 404), wrapped(client_error("InvalidRequest", 400)),
-        OSError(errno.ENOSPC, "disk full"), RuntimeError("Connection pool is full"),  # a name is not a type
+        FileNotFoundError("gone"),
+        PermissionError("denied"),
+        ValueError("bad"),
+        KeyError("x"),
+        client_error("AccessDenied", 403),
+        client_error("NoSuchBucket", 404),
+        wrapped(client_error("InvalidRequest", 400)),
+        OSError(errno.ENOSPC, "disk full"),
+        RuntimeError("Connection pool is full"),  # a name is not a type
     ]
     assert [_transient(e) for e in transient] == [True] * len(transient)
     assert [_transient(e) for e in permanent] == [False] * len(permanent)

@@ -70,7 +70,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(prepared, tmp_path):
     # the resumed run's session start, so every step appears once.
     for run, m in ((straight, m1), (crashed, m2)):
         board = tensorboard_scalars(os.path.join(run, "experts/00/tensorboard"))
-        assert [(e.step, round(e.value, 5)) for e in board["train/loss"]] == [(x["step"], round(x["loss"], 5)) for x in m]
+        assert [(e.step, round(e.value, 5)) for e in board["train/loss"]] == [
+            (x["step"], round(x["loss"], 5)) for x in m
+        ]
         assert [e.step for e in board["train/steps_per_s"]] == [2, 4, 6, 8]
 
 
@@ -475,12 +477,27 @@ def reshard_check(store: str, world: int, *overrides: str) -> dict:
     from ddm.parallel import _free_port
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "tests.reshard_check", f"store={store}", *TRAIN, f"ray.num_workers={world}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.reshard_check",
+        f"store={store}",
+        *TRAIN,
+        f"ray.num_workers={world}",
+        *overrides,
+    ]
     procs = [
         subprocess.Popen(
             cmd,
-            env=child_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}),
+            env=child_env(
+                {
+                    "RANK": str(r),
+                    "LOCAL_RANK": str(r),
+                    "WORLD_SIZE": str(world),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                }
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -180,7 +180,8 @@ def _moved(plan: dict, islands: IslandsConfig, moves: dict[str, str]) -> dict:
             raise ValueError(f"--move {name}={island}: the run has no job {name!r}; its jobs are {sorted(jobs)}")
         if island not in islands.islands:
             raise ValueError(
-                f"--move {name}={island}: no island {island!r} in the islands file; islands are {sorted(islands.islands)}"
+                f"--move {name}={island}: no island {island!r} in the islands file; "
+                f"islands are {sorted(islands.islands)}"
             )
     for j in plan["jobs"]:
         if j["name"] in moves and not _export_done(j):

@@ -125,8 +125,9 @@ def run_job(
             fenced(Store(cfg.store), token).fence("the job's summary", always=True)  # lost: say so, not Ray's error
             raise
     summary = Store(cfg.store).child(cfg.run_dir).read_json(layout.SUMMARY)
-    # What Ray recorded with the newest checkpoint (step, loss, the commit's URL), and when the Ray Train run was started (the
-    # start-up from there to the workers' train() is Ray's: placement, worker processes, process group).
+    # What Ray recorded with the newest checkpoint (step, loss, the commit's URL), and when the Ray
+    # Train run was started (from there to the workers' train() is Ray's: placement, worker
+    # processes, process group).
     return {**summary, "ray_reported": result.metrics, "fit_called_at": fit_called_at}
 
 

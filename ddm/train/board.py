@@ -1,9 +1,10 @@
 """TensorBoard event files of a job, beside ``metrics.jsonl`` in its folder in the store.
 
 Rank 0 writes one event file per run of the job (``tensorboard/events.out.tfevents.*``) into local
-scratch (TensorBoard's record format, tensorboardX's protobufs) and uploads it after every log window, so ``tensorboard --logdir
-<store URL>/<job folder>/tensorboard`` (TensorBoard reads s3:// and other fsspec URLs) shows step,
-loss and steps/s while the job runs. A resumed run starts its file with TensorBoard's session-start
+scratch (TensorBoard's record format, tensorboardX's protobufs) and uploads it after every log
+window, so ``tensorboard --logdir <store URL>/<job folder>/tensorboard`` (TensorBoard reads s3://,
+with ``S3_ENDPOINT`` for an S3-compatible server, and other fsspec URLs) shows step, loss and
+steps/s while the job runs. A resumed run starts its file with TensorBoard's session-start
 marker just past the resumed step: TensorBoard then drops what an earlier attempt logged after the
 commit it resumed from, as ``metrics.jsonl`` does.
 """
