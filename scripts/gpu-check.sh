@@ -27,6 +27,9 @@ fi
 export PYTHONPATH="$ROOT:${PYTHONPATH:-}"
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print("[gpu-check]", torch.cuda.get_device_name(), "torch", torch.__version__)' || exit 2
 
+# A fresh torch-extensions cache: any DeepSpeed op that a GPU job compiles at run time lands here
+# (there must be none: issue "fast start"); checked at the end.
+export TORCH_EXTENSIONS_DIR="$(mktemp -d)"
 status=0
 run() {  # run <name> <seconds> <command...>: the command's last line (its JSON) goes to the results
   local name="$1" limit="$2"; shift 2
@@ -44,6 +47,9 @@ timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1
 run mfu-dit-b2 100 "$PY" bench/gpu_mfu.py --arch DiT-B/2 --batch 256 --steps 60 --warmup 20
 run mfu-dit-xl2 150 "$PY" bench/gpu_mfu.py --arch DiT-XL/2 --batch 128 --steps 40 --warmup 15
 run sampling-top1 60 "$PY" bench/gpu_sampling.py --batch 256 --steps 20
+compiled="$(ls "$TORCH_EXTENSIONS_DIR"/*/ 2>/dev/null | tr '\n' ' ')"
+echo "{\"deepspeed_ops_compiled_at_run_time\": \"${compiled}\"}" >> "$OUT/gpu-check.jsonl"
+[ -z "$compiled" ] || { echo "[gpu-check] DeepSpeed compiled ops at run time: $compiled"; status=1; }
 echo "[gpu-check] results:"
 cat "$OUT/gpu-check.jsonl"
 exit $status
