@@ -20,34 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
-
-
-def start_s3() -> str:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=endpoint,
-    )
-    import s3fs
-
-    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir("bench")
-    return endpoint
 
 
 def child(mode: str, path: str, url: str) -> None:
@@ -99,8 +77,10 @@ def main() -> None:
         return child(*args.child)
 
     import torch
+    from store_ensemble import start_s3  # the S3 benchmarks' one moto server (bench/ is sys.path[0])
 
-    endpoint = start_s3()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs one line per request otherwise
+    _, endpoint = start_s3()
     env = {**os.environ, "DDM_STORE_PART_MB": str(args.part_mb), "AWS_ENDPOINT_URL": endpoint}
     out: dict = {"gb": args.gb, "part_mb": args.part_mb}
     with tempfile.TemporaryDirectory(prefix="ddm-bench-ckpt-") as tmp:

@@ -96,7 +96,7 @@ def _pieces(engine, p: torch.nn.Parameter, zero_stage: int, ps: ParallelState):
         numel = min(local.numel(), p.ds_numel - start)
         if numel <= 0:
             return []
-        values = {"fp32": safe_get_local_fp32_param(p)}
+        values = {"fp32": local}
         for key in KEYS[1:]:
             values[key] = safe_get_local_optimizer_state(p, key)
         return [(start, {k: v.flatten()[:numel] for k, v in values.items()})]

@@ -143,14 +143,27 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
+class _Digest:
+    """Size and sha256 of bytes seen piece by piece: a manifest entry."""
+
+    def __init__(self):
+        self.h, self.size = hashlib.sha256(), 0
+
+    def update(self, chunk: bytes) -> None:
+        self.h.update(chunk)
+        self.size += len(chunk)
+
+    def entry(self) -> dict:
+        return {"size": self.size, "sha256": self.h.hexdigest()}
+
+
 def file_digest(path: str) -> dict:
     """{size, sha256} of a local file, read in pieces."""
-    h, size = hashlib.sha256(), 0
+    d = _Digest()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
+            d.update(chunk)
+    return d.entry()
 
 
 class Store:
@@ -329,12 +342,11 @@ class Store:
     def _put_local(local: str, p: str, parent: str) -> dict:
         os.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(p)}"
-        h, size = hashlib.sha256(), 0
+        d = _Digest()
         try:
             with open(local, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
+                    d.update(chunk)
                     dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
@@ -342,7 +354,7 @@ class Store:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return {"size": size, "sha256": h.hexdigest()}
+        return d.entry()
 
     def _put_s3(self, local: str, p: str, rel: str) -> dict:
         """One PUT for a file of at most one part, else a multipart upload; every request carries
@@ -419,12 +431,10 @@ class Store:
     def _stream(self, rel: str, sink: Callable[[bytes], None]) -> dict:
         """Feed the object's bytes to ``sink`` in pieces; return {size, sha256}. S3: one streamed
         GET (not a ranged request per piece)."""
-        h, size = hashlib.sha256(), 0
+        d = _Digest()
 
         def take(chunk: bytes) -> None:
-            nonlocal size
-            h.update(chunk)
-            size += len(chunk)
+            d.update(chunk)
             sink(chunk)
 
         if self.protocol in ("s3", "s3a"):
@@ -445,12 +455,11 @@ class Store:
             with self.fs.open(self.path(rel), "rb", block_size=self.part_bytes) as src:
                 while chunk := src.read(CHUNK):
                     take(chunk)
-        return {"size": size, "sha256": h.hexdigest()}
+        return d.entry()
 
-    def get_file(self, rel: str, local: str, expected: dict | None = None) -> dict:
+    def get_file(self, rel: str, local: str) -> dict:
         """Copy the object at ``rel`` to the local file ``local`` in pieces, hashing as it goes;
-        return {size, sha256}. With ``expected`` (a manifest entry) a mismatch is a ChecksumError
-        and leaves no local file. A retry starts the copy over."""
+        return {size, sha256}. A retry starts the copy over; a failure leaves no local file."""
 
         def fetch() -> dict:
             with open(local, "wb") as dst:
@@ -458,14 +467,11 @@ class Store:
 
         os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
         try:
-            entry = self._call(f"read {rel}", fetch)
-            if expected is not None:
-                _check_entry(f"{self.url}/{rel}", entry, expected)
+            return self._call(f"read {rel}", fetch)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(local)
             raise
-        return entry
 
     def digest(self, rel: str) -> dict:
         """{size, sha256} of a stored object, streamed (nothing kept)."""
@@ -544,38 +550,54 @@ class Store:
             raise ChecksumError(f"{self.url}/{rel_dir}/{MANIFEST} is not a valid manifest (no file list)")
         return manifest
 
+    def _checked(
+        self, rel_dir: str, name: str, manifest: dict, fetch: Callable[[str], T], entry: Callable[[T], dict]
+    ) -> T:
+        """``fetch`` one committed file, its ``entry`` checked against the manifest; a listed file
+        that is missing counts as corruption too."""
+        expected = manifest["files"].get(name)
+        where = f"{self.url}/{rel_dir}/{name}"
+        if expected is None:
+            raise ChecksumError(f"{where} is not listed in its manifest")
+        try:
+            out = fetch(f"{rel_dir}/{name}")
+        except FileNotFoundError as e:
+            raise ChecksumError(f"{where} is listed in the manifest but missing") from e
+        got = entry(out)
+        if got["size"] != expected["size"] or got["sha256"] != expected["sha256"]:
+            raise ChecksumError(
+                f"{where} is corrupted: sha256 {got['sha256'][:12]}… size {got['size']}, "
+                f"manifest says {expected['sha256'][:12]}… size {expected['size']}"
+            )
+        return out
+
     def _read_checked(self, rel_dir: str, name: str, manifest: dict) -> bytes:
         """One file's bytes, checked against its manifest entry (size and sha256)."""
-        expected = _listed(self.url, rel_dir, name, manifest)
-        try:
-            data = self.read_bytes(f"{rel_dir}/{name}")
-        except FileNotFoundError as e:
-            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
-        _check_entry(
-            f"{self.url}/{rel_dir}/{name}", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, expected
+        return self._checked(
+            rel_dir,
+            name,
+            manifest,
+            self.read_bytes,
+            lambda b: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()},
         )
-        return data
 
     def verify(self, rel_dir: str, names: list[str] | None = None) -> dict:
         """Check sizes and sha256 of committed files (streamed); returns the manifest or raises
         ChecksumError."""
         manifest = self.manifest(rel_dir)
         for name in names if names is not None else manifest["files"]:
-            expected = _listed(self.url, rel_dir, name, manifest)
-            try:
-                entry = self.digest(f"{rel_dir}/{name}")
-            except FileNotFoundError as e:
-                raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
-            _check_entry(f"{self.url}/{rel_dir}/{name}", entry, expected)
+            self._checked(rel_dir, name, manifest, self.digest, lambda e: e)
         return manifest
 
     def get_verified(self, rel_dir: str, name: str, local: str, manifest: dict) -> None:
-        """Copy one committed file to ``local``, streamed and checked against ``manifest``."""
-        expected = _listed(self.url, rel_dir, name, manifest)
+        """Copy one committed file to ``local``, streamed and checked against ``manifest`` (a
+        mismatch leaves no local file)."""
         try:
-            self.get_file(f"{rel_dir}/{name}", local, expected)
-        except FileNotFoundError as e:
-            raise ChecksumError(f"{self.url}/{rel_dir}/{name} is listed in the manifest but missing") from e
+            self._checked(rel_dir, name, manifest, lambda rel: self.get_file(rel, local), lambda e: e)
+        except ChecksumError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(local)
+            raise
 
     def read_verified(self, rel_dir: str, name: str) -> bytes:
         """One committed file's bytes, checked against its manifest."""
@@ -594,18 +616,3 @@ class Store:
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
-
-
-def _listed(url: str, rel_dir: str, name: str, manifest: dict) -> dict:
-    expected = manifest["files"].get(name)
-    if expected is None:
-        raise ChecksumError(f"{url}/{rel_dir}/{name} is not listed in its manifest")
-    return expected
-
-
-def _check_entry(where: str, got: dict, expected: dict) -> None:
-    if got["size"] != expected["size"] or got["sha256"] != expected["sha256"]:
-        raise ChecksumError(
-            f"{where} is corrupted: sha256 {got['sha256'][:12]}… size {got['size']}, "
-            f"manifest says {expected['sha256'][:12]}… size {expected['size']}"
-        )

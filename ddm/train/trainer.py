@@ -199,13 +199,7 @@ def train(
     stall_s = 0.0  # how long training waited for checkpoint snapshots
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
-            batch = reader.next_batch()
-            batch = {
-                "x": batch["x"].to(device, non_blocking=True),
-                "y": batch["y"].to(device, non_blocking=True) if cfg.model.num_classes else None,
-                "partition": batch["partition"].to(device, non_blocking=True),
-            }
-            loss = objective(engine, batch, gen)
+            loss = objective(engine, _next_batch(reader, cfg, device), gen)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step += 1
@@ -275,6 +269,16 @@ def train(
     return summary
 
 
+def _next_batch(reader, cfg: JobConfig, device: torch.device) -> dict:
+    """The reader's next micro-batch on the job's device (labels only for a class-conditional model)."""
+    batch = reader.next_batch()
+    return {
+        "x": batch["x"].to(device, non_blocking=True),
+        "y": batch["y"].to(device, non_blocking=True) if cfg.model.num_classes else None,
+        "partition": batch["partition"].to(device, non_blocking=True),
+    }
+
+
 def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.device) -> None:
     """One optimizer step at learning rate 0: every optimizer state then exists in this job's
     layout (ZeRO creates its partitions' states lazily) while the weights stay as they are; the
@@ -284,13 +288,7 @@ def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.
     for g in groups:
         g["lr"] = 0.0
     for _ in range(cfg.grad_accum):
-        batch = reader.next_batch()
-        batch = {
-            "x": batch["x"].to(device),
-            "y": batch["y"].to(device) if cfg.model.num_classes else None,
-            "partition": batch["partition"].to(device),
-        }
-        engine.backward(objective(engine, batch, gen))
+        engine.backward(objective(engine, _next_batch(reader, cfg, device), gen))
         engine.step()
     for g, lr in zip(groups, lrs):
         g["lr"] = lr
