@@ -291,10 +291,14 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     meta = sample(Store(args.store), load(SampleConfig, None, args.overrides))
+    cost = (  # samples drawn before ddm counted FLOPs have expert forwards only
+        f", {meta['sampling_flops_per_sample'] / 1e6:,.1f} MFLOPs (router {100 * meta['router_share']:.1f}%)"
+        if "sampling_flops_per_sample" in meta
+        else ""
+    )
     print(
         f"{meta['config']['num_samples']} samples, rule {meta['rule']}, {meta['expert_forwards_per_sample']:.0f} "
-        "expert "
-        f"forwards per sample -> {args.store}/{meta['dir']}/grid.png"
+        f"expert forwards per sample{cost} -> {args.store}/{meta['dir']}/grid.png"
     )
     return 0
 

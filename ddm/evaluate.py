@@ -1,10 +1,12 @@
 """``ddm evaluate``: the ensemble's quality under each rule (metrics in ``ddm.metrics``).
 
 ``evaluate(store, cfg)`` samples the store's ensemble under each rule (and the monolith when the
-store has one) with the same labels, and writes ``eval/<name>/``: ``results.json`` (per rule: the
-distance, expert forwards per sample, seconds), ``router_accuracy.png`` (accuracy of the router's
-argmax against each sample's partition as a function of t), ``<rule>.png`` sample grids and a
-``report.md``. A name that holds results of other settings is an error: two configs never mix.
+store has one) with the same labels and initial noise (``ddm.sample``'s streams), and writes
+``eval/<name>/``: ``results.json`` (per rule: the distance, expert and router forwards and
+sampling FLOPs per sample, the router's share of them, seconds; the training FLOPs of each arm),
+``router_accuracy.png`` (accuracy of the router's argmax against each sample's partition as a
+function of t), ``<rule>.png`` sample grids and a ``report.md``. A name that holds results of
+other settings is an error: two configs never mix.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ import torch
 
 from ddm import layout
 from ddm.assemble import load_ensemble
+from ddm.cost import (
+    ensemble_sampling_cost,
+    export_forward_flops,
+    forward_flops_of,
+    single_model_sampling_cost,
+    training_flops,
+)
 from ddm.data.reader import PartitionReader
 from ddm.ensemble import Rule
-from ddm.exports import load_export
+from ddm.exports import load_export, read_export
 from ddm.flow import FlowMatching, VelocityFn, guided
 from ddm.logs import progress
 from ddm.metrics import InceptionFeatures, frechet_distance, gaussian_stats, load_or_train_classifier
 from ddm.parallel import resolve_device
-from ddm.sample import SamplingConfig, draw, image_grid
+from ddm.sample import LABELS, RULE_DRAWS, STREAMS, SamplingConfig, draw, image_grid, stream
 from ddm.store import Store
 
 log = logging.getLogger("ddm.evaluate")
@@ -39,6 +48,7 @@ class EvalConfig(SamplingConfig):
     rules: list[str] = field(default_factory=lambda: ["monolith", "top1", "top2", "full", "oracle"])
     metric: str = "fd_classifier"  # fd_classifier (offline) | fid (Inception, pytorch-fid)
     router_t: list[float] = field(default_factory=lambda: [round(0.05 + 0.1 * i, 2) for i in range(10)])
+    router_samples: int = 10000  # data samples the router's accuracy against t is measured on (at most)
     name: str = ""  # output folder under eval/; empty: s<seed>-<ensemble id>-<settings digest>
 
     def __post_init__(self) -> None:
@@ -51,6 +61,8 @@ class EvalConfig(SamplingConfig):
             raise ValueError("rules is empty; list at least one of monolith, top1, top2, full, oracle, sample, ...")
         if any(not 0.0 <= t <= 1.0 for t in self.router_t):
             raise ValueError(f"router_t values must lie in [0, 1], got {self.router_t}")
+        if self.router_samples < 1:
+            raise ValueError(f"router_samples must be >= 1, got {self.router_samples}")
 
 
 def metric_label(metric: str) -> str:
@@ -122,6 +134,7 @@ def _plot_router_accuracy(ts: list[float], acc: list[float], k: int, prior_max: 
 
 def evaluate(store: Store, cfg: EvalConfig) -> dict:
     """Sample under each rule with one set of labels, measure the distance to the data; see module doc."""
+    cfg = cfg.seeded()
     device = resolve_device(cfg.device)
     ens = load_ensemble(store, device=device)
     desc = ens.description
@@ -139,8 +152,8 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         for r in rules
         if r in SINGLE_MODELS
     }
-    settings = {"config": asdict(cfg), "ensemble": desc, "models": models}
-    digest = layout.short_digest({"config": settings["config"], "models": models})
+    settings = {"config": asdict(cfg), "ensemble": desc, "models": models, "streams": STREAMS}
+    digest = layout.short_digest({"config": settings["config"], "models": models, "streams": STREAMS})
     name = cfg.name or f"s{cfg.seed}-{layout.ensemble_id(desc)}-{digest}"
     out = store.child(layout.eval_dir(name))
     if out.exists("results.json"):
@@ -178,18 +191,20 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
 
     # One draw of (label, partition) pairs from the data for every rule: the oracle needs partitions
     # consistent with the labels, and every rule must sample the same conditional distribution.
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = stream(cfg.seed, LABELS)
     pick = torch.randint(len(x_data), (cfg.num_samples,), generator=g)
     labels = y_data[pick].to(device) if num_classes else None
     parts = p_data[pick].to(device)
+    flops = forward_flops_of(store, desc)
     results = []  # in the order asked for
     grids = {}
     cfg_branches = 2 if cfg.guidance != 1.0 and labels is not None else 1  # CFG: conditional + unconditional
     for rule in progress(rules, desc="evaluate", unit="rule"):
-        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same initial noise for every rule
+        rule_draws = stream(cfg.seed, RULE_DRAWS)  # the sample rule's choices; the noise is draw's own stream
         start = time.perf_counter()
         if rule in SINGLE_MODELS:
             model = load_export(store, single_model_dir(rule, desc), device)
+            model_flops = export_forward_flops(read_export(store, single_model_dir(rule, desc))[0])
 
             def velocity(rows: slice) -> VelocityFn:
                 return guided(model, None if labels is None else labels[rows], cfg.guidance)
@@ -199,23 +214,33 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
 
             def velocity(rows: slice) -> VelocityFn:
                 y = None if labels is None else labels[rows]
-                return ens.velocity_fn(y=y, partition=parts[rows], guidance_scale=cfg.guidance, generator=gen)
+                return ens.velocity_fn(y=y, partition=parts[rows], guidance_scale=cfg.guidance, generator=rule_draws)
 
-        x = draw(flow, velocity, cfg, tuple(desc["data_shape"]), gen)
+        x = draw(flow, velocity, cfg, tuple(desc["data_shape"]))
         if rule in SINGLE_MODELS:
-            forwards = float(cfg.evals_per_sample * cfg_branches)
+            cost = single_model_sampling_cost(model_flops, cfg.evals_per_sample, cfg_branches)
         else:  # counted by the ensemble (CFG branches included)
-            forwards = ens.stats.expert_forwards_per_eval * cfg.evals_per_sample
+            st = ens.stats
+            cost = ensemble_sampling_cost(
+                flops["experts"], flops["router"], st.expert_evals, st.router_evals, st.velocity_evals,
+                cfg.evals_per_sample,
+            )  # fmt: skip
         seconds = time.perf_counter() - start
         fd = frechet_distance(*gaussian_stats(embedder.embed(x)), mu_ref, s_ref)
         key = rule if rule in SINGLE_MODELS else str(ens.rule)
-        results.append({"rule": key, "distance": fd, "expert_forwards_per_sample": forwards, "seconds": seconds})
+        results.append({"rule": key, "distance": fd, **cost, "seconds": seconds})
         if x.shape[1] in (1, 3):
             grids[key] = image_grid(x[:64].numpy())
-        log.info("%s: %s %.3f, %.1f expert forwards per sample (%.0f s)", key, cfg.metric, fd, forwards, seconds)
+        log.info(
+            "%s: %s %.3f, %.1f expert + %.1f router forwards, %.3g FLOPs per sample (%.0f s)",
+            key, cfg.metric, fd, cost["expert_forwards_per_sample"], cost["router_forwards_per_sample"],
+            cost["sampling_flops_per_sample"], seconds,
+        )  # fmt: skip
 
     y_ref = y_data if num_classes else None
-    acc = router_accuracy(ens.router, flow, x_data, y_ref, p_data, cfg.router_t, cfg.seed, device)
+    sub = torch.randperm(len(x_data), generator=stream(cfg.seed, LABELS, 1))[: cfg.router_samples]
+    y_sub = None if y_ref is None else y_ref[sub]
+    acc = router_accuracy(ens.router, flow, x_data[sub], y_sub, p_data[sub], cfg.router_t, cfg.seed, device)
     prior_max = float(torch.bincount(p_data, minlength=k).max()) / len(p_data)
     report = {
         **settings,
@@ -226,6 +251,10 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         "data_floor": floor,
         "reference_samples": len(x_data),
         "rules": results,
+        "forward_flops": flops,
+        "training_flops": training_flops(
+            store, desc, {r: single_model_dir(r, desc) for r in rules if r in SINGLE_MODELS}
+        ),
         "router_accuracy": {"t": list(cfg.router_t), "accuracy": acc, "largest_partition_share": prior_max},
         "seconds": time.perf_counter() - t0,
     }
@@ -238,17 +267,42 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
 
 
 def format_report(r: dict) -> str:
-    """A markdown table of the per-rule results."""
+    """A markdown table of the per-rule results, with what each rule costs to sample and what each
+    arm cost to train."""
     lines = [
         f"Metric: {r['metric_label']}; lower is better. Data floor (two halves of the data): {r['data_floor']:.3f}.",
         "",
-        "| rule | distance | expert forwards / sample | seconds |",
-        "|---|---:|---:|---:|",
+        "| rule | distance | expert forwards / sample | router forwards / sample | sampling MFLOPs / sample "
+        "| router share | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in r["rules"]:
+        flops = v.get("sampling_flops_per_sample")  # evaluations made before ddm counted FLOPs lack them
+        cost = ["", "", ""] if flops is None else [
+            f"{v['router_forwards_per_sample']:.0f}", f"{flops / 1e6:,.1f}", f"{100 * v['router_share']:.1f}%"
+        ]  # fmt: skip
         lines.append(
-            f"| {v['rule']} | {v['distance']:.3f} | {v['expert_forwards_per_sample']:.0f} | {v['seconds']:.1f} |"
+            f"| {v['rule']} | {v['distance']:.3f} | {v['expert_forwards_per_sample']:.0f} | {' | '.join(cost)} | "
+            f"{v['seconds']:.1f} |"
         )
+    f = r.get("forward_flops")
+    if f:
+        lines += [
+            "",
+            f"One forward: expert {sum(f['experts']) / len(f['experts']) / 1e6:.2f} MFLOPs, router "
+            f"{f['router'] / 1e6:.3f} MFLOPs ({100 * f['router_over_expert']:.1f}% of an expert; the paper's is ~4%).",
+        ]
+    tf = r.get("training_flops")
+    if tf and tf["ensemble"]["total"]:
+        ens = tf["ensemble"]
+        text = (
+            f"Training FLOPs: ensemble {ens['total']:.3g} ({len(ens['experts'])} experts "
+            f"{sum(ens['experts']):.3g} + router {ens['router']:.3g})"
+        )
+        for name, v in tf.items():
+            if name != "ensemble" and v["total"]:
+                text += f"; {name} {v['total']:.3g} ({v['ratio_to_ensemble']:.3f}x the ensemble's)"
+        lines += ["", text + "."]
     ra = r["router_accuracy"]
     lines += [
         "",

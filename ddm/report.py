@@ -1,10 +1,13 @@
-"""``ddm run``'s report: ``report/README.md`` with the jobs, the per-rule table, sample grids and the
-router's accuracy against t, plus ``report/results.json`` (the evaluation of the run's ensemble)."""
+"""``ddm run``'s report: ``report/README.md`` with the jobs, the per-rule table (quality, sampling
+FLOPs, training FLOPs of each arm), sample grids, the router's accuracy against t and the stage times
+of every invocation, plus ``report/results.json`` (the evaluation of the run's ensemble) and
+``report/history.json`` (each invocation's start and stage times, appended, never overwritten)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 from ddm import layout
 from ddm.config import to_dict
@@ -24,9 +27,15 @@ def write_report(
     samples: dict,
     results: dict,
     timings: dict[str, float],
+    started_at: float | None = None,
 ) -> None:
-    """What was trained, how long it took, how good it is (``spec``: the run's RunSpec)."""
+    """What was trained, how long it took, how good it is (``spec``: the run's RunSpec; ``timings``:
+    this invocation's stage times, added to the history of earlier ones; ``started_at``: its start
+    as a Unix time)."""
     rep = store.child(layout.REPORT_DIR)
+    history = rep.read_json(HISTORY) if rep.exists(HISTORY) else []
+    started = started_at if started_at is not None else time.time() - sum(timings.values())
+    history.append({"started_at": _utc(started), "stages": dict(timings), "seconds": sum(timings.values())})
     lines = [
         "# DDM run report",
         "",
@@ -60,9 +69,28 @@ def write_report(
         rep.write_bytes("sample-grid.png", store.read_bytes(f"{samples['dir']}/grid.png"))
         seed = samples["config"]["seed"]
         lines.append(f"`ddm sample` output ({samples['rule']}, seed {seed}):\n\n![samples](sample-grid.png)\n")
-    lines += ["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += ["## Stage times (seconds, every invocation of `ddm run` on this store)", "", *_history_table(history)]
     lines += ["", "Spec:", "", "```json", json.dumps(to_dict(spec), indent=1), "```", ""]
+    rep.write_json(HISTORY, history)
     rep.write_bytes("README.md", "\n".join(lines).encode())
     rep.write_json("results.json", results)
     log.info("report -> %s/README.md", rep.url)
+
+
+HISTORY = "history.json"
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _history_table(history: list[dict]) -> list[str]:
+    """One row per invocation, one column per stage any of them ran (blank where one did not)."""
+    stages: list[str] = []
+    for h in history:
+        stages += [s for s in h["stages"] if s not in stages]
+    rows = ["| # | started | " + " | ".join(stages) + " | total |", "|---:|---|" + "---:|" * (len(stages) + 1)]
+    for i, h in enumerate(history, 1):
+        cells = [f"{h['stages'][s]:.1f}" if s in h["stages"] else "" for s in stages]
+        rows.append(f"| {i} | {h['started_at']} | " + " | ".join(cells) + f" | {h['seconds']:.1f} |")
+    return rows

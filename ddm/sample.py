@@ -2,17 +2,22 @@
 
 Outputs go to ``{store}/samples/<name>/``: ``grid.png``, ``samples.npy`` (float32, the model's
 space: pixels in [-1, 1] or latents), ``labels.npy`` and ``meta.json`` (rule, steps, guidance, seed,
-expert forwards per sample). A name that already holds samples made with other settings is an
-error: outputs of two configs are never mixed.
+expert forwards and FLOPs per sample). A name that already holds samples made with other settings is
+an error: outputs of two configs are never mixed.
+
+Randomness comes from separate streams of one seed (``stream``): the initial noise, the labels and
+the rules' own draws (the sample rule's expert choice). Sample i's initial noise depends on the
+seed and i alone, not on the rule or the batch size, so every rule starts from the same noise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +32,27 @@ from ddm.store import Store
 
 log = logging.getLogger("ddm.sample")
 
+# Random streams of one seed (see the module doc); STREAMS names this layout in output digests, so
+# outputs drawn under an older layout are never taken for today's.
+NOISE, LABELS, RULE_DRAWS = 0, 1, 2
+STREAMS = 2
+NOISE_BLOCK = 256  # initial noise is drawn in blocks of this many samples, each block its own stream
+
+
+def stream(seed: int, which: int, index: int = 0) -> torch.Generator:
+    """A CPU generator for stream ``which`` (NOISE, LABELS, RULE_DRAWS) of ``seed`` (and block
+    ``index``): independent streams from numpy's SeedSequence, the same on every machine."""
+    state = np.random.SeedSequence([seed, which, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def initial_noise(seed: int, start: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise of samples start..start+n-1: a function of the seed and the indices only."""
+    blocks = range(start // NOISE_BLOCK, (start + n - 1) // NOISE_BLOCK + 1)
+    noise = torch.cat([torch.randn(NOISE_BLOCK, *shape, generator=stream(seed, NOISE, b)) for b in blocks])
+    offset = start - blocks[0] * NOISE_BLOCK
+    return noise[offset : offset + n]
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -36,7 +62,7 @@ class SamplingConfig:
     steps: int = 50
     sampler: str = "heun"
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
-    seed: int = 0
+    seed: int | None = None  # None: the run's seed under `ddm run`, else 0
     batch_size: int = 64
     device: str = "auto"  # auto: a CUDA GPU when there is one, else the CPU; or cpu, cuda, cuda:1, ...
     precision: str = "fp32"  # bf16: the networks run under bf16 autocast; the ODE state stays fp32
@@ -50,10 +76,17 @@ class SamplingConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
+    def seeded(self: C, default: int = 0) -> C:
+        """This config with its seed set (``default`` where it is None)."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=default)
+
     @property
     def evals_per_sample(self) -> int:
         """Velocity evaluations per sample: one per Euler step, two per Heun step."""
         return self.steps * (2 if self.sampler == "heun" else 1)
+
+
+C = TypeVar("C", bound=SamplingConfig)
 
 
 @dataclass(frozen=True)
@@ -67,18 +100,20 @@ def draw(
     velocity: Callable[[slice], VelocityFn],
     cfg: SamplingConfig,
     data_shape: tuple[int, ...],
-    generator: torch.Generator,
     desc: str | None = None,
 ) -> torch.Tensor:
-    """``cfg.num_samples`` samples in batches, on the CPU: each batch's initial noise from
-    ``generator`` (a CPU generator, so a seed gives the same noise on every device), then the ODE
-    from noise to data on ``cfg.device`` with ``velocity(rows)``, the velocity function for those rows."""
+    """``cfg.num_samples`` samples in batches: each batch's initial noise from ``initial_noise`` of
+    ``cfg.seed`` (drawn on the CPU, so a seed gives the same noise on every device and batch size),
+    then the ODE from noise to data on ``cfg.device`` with ``velocity(rows)``, the velocity function
+    for those rows."""
+    if cfg.seed is None:
+        raise ValueError("draw needs a config with its seed set (cfg.seeded())")
     device = resolve_device(cfg.device)
     chunks = []
     starts = range(0, cfg.num_samples, cfg.batch_size)
     for start in progress(starts, desc=desc, unit="batch", disable=desc is None):
         n = min(cfg.batch_size, cfg.num_samples - start)
-        noise = torch.randn(n, *data_shape, generator=generator).to(device)
+        noise = initial_noise(cfg.seed, start, n, data_shape).to(device)
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
             x = flow.sample(_fp32(velocity(slice(start, start + n))), noise, cfg.steps, cfg.sampler)
         chunks.append(x.float().cpu())
@@ -113,13 +148,16 @@ def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
 
 def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
+    from ddm.cost import ensemble_sampling_cost, forward_flops_of
+
+    cfg = cfg.seeded()
     device = resolve_device(cfg.device)
     ens = load_ensemble(store, rule=cfg.rule or None, device=device)
     desc = ens.description
-    digest = layout.short_digest(asdict(cfg))
+    digest = layout.short_digest({**asdict(cfg), "streams": STREAMS})
     name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{layout.ensemble_id(desc)}-{digest}"
     out = layout.samples_dir(name)
-    meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out}
+    meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out, "streams": STREAMS}
     if store.exists(f"{out}/meta.json"):
         old = store.read_json(f"{out}/meta.json")
         if {k: old.get(k) for k in meta} != meta:
@@ -127,15 +165,22 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
         log.info("samples already in %s/%s", store.url, out)
         return old
     flow = FlowMatching(**desc["flow"])
-    g = torch.Generator().manual_seed(cfg.seed)
+    rule_draws = stream(cfg.seed, RULE_DRAWS)
     num_classes = int(desc["num_classes"])
     labels = (torch.arange(cfg.num_samples) % num_classes).to(device) if num_classes else None
 
     def velocity(rows: slice) -> VelocityFn:
-        return ens.velocity_fn(y=None if labels is None else labels[rows], guidance_scale=cfg.guidance, generator=g)
+        y = None if labels is None else labels[rows]
+        return ens.velocity_fn(y=y, guidance_scale=cfg.guidance, generator=rule_draws)
 
-    x = draw(flow, velocity, cfg, tuple(desc["data_shape"]), g, desc="sample").numpy()
-    meta["expert_forwards_per_sample"] = ens.stats.expert_forwards_per_eval * cfg.evals_per_sample
+    x = draw(flow, velocity, cfg, tuple(desc["data_shape"]), desc="sample").numpy()
+    flops = forward_flops_of(store, desc)
+    st = ens.stats
+    meta.update(
+        ensemble_sampling_cost(
+            flops["experts"], flops["router"], st.expert_evals, st.router_evals, st.velocity_evals, cfg.evals_per_sample
+        )
+    )
     meta["experts_loaded"] = [e.loaded for e in ens.experts]
     for fname, array in (("samples.npy", x), ("labels.npy", None if labels is None else labels.cpu().numpy())):
         if array is not None:

@@ -224,3 +224,31 @@ def test_mlp_flops_are_counted_from_the_layout_without_building(router):
             model = build_router(cfg, 2) if router else build_model(cfg)
         weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         assert forward_flops(cfg, router=router) == 2.0 * weights, arch
+
+
+@pytest.mark.parametrize(
+    "arch,shape,router",
+    [
+        ("DiT-Tiny/2", (1, 8, 8), False),
+        ("DiT-Micro/4", (1, 8, 8), True),
+        ("DiT-Tiny/4", (1, 16, 16), False),
+        ("DiT-Micro/8", (1, 16, 16), True),
+        ("DiT-S/4", (3, 16, 16), False),
+    ],
+)
+def test_forward_flops_equal_torchs_flop_counter(arch, shape, router):
+    """The closed form counts every matrix product of the DiT and its router: torch's own FLOP
+    counter (matmuls, convolutions, attention) on a real forward gives the same number."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddm.models.build import build_model, build_router
+    from ddm.models.config import forward_flops
+
+    cfg = ModelConfig(arch=arch, data_shape=shape, num_classes=10)
+    net = build_router(cfg, 5) if router else build_model(cfg)
+    n = 3
+    # The math attention kernel is made of matmuls the counter sees (the fused CPU kernel is not counted).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        net(torch.randn(n, *shape), torch.rand(n), torch.randint(0, 10, (n,)))
+    assert counter.get_total_flops() == n * forward_flops(cfg, router=router, num_partitions=5)

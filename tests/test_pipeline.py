@@ -22,7 +22,7 @@ TINY = {
         "steps": 6, "global_batch_size": 16, "log_every": 3, "checkpoint": {"every": 3}, "engine": {"zero_stage": 2},
     },
     "router": {
-        "job": "router", "model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10},
+        "job": "router", "model": {"arch": "DiT-Micro/4", "data_shape": [1, 8, 8], "num_classes": 10},
         "steps": 4, "global_batch_size": 16, "checkpoint": {"every": 4}, "log_every": 2,
     },
     "monolith": True,

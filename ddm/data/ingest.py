@@ -2,6 +2,7 @@
 
 Sources:
   digits              scikit-learn's bundled 8x8 handwritten digits (1 797 images, 10 classes; offline)
+  glyphs:N            N characters rendered from fonts (62 classes, 16x16; offline; ``ddm.data.glyphs``)
   synthetic:N         N procedurally drawn images (class-dependent blobs), for tests and benchmarks
   <folder>            an image folder with one sub-folder per class (png, jpg, jpeg, bmp, webp, gif)
   <file.parquet|dir>  existing Parquet with an encoded-image column and a label column
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,11 +50,13 @@ class IngestConfig:
     encoder: str = "identity"
     image_column: str = "image"  # Parquet sources
     label_column: str = "label"
-    seed: int = 0  # synthetic sources
+    seed: int = 0  # synthetic and glyph sources
+    fonts: list[str] = field(default_factory=list)  # glyphs: font folders/files (empty: matplotlib's own)
+    charset: str = ""  # glyphs: the characters, one class each (empty: 0-9, A-Z, a-z)
 
     def __post_init__(self) -> None:
         if not self.source:
-            raise ValueError("source is empty: give digits, synthetic:N, an image folder or a Parquet path")
+            raise ValueError("source is empty: give digits, glyphs:N, synthetic:N, an image folder or a Parquet path")
         if self.resolution < 0:
             raise ValueError(f"resolution must be >= 0, got {self.resolution}")
         if self.channels not in (0, 1, 3):
@@ -88,7 +91,8 @@ def _ingested(cfg: IngestConfig, store: Store) -> dict | None:
     if not store.is_committed(DATA_DIR):
         return None
     manifest = store.manifest(DATA_DIR)
-    if manifest.get("ingest") == to_dict(cfg):
+    # Fields added in later versions count as their defaults in older manifests.
+    if {**to_dict(IngestConfig()), **manifest.get("ingest", {})} == to_dict(cfg):
         log.info("dataset already ingested in %s/%s; nothing to do", store.url, DATA_DIR)
         return manifest
     raise ValueError(
@@ -162,6 +166,7 @@ def _ingest(cfg: IngestConfig, store: Store) -> dict:
         "label_counts": {str(k): v for k, v in sorted(label_counts.items())},
         "skipped": {"count": len(source.skipped), "examples": source.skipped[:20]},
         "ingest": to_dict(cfg),
+        "source_info": getattr(source, "info", {}),
         "seconds": time.perf_counter() - t0,
     }
     manifest = store.commit(DATA_DIR, list(known), meta=meta, known=known)

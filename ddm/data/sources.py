@@ -128,6 +128,45 @@ class SyntheticSource(Source):
                 yield int(labels[i]), np.repeat(img[i][None], ch, axis=0)
 
 
+class GlyphSource(Source):
+    """``glyphs:N``: N characters rendered from fonts with random size, position, rotation, shear and
+    weight (``ddm.data.glyphs``); classes are the characters of ``charset``; deterministic in ``seed``."""
+
+    def __init__(self, cfg: IngestConfig, n: int):
+        from ddm.data import glyphs
+
+        if n < 1:
+            raise ValueError(f"glyphs source needs N >= 1, got {n}")
+        self.charset = cfg.charset or glyphs.DEFAULT_CHARSET
+        if len(set(self.charset)) != len(self.charset):
+            raise ValueError(f"ingest.charset {self.charset!r} repeats a character; each character is one class")
+        self.fonts = glyphs.find_fonts(list(cfg.fonts), self.charset)
+        self.n, self.cfg = n, cfg
+        self.class_names = list(self.charset)
+        self.skipped = []
+        log.info("glyphs: %d samples of %d characters from %d font faces", n, len(self.charset), len(self.fonts))
+
+    @property
+    def info(self) -> dict:
+        """What the dataset was made from (the manifest keeps it): each face's file name and sha256."""
+        from ddm.data.glyphs import _sha256
+
+        return {"fonts": [{"file": os.path.basename(f), "sha256": _sha256(f)} for f in self.fonts]}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        from ddm.data.glyphs import render
+
+        res, ch = self.cfg.resolution or 16, self.cfg.channels or 1
+        rng = np.random.default_rng(self.cfg.seed)
+        for _ in range(self.n):
+            label = int(rng.integers(len(self.charset)))
+            img = render(self.fonts[int(rng.integers(len(self.fonts)))], self.charset[label], res, rng)
+            yield label, np.repeat(img[None], ch, axis=0)
+
+
 class FolderSource(Source):
     """root/<class name>/<image files>; classes sorted by name, files sorted within a class."""
 
@@ -215,11 +254,19 @@ def open_source(cfg: IngestConfig) -> Source:
         except ValueError as e:
             raise ValueError(f"source {src!r}: expected synthetic:<number of samples>") from e
         return SyntheticSource(cfg, n)
+    if src.startswith("glyphs:"):
+        try:
+            n = int(src.split(":", 1)[1])
+        except ValueError as e:
+            raise ValueError(f"source {src!r}: expected glyphs:<number of samples>") from e
+        return GlyphSource(cfg, n)
     if "://" not in src and os.path.isdir(src) and not any(f.endswith(".parquet") for f in os.listdir(src)):
         return FolderSource(cfg, src)
     if src.endswith(".parquet") or "://" in src or os.path.isdir(src):
         return ParquetSource(cfg, src)
-    raise ValueError(f"source {src!r} does not exist; use digits, synthetic:N, an image folder or a Parquet path")
+    raise ValueError(
+        f"source {src!r} does not exist; use digits, glyphs:N, synthetic:N, an image folder or a Parquet path"
+    )
 
 
 # --- encoders ---------------------------------------------------------------------------------

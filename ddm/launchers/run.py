@@ -48,6 +48,7 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
 
 
 def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
+    started_at = time.time()
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -90,7 +91,8 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
         if distill is not None and "distilled" not in rules:
             rules.append("distilled")
         results = evaluate(store, dataclasses.replace(spec.evaluate, rules=rules))
-    write_report(store, spec, data, parts, configs + ([distill] if distill else []), samples, results, timings)
+    jobs_run = configs + ([distill] if distill else [])
+    write_report(store, spec, data, parts, jobs_run, samples, results, timings, started_at)
     return results
 
 

@@ -9,6 +9,7 @@ from ddm.data.ingest import IngestConfig
 from ddm.data.partition import PartitionConfig
 from ddm.evaluate import EvalConfig
 from ddm.job import JobConfig
+from ddm.models.config import ModelConfig
 from ddm.sample import SampleConfig
 from ddm.store import absolute_url
 
@@ -18,11 +19,13 @@ class RunSpec:
     """One experiment: where, what data, how many partitions, how each job trains, what to measure."""
 
     store: str = "runs/digits"
-    seed: int = 0  # every training job's seed (data order, init, noise)
+    seed: int = 0  # every training job's seed (data order, init, noise), and sampling's and evaluation's
+    # unless sample.seed / evaluate.seed set them apart
     ingest: IngestConfig = field(default_factory=IngestConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     expert: JobConfig = field(default_factory=JobConfig)  # template for every expert (store, job, partition set here)
-    router: JobConfig = field(default_factory=lambda: JobConfig(job="router"))
+    # The router: a DiT-Micro by default, ~5% of a DiT-Tiny expert's forward (the paper's is ~4%).
+    router: JobConfig = field(default_factory=lambda: JobConfig(job="router", model=ModelConfig(arch="DiT-Micro/4")))
     monolith: bool = False  # also train one model on all data with the experts' + router's training FLOPs
     distill_steps: int = 0  # > 0: distil the ensemble into one expert-sized student for this many steps
     rule: str = "top1"  # the ensemble's default rule (ensemble.json)
@@ -37,8 +40,14 @@ class RunSpec:
             raise ValueError(f"max_concurrent_jobs must be >= 0, got {self.max_concurrent_jobs}")
 
     def resolved(self, store: str | None = None) -> "RunSpec":
-        """The spec with an absolute store URL (``store`` replaces the spec's own)."""
-        return dataclasses.replace(self, store=absolute_url(store or self.store))
+        """The spec with an absolute store URL (``store`` replaces the spec's own) and the run's seed
+        in sampling and evaluation where they do not set their own."""
+        return dataclasses.replace(
+            self,
+            store=absolute_url(store or self.store),
+            sample=self.sample.seeded(self.seed),
+            evaluate=self.evaluate.seeded(self.seed),
+        )
 
 
 def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = None) -> list[JobConfig]:
