@@ -38,7 +38,7 @@ def main() -> None:
     for seed in args.seeds:
         store = f"{args.root}/s{seed}"
         cmd = [sys.executable, "-m", "ddm.cli", "--log-level", "WARNING", "run", args.spec]
-        cmd += [f"store={store}", f"seed={seed}", "monolith=true", f"evaluate.seed={seed}", *args.overrides]
+        cmd += [f"store={store}", f"seed={seed}", "monolith=true", *args.overrides]  # the seed drives evaluation too
         print(f"seed {seed}: {' '.join(cmd[2:])}", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         per_seed[seed] = Store(store).read_json("report/results.json")  # the evaluation of this run's ensemble

@@ -35,7 +35,8 @@ def write_report(
     rep = store.child(layout.REPORT_DIR)
     history = rep.read_json(HISTORY) if rep.exists(HISTORY) else []
     started = started_at if started_at is not None else time.time() - sum(timings.values())
-    history.append({"started_at": _utc(started), "stages": dict(timings), "seconds": sum(timings.values())})
+    stages = [{"stage": k, "seconds": v} for k, v in timings.items()]  # a list: JSON keeps its order
+    history.append({"started_at": _utc(started), "stages": stages, "seconds": sum(timings.values())})
     lines = [
         "# DDM run report",
         "",
@@ -88,9 +89,10 @@ def _history_table(history: list[dict]) -> list[str]:
     """One row per invocation, one column per stage any of them ran (blank where one did not)."""
     stages: list[str] = []
     for h in history:
-        stages += [s for s in h["stages"] if s not in stages]
+        stages += [s["stage"] for s in h["stages"] if s["stage"] not in stages]
     rows = ["| # | started | " + " | ".join(stages) + " | total |", "|---:|---|" + "---:|" * (len(stages) + 1)]
     for i, h in enumerate(history, 1):
-        cells = [f"{h['stages'][s]:.1f}" if s in h["stages"] else "" for s in stages]
+        times = {s["stage"]: s["seconds"] for s in h["stages"]}
+        cells = [f"{times[s]:.1f}" if s in times else "" for s in stages]
         rows.append(f"| {i} | {h['started_at']} | " + " | ".join(cells) + f" | {h['seconds']:.1f} |")
     return rows

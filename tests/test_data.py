@@ -331,3 +331,45 @@ def test_image_modes_are_converted_not_clipped(tmp_path):
         diff = np.abs(got.astype(int) - want.astype(int)).max()
         assert diff <= 1, (name, diff)  # rounding of the alpha blend; every other case is exact
     assert arrays[0].mean() == pytest.approx(127.5, abs=0.5)  # 16-bit: the middle grey, not 255
+
+
+def test_glyphs_are_a_deterministic_font_dataset(tmp_path):
+    """glyphs:N renders characters from the fonts matplotlib ships: 62 classes at 16x16, the same
+    images for the same seed, every sample a new image, and the manifest names each font face."""
+    from ddm.data.glyphs import find_fonts, matplotlib_fonts
+
+    store = Store(str(tmp_path / "g"))
+    m = ingest(IngestConfig(source="glyphs:600", shard_size=256), store)
+    assert m["num_samples"] == 600 and m["sample_shape"] == [1, 16, 16] and m["num_classes"] == 62
+    assert m["class_names"][:3] == ["0", "1", "2"] and len(m["label_counts"]) > 50
+    faces = m["source_info"]["fonts"]
+    assert len(faces) >= 10 and all(len(f["sha256"]) == 64 for f in faces)
+    assert {"DejaVuSans.ttf", "cmr10.ttf", "STIXGeneral.ttf"} <= {f["file"] for f in faces}
+    assert not any(f["file"].startswith(("cmsy", "cmex", "STIXSiz")) for f in faces)  # symbol faces are left out
+    ds = Dataset(store)
+    x = np.concatenate([ds.read_shard(i).arrays for i in range(ds.num_shards)])
+    assert x.dtype == np.uint8 and x.max() == 255 and (x == 0).mean() > 0.3  # white glyphs on black
+    assert len({row.tobytes() for row in x}) == 600  # no image repeats
+    again = ingest(IngestConfig(source="glyphs:600", shard_size=256), Store(str(tmp_path / "g2")))
+    y = np.concatenate([Dataset(Store(str(tmp_path / "g2"))).read_shard(i).arrays for i in range(3)])
+    assert again["label_counts"] == m["label_counts"] and np.array_equal(x, y)
+    other = ingest(IngestConfig(source="glyphs:600", shard_size=256, seed=1), Store(str(tmp_path / "g3")))
+    assert other["label_counts"] != m["label_counts"]
+    # A font folder that covers only some characters contributes only the faces that cover them all.
+    assert find_fonts([matplotlib_fonts()], "AB") == find_fonts([], "AB")
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"source": "glyphs:ten"}, "expected glyphs:<number of samples>"),
+        ({"source": "glyphs:0"}, "glyphs source needs N >= 1"),
+        ({"source": "glyphs:10", "fonts": ["/no/such/fonts"]}, "font location '/no/such/fonts' does not exist"),
+        ({"source": "glyphs:10", "charset": "\u0b95\u0b99"}, "no font .* has glyphs for every character"),
+        ({"source": "glyphs:10", "charset": "abca"}, "repeats a character"),
+    ],
+)
+def test_glyph_source_bad_input(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ingest(IngestConfig(**kw), Store(str(tmp_path / "s")))
+    assert not (tmp_path / "s" / "data").exists() or not Store(str(tmp_path / "s")).is_committed("data")

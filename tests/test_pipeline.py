@@ -80,7 +80,8 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
         store.child(d).verify("export")
     assert ens["num_experts"] == 2 and ens["rule"] == "top-1"
     evals = [e for e in store.list("eval") if not e.endswith("classifier")]
-    assert evals, store.list("eval")
+    assert evals and all(e.startswith("s1-") for e in evals), evals  # the run's seed (1) drives evaluation
+    assert all(s.startswith("top-1-s1-") for s in store.list("samples"))  # and sampling
     report = store.read_bytes("report/README.md").decode()
     for needle in (
         "| monolith |",
@@ -110,6 +111,14 @@ def test_rerun_resumes_unfinished_jobs_and_skips_finished_ones(pipeline_run):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Started a local Ray instance" not in third.stderr  # nothing to train: Ray is not even started
     assert "evaluation already in" in third.stderr
+    # Every invocation's stage times are kept: the first run's training time is not overwritten.
+    history = store.read_json("report/history.json")
+    assert len(history) == 3
+    train = [next(s["seconds"] for s in h["stages"] if s["stage"] == "train") for h in history]
+    assert train[0] > 10 and train[1] > 1 and train[2] < train[0]
+    assert [s["stage"] for s in history[0]["stages"]][:3] == ["ingest", "partition", "train"]  # in stage order
+    readme = store.read_bytes("report/README.md").decode()
+    assert "| 1 | " in readme and "| 3 | " in readme and "every invocation" in readme
 
 
 def test_evaluate_table_counts_expert_forwards(pipeline_run):
@@ -134,6 +143,23 @@ def test_evaluate_table_counts_expert_forwards(pipeline_run):
         "oracle": 3,
         "monolith": 3,
     }  # fmt: skip  (K = 2: top-2 = full)
+    # Sampling FLOPs: the router's forward at every evaluation beside the experts' (not for the oracle).
+    from ddm.config import from_dict as build
+    from ddm.models.config import ModelConfig, forward_flops
+
+    fe = forward_flops(build(ModelConfig, TINY["expert"]["model"]))
+    fr = forward_flops(build(ModelConfig, TINY["router"]["model"]), router=True, num_partitions=2)
+    expected = {"top-1": 3 * (fe + fr), "top-2": 3 * (2 * fe + fr), "full": 3 * (2 * fe + fr), "oracle": 3 * fe,
+                "monolith": 3 * fe}  # fmt: skip
+    for rule, flops in expected.items():
+        assert per_rule[rule]["sampling_flops_per_sample"] == pytest.approx(flops, rel=1e-12), rule
+    assert per_rule["top-1"]["router_share"] == pytest.approx(fr / (fe + fr), rel=1e-12)
+    assert results["forward_flops"]["router_over_expert"] == pytest.approx(fr / fe, rel=1e-12)
+    # Training FLOPs of each arm: 3 x forward x batch x steps; the monolith had the ensemble's budget.
+    tf = results["training_flops"]
+    assert tf["ensemble"]["experts"] == [3 * fe * 16 * 9] * 2
+    assert tf["ensemble"]["router"] == pytest.approx(3 * fr * 16 * 4, rel=1e-12)
+    assert tf["monolith"]["ratio_to_ensemble"] == pytest.approx(1.0, abs=3 * fe * 16 / tf["ensemble"]["total"])
     assert all(v["distance"] > results["data_floor"] for v in per_rule.values())  # 6-step models are far from data
     assert len(results["router_accuracy"]["accuracy"]) == 10  # the default t grid
     # Classifier-free guidance evaluates two branches: every rule, the monolith too, counts both.

@@ -76,10 +76,10 @@ def test_bf16_sampling_is_close_to_fp32_and_keeps_an_fp32_state():
     labels = torch.arange(16) % 10
 
     def run(precision: str) -> torch.Tensor:
-        cfg = SamplingConfig(num_samples=16, steps=8, sampler="heun", batch_size=8, device="cpu", precision=precision)
-        return draw(
-            FlowMatching(), lambda rows: lambda x, t: model(x, t, labels[rows]), cfg, (1, 8, 8), torch.Generator()
+        cfg = SamplingConfig(
+            num_samples=16, steps=8, sampler="heun", batch_size=8, device="cpu", precision=precision, seed=0
         )
+        return draw(FlowMatching(), lambda rows: lambda x, t: model(x, t, labels[rows]), cfg, (1, 8, 8))
 
     fp32, bf16 = run("fp32"), run("bf16")
     assert fp32.dtype == bf16.dtype == torch.float32
@@ -100,9 +100,11 @@ def test_sampling_noise_comes_from_a_cpu_stream_whatever_the_device():
 
         return v
 
-    cfg = SamplingConfig(num_samples=6, steps=2, sampler="euler", batch_size=6, device="cpu")
-    out = draw(FlowMatching(), velocity, cfg, (3,), torch.Generator().manual_seed(7))
-    assert torch.equal(seen[0], torch.randn(6, 3, generator=torch.Generator().manual_seed(7)))
+    from ddm.sample import initial_noise
+
+    cfg = SamplingConfig(num_samples=6, steps=2, sampler="euler", batch_size=6, device="cpu", seed=7)
+    out = draw(FlowMatching(), velocity, cfg, (3,))
+    assert torch.equal(seen[0], initial_noise(7, 0, 6, (3,)))  # drawn on the CPU
     assert torch.equal(out, seen[0])  # a zero velocity leaves the noise where it was
 
 
@@ -135,8 +137,10 @@ def test_ensemble_samples_under_bf16_autocast():
         def velocity(rows, ens=ens):
             return ens.velocity_fn(y=labels[rows], partition=parts[rows])
 
-        cfg = SamplingConfig(num_samples=16, steps=4, sampler="euler", batch_size=16, device="cpu", precision=precision)
-        out[precision] = draw(FlowMatching(), velocity, cfg, (1, 8, 8), torch.Generator())
+        cfg = SamplingConfig(
+            num_samples=16, steps=4, sampler="euler", batch_size=16, device="cpu", precision=precision, seed=0
+        )
+        out[precision] = draw(FlowMatching(), velocity, cfg, (1, 8, 8))
     assert torch.isfinite(out["bf16"]).all() and not torch.equal(out["bf16"], out["fp32"])
     assert (out["bf16"] - out["fp32"]).abs().max() < 0.05 * out["fp32"].abs().max()
 
