@@ -373,3 +373,24 @@ def test_glyph_source_bad_input(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         ingest(IngestConfig(**kw), Store(str(tmp_path / "s")))
     assert not (tmp_path / "s" / "data").exists() or not Store(str(tmp_path / "s")).is_committed("data")
+
+
+def test_shard_cache_is_bounded_in_bytes_and_reads_a_fitting_dataset_once(parted):
+    """3000 samples in 12 shards: with room for all of them each shard is read (and verified) once
+    over three epochs of random batches; with room for two the cache never holds more than two."""
+    reads = []
+    shard_bytes = 256 * int(np.prod(Dataset(parted).sample_shape))  # uint8 pixels
+    for budget, most in ((2 << 30, 12), (2 * shard_bytes, 2)):
+        reader = PartitionReader(parted, None, batch_size=64, seed=1, cache_bytes=budget)
+        original, count = reader.dataset.read_shard, [0]
+
+        def counting(i, original=original, count=count):
+            count[0] += 1
+            return original(i)
+
+        reader.dataset.read_shard = counting
+        for _ in range(3 * reader.batches_per_epoch):
+            reader.next_batch()
+            assert len(reader._cache) <= most
+        reads.append(count[0])
+    assert reads[0] == 12 and reads[1] > 100

@@ -4,8 +4,11 @@ Every epoch draws one permutation of the partition's samples from (seed, epoch).
 positions r, r + W, r + 2W, ... of it, truncated to the same count on every rank, so ranks never
 overlap and step in lockstep. The position is (epoch, batch index): ``state_dict`` hands it out and
 ``load_state_dict`` restores it, so a resumed run sees exactly the batches an uninterrupted run
-would have seen. Shards are read on demand (verified against the dataset manifest) and kept in a
-small LRU cache.
+would have seen. Shards are read on demand (verified against the dataset manifest) and kept in an
+LRU cache bounded in bytes (``cache_bytes``, 2 GiB by default): a dataset that fits is read from
+the store once, and a larger one re-reads only what does not fit. (A cache of a fixed number of
+shards re-read and re-verified shards at nearly every step of a 16-shard dataset, and ran a
+DiT-Tiny job at a fifth of its speed.)
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class PartitionReader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        cache_shards: int = 8,
+        cache_bytes: int = 2 << 30,
         pin_memory: bool = False,
     ):
         """``partition=None`` reads every sample (the router and a monolith train on all data).
@@ -66,7 +69,7 @@ class PartitionReader:
         self.epoch, self.batch_index = 0, 0
         self.pin_memory = pin_memory
         self._cache: OrderedDict[int, Shard] = OrderedDict()
-        self._cache_shards = cache_shards
+        self._cache_bytes = cache_bytes
         self._order: np.ndarray | None = None
 
     @property
@@ -84,7 +87,7 @@ class PartitionReader:
             self._cache.move_to_end(i)
         else:
             self._cache[i] = self.dataset.read_shard(i)
-            if len(self._cache) > self._cache_shards:
+            while len(self._cache) > 1 and sum(s.arrays.nbytes for s in self._cache.values()) > self._cache_bytes:
                 self._cache.popitem(last=False)
         return self._cache[i]
 
