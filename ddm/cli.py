@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
 
     p = _command(sub, "ingest", ddm.data.ingest, IngestConfig)
-    p.add_argument("source", help="digits, synthetic:N, an image folder or Parquet")
+    p.add_argument("source", help="digits, glyphs:N (characters from fonts), synthetic:N, an image folder or Parquet")
     p.add_argument("store", help="the run's store: a local path or any fsspec URL (s3://bucket/run)")
     _overrides(p)
 
