@@ -22,10 +22,30 @@ from tests.test_pipeline import ddm
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """n free ports never handed out before in this process: every socket stays bound until all are
+    chosen (ports picked one at a time can repeat, and Ray refuses two components on one port)."""
+    socks = []
+    try:
+        while len(socks) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        ports = [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    if _HANDED_OUT & set(ports):
+        return free_ports(n)
+    _HANDED_OUT.update(ports)
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class LocalIsland:
@@ -33,7 +53,7 @@ class LocalIsland:
 
     def __init__(self, name: str, root, auth_token: str | None = None):
         self.name, self.root, self.auth_token = name, root, auth_token
-        self.ports = {k: free_port() for k in ("gcs", "dashboard", "client", "agent")}
+        self.ports = dict(zip(("gcs", "dashboard", "client", "agent"), free_ports(4)))
         self.proc: subprocess.Popen | None = None
 
     @property
