@@ -25,6 +25,7 @@ from PIL import Image
 
 from ddm import layout
 from ddm.assemble import load_ensemble
+from ddm.cost import ensemble_sampling_cost, forward_flops_of
 from ddm.flow import SAMPLERS, FlowMatching, VelocityFn
 from ddm.logs import progress
 from ddm.parallel import resolve_device
@@ -148,8 +149,6 @@ def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
 
 def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
-    from ddm.cost import ensemble_sampling_cost, forward_flops_of
-
     cfg = cfg.seeded()
     device = resolve_device(cfg.device)
     ens = load_ensemble(store, rule=cfg.rule or None, device=device)

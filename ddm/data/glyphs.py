@@ -38,10 +38,10 @@ def matplotlib_fonts() -> str:
     return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf")
 
 
-def find_fonts(locations: list[str], charset: str) -> list[str]:
+def find_fonts(locations: list[str], charset: str) -> dict[str, str]:
     """Font files under ``locations`` (folders searched recursively, or files; "matplotlib" is
     matplotlib's bundled fonts) that cover every character of ``charset``, sorted, one per
-    distinct file content. A location that does not exist is an error."""
+    distinct file content, each with its sha256. A location that does not exist is an error."""
     from fontTools.ttLib import TTFont  # a matplotlib dependency
 
     files: list[str] = []
@@ -56,12 +56,13 @@ def find_fonts(locations: list[str], charset: str) -> list[str]:
                 f"font location {loc!r} does not exist; give font folders or files in ingest.fonts (empty: the fonts "
                 "matplotlib ships); on Debian, apt-get install fonts-noto-core puts more under /usr/share/fonts"
             )
-    chosen, seen = [], set()
+    chosen: dict[str, str] = {}
     for f in sorted(set(files)):
         if any(s.lower() in os.path.basename(f).lower() for s in _SYMBOL_FACES):
             continue
-        digest = _sha256(f)
-        if digest in seen:
+        with open(f, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if digest in chosen.values():
             continue
         try:
             with TTFont(f, fontNumber=0, lazy=True) as font:
@@ -69,8 +70,7 @@ def find_fonts(locations: list[str], charset: str) -> list[str]:
         except Exception:  # noqa: BLE001 - a broken font file is skipped, not fatal
             continue
         if all(ord(c) in cmap for c in charset):
-            chosen.append(f)
-            seen.add(digest)
+            chosen[f] = digest
     if not chosen:
         raise ValueError(
             f"no font under {locations or ['matplotlib']} has glyphs for every character of {charset!r}; add font "
@@ -78,14 +78,6 @@ def find_fonts(locations: list[str], charset: str) -> list[str]:
             "ingest.charset"
         )
     return chosen
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=4096)

@@ -140,7 +140,8 @@ class GlyphSource(Source):
         self.charset = cfg.charset or glyphs.DEFAULT_CHARSET
         if len(set(self.charset)) != len(self.charset):
             raise ValueError(f"ingest.charset {self.charset!r} repeats a character; each character is one class")
-        self.fonts = glyphs.find_fonts(list(cfg.fonts), self.charset)
+        self.font_digests = glyphs.find_fonts(list(cfg.fonts), self.charset)
+        self.fonts = list(self.font_digests)
         self.n, self.cfg = n, cfg
         self.class_names = list(self.charset)
         self.skipped = []
@@ -149,9 +150,7 @@ class GlyphSource(Source):
     @property
     def info(self) -> dict:
         """What the dataset was made from (the manifest keeps it): each face's file name and sha256."""
-        from ddm.data.glyphs import _sha256
-
-        return {"fonts": [{"file": os.path.basename(f), "sha256": _sha256(f)} for f in self.fonts]}
+        return {"fonts": [{"file": os.path.basename(f), "sha256": d} for f, d in self.font_digests.items()]}
 
     def __len__(self) -> int:
         return self.n
@@ -248,18 +247,13 @@ def open_source(cfg: IngestConfig) -> Source:
     src = cfg.source
     if src == "digits":
         return DigitsSource(cfg)
-    if src.startswith("synthetic:"):
-        try:
-            n = int(src.split(":", 1)[1])
-        except ValueError as e:
-            raise ValueError(f"source {src!r}: expected synthetic:<number of samples>") from e
-        return SyntheticSource(cfg, n)
-    if src.startswith("glyphs:"):
-        try:
-            n = int(src.split(":", 1)[1])
-        except ValueError as e:
-            raise ValueError(f"source {src!r}: expected glyphs:<number of samples>") from e
-        return GlyphSource(cfg, n)
+    for kind, cls in (("synthetic", SyntheticSource), ("glyphs", GlyphSource)):
+        if src.startswith(f"{kind}:"):
+            try:
+                n = int(src.split(":", 1)[1])
+            except ValueError as e:
+                raise ValueError(f"source {src!r}: expected {kind}:<number of samples>") from e
+            return cls(cfg, n)
     if "://" not in src and os.path.isdir(src) and not any(f.endswith(".parquet") for f in os.listdir(src)):
         return FolderSource(cfg, src)
     if src.endswith(".parquet") or "://" in src or os.path.isdir(src):
