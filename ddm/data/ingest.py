@@ -5,11 +5,23 @@ Sources:
   glyphs:N            N characters rendered from fonts (62 classes, 16x16; offline; ``ddm.data.glyphs``)
   synthetic:N         N procedurally drawn images (class-dependent blobs), for tests and benchmarks
   <folder>            an image folder with one sub-folder per class (png, jpg, jpeg, bmp, webp, gif)
-  <file.parquet|dir>  existing Parquet with an encoded-image column and a label column
+  <file.parquet|dir>  Parquet with an encoded-image column (bytes or the hubs' {bytes, path}) and labels
+  <shards.tar|dir>    WebDataset tar shards (<key>.jpg|png|webp + <key>.cls or .json labels);
+                      brace patterns work: s3://bucket/imagenet/train-{0000..1023}.tar
+Folders, Parquet and tars may live in any fsspec store (s3://..., gs://..., local paths).
 
-Images are center-cropped and resized to ``resolution``. Unreadable image files are skipped,
-counted and listed in the manifest (``skipped``) and the log, so one bad file does not sink a
-million-image ingest; if every file is unreadable the ingest fails.
+How it runs: a Ray Data pipeline (``runner=ray``; the default for file sources and encoders) on
+the local Ray runtime, or on a cluster with ``--address``: read + decode + resize on CPU tasks
+(``workers`` at once), encode on an actor pool that takes GPUs when the cluster has them
+(``encode_actors``, ``actors_per_gpu``, ``encode_batch_size``), each output shard written and
+committed on its own (``ddm.data.pipeline``). Generated sources run in this process
+(``runner=local``), and the two give byte-identical shards. A killed ingest re-run with the same
+config redoes only the shards it had not committed; the dataset manifest is written last.
+
+Images are center-cropped and resized to ``resolution``. Unreadable images are skipped, counted
+and listed in the manifest (``skipped``) and the log, so one bad file does not sink a
+million-image ingest; if every file is unreadable the ingest fails. A source's first samples are
+decoded before any other work, so a wrong column, path or format fails at once.
 
 Encoders: ``identity`` stores uint8 pixels (C, H, W); ``vae`` (or ``vae:<hub id>``) stores SD-VAE
 latents (diffusers' AutoencoderKL; needs diffusers and the weights, and says so when they are missing).
@@ -24,14 +36,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ddm.config import to_dict
+from ddm.data.pipeline import ShardCommits, Stage, check_runner, cluster_gpus, connected, run_units
 from ddm.data.shards import encode_shard, shard_name
-from ddm.data.sources import VAEEncoder, open_source
-from ddm.layout import DATA_DIR, SHARDS_DIR
-from ddm.lease import holding
+from ddm.data.sources import generated_units, load_unit, open_source
+from ddm.layout import DATA_DIR
+from ddm.lease import Token, fenced, holding
 from ddm.logs import progress
 from ddm.store import Store
 
 log = logging.getLogger("ddm.ingest")
+
+# How an ingest runs, not what it makes: left out when a re-run is compared with the dataset.
+EXECUTION = ("runner", "workers", "encode_batch_size", "encode_actors", "actors_per_gpu")
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,12 @@ class IngestConfig:
     seed: int = 0  # synthetic and glyph sources
     fonts: list[str] = field(default_factory=list)  # glyphs: font folders/files (empty: matplotlib's own)
     charset: str = ""  # glyphs: the characters, one class each (empty: 0-9, A-Z, a-z)
+    # How it runs (see EXECUTION): none of these changes the shards.
+    runner: str = "auto"  # ray (Ray Data), local (this process) or auto (ray for files and encoders)
+    workers: int = 0  # read/decode tasks at once (0: as many as the cluster's CPUs allow)
+    encode_batch_size: int = 64  # images per encoder forward
+    encode_actors: int = 0  # encoder actors (0: actors_per_gpu per GPU of the cluster, else 1 on CPU)
+    actors_per_gpu: int = 1  # encoder actors sharing one GPU
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -65,25 +87,34 @@ class IngestConfig:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.encoder != "identity" and self.encoder != "vae" and not self.encoder.startswith("vae:"):
             raise ValueError(f"encoder {self.encoder!r} is unknown; use identity, vae or vae:<hub id>")
+        check_runner(self.runner)
+        if self.workers < 0 or self.encode_actors < 0 or self.encode_batch_size < 1 or self.actors_per_gpu < 1:
+            raise ValueError("workers and encode_actors must be >= 0, encode_batch_size and actors_per_gpu >= 1")
+
+    def identity(self) -> dict:
+        """What the dataset is made from and how (the fields a re-run must match)."""
+        return {k: v for k, v in to_dict(self).items() if k not in EXECUTION}
 
 
 # --- ingest -----------------------------------------------------------------------------------
 
 
-def ingest(cfg: IngestConfig, store: Store) -> dict:
+def ingest(cfg: IngestConfig, store: Store, address: str | None = None) -> dict:
     """Write ``cfg.source`` into ``store`` as shards and commit the dataset manifest.
 
     Re-running with the same config on a store that already holds the committed dataset does
     nothing and returns its manifest; a different config there is an error (nothing is overwritten).
-    Shards left by a crashed ingest (no manifest) are replaced. One ingest writes at a time: it holds
-    the lease on data/ (``ddm.lease``), and a second one is refused.
+    A crashed ingest's committed shards are kept and the rest redone when the config is the same
+    (another config's leftovers are removed). One ingest writes at a time: it holds the lease on
+    data/ (``ddm.lease``), and a second one is refused. ``address``: the Ray cluster for
+    ``runner=ray`` (default: the one this process is connected to, or a local runtime).
     """
     store.check_reachable()
     done = _ingested(cfg, store)
     if done is not None:
         return done
-    with holding(store, DATA_DIR, "ddm ingest") as (writes, _):
-        return _ingested(cfg, writes) or _ingest(cfg, writes)
+    with holding(store, DATA_DIR, "ddm ingest") as (writes, token):
+        return _ingested(cfg, writes) or _ingest(cfg, writes, token, address)
 
 
 def _ingested(cfg: IngestConfig, store: Store) -> dict | None:
@@ -92,7 +123,8 @@ def _ingested(cfg: IngestConfig, store: Store) -> dict | None:
         return None
     manifest = store.manifest(DATA_DIR)
     # Fields added in later versions count as their defaults in older manifests.
-    if {**to_dict(IngestConfig()), **manifest.get("ingest", {})} == to_dict(cfg):
+    made = {**IngestConfig().identity(), **{k: v for k, v in manifest.get("ingest", {}).items() if k not in EXECUTION}}
+    if made == cfg.identity():
         log.info("dataset already ingested in %s/%s; nothing to do", store.url, DATA_DIR)
         return manifest
     raise ValueError(
@@ -101,83 +133,171 @@ def _ingested(cfg: IngestConfig, store: Store) -> dict | None:
     )
 
 
-def _ingest(cfg: IngestConfig, store: Store) -> dict:
-    if store.list(f"{DATA_DIR}/{SHARDS_DIR}"):
-        log.warning("removing uncommitted shards left by an interrupted ingest in %s/%s", store.url, DATA_DIR)
-        store.delete(f"{DATA_DIR}/{SHARDS_DIR}", recursive=True)
+def choose_runner(cfg: IngestConfig, generated: bool, units: int, address: str | None) -> str:
+    """Generated sources are made in order by this process. File sources run where ``runner`` says;
+    auto: Ray Data, except for a source of one shard without a cluster address (tiny data: no Ray
+    start)."""
+    if generated:
+        if cfg.runner == "ray":
+            log.info("source %s is generated in order by one process: it runs here, not on Ray", cfg.source)
+        return "local"
+    if cfg.runner == "auto":
+        return "ray" if units > 1 or address else "local"
+    return cfg.runner
 
-    source = open_source(cfg)
-    encoder = VAEEncoder(cfg.encoder) if cfg.encoder != "identity" else None
+
+def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) -> dict:
     t0 = time.perf_counter()
-    known: dict[str, dict] = {}
-    shard_rows: list[int] = []
-    label_counts: dict[int, int] = {}
-    sample_shape: tuple[int, ...] | None = None
-    dtype = "uint8"
-    ids, arrays, labels = [], [], []
+    source = open_source(cfg)
+    source.validate(cfg)  # the first samples decode, before anything is written or started
+    units = source.units(cfg.shard_size)
+    commits = ShardCommits(store, DATA_DIR)
+    plan = {
+        "ingest": cfg.identity(),
+        "num_units": len(units),
+        "class_names": source.class_names,
+        "units": _digest(units),
+    }
+    done = commits.start(plan)
+    todo = [u for u in units if u["index"] not in done]
+    runner = "local" if not todo else choose_runner(cfg, source.generated, len(units), address)
+    log.info(
+        "ingest %s: %d samples in %d shards (%d to do) on %s",
+        cfg.source,
+        len(source),
+        len(units),
+        len(todo),
+        "Ray Data" if runner == "ray" else "this process",
+    )
+    write = Stage("write", lambda: WriteShard(store.url, token))
+    with connected(runner, address):
+        stages = [] if source.generated else [Stage("read", lambda: ReadUnit(cfg), concurrency=cfg.workers or None)]
+        if cfg.encoder != "identity":
+            stages.append(_encode_stage(cfg, runner))
+        stages.append(write)
+        if source.generated:  # made here, in order; committed shards are made again but not rewritten
+            steps = [s.make() for s in stages]
+            records = []
+            for part in progress(generated_units(source, units), total=len(units), desc="ingest", unit="shard"):
+                if part["index"] in done:
+                    continue
+                for step in steps:
+                    part = step(part)
+                records.append(part)
+        else:
+            records = list(run_units(todo, stages, runner, "ingest"))
+    return _commit(cfg, commits, source, {**done, **{r["index"]: r for r in records}}, time.perf_counter() - t0)
 
-    stored_shape: tuple[int, ...] = ()  # what the shards hold: pixels, or latents after the encoder
 
-    def flush() -> None:
-        nonlocal dtype, stored_shape
-        batch = np.stack(arrays)
-        if encoder is not None:
-            batch = encoder(batch)
-        dtype, stored_shape = str(batch.dtype), tuple(batch.shape[1:])
-        name = shard_name(len(shard_rows))
-        known[name] = store.write_hashed(f"{DATA_DIR}/{name}", encode_shard(np.array(ids), batch, np.array(labels)))
-        shard_rows.append(len(ids))
-        ids.clear(), arrays.clear(), labels.clear()
+def _encode_stage(cfg: IngestConfig, runner: str) -> Stage:
+    gpus = cluster_gpus() if runner == "ray" else 0.0
+    actors = cfg.encode_actors or (max(1, int(gpus) * cfg.actors_per_gpu) if gpus else 1)
+    return Stage(
+        "encode",
+        lambda: EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed),
+        num_cpus=1,
+        num_gpus=1.0 / cfg.actors_per_gpu if gpus else 0.0,
+        actors=actors,
+    )
 
-    next_id = 0
-    for label, arr in progress(source, total=len(source), desc="ingest", unit="img", mininterval=1.0):
-        if sample_shape is None:
-            sample_shape = arr.shape
-        elif arr.shape != sample_shape:
-            raise ValueError(
-                f"sample {next_id} has shape {arr.shape} but earlier samples have {sample_shape}; "
-                "set resolution=<side> so every image is resized to one size"
-            )
-        ids.append(next_id)
-        arrays.append(arr)
-        labels.append(label)
-        label_counts[label] = label_counts.get(label, 0) + 1
-        next_id += 1
-        if len(ids) == cfg.shard_size:
-            flush()
-    if ids:
-        flush()
-    if next_id == 0:
+
+class ReadUnit:
+    """Read, decode and resize one unit (a CPU task)."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.resolution, self.channels = cfg.resolution, cfg.channels
+
+    def __call__(self, unit: dict) -> dict:
+        return load_unit(unit, self.resolution, self.channels)
+
+
+class EncodeUnit:
+    """A unit's images -> SD-VAE latents (an actor: the VAE loads once)."""
+
+    def __init__(self, spec: str, batch_size: int, seed: int):
+        from ddm.data.encoders import VAEEncoder
+
+        self.encoder = VAEEncoder(spec, batch_size, seed)
+
+    def __call__(self, part: dict) -> dict:
+        if len(part["ids"]):
+            part["arrays"] = self.encoder(part["arrays"])
+        return part
+
+
+class WriteShard:
+    """Write one unit's shard and commit it (its progress record); returns the record."""
+
+    def __init__(self, url: str, token: Token):
+        self.commits = ShardCommits(fenced(Store(url), token), DATA_DIR)
+
+    def __call__(self, part: dict) -> dict:
+        ids, arrays, labels = part["ids"], part["arrays"], part["labels"]
+        record = {
+            "rows": len(ids),
+            "skipped": part["skipped"],
+            "label_counts": {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))},
+            "sample_shape": list(arrays.shape[1:]) if len(ids) else None,
+            "dtype": str(arrays.dtype),
+        }
+        files = {shard_name(part["index"]): encode_shard(ids, arrays, labels)} if len(ids) else {}
+        return self.commits.commit(part["index"], files, record)
+
+
+def _digest(units: list[dict]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(units, sort_keys=True).encode()).hexdigest()
+
+
+def _commit(cfg: IngestConfig, commits: ShardCommits, source, records: dict[int, dict], seconds: float) -> dict:
+    ordered = [records[i] for i in sorted(records)]
+    skipped = [s for r in ordered for s in r["skipped"]]
+    written = [r for r in ordered if r["rows"]]
+    if not written:
         raise ValueError(
-            f"source {cfg.source!r} produced no readable samples ({len(source.skipped)} unreadable); nothing was "
-            "written"
+            f"source {cfg.source!r} produced no readable samples ({len(skipped)} unreadable); nothing was written"
         )
+    shapes = {tuple(r["sample_shape"]) for r in written}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"shards came out with different sample shapes {sorted(shapes)}; set resolution=<side> so every image "
+            "is resized to one size"
+        )
+    label_counts: dict[int, int] = {}
+    for r in written:
+        for k, v in r["label_counts"].items():
+            label_counts[int(k)] = label_counts.get(int(k), 0) + v
+    stored_shape, dtype = list(shapes.pop()), written[0]["dtype"]
+    n = sum(r["rows"] for r in written)
     meta = {
         "kind": "ddm.dataset",
-        "format_version": 1,
-        "num_samples": next_id,
-        "shard_rows": shard_rows,
-        "sample_shape": list(stored_shape),
+        "format_version": 2,
+        "num_samples": n,
+        "shards": [shard_name(r["index"]) for r in written],
+        "shard_rows": [r["rows"] for r in written],
+        "sample_shape": stored_shape,
         "dtype": dtype,
         "encoder": cfg.encoder,
-        "value_range": [0, 255] if encoder is None else None,
+        "value_range": [0, 255] if cfg.encoder == "identity" else None,
         "num_classes": len(source.class_names),
         "class_names": source.class_names,
         "label_counts": {str(k): v for k, v in sorted(label_counts.items())},
-        "skipped": {"count": len(source.skipped), "examples": source.skipped[:20]},
+        "skipped": {"count": len(skipped), "examples": skipped[:20]},
         "ingest": to_dict(cfg),
         "source_info": getattr(source, "info", {}),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
     }
-    manifest = store.commit(DATA_DIR, list(known), meta=meta, known=known)
-    if source.skipped:
-        log.warning("%d unreadable samples were skipped (listed in the manifest under 'skipped')", len(source.skipped))
+    manifest = commits.finish(ordered, meta)
+    if skipped:
+        log.warning("%d unreadable samples were skipped (listed in the manifest under 'skipped')", len(skipped))
     log.info(
         "ingested %d samples of shape %s into %d shards at %s/%s",
-        next_id,
-        stored_shape,
-        len(shard_rows),
-        store.url,
+        n,
+        tuple(stored_shape),
+        len(written),
+        commits.store.url,
         DATA_DIR,
     )
     return manifest

@@ -88,6 +88,8 @@ class Dataset:
         self.sample_shape = tuple(self.manifest["sample_shape"])
         self.dtype = self.manifest["dtype"]
         self.shard_rows: list[int] = list(self.manifest["shard_rows"])
+        # Format 2 lists its shards (a unit with no readable sample has none); format 1 numbered them.
+        self.shard_names: list[str] = self.manifest.get("shards") or [shard_name(i) for i in range(len(self.shard_rows))]
 
     @property
     def num_samples(self) -> int:
@@ -103,7 +105,7 @@ class Dataset:
 
     def read_shard(self, index: int) -> Shard:
         """Shard ``index``, verified against the manifest's sha256."""
-        raw = self.store.read_verified(DATA_DIR, shard_name(index))
+        raw = self.store.read_verified(DATA_DIR, self.shard_names[index])
         return decode_shard(raw, self.sample_shape, self.dtype)
 
     def iter_shards(self):

@@ -1,19 +1,36 @@
-"""What ``ddm ingest`` reads and how it encodes: sources (each yields (label, uint8 (C, H, W)) and
-knows its class names; unreadable images are skipped and listed) and the SD-VAE encoder."""
+"""What ``ddm ingest`` reads: sources, cut into units of work (one per output shard).
+
+Two kinds of source:
+
+- **Files** (image folders, Parquet with image bytes, WebDataset tar shards; each from any fsspec
+  URL). The driver only lists them (``units``: which files, rows or tar samples make each output
+  shard); ``load_unit`` reads, decodes, converts and resizes one unit anywhere (a Ray task on any
+  node, or this process). Unreadable samples are skipped and listed; a sample's id is its position
+  in the source, so ids and shards do not depend on which worker ran what.
+- **Generated** (digits, glyphs:N, synthetic:N): made in order by one process from one random
+  stream (``generate``), cut into the same units.
+
+Either way a unit becomes ``{"index", "ids", "arrays" (N, C, H, W) uint8, "labels", "skipped"}``.
+"""
 
 from __future__ import annotations
 
 import abc
 import io
+import json
 import logging
 import os
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator
 
 import fsspec
 import numpy as np
-import pyarrow.dataset as pads
-import torch
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ddm.data.pipeline import even_units
 
 if TYPE_CHECKING:  # the config belongs to the ingest stage, which imports this module
     from ddm.data.ingest import IngestConfig
@@ -21,20 +38,34 @@ if TYPE_CHECKING:  # the config belongs to the ingest stage, which imports this 
 log = logging.getLogger("ddm.ingest")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+# What a decoder may raise on a bad image (truncated, not an image, too large, bad mode).
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError)
 
 
 class Source(abc.ABC):
-    """Yields (label, uint8 array (C, H, W)); knows its class names and what it had to skip."""
+    """Knows its class names and how many items it has; cuts them into units of work."""
 
     class_names: list[str]
-    skipped: list[str]
-
-    @abc.abstractmethod
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]: ...
+    info: dict = {}
+    generated = False  # True: made in order by this process (``generate``), not loaded per unit
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
+
+    def units(self, shard_size: int) -> list[dict]:
+        """One dict per output shard: its index, its first item's position and what to load."""
+        return [
+            {"index": i, "start": a, "stop": b, **self._unit(a, b)} for i, (a, b) in enumerate(even_units(len(self), shard_size))
+        ]
+
+    def _unit(self, start: int, stop: int) -> dict:
+        return {}
+
+    def validate(self, cfg: IngestConfig) -> None:
+        """Decode the first few items (before any cluster work) so a wrong source fails at once."""
+
+    def generate(self) -> Iterator[tuple[int, np.ndarray]]:
+        raise NotImplementedError
 
 
 def to_8bit(img: Image.Image, channels: int) -> Image.Image:
@@ -75,6 +106,8 @@ def _to_chw(img, resolution: int, channels: int) -> np.ndarray:
 class DigitsSource(Source):
     """scikit-learn's 8x8 digits: real handwriting that ships with the package (no network)."""
 
+    generated = True
+
     def __init__(self, cfg: IngestConfig):
         from sklearn.datasets import load_digits  # scikit-learn takes 1.5 s to import: only where used
 
@@ -82,13 +115,12 @@ class DigitsSource(Source):
         self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
         self.labels = digits.target.astype(np.int64)
         self.class_names = [str(i) for i in range(10)]
-        self.skipped = []
         self.cfg = cfg
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __iter__(self):
+    def generate(self):
         res, ch = self.cfg.resolution, self.cfg.channels or 1
         for img, label in zip(self.images, self.labels):
             if (res in (0, 8)) and ch == 1:
@@ -100,17 +132,18 @@ class DigitsSource(Source):
 class SyntheticSource(Source):
     """N small images of class-dependent Gaussian blobs plus noise, generated deterministically."""
 
+    generated = True
+
     def __init__(self, cfg: IngestConfig, n: int, num_classes: int = 10):
         if n < 1:
             raise ValueError(f"synthetic source needs N >= 1, got {n}")
         self.n, self.cfg, self.num_classes = n, cfg, num_classes
         self.class_names = [f"blob{i}" for i in range(num_classes)]
-        self.skipped = []
 
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
+    def generate(self):
         res, ch = self.cfg.resolution or 16, self.cfg.channels or 1
         rng = np.random.default_rng(self.cfg.seed)
         yy, xx = np.mgrid[0:res, 0:res] / res
@@ -132,6 +165,8 @@ class GlyphSource(Source):
     """``glyphs:N``: N characters rendered from fonts with random size, position, rotation, shear and
     weight (``ddm.data.glyphs``); classes are the characters of ``charset``; deterministic in ``seed``."""
 
+    generated = True
+
     def __init__(self, cfg: IngestConfig, n: int):
         from ddm.data import glyphs
 
@@ -144,7 +179,6 @@ class GlyphSource(Source):
         self.fonts = list(self.font_digests)
         self.n, self.cfg = n, cfg
         self.class_names = list(self.charset)
-        self.skipped = []
         log.info("glyphs: %d samples of %d characters from %d font faces", n, len(self.charset), len(self.fonts))
 
     @property
@@ -155,7 +189,7 @@ class GlyphSource(Source):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
+    def generate(self):
         from ddm.data.glyphs import render
 
         res, ch = self.cfg.resolution or 16, self.cfg.channels or 1
@@ -166,81 +200,344 @@ class GlyphSource(Source):
             yield label, np.repeat(img[None], ch, axis=0)
 
 
+# --- files: folders, Parquet, WebDataset ---------------------------------------------------------
+
+
+def decode(raw: bytes, resolution: int, channels: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 (C, H, W), 8-bit converted, center-cropped and resized."""
+    with Image.open(io.BytesIO(raw)) as img:
+        return _to_chw(img, resolution, channels)
+
+
+def _url(fs, path: str) -> str:
+    """A path of ``fs`` as a URL any process can open (local paths stay paths)."""
+    return path if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol else fs.unstrip_protocol(path)
+
+
 class FolderSource(Source):
     """root/<class name>/<image files>; classes sorted by name, files sorted within a class."""
 
     def __init__(self, cfg: IngestConfig, root: str):
-        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+        fs, path = fsspec.core.url_to_fs(root)
+        entries = fs.ls(path, detail=True)
+        classes = sorted(
+            os.path.basename(e["name"].rstrip("/"))
+            for e in entries
+            if e["type"] == "directory" and not os.path.basename(e["name"].rstrip("/")).startswith(".")
+        )
         if not classes:
             raise ValueError(f"image folder {root!r} has no class sub-folders; expected {root}/<class>/<images>")
         self.files: list[tuple[str, int]] = []
         for idx, name in enumerate(classes):
-            folder = os.path.join(root, name)
-            for f in sorted(os.listdir(folder)):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    self.files.append((os.path.join(folder, f), idx))
+            found = sorted(f for f in fs.ls(f"{path.rstrip('/')}/{name}", detail=False) if f.lower().endswith(IMAGE_EXTENSIONS))
+            self.files += [(_url(fs, f), idx) for f in found]
         if not self.files:
             raise ValueError(f"image folder {root!r} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.class_names = classes
-        self.cfg = cfg
-        self.skipped = []
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __iter__(self):
-        for path, label in self.files:
-            try:
-                with Image.open(path) as img:
-                    arr = _to_chw(img, self.cfg.resolution, self.cfg.channels or 3)
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                self.skipped.append(path)
-                log.warning("skipping unreadable image %s (%s)", path, type(e).__name__)
-                continue
-            yield label, arr
+    def _unit(self, start: int, stop: int) -> dict:
+        return {"kind": "files", "files": self.files[start:stop]}
+
+    def validate(self, cfg: IngestConfig) -> None:
+        _check_first(self.units(min(len(self), 16))[0], cfg, "image folder")
 
 
 class ParquetSource(Source):
-    """Parquet file(s) with an encoded image column (bytes, or a {bytes, path} struct) and labels."""
+    """Parquet file(s) with an encoded image column (bytes, or the dataset hubs' {bytes, path}
+    struct) and an integer label column; class names from the hub's metadata when it has them."""
 
     def __init__(self, cfg: IngestConfig, url: str):
         fs, path = fsspec.core.url_to_fs(url)
         if not fs.exists(path):
             raise ValueError(f"Parquet source {url!r} does not exist")
-        self.dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        names = self.dataset.schema.names
-        for col in (cfg.image_column, cfg.label_column):
-            if col not in names:
-                raise ValueError(f"Parquet source {url!r} has no column {col!r}; its columns are {names}")
-        self.n = self.dataset.count_rows()
+        files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.isdir(path) else [path]
+        if not files:
+            raise ValueError(f"Parquet source {url!r} holds no .parquet files")
+        self.files, self.rows = [], []
+        names: list[str] | None = None
+        label_max = -1
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                schema = pf.schema_arrow
+                for col in (cfg.image_column, cfg.label_column):
+                    if col not in schema.names:
+                        raise ValueError(f"Parquet source {_url(fs, f)!r} has no column {col!r}; its columns are {schema.names}")
+                labels = pf.read(columns=[cfg.label_column], use_threads=False).column(0)
+                if not (labels.type.id in range(2, 10) or str(labels.type).startswith(("int", "uint"))):
+                    raise ValueError(
+                        f"Parquet source {_url(fs, f)!r}: label column {cfg.label_column!r} holds {labels.type}, "
+                        "not integer class ids; set label_column=<the integer column>"
+                    )
+                if len(labels):
+                    label_max = max(label_max, int(np.max(labels.to_numpy(zero_copy_only=False))))
+                names = names or _hub_class_names(schema, cfg.label_column)
+                self.files.append(_url(fs, f))
+                self.rows.append(pf.metadata.num_rows)
+        self.n = sum(self.rows)
         if self.n == 0:
             raise ValueError(f"Parquet source {url!r} has no rows")
-        labels = self.dataset.to_table(columns=[cfg.label_column], use_threads=False).column(0).to_numpy()
-        self.class_names = [str(i) for i in range(int(labels.max()) + 1)]
-        self.cfg = cfg
-        self.skipped = []
+        self.class_names = names if names and len(names) > label_max else [str(i) for i in range(label_max + 1)]
+        self.columns = [cfg.image_column, cfg.label_column]
 
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
-        cfg = self.cfg
-        row = 0
-        # use_threads=False: see ddm.data.shards.read_parquet_bytes (pyarrow exit aborts).
-        for batch in self.dataset.to_batches(columns=[cfg.image_column, cfg.label_column], use_threads=False):
-            images, labels = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-            for img, label in zip(images, labels):
-                raw = img["bytes"] if isinstance(img, dict) else img
-                try:
-                    with Image.open(io.BytesIO(raw)) as im:
-                        arr = _to_chw(im, cfg.resolution, cfg.channels or 3)
-                except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
-                    self.skipped.append(f"row {row}")
-                    log.warning("skipping unreadable image in row %d (%s)", row, type(e).__name__)
-                    row += 1
-                    continue
-                row += 1
-                yield int(label), arr
+    def _unit(self, start: int, stop: int) -> dict:
+        return {"kind": "parquet", "columns": self.columns, "pieces": _pieces(self.files, self.rows, start, stop)}
+
+    def validate(self, cfg: IngestConfig) -> None:
+        _check_first(self.units(min(self.n, 16))[0], cfg, "Parquet source")
+
+
+def _hub_class_names(schema, label_column: str) -> list[str] | None:
+    """Class names from a Hugging Face dataset's Parquet metadata (its ClassLabel feature)."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    try:
+        feature = json.loads(meta)["info"]["features"][label_column]
+        return [str(n) for n in feature["names"]] if feature.get("_type") == "ClassLabel" else None
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _pieces(files: list[str], counts: list[int], start: int, stop: int) -> list[list]:
+    """[file, first, stop) pieces of the global item range [start, stop) over files of ``counts`` items."""
+    out, offset = [], 0
+    for f, n in zip(files, counts):
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            out.append([f, lo - offset, hi - offset])
+        offset += n
+    return out
+
+
+WDS_IMAGE = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm")
+
+
+def _wds_samples(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """A WebDataset tar's samples in order: (key, {extension: member}); a sample's files are
+    consecutive members that share the key (the path up to the first dot of the file name)."""
+    key, members = None, {}
+    for m in tf:
+        if not m.isfile():
+            continue
+        d, base = os.path.split(m.name)
+        if base.startswith(".") or "." not in base:
+            continue
+        stem, ext = base.split(".", 1)
+        k = f"{d}/{stem}" if d else stem
+        if k != key and key is not None:
+            yield key, members
+            members = {}
+        key = k
+        members[ext.lower()] = m
+    if key is not None:
+        yield key, members
+
+
+def _wds_label(tf: tarfile.TarFile, members: dict, json_key: str) -> int | None:
+    if "cls" in members:
+        return int(tf.extractfile(members["cls"]).read().decode().strip())
+    if "json" in members:
+        value = json.loads(tf.extractfile(members["json"]).read()).get(json_key)
+        return None if value is None else int(value)
+    return None
+
+
+def _scan_tar(url: str, json_key: str) -> dict:
+    """One tar's sample count and label histogram (read once, before any work)."""
+    counts: dict[int, int] = {}
+    n = unlabeled = 0
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        for _, members in _wds_samples(tf):
+            n += 1
+            label = _wds_label(tf, members, json_key)
+            if label is None:
+                unlabeled += 1
+            else:
+                counts[label] = counts.get(label, 0) + 1
+    return {"samples": n, "labels": counts, "unlabeled": unlabeled}
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard patterns: ``a-{000..099}.tar`` (zero-padded ranges) and ``{x,y}``."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.groups()
+        options = [str(i).zfill(len(a)) for i in range(int(a), int(b) + 1)]
+    else:
+        options = body.split(",")
+    return [x for o in options for x in expand_braces(head + o + tail)]
+
+
+class WebDatasetSource(Source):
+    """WebDataset tar shards: samples of ``<key>.jpg|png|webp|...`` with a ``<key>.cls`` label (an
+    integer) or a ``<key>.json`` holding one under ``label_column``; other files (captions) are
+    ignored. Without any label in the whole dataset every sample is class 0 (unconditional)."""
+
+    def __init__(self, cfg: IngestConfig, spec: str):
+        if "{" in spec:
+            tars = expand_braces(spec)
+        else:
+            fs, path = fsspec.core.url_to_fs(spec)
+            if not fs.exists(path):
+                raise ValueError(f"WebDataset source {spec!r} does not exist")
+            found = sorted(f for f in fs.find(path) if f.endswith(".tar")) if fs.isdir(path) else [path]
+            tars = [_url(fs, f) for f in found]
+        if not tars:
+            raise ValueError(f"WebDataset source {spec!r} holds no .tar shards")
+        self.label_key = cfg.label_column
+        self._check_first_tar(tars[0])
+        with ThreadPoolExecutor(16) as pool:  # headers and labels only: I/O bound
+            scans = list(pool.map(lambda t: _scan_tar(t, self.label_key), tars))
+        self.tars = tars
+        self.counts = [s["samples"] for s in scans]
+        labels: dict[int, int] = {}
+        for s in scans:
+            for k, v in s["labels"].items():
+                labels[k] = labels.get(k, 0) + v
+        self.labeled = bool(labels)
+        if labels and min(labels) < 0:
+            raise ValueError(f"WebDataset source {spec!r} has a negative class label ({min(labels)})")
+        self.class_names = [str(i) for i in range(max(labels) + 1)] if labels else ["unlabeled"]
+        self.info = {"tars": len(tars), "unlabeled_samples": sum(s["unlabeled"] for s in scans) if labels else 0}
+        if not self.labeled:
+            log.info("WebDataset %s has no .cls or .json labels: every sample is class 0 (unconditional)", spec)
+        if sum(self.counts) == 0:
+            raise ValueError(f"WebDataset source {spec!r} holds no samples (files named <key>.<ext>)")
+
+    def _check_first_tar(self, url: str) -> None:
+        try:
+            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+                for i, (key, members) in enumerate(_wds_samples(tf)):
+                    if not any(e in members for e in WDS_IMAGE):
+                        raise ValueError(
+                            f"WebDataset shard {url!r}: sample {key!r} has no image file (found "
+                            f"{sorted(members)}; expected one of {', '.join(WDS_IMAGE)})"
+                        )
+                    if i == 8:
+                        break
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"WebDataset shard {url!r} is not a readable tar file ({e})") from e
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def _unit(self, start: int, stop: int) -> dict:
+        return {"kind": "tar", "label_key": self.label_key, "labeled": self.labeled, "pieces": _pieces(self.tars, self.counts, start, stop)}
+
+    def validate(self, cfg: IngestConfig) -> None:
+        _check_first(self.units(min(len(self), 16))[0], cfg, "WebDataset source")
+
+
+def _check_first(unit: dict, cfg: IngestConfig, what: str) -> None:
+    part = load_unit(unit, cfg.resolution, cfg.channels)
+    if len(part["ids"]) == 0:
+        raise ValueError(
+            f"{what} {cfg.source!r} produced no readable samples among its first {unit['stop'] - unit['start']} "
+            f"({', '.join(part['skipped'][:3])}); check the files, their format and the image/label columns"
+        )
+
+
+def _items(unit: dict) -> Iterator[tuple[int, int | None, bytes | None, str]]:
+    """(position, label, encoded image or None, where) of each item of a unit."""
+    pos = unit["start"]
+    if unit["kind"] == "files":
+        for path, label in unit["files"]:
+            try:
+                with fsspec.open(path, "rb") as f:
+                    raw = f.read()
+            except OSError:
+                raw = None
+            yield pos, label, raw, path
+            pos += 1
+    elif unit["kind"] == "parquet":
+        image_col, label_col = unit["columns"]
+        for url, lo, hi in unit["pieces"]:
+            with fsspec.open(url, "rb") as f:
+                pf = pq.ParquetFile(f)
+                starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+                groups = [g for g in range(pf.num_row_groups) if starts[g] < hi and starts[g + 1] > lo]
+                # use_threads=False: see ddm.data.shards.read_parquet_bytes (pyarrow exit aborts).
+                table = pf.read_row_groups(groups, columns=[image_col, label_col], use_threads=False)
+                table = table.slice(lo - starts[groups[0]], hi - lo)
+            images, labels = table.column(0).to_pylist(), table.column(1).to_pylist()
+            for r, (img, label) in enumerate(zip(images, labels)):
+                raw = img.get("bytes") if isinstance(img, dict) else img
+                yield pos, label, raw, f"{url} row {lo + r}"
+                pos += 1
+    elif unit["kind"] == "tar":
+        for url, lo, hi in unit["pieces"]:
+            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+                for k, (key, members) in enumerate(_wds_samples(tf)):
+                    if k >= hi:
+                        break
+                    if k < lo:
+                        continue
+                    where = f"{url}:{key}"
+                    ext = next((e for e in WDS_IMAGE if e in members), None)
+                    raw = tf.extractfile(members[ext]).read() if ext else None
+                    try:
+                        label = _wds_label(tf, members, unit["label_key"]) if unit["labeled"] else 0
+                    except (ValueError, UnicodeDecodeError):
+                        label = None
+                    yield pos, label, raw, where
+                    pos += 1
+    else:
+        raise ValueError(f"unknown unit kind {unit['kind']!r}")
+
+
+def load_unit(unit: dict, resolution: int, channels: int) -> dict:
+    """Read, decode, convert and resize one unit's items (an unreadable or unlabeled one is
+    skipped and listed); every sample of a unit must come out with the same shape."""
+    ids, arrays, labels, skipped = [], [], [], []
+    for pos, label, raw, where in _items(unit):
+        if label is None:
+            skipped.append(where)
+            log.warning("skipping %s: it has no label", where)
+            continue
+        try:
+            if raw is None:
+                raise OSError("no image bytes")
+            arr = decode(raw, resolution, channels or 3)
+        except UNREADABLE as e:
+            skipped.append(where)
+            log.warning("skipping unreadable image %s (%s)", where, type(e).__name__)
+            continue
+        if arrays and arr.shape != arrays[0].shape:
+            raise ValueError(
+                f"{where} has shape {arr.shape} but earlier samples have {arrays[0].shape}; "
+                "set resolution=<side> so every image is resized to one size"
+            )
+        ids.append(pos), arrays.append(arr), labels.append(int(label))
+    return {
+        "index": unit["index"],
+        "ids": np.asarray(ids, dtype=np.int64),
+        "arrays": np.stack(arrays) if arrays else np.zeros((0,), np.uint8),
+        "labels": np.asarray(labels, dtype=np.int32),
+        "skipped": skipped,
+    }
+
+
+def generated_units(source: Source, units: list[dict]) -> Iterator[dict]:
+    """A generated source's samples, in order, cut into ``units`` (ids are positions)."""
+    it = iter(source.generate())
+    for unit in units:
+        got = [next(it) for _ in range(unit["stop"] - unit["start"])]
+        yield {
+            "index": unit["index"],
+            "ids": np.arange(unit["start"], unit["stop"], dtype=np.int64),
+            "arrays": np.stack([a for _, a in got]),
+            "labels": np.asarray([label for label, _ in got], dtype=np.int32),
+            "skipped": [],
+        }
 
 
 def open_source(cfg: IngestConfig) -> Source:
@@ -254,41 +551,21 @@ def open_source(cfg: IngestConfig) -> Source:
             except ValueError as e:
                 raise ValueError(f"source {src!r}: expected {kind}:<number of samples>") from e
             return cls(cfg, n)
-    if "://" not in src and os.path.isdir(src) and not any(f.endswith(".parquet") for f in os.listdir(src)):
-        return FolderSource(cfg, src)
-    if src.endswith(".parquet") or "://" in src or os.path.isdir(src):
+    if src.endswith(".tar") or ("{" in src and ".tar" in src):
+        return WebDatasetSource(cfg, src)
+    if src.endswith(".parquet"):
         return ParquetSource(cfg, src)
-    raise ValueError(
-        f"source {src!r} does not exist; use digits, glyphs:N, synthetic:N, an image folder or a Parquet path"
-    )
-
-
-# --- encoders ---------------------------------------------------------------------------------
-
-
-class VAEEncoder:
-    """SD-VAE latents (paper: 256px images -> 32x32x4) via diffusers' AutoencoderKL."""
-
-    def __init__(self, spec: str):
-        self.model_id = spec.split(":", 1)[1] if ":" in spec else DEFAULT_VAE
-        try:
-            from diffusers import AutoencoderKL
-        except ImportError as e:
-            raise ValueError(
-                "encoder=vae needs the diffusers package (pip install diffusers); or use encoder=identity for pixels"
-            ) from e
-        try:
-            self.vae = AutoencoderKL.from_pretrained(self.model_id).eval()
-        except Exception as e:  # noqa: BLE001 - hub/network/cache errors come in many types
-            raise ValueError(
-                f"could not load the VAE weights {self.model_id!r} ({type(e).__name__}); they come from the "
-                "Hugging Face hub: make them reachable (network, or HF_HOME with a cached copy) or use encoder=identity"
-            ) from e
-        self.scale = float(getattr(self.vae.config, "scaling_factor", 0.18215))
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            x = torch.from_numpy(images).float() / 127.5 - 1.0
-            if x.shape[1] == 1:
-                x = x.repeat(1, 3, 1, 1)
-            return (self.vae.encode(x).latent_dist.sample() * self.scale).numpy().astype(np.float16)
+    fs, path = fsspec.core.url_to_fs(src)
+    if not fs.exists(path):
+        raise ValueError(
+            f"source {src!r} does not exist; use digits, glyphs:N, synthetic:N, an image folder, Parquet or "
+            "WebDataset tar shards"
+        )
+    if fs.isdir(path):
+        names = fs.find(path, maxdepth=2)
+        if any(n.endswith(".tar") for n in names):
+            return WebDatasetSource(cfg, src)
+        if any(n.endswith(".parquet") for n in names):
+            return ParquetSource(cfg, src)
+        return FolderSource(cfg, src)
+    raise ValueError(f"source {src!r} is a file that is not .parquet or .tar; point at the folder or shards")

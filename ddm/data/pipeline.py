@@ -1,0 +1,243 @@
+"""Shard-parallel data work: ingest, features and assignments as Ray Data pipelines, or in-process.
+
+Work is cut into *units*, one per output shard, each a small JSON-able dict that says where its
+inputs are. A unit flows through stages (e.g. read + decode + resize on CPU tasks, encode on an
+actor pool that takes GPUs, write), and its last stage commits it on its own (``ShardCommits``):
+the output file first, then a progress record next to it. The work's plan (what is made from what)
+is written before any unit; a re-run with the same plan reads the records and redoes only the
+units without one, so a crash at hour five costs the shards in flight, not five hours. The
+directory's MANIFEST.json is written last, from the records.
+
+Runners: ``ray`` runs the stages as a Ray Data pipeline on the Ray cluster this process is connected
+to (or a local Ray runtime it starts), streaming: a unit's arrays live in the object store between
+stages, and only a bounded number are in flight, so memory per worker is bounded by a shard whatever
+the dataset size. Ray retries a unit whose worker died. ``local`` runs the same stages in this
+process, one unit after another (tiny data, no Ray start). Both give the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from ddm.logs import progress
+from ddm.store import Store
+
+log = logging.getLogger("ddm.data")
+
+PROGRESS_DIR = "progress"
+PLAN_FILE = "plan.json"
+RUNNERS = ("auto", "ray", "local")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step a unit goes through.
+
+    ``make`` builds the step's callable (once per worker, or once per actor for a pool): a
+    callable class that loads a network goes on an actor pool of ``actors`` actors, each with
+    ``num_gpus``; a plain step runs as Ray tasks of ``num_cpus``, at most ``concurrency`` in
+    flight (None: as many as the cluster has room for).
+    """
+
+    name: str
+    make: Callable[[], Callable[[dict], dict]]
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    actors: int = 0  # > 0: an actor pool of this size (for steps that load a model)
+    concurrency: int | None = None
+
+
+def check_runner(runner: str) -> None:
+    if runner not in RUNNERS:
+        raise ValueError(f"runner {runner!r} is unknown; use auto, ray (Ray Data) or local (this process)")
+
+
+def ray_connected() -> bool:
+    with contextlib.suppress(ImportError):
+        import ray
+
+        return ray.is_initialized()
+    return False
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (0 without one)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
+@contextlib.contextmanager
+def connected(runner: str, address: str | None) -> Iterator[None]:
+    """Connected to Ray for the block when ``runner`` is ``ray`` (a runtime this opened is closed at
+    the end); nothing otherwise."""
+    if runner != "ray":
+        yield
+        return
+    from ddm.launchers.ray_job import ray_cluster
+
+    with ray_cluster(address, log_to_driver=False):
+        yield
+
+
+def run_units(units: list[dict], stages: list[Stage], runner: str, desc: str) -> Iterator[dict]:
+    """Each unit through ``stages``; yields the last stage's records as units finish (any order)."""
+    if not units:
+        return
+    if runner == "local":
+        steps = [s.make() for s in stages]
+        for unit in progress(units, desc=desc, unit="shard", mininterval=1.0):
+            for step in steps:
+                unit = step(unit)
+            yield unit
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts shards; Ray's per-operator bars would interleave with it
+    ctx.verbose_stats_logs = False
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+    for i, s in enumerate(stages):
+        first, last = i == 0, i == len(stages) - 1
+        fn = _RowStep(s.make, first, last)
+        if s.actors > 0:
+            ds = ds.map(
+                _ActorStep,
+                fn_constructor_args=(fn,),
+                concurrency=s.actors,
+                num_cpus=s.num_cpus,
+                num_gpus=s.num_gpus,
+            )
+        else:
+            ds = ds.map(fn, num_cpus=s.num_cpus, num_gpus=s.num_gpus, concurrency=s.concurrency)
+    for row in progress(ds.iter_rows(), total=len(units), desc=desc, unit="shard", mininterval=1.0):
+        yield json.loads(row["record"])
+
+
+class _RowStep:
+    """A stage's callable on Ray Data rows: the first stage reads the unit from its JSON, the last
+    returns its record as JSON; arrays in between travel as Ray Data tensor columns."""
+
+    def __init__(self, make: Callable, first: bool, last: bool):
+        self.make, self.first, self.last = make, first, last
+        self.step: Callable | None = None
+
+    def __call__(self, row: dict) -> dict:
+        if self.step is None:
+            self.step = self.make()
+        item = json.loads(row["unit"]) if self.first else _from_row(row)
+        out = self.step(item)
+        return {"record": json.dumps(out)} if self.last else _to_row(out)
+
+
+class _ActorStep:
+    def __init__(self, fn: _RowStep):
+        self.fn = fn
+        self.fn.step = fn.make()  # the model loads when the actor starts, not at its first unit
+
+    def __call__(self, row: dict) -> dict:
+        return self.fn(row)
+
+
+def _to_row(item: dict) -> dict:
+    """Arrays stay arrays (Ray Data tensors); everything else travels as one JSON column."""
+    import numpy as np
+
+    arrays = {k: v for k, v in item.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in item.items() if k not in arrays}
+    return {**{f"a_{k}": v for k, v in arrays.items()}, "meta": json.dumps(rest)}
+
+
+def _from_row(row: dict) -> dict:
+    import numpy as np
+
+    item = json.loads(row["meta"])
+    item.update({k[2:]: np.asarray(v) for k, v in row.items() if k.startswith("a_")})
+    return item
+
+
+# --- per-shard commits ------------------------------------------------------------------------
+
+
+class ShardCommits:
+    """Units committed one by one under ``folder`` of ``store``, then the folder by its manifest.
+
+    ``start(plan)`` writes ``folder/plan.json`` (or finds the same plan there from a crashed run and
+    returns the records of the units it committed; a different plan's leftovers are removed).
+    Workers call ``commit(index, files, record)``: the files are written, then the record
+    ``progress/<index>.json`` with their sizes and sha256 (the record is the unit's commit). The
+    driver's ``finish(meta)`` writes the manifest from the records and removes the progress folder.
+    """
+
+    def __init__(self, store: Store, folder: str):
+        self.store, self.folder = store, folder
+
+    def record_name(self, index: int) -> str:
+        return f"{self.folder}/{PROGRESS_DIR}/{index:05d}.json"
+
+    def start(self, plan: dict) -> dict[int, dict]:
+        store, folder = self.store, self.folder
+        if store.exists(f"{folder}/{PLAN_FILE}"):
+            old = store.read_json(f"{folder}/{PLAN_FILE}")
+            if old == plan:
+                done = self._committed()
+                if done:
+                    log.info(
+                        "resuming: %d of %d units of %s/%s were committed by an earlier run; redoing the rest",
+                        len(done),
+                        plan["num_units"],
+                        store.url,
+                        folder,
+                    )
+                return done
+            log.warning("removing the uncommitted leftovers of an interrupted run with another plan in %s/%s", store.url, folder)
+        if store.list(folder):
+            store.delete(folder, recursive=True)
+        store.write_json(f"{folder}/{PLAN_FILE}", plan)
+        return {}
+
+    def _committed(self) -> dict[int, dict]:
+        """Records whose files are all present at the recorded size (a unit whose files went missing
+        is redone)."""
+        done = {}
+        for name in self.store.list(f"{self.folder}/{PROGRESS_DIR}"):
+            if not name.endswith(".json"):
+                continue
+            rec = self.store.read_json(f"{self.folder}/{PROGRESS_DIR}/{name}")
+            files = rec["files"]
+            if all(self.store.exists(f"{self.folder}/{f}") and self.store.size(f"{self.folder}/{f}") == e["size"] for f, e in files.items()):
+                done[int(rec["index"])] = rec
+        return done
+
+    def commit(self, index: int, files: dict[str, bytes], record: dict) -> dict:
+        known = {name: self.store.write_hashed(f"{self.folder}/{name}", data) for name, data in files.items()}
+        record = {**record, "index": index, "files": known}
+        self.store.write_json(self.record_name(index), record)
+        return record
+
+    def finish(self, records: Iterable[dict], meta: dict) -> dict:
+        known = {name: entry for rec in records for name, entry in rec["files"].items()}
+        manifest = self.store.commit(self.folder, sorted(known), meta=meta, known=known)
+        with contextlib.suppress(Exception):  # tidy-up only: the manifest does not list them
+            self.store.delete(f"{self.folder}/{PROGRESS_DIR}", recursive=True)
+            self.store.delete(f"{self.folder}/{PLAN_FILE}")
+        return manifest
+
+
+def even_units(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive units of ``size`` items covering ``n``."""
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def default_workers() -> int:
+    return max(1, math.floor(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
