@@ -4,6 +4,9 @@ One run lives under one store URL. Every module that reads or writes a run takes
 here, so a name is spelled once::
 
     data/                           MANIFEST.json + shards/part-00000.parquet ...
+    features/<extractor>-<id>/      MANIFEST.json, extractor.safetensors, part-00000.safetensors ...
+                                    (one per data shard): partition features, computed once per
+                                    dataset and extractor settings, reused by every partitioning
     partitions/                     MANIFEST.json, assignments.parquet, centroids.safetensors
     experts/03/                     one training job's folder (see below)
     router/                         the router job
@@ -30,6 +33,7 @@ import re
 DATA_DIR = "data"
 SHARDS_DIR = "shards"
 PARTITIONS_DIR = "partitions"
+FEATURES_DIR = "features"
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.safetensors"
 ROUTER_DIR = "router"
@@ -61,6 +65,11 @@ RUN_LEASE = "run"  # the lease of a whole ``ddm run``; each stage and job also t
 def lease_dir(folder: str) -> str:
     """Where the lease on ``folder`` (a job folder, data/, partitions/, islands/, or RUN_LEASE) lives."""
     return f"{LEASES_DIR}/{folder.strip('/')}"
+
+
+def features_dir(extractor: str, settings: dict) -> str:
+    """Features of one dataset under one extractor's settings (``settings`` names the dataset)."""
+    return f"{FEATURES_DIR}/{extractor}-{short_digest(settings, 8)}"
 
 
 def expert_dir(partition: int) -> str:

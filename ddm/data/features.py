@@ -9,10 +9,23 @@ and saves what it needs to be re-applied (``state``) into the partition's safete
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import hashlib
+import logging
+import time
 
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from ddm.data.pipeline import ShardCommits, Stage, cluster_gpus, connected, run_units
 from ddm.data.shards import Dataset
+from ddm.layout import features_dir
+from ddm.lease import fenced, holding
+from ddm.store import Store
+
+log = logging.getLogger("ddm.partition")
+
+EXTRACTOR_STATE = "extractor.safetensors"
 
 
 def to_float(arrays: np.ndarray, dtype: str) -> np.ndarray:
@@ -25,6 +38,7 @@ class PCAFeatures:
     """Principal components of a seeded sample of (at most ``fit_samples``) stored arrays."""
 
     name = "pca"
+    neural = False
 
     def __init__(self, dim: int = 32, fit_samples: int = 10_000, seed: int = 0):
         self.dim, self.fit_samples, self.seed = dim, fit_samples, seed
@@ -60,26 +74,21 @@ class PCAFeatures:
 
 
 class DINOv2Features:
-    """Pooled DINOv2 features (the paper's extractor); images are resized to 224 px."""
+    """Pooled DINOv2 features (the paper's extractor; ``ddm.data.encoders``); images resized to 224 px."""
 
     name = "dinov2"
+    neural = True
 
-    def __init__(self, model_id: str = "facebook/dinov2-small", batch_size: int = 64):
-        self.model_id, self.batch_size = model_id, batch_size
-        try:
-            from transformers import AutoModel
-        except ImportError as e:
-            raise ValueError(
-                "features=dinov2 needs the transformers package (pip install transformers) and the DINOv2 "
-                "weights; use features=pca to partition offline"
-            ) from e
-        try:
-            self.model = AutoModel.from_pretrained(model_id).eval()
-        except Exception as e:  # noqa: BLE001 - hub/network/cache errors come in many types
-            raise ValueError(
-                f"could not load DINOv2 weights {model_id!r} ({type(e).__name__}): they come from the Hugging Face "
-                "hub; make them reachable (network, or HF_HOME with a cached copy) or use features=pca"
-            ) from e
+    def __init__(self, spec: str = "dinov2", batch_size: int = 64, seed: int = 0):
+        self.spec, self.batch_size, self.seed = spec, batch_size, seed
+        self.model = None
+
+    def load(self) -> "DINOv2Features":
+        """Load the network (in the worker that runs it; the driver only checks that it loads)."""
+        from ddm.data.encoders import DINOv2Model
+
+        self.model = DINOv2Model(self.spec, self.batch_size, seed=self.seed)
+        return self
 
     def fit(self, dataset: Dataset) -> "DINOv2Features":
         if dataset.dtype != "uint8":
@@ -87,27 +96,159 @@ class DINOv2Features:
         return self
 
     def __call__(self, arrays: np.ndarray, dtype: str) -> np.ndarray:
-        out = []
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        with torch.no_grad():
-            for i in range(0, len(arrays), self.batch_size):
-                x = torch.from_numpy(arrays[i : i + self.batch_size]).float() / 255.0
-                if x.shape[1] == 1:
-                    x = x.repeat(1, 3, 1, 1)
-                x = torch.nn.functional.interpolate(x, size=224, mode="bicubic", align_corners=False)
-                pooled = self.model(pixel_values=(x - mean) / std).pooler_output
-                out.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
-        return np.concatenate(out).astype(np.float32)
+        if self.model is None:
+            self.load()
+        return self.model(arrays)
 
     def state(self) -> dict[str, np.ndarray]:
         return {}
 
 
-def build_extractor(spec: str, dim: int, fit_samples: int, seed: int):
-    """``pca`` or ``dinov2`` / ``dinov2:<hub id>``."""
+def build_extractor(spec: str, dim: int, fit_samples: int, seed: int, batch_size: int = 64):
+    """``pca`` or ``dinov2`` / ``dinov2:<hub id>`` / ``dinov2:random`` (its architecture, random weights)."""
     if spec == "pca":
         return PCAFeatures(dim, fit_samples, seed)
     if spec == "dinov2" or spec.startswith("dinov2:"):
-        return DINOv2Features(spec.split(":", 1)[1]) if ":" in spec else DINOv2Features()
+        return DINOv2Features(spec, batch_size, seed)
     raise ValueError(f"features {spec!r} is unknown; use pca (offline) or dinov2[:<hub id>]")
+
+
+# --- stored features: computed once per dataset and settings, shard by shard -------------------
+
+
+class Features:
+    """Committed features of a dataset: one (rows, dim) float32 array per data shard."""
+
+    def __init__(self, store: Store, folder: str):
+        self.store, self.folder = store, folder
+        self.manifest = store.manifest(folder)
+        self.names: list[str] = self.manifest["shards"]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.names)
+
+    def read(self, index: int, with_ids: bool = False):
+        """Shard ``index``'s features (rows, dim), and with ``with_ids`` the samples' ids too."""
+        arrays = load_safetensors(self.store.read_verified(self.folder, self.names[index]))
+        return (arrays["features"], arrays["ids"]) if with_ids else arrays["features"]
+
+    def __iter__(self):
+        for i in range(self.num_shards):
+            yield i, self.read(i)
+
+
+def feature_settings(cfg, data_id: str) -> dict:
+    """What the features depend on: the dataset version, the extractor and its settings."""
+    if cfg.features == "pca":
+        extra = {"pca_dim": cfg.pca_dim, "pca_fit_samples": cfg.pca_fit_samples, "seed": cfg.seed}
+    else:
+        extra = {"seed": cfg.seed} if cfg.features.endswith(":random") else {}
+    return {"dataset_sha256": data_id, "features": cfg.features, **extra}
+
+
+def stored_features(cfg, store: Store, dataset: Dataset, data_id: str, address: str | None = None) -> Features:
+    """The dataset's features under ``cfg``'s extractor: the committed ones if a partitioning (any
+    K, any balance) computed them before, else computed now, one committed file per data shard (a
+    killed run's committed files are kept) and committed by a manifest written last."""
+    settings = feature_settings(cfg, data_id)
+    name = cfg.features.split(":", 1)[0]
+    folder = features_dir(name, settings)
+    if store.is_committed(folder):
+        log.info("reusing the stored features %s/%s (%s)", store.url, folder, cfg.features)
+        return Features(store, folder)
+    with holding(store, folder, "ddm partition: features") as (writes, token):
+        if writes.is_committed(folder):
+            return Features(writes, folder)
+        t0 = time.perf_counter()
+        extractor = build_extractor(cfg.features, cfg.pca_dim, cfg.pca_fit_samples, cfg.seed, cfg.embed_batch_size)
+        extractor.fit(dataset)
+        if extractor.neural:  # fails here, with its message, if the package or the weights are missing
+            extractor.load().model = None  # each worker loads its own
+        state = save_safetensors(extractor.state()) if extractor.state() else b""
+        plan = {**settings, "state_sha256": hashlib.sha256(state).hexdigest(), "shards": dataset.shard_names}
+        commits = ShardCommits(writes, folder)
+        done = commits.start(plan)
+        units = [{"index": i, "name": n} for i, n in enumerate(dataset.shard_names) if i not in done]
+        runner = choose_runner(cfg, extractor.neural, address)
+        log.info(
+            "features %s of %d shards (%d to do) on %s -> %s/%s",
+            cfg.features,
+            dataset.num_shards,
+            len(units),
+            "Ray Data" if runner == "ray" else "this process",
+            store.url,
+            folder,
+        )
+        read = Stage("read", lambda: ReadDataShard(store.url))
+        embed = lambda: Embed(extractor)  # noqa: E731 - the stage builds it where it runs
+        write = Stage("write", lambda: WriteFeatures(store.url, folder, token))
+        with connected(runner, address):
+            if extractor.neural:
+                gpus = cluster_gpus() if runner == "ray" else 0.0
+                actors = cfg.embed_actors or (max(1, int(gpus) * cfg.actors_per_gpu) if gpus else 1)
+                stage = Stage("embed", embed, num_gpus=1.0 / cfg.actors_per_gpu if gpus else 0.0, actors=actors)
+            else:
+                stage = Stage("embed", embed, concurrency=cfg.workers or None)
+            records = {r["index"]: r for r in run_units(units, [read, stage, write], runner, "features")}
+        records.update(done)
+        files = {EXTRACTOR_STATE: writes.write_hashed(f"{folder}/{EXTRACTOR_STATE}", state)} if state else {}
+        ordered = [records[i] for i in range(dataset.num_shards)]
+        meta = {
+            "kind": "ddm.features",
+            "format_version": 1,
+            **settings,
+            "extractor": extractor.name,
+            "dim": ordered[0]["dim"],
+            "shards": [f"part-{i:05d}.safetensors" for i in range(dataset.num_shards)],
+            "shard_rows": [r["rows"] for r in ordered],
+            "seconds": time.perf_counter() - t0,
+        }
+        commits.finish([*ordered, {"files": files}], meta)
+        return Features(writes, folder)
+
+
+def choose_runner(cfg, neural: bool, address: str | None) -> str:
+    """auto: Ray Data for a network (DINOv2) or with a cluster address; PCA in this process (a
+    matrix product per shard streams at memory speed)."""
+    if cfg.runner != "auto":
+        return cfg.runner
+    return "ray" if neural or address else "local"
+
+
+class ReadDataShard:
+    """One data shard, verified against the dataset's manifest."""
+
+    def __init__(self, url: str):
+        self.dataset = Dataset(Store(url))
+
+    def __call__(self, unit: dict) -> dict:
+        shard = self.dataset.read_shard(unit["index"])
+        return {"index": unit["index"], "ids": shard.ids, "arrays": np.ascontiguousarray(shard.arrays)}
+
+
+class Embed:
+    """A shard's arrays -> features (a CPU task for PCA; an actor, which loads the network once, for DINOv2)."""
+
+    def __init__(self, extractor):
+        self.extractor = extractor.load() if extractor.neural else extractor
+
+    def __call__(self, part: dict) -> dict:
+        arrays = part.pop("arrays")
+        dtype = "uint8" if arrays.dtype == np.uint8 else str(arrays.dtype)
+        part["features"] = np.ascontiguousarray(self.extractor(arrays, dtype), dtype=np.float32)
+        return part
+
+
+class WriteFeatures:
+    """Commit one shard's features (and its samples' ids) on its own."""
+
+    def __init__(self, url: str, folder: str, token):
+        self.commits = ShardCommits(fenced(Store(url), token), folder)
+
+    def __call__(self, part: dict) -> dict:
+        feats = part["features"]
+        name = f"part-{part['index']:05d}.safetensors"
+        record = {"rows": len(feats), "dim": int(feats.shape[1])}
+        data = save_safetensors({"features": feats, "ids": np.ascontiguousarray(part["ids"], dtype=np.int64)})
+        return self.commits.commit(part["index"], {name: data}, record)

@@ -6,10 +6,16 @@ coarse clusters by a weighted k-means over the fine centroids (weights = fine cl
 expert gets a tiny or a huge share. A sample belongs to the coarse cluster of its nearest fine
 centroid.
 
-Memory does not grow with the dataset: features are computed shard by shard, the fine k-means is
-fitted with mini-batches over the shards (``fine_epochs`` passes), and assignments are streamed to
-Parquet. Only the fine centroids, their counts and one shard at a time are in memory. Same data,
-config and seed give the same partitions.
+Features once, K many times: the features are computed shard by shard (a Ray Data pipeline for
+DINOv2, whose actors take GPUs when the cluster has them; PCA in this process) and stored under
+``features/`` with their extractor and settings (``ddm.data.features.stored_features``), so another
+K or balance (``ddm partition --dry-run`` to compare, or a new run on the same data) reuses them. A
+killed feature pass redoes only the shards it had not committed.
+
+Memory does not grow with the dataset: the fine k-means is fitted with mini-batches streamed over
+the stored features (``fine_epochs`` passes), and the assignment is a map over their shards (Ray
+Data with ``runner=ray``). Only the fine centroids, their counts and one shard at a time are in
+memory. Same data, config and seed give the same partitions, whichever runner.
 
 Outputs under ``partitions/`` (committed by MANIFEST.json, written last):
   assignments.parquet   id, shard, row, fine, partition
@@ -25,10 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from ddm.config import to_dict
-from ddm.data.features import build_extractor
+from ddm.data.features import EXTRACTOR_STATE, Features, stored_features
+from ddm.data.pipeline import Stage, check_runner, connected, run_units
 from ddm.data.shards import Dataset, write_parquet_bytes
 from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.lease import holding
@@ -50,6 +58,12 @@ class PartitionConfig:
     balance: bool = True  # cap partition sizes at (1 + balance_tolerance) * N / K
     balance_tolerance: float = 0.1
     seed: int = 0
+    # How it runs (see EXECUTION): none of these changes the partitions.
+    runner: str = "auto"  # ray (Ray Data), local (this process) or auto (ray for DINOv2 or with --address)
+    workers: int = 0  # feature/assignment tasks at once (0: as many as the cluster's CPUs allow)
+    embed_batch_size: int = 64  # images per DINOv2 forward
+    embed_actors: int = 0  # DINOv2 actors (0: actors_per_gpu per GPU of the cluster, else 1 on CPU)
+    actors_per_gpu: int = 1
 
     def __post_init__(self) -> None:
         if self.num_partitions < 1:
@@ -58,20 +72,25 @@ class PartitionConfig:
             raise ValueError("num_fine, fine_epochs, batch_size and pca_dim must be >= 1")
         if self.balance_tolerance < 0:
             raise ValueError(f"balance_tolerance must be >= 0, got {self.balance_tolerance}")
+        check_runner(self.runner)
+        if self.workers < 0 or self.embed_actors < 0 or self.embed_batch_size < 1 or self.actors_per_gpu < 1:
+            raise ValueError("workers and embed_actors must be >= 0, embed_batch_size and actors_per_gpu >= 1")
+
+    def identity(self) -> dict:
+        """What the partitions are made with (the fields a re-run must match)."""
+        return {k: v for k, v in to_dict(self).items() if k not in EXECUTION}
 
 
-def _feature_batches(dataset: Dataset, extractor, batch_size: int, desc: str):
-    """(shard index, row offsets, features) per batch, streaming over shards."""
-    for i in progress(range(dataset.num_shards), desc=desc, unit="shard", leave=False, mininterval=1.0):
-        shard = dataset.read_shard(i)
-        for start in range(0, len(shard.ids), batch_size):
-            sl = slice(start, start + batch_size)
-            yield (
-                i,
-                shard,
-                np.arange(start, min(start + batch_size, len(shard.ids))),
-                extractor(shard.arrays[sl], dataset.dtype),
-            )
+# How a partitioning runs, not what it makes: left out when a re-run is compared with the partitions.
+EXECUTION = ("runner", "workers", "embed_batch_size", "embed_actors", "actors_per_gpu")
+
+
+def _batches(features: Features, batch_size: int, desc: str):
+    """Stored feature arrays in batches of at most ``batch_size``, shard by shard."""
+    for i in progress(range(features.num_shards), desc=desc, unit="shard", leave=False, mininterval=1.0):
+        feats = features.read(i)
+        for start in range(0, len(feats), batch_size):
+            yield feats[start : start + batch_size]
 
 
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -131,21 +150,25 @@ def _balanced(fine: np.ndarray, counts: np.ndarray, coarse: np.ndarray, tol: flo
     return coarse, mapping
 
 
-def partition(cfg: PartitionConfig, store: Store) -> dict:
+def partition(cfg: PartitionConfig, store: Store, address: str | None = None, dry_run: bool = False) -> dict:
     """Partition the store's committed dataset into cfg.num_partitions; returns the manifest.
 
     Re-running with the same config on committed partitions does nothing; a different config is
     an error (partitions define the experts: they are never overwritten in place). One partition
-    writes at a time: it holds the lease on partitions/ (``ddm.lease``).
+    writes at a time: it holds the lease on partitions/ (``ddm.lease``). ``dry_run``: compute and
+    return the partitions' sizes without writing them (features are stored, so trying several K
+    costs one feature pass). ``address``: the Ray cluster for ``runner=ray``.
     """
     dataset = Dataset(store)
     # The partitions belong to this exact dataset version: its manifest's hash identifies it.
     data_id = hashlib.sha256(store.read_bytes(f"{DATA_DIR}/MANIFEST.json")).hexdigest()
+    if dry_run:
+        return _partition(cfg, store, dataset, data_id, address, commit=False)
     done = _partitioned(cfg, store, data_id)
     if done is not None:
         return done
     with holding(store, PARTITIONS_DIR, "ddm partition") as (writes, _):
-        return _partitioned(cfg, writes, data_id) or _partition(cfg, writes, dataset, data_id)
+        return _partitioned(cfg, writes, data_id) or _partition(cfg, writes, dataset, data_id, address)
 
 
 def _partitioned(cfg: PartitionConfig, store: Store, data_id: str) -> dict | None:
@@ -153,17 +176,23 @@ def _partitioned(cfg: PartitionConfig, store: Store, data_id: str) -> dict | Non
     if not store.is_committed(PARTITIONS_DIR):
         return None
     manifest = store.manifest(PARTITIONS_DIR)
-    if manifest.get("config") == to_dict(cfg) and manifest.get("dataset_sha256") == data_id:
+    made = {
+        **PartitionConfig().identity(),
+        **{k: v for k, v in manifest.get("config", {}).items() if k not in EXECUTION},
+    }
+    if made == cfg.identity() and manifest.get("dataset_sha256") == data_id:
         log.info("partitions already committed in %s/%s; nothing to do", store.url, PARTITIONS_DIR)
         return manifest
     raise ValueError(
         f"{store.url}/{PARTITIONS_DIR} already holds partitions made with a different config or dataset "
         f"(K={manifest.get('num_partitions')}); experts are trained on them, so they are not overwritten: "
-        "use a new store root"
+        "use a new store root (`ddm partition --dry-run` compares settings without writing)"
     )
 
 
-def _partition(cfg: PartitionConfig, store: Store, dataset: Dataset, data_id: str) -> dict:
+def _partition(
+    cfg: PartitionConfig, store: Store, dataset: Dataset, data_id: str, address: str | None, commit: bool = True
+) -> dict:
     n, k = dataset.num_samples, cfg.num_partitions
     if k > n:
         raise ValueError(f"num_partitions={k} exceeds the {n} samples in the dataset")
@@ -172,25 +201,17 @@ def _partition(cfg: PartitionConfig, store: Store, dataset: Dataset, data_id: st
         log.info("using %d fine centroids (num_fine=%d capped at num_samples/4)", num_fine, cfg.num_fine)
     t0 = time.perf_counter()
 
-    extractor = build_extractor(cfg.features, cfg.pca_dim, cfg.pca_fit_samples, cfg.seed).fit(dataset)
-    log.info(
-        "features: %s; fine k-means with %d centroids over %d samples in %d shards",
-        extractor.name,
-        num_fine,
-        n,
-        dataset.num_shards,
-    )
+    features = stored_features(cfg, store, dataset, data_id, address)
+    log.info("fine k-means with %d centroids over %d samples in %d shards", num_fine, n, dataset.num_shards)
 
-    # Stage 1: fine centroids, mini-batch k-means streamed over shards. The first partial_fit
-    # needs at least a few samples per centroid to initialise, so the start is buffered.
+    # Stage 1: fine centroids, mini-batch k-means streamed over the stored features. The first
+    # partial_fit needs at least a few samples per centroid to initialise, so the start is buffered.
     from sklearn.cluster import MiniBatchKMeans
 
     fine_km = MiniBatchKMeans(n_clusters=num_fine, random_state=cfg.seed, n_init=1, batch_size=cfg.batch_size)
     pending, fitted = [], False
     for epoch in range(cfg.fine_epochs):
-        for _, _, _, feats in _feature_batches(
-            dataset, extractor, cfg.batch_size, f"fine k-means {epoch + 1}/{cfg.fine_epochs}"
-        ):
+        for feats in _batches(features, cfg.batch_size, f"fine k-means {epoch + 1}/{cfg.fine_epochs}"):
             if fitted:
                 fine_km.partial_fit(feats)
                 continue
@@ -203,10 +224,17 @@ def _partition(cfg: PartitionConfig, store: Store, dataset: Dataset, data_id: st
             pending, fitted = [], True
     fine = fine_km.cluster_centers_.astype(np.float32)
 
-    # Stage 2: sizes of the fine clusters, then the merge into K coarse clusters.
-    fine_counts = np.zeros(num_fine, dtype=np.int64)
-    for _, _, _, feats in _feature_batches(dataset, extractor, cfg.batch_size, "fine counts"):
-        fine_counts += np.bincount(_nearest(feats, fine), minlength=num_fine)
+    # Stage 2: each sample's fine cluster (a map over the feature shards), their sizes, then the
+    # merge into K coarse clusters.
+    runner = cfg.runner if cfg.runner != "auto" else ("ray" if address else "local")
+    units = [{"index": i} for i in range(features.num_shards)]
+    with connected(runner, address):
+        step = Stage("assign", lambda: Nearest(store.url, features.folder, fine), concurrency=cfg.workers or None)
+        nearest, ids = {}, {}
+        for r in run_units(units, [step], runner, "assign"):
+            nearest[r["index"]], ids[r["index"]] = np.asarray(r["fine"], np.int32), np.asarray(r["ids"], np.int64)
+    fine_of = [nearest[i] for i in range(features.num_shards)]
+    fine_counts = np.bincount(np.concatenate(fine_of), minlength=num_fine).astype(np.int64)
     if (fine_counts > 0).sum() < k:
         raise ValueError(
             f"the data has only {(fine_counts > 0).sum()} distinct feature clusters; cannot make {k} partitions"
@@ -215,17 +243,39 @@ def _partition(cfg: PartitionConfig, store: Store, dataset: Dataset, data_id: st
     counts = np.bincount(fine_to_coarse, weights=fine_counts, minlength=k).astype(np.int64)
     if (counts == 0).any():
         raise ValueError(f"partitions {np.where(counts == 0)[0].tolist()} came out empty; lower num_partitions")
+    meta = {
+        "kind": "ddm.partitions",
+        "format_version": 1,
+        "num_partitions": k,
+        "num_samples": n,
+        "counts": counts.tolist(),
+        "num_fine": num_fine,
+        "features": cfg.features,
+        "features_dir": features.folder,
+        "config": to_dict(cfg),
+        "dataset_sha256": data_id,
+        "max_over_mean": float(counts.max() / (n / k)),
+    }
+    if not commit:
+        log.info(
+            "dry run: %d partitions of sizes %s (largest / mean = %.2f)", k, counts.tolist(), meta["max_over_mean"]
+        )
+        return {**meta, "seconds": time.perf_counter() - t0, "dry_run": True}
 
-    # Stage 3: stream the assignments out.
-    cols: dict[str, list] = {"id": [], "shard": [], "row": [], "fine": [], "partition": []}
-    for i, shard, rows, feats in _feature_batches(dataset, extractor, cfg.batch_size, "assign"):
-        f = _nearest(feats, fine)
-        cols["id"].append(shard.ids[rows])
-        cols["shard"].append(np.full(len(rows), i, np.int32))
-        cols["row"].append(rows.astype(np.int32))
-        cols["fine"].append(f.astype(np.int32))
-        cols["partition"].append(fine_to_coarse[f].astype(np.int32))
-    table = pa.table({name: np.concatenate(parts) for name, parts in cols.items()})
+    # Stage 3: the assignments, shard by shard in dataset order.
+    cols = {
+        "id": np.concatenate([ids[i] for i in range(features.num_shards)]),
+        "shard": np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(fine_of)]),
+        "row": np.concatenate([np.arange(len(f), dtype=np.int32) for f in fine_of]),
+        "fine": np.concatenate(fine_of),
+        "partition": fine_to_coarse[np.concatenate(fine_of)].astype(np.int32),
+    }
+    table = pa.table(cols)
+    state = (
+        load_safetensors(store.read_verified(features.folder, EXTRACTOR_STATE))
+        if EXTRACTOR_STATE in features.manifest["files"]
+        else {}
+    )
     known = {
         ASSIGNMENTS: store.write_hashed(f"{PARTITIONS_DIR}/{ASSIGNMENTS}", write_parquet_bytes(table)),
         CENTROIDS: store.write_hashed(
@@ -236,24 +286,24 @@ def _partition(cfg: PartitionConfig, store: Store, dataset: Dataset, data_id: st
                     "coarse": coarse,
                     "fine_to_coarse": fine_to_coarse.astype(np.int32),
                     "fine_counts": fine_counts,
-                    **extractor.state(),
+                    **state,
                 }
             ),
         ),
     }
-    meta = {
-        "kind": "ddm.partitions",
-        "format_version": 1,
-        "num_partitions": k,
-        "num_samples": n,
-        "counts": counts.tolist(),
-        "num_fine": num_fine,
-        "features": cfg.features,
-        "config": to_dict(cfg),
-        "dataset_sha256": data_id,
-        "max_over_mean": float(counts.max() / (n / k)),
-        "seconds": time.perf_counter() - t0,
-    }
-    manifest = store.commit(PARTITIONS_DIR, list(known), meta=meta, known=known)
+    manifest = store.commit(
+        PARTITIONS_DIR, list(known), meta={**meta, "seconds": time.perf_counter() - t0}, known=known
+    )
     log.info("%d partitions of sizes %s (largest / mean = %.2f)", k, counts.tolist(), meta["max_over_mean"])
     return manifest
+
+
+class Nearest:
+    """Each sample's nearest fine centroid, for one stored feature shard (a Ray task or this process)."""
+
+    def __init__(self, url: str, folder: str, fine: np.ndarray):
+        self.features, self.fine = Features(Store(url), folder), fine
+
+    def __call__(self, unit: dict) -> dict:
+        feats, ids = self.features.read(unit["index"], with_ids=True)
+        return {"index": unit["index"], "fine": _nearest(feats, self.fine).tolist(), "ids": ids.tolist()}

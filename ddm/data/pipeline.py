@@ -196,7 +196,9 @@ class ShardCommits:
                         folder,
                     )
                 return done
-            log.warning("removing the uncommitted leftovers of an interrupted run with another plan in %s/%s", store.url, folder)
+            log.warning(
+                "removing the uncommitted leftovers of an interrupted run with another plan in %s/%s", store.url, folder
+            )
         if store.list(folder):
             store.delete(folder, recursive=True)
         store.write_json(f"{folder}/{PLAN_FILE}", plan)
@@ -211,7 +213,10 @@ class ShardCommits:
                 continue
             rec = self.store.read_json(f"{self.folder}/{PROGRESS_DIR}/{name}")
             files = rec["files"]
-            if all(self.store.exists(f"{self.folder}/{f}") and self.store.size(f"{self.folder}/{f}") == e["size"] for f, e in files.items()):
+            if all(
+                self.store.exists(f"{self.folder}/{f}") and self.store.size(f"{self.folder}/{f}") == e["size"]
+                for f, e in files.items()
+            ):
                 done[int(rec["index"])] = rec
         return done
 

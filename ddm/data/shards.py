@@ -89,7 +89,9 @@ class Dataset:
         self.dtype = self.manifest["dtype"]
         self.shard_rows: list[int] = list(self.manifest["shard_rows"])
         # Format 2 lists its shards (a unit with no readable sample has none); format 1 numbered them.
-        self.shard_names: list[str] = self.manifest.get("shards") or [shard_name(i) for i in range(len(self.shard_rows))]
+        self.shard_names: list[str] = self.manifest.get("shards") or [
+            shard_name(i) for i in range(len(self.shard_rows))
+        ]
 
     @property
     def num_samples(self) -> int:

@@ -55,7 +55,8 @@ class Source(abc.ABC):
     def units(self, shard_size: int) -> list[dict]:
         """One dict per output shard: its index, its first item's position and what to load."""
         return [
-            {"index": i, "start": a, "stop": b, **self._unit(a, b)} for i, (a, b) in enumerate(even_units(len(self), shard_size))
+            {"index": i, "start": a, "stop": b, **self._unit(a, b)}
+            for i, (a, b) in enumerate(even_units(len(self), shard_size))
         ]
 
     def _unit(self, start: int, stop: int) -> dict:
@@ -229,7 +230,9 @@ class FolderSource(Source):
             raise ValueError(f"image folder {root!r} has no class sub-folders; expected {root}/<class>/<images>")
         self.files: list[tuple[str, int]] = []
         for idx, name in enumerate(classes):
-            found = sorted(f for f in fs.ls(f"{path.rstrip('/')}/{name}", detail=False) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                f for f in fs.ls(f"{path.rstrip('/')}/{name}", detail=False) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
             self.files += [(_url(fs, f), idx) for f in found]
         if not self.files:
             raise ValueError(f"image folder {root!r} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -265,7 +268,9 @@ class ParquetSource(Source):
                 schema = pf.schema_arrow
                 for col in (cfg.image_column, cfg.label_column):
                     if col not in schema.names:
-                        raise ValueError(f"Parquet source {_url(fs, f)!r} has no column {col!r}; its columns are {schema.names}")
+                        raise ValueError(
+                            f"Parquet source {_url(fs, f)!r} has no column {col!r}; its columns are {schema.names}"
+                        )
                 labels = pf.read(columns=[cfg.label_column], use_threads=False).column(0)
                 if not (labels.type.id in range(2, 10) or str(labels.type).startswith(("int", "uint"))):
                     raise ValueError(
@@ -431,7 +436,12 @@ class WebDatasetSource(Source):
         return sum(self.counts)
 
     def _unit(self, start: int, stop: int) -> dict:
-        return {"kind": "tar", "label_key": self.label_key, "labeled": self.labeled, "pieces": _pieces(self.tars, self.counts, start, stop)}
+        return {
+            "kind": "tar",
+            "label_key": self.label_key,
+            "labeled": self.labeled,
+            "pieces": _pieces(self.tars, self.counts, start, stop),
+        }
 
     def validate(self, cfg: IngestConfig) -> None:
         _check_first(self.units(min(len(self), 16))[0], cfg, "WebDataset source")
