@@ -51,7 +51,10 @@ EPILOG = textwrap.dedent(
       ddm demo                                  the whole method on a 2-D mixture (~1 min on 2 CPU cores)
       ddm demo -c launch/demo.yaml num_partitions=8 rules='[top1, full]'
       ddm ingest digits runs/digits             shard scikit-learn's digits into a store (any fsspec URL)
+      ddm ingest 's3://bucket/imagenet/train-{0000..1023}.tar' s3://bucket/run resolution=256 encoder=vae --address auto
+                                                WebDataset shards -> SD-VAE latents on a Ray cluster's GPUs (resumable)
       ddm partition runs/digits num_partitions=4   two-stage k-means into 4 semantic partitions
+      ddm partition runs/digits num_partitions=8 --dry-run   sizes for another K, reusing the stored features
       ddm train expert -c launch/digits_expert.yaml --partition 0   one expert, Ray Train + DeepSpeed
       ddm train router -c launch/digits_expert.yaml   the router, same machinery
       ddm assemble runs/digits && ddm sample runs/digits num_samples=64   ensemble from the store
@@ -142,10 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "ingest", ddm.data.ingest, IngestConfig)
     p.add_argument("source", help="digits, glyphs:N (characters from fonts), synthetic:N, an image folder or Parquet")
     p.add_argument("store", help="the run's store: a local path or any fsspec URL (s3://bucket/run)")
+    p.add_argument("--address", help="Ray cluster address for runner=ray (default: a local Ray runtime)")
     _overrides(p)
 
     p = _command(sub, "partition", ddm.data.partition, PartitionConfig)
     p.add_argument("store")
+    p.add_argument("--address", help="Ray cluster address for runner=ray (default: a local Ray runtime)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the partition sizes for these settings without writing partitions (features are kept)",
+    )
     _overrides(p)
 
     train = _command(sub, "train", ddm.launchers.ray_job)
@@ -240,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    m = ingest(load(IngestConfig, None, [f"source={args.source}", *args.overrides]), Store(args.store))
+    m = ingest(load(IngestConfig, None, [f"source={args.source}", *args.overrides]), Store(args.store), args.address)
     print(
         f"{m['num_samples']} samples of shape {tuple(m['sample_shape'])} ({m['dtype']}), {m['num_classes']} classes, "
         f"{len(m['shard_rows'])} shards -> {args.store}/{layout.DATA_DIR}  (skipped {m['skipped']['count']} unreadable)"
@@ -249,11 +259,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    m = partition(load(PartitionConfig, None, args.overrides), Store(args.store))
-    print(
-        f"{m['num_partitions']} partitions, sizes {m['counts']} (largest/mean {m['max_over_mean']:.2f}) "
-        f"-> {args.store}/{layout.PARTITIONS_DIR}"
-    )
+    m = partition(load(PartitionConfig, None, args.overrides), Store(args.store), args.address, args.dry_run)
+    where = "(dry run: nothing written)" if args.dry_run else f"-> {args.store}/{layout.PARTITIONS_DIR}"
+    print(f"{m['num_partitions']} partitions, sizes {m['counts']} (largest/mean {m['max_over_mean']:.2f}) {where}")
     return 0
 
 

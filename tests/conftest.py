@@ -6,6 +6,9 @@ import uuid
 import pytest
 import torch
 
+# Hub models (SD-VAE, DINOv2): the tests run offline and check that the real loaders say so clearly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: skip the accelerator probe on CPU machines
 

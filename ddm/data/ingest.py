@@ -186,7 +186,8 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
                 records.append(part)
         else:
             records = list(run_units(todo, stages, runner, "ingest"))
-    return _commit(cfg, commits, source, {**done, **{r["index"]: r for r in records}}, time.perf_counter() - t0)
+    records = {**done, **{r["index"]: r for r in records}}
+    return _commit(cfg, commits, source, records, len(done), time.perf_counter() - t0)
 
 
 def _encode_stage(cfg: IngestConfig, runner: str) -> Stage:
@@ -251,7 +252,9 @@ def _digest(units: list[dict]) -> str:
     return hashlib.sha256(json.dumps(units, sort_keys=True).encode()).hexdigest()
 
 
-def _commit(cfg: IngestConfig, commits: ShardCommits, source, records: dict[int, dict], seconds: float) -> dict:
+def _commit(
+    cfg: IngestConfig, commits: ShardCommits, source, records: dict[int, dict], resumed: int, seconds: float
+) -> dict:
     ordered = [records[i] for i in sorted(records)]
     skipped = [s for r in ordered for s in r["skipped"]]
     written = [r for r in ordered if r["rows"]]
@@ -287,6 +290,7 @@ def _commit(cfg: IngestConfig, commits: ShardCommits, source, records: dict[int,
         "skipped": {"count": len(skipped), "examples": skipped[:20]},
         "ingest": to_dict(cfg),
         "source_info": getattr(source, "info", {}),
+        "resumed_shards": resumed,  # units an interrupted earlier run had committed
         "seconds": seconds,
     }
     manifest = commits.finish(ordered, meta)

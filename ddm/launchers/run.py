@@ -59,9 +59,9 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
         timings[name] = time.perf_counter() - t0
 
     with stage("ingest"):
-        data = ingest(spec.ingest, store)
+        data = ingest(spec.ingest, store, address)
     with stage("partition"):
-        parts = partition(spec.partition, store)
+        parts = partition(spec.partition, store, address)
     configs = jobs(spec, int(parts["num_partitions"]))
     for c in configs:  # every job's inputs (and agreement with what the store holds) before any starts
         check_inputs(c)
