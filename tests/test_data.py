@@ -138,12 +138,131 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 
 
 def test_hub_models_fail_clearly_offline(tmp_path):
+    """The real loaders (diffusers' AutoencoderKL, transformers' Dinov2Model) with the hub out of
+    reach (the tests set HF_HUB_OFFLINE): a message naming the weights and the way out."""
     store = Store(str(tmp_path / "run"))
-    with pytest.raises(ValueError, match="diffusers|VAE weights"):
+    with pytest.raises(
+        ValueError, match="could not load the VAE weights 'stabilityai/sd-vae-ft-ema'.*encoder=identity"
+    ):
         ingest(IngestConfig(encoder="vae"), store)
+    assert not store.is_committed(DATA_DIR)
     ingest(IngestConfig(), store)
-    with pytest.raises(ValueError, match="transformers|DINOv2 weights"):
+    with pytest.raises(ValueError, match="could not load the DINOv2 weights 'facebook/dinov2-small'.*features=pca"):
         partition(PartitionConfig(features="dinov2"), store)
+    assert not store.is_committed(PARTITIONS_DIR) and not store.list("features/" + store.list("features")[0])[1:]
+
+
+def _tar(path, samples: dict[str, dict[str, bytes]]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_labels_bad_samples_and_patterns(tmp_path):
+    root = tmp_path / "wds"
+    root.mkdir()
+    _tar(
+        root / "a-00.tar",
+        {f"x{i}": {"png": _png((60 * i, 0, 0)), "json": b'{"label": %d, "caption": "c"}' % i} for i in range(3)},
+    )
+    _tar(
+        root / "a-01.tar",
+        {
+            "y0": {"jpg": b"not a jpeg", "cls": b"1"},  # unreadable: skipped and listed
+            "y1": {"webp": _png((0, 90, 0)), "cls": b"2"},  # PIL reads the bytes, whatever the extension says
+            "y2": {"png": _png((0, 0, 90)), "txt": b"no label"},  # no label in a labelled dataset: skipped
+        },
+    )
+    m = ingest(IngestConfig(source=str(tmp_path / "wds" / "a-{00..01}.tar"), resolution=8), Store(str(tmp_path / "r")))
+    assert (
+        m["num_samples"] == 4 and m["class_names"] == ["0", "1", "2"] and m["label_counts"] == {"0": 1, "1": 1, "2": 2}
+    )
+    assert m["skipped"]["count"] == 2 and m["skipped"]["examples"][0].endswith("a-01.tar:y0")
+    assert list(Dataset(Store(str(tmp_path / "r"))).read_shard(0).ids) == [0, 1, 2, 4]  # ids: positions in the source
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _tar(plain / "p.tar", {f"k{i}": {"png": _png((i, i, i))} for i in range(2)})
+    m = ingest(IngestConfig(source=str(plain), resolution=8), Store(str(tmp_path / "r2")))
+    assert m["class_names"] == ["unlabeled"] and m["num_samples"] == 2  # no labels anywhere: unconditional
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _tar(bad / "b.tar", {"k0": {"cls": b"0", "txt": b"caption only"}})
+    with pytest.raises(ValueError, match="sample 'k0' has no image file"):
+        ingest(IngestConfig(source=str(bad / "b.tar")), Store(str(tmp_path / "r3")))
+    (bad / "b.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(ValueError, match="is not a readable tar file"):
+        ingest(IngestConfig(source=str(bad / "b.tar")), Store(str(tmp_path / "r4")))
+
+
+def test_parquet_from_a_dataset_hub_keeps_its_class_names(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": ["cat", "dog", "eel"]}}
+    table = pa.table(
+        {"image": [{"bytes": _png((i * 40, 0, 0)), "path": None} for i in range(4)], "label": [0, 1, 0, 1]}
+    )
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    (tmp_path / "hub").mkdir()
+    pq.write_table(table.slice(0, 2), tmp_path / "hub" / "train-00000-of-00002.parquet")
+    pq.write_table(table.slice(2, 2), tmp_path / "hub" / "train-00001-of-00002.parquet")
+    m = ingest(IngestConfig(source=str(tmp_path / "hub"), resolution=8, shard_size=3), Store(str(tmp_path / "r")))
+    assert m["class_names"] == ["cat", "dog", "eel"] and m["shard_rows"] == [3, 1]  # a shard across two files
+    pq.write_table(pa.table({"image": [_png((0, 0, 0))], "label": ["cat"]}), tmp_path / "strings.parquet")
+    with pytest.raises(ValueError, match="not integer class ids"):
+        ingest(IngestConfig(source=str(tmp_path / "strings.parquet")), Store(str(tmp_path / "r2")))
+
+
+def test_an_interrupted_ingest_resumes_its_committed_shards(tmp_path, monkeypatch, caplog):
+    """A crash after 3 of 5 shards (here: the writer fails at the 4th); the same config resumes
+    them, another config starts over. The shards equal an uninterrupted ingest's."""
+    import logging
+
+    import ddm.data.ingest as ingest_module
+
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(10):
+            (root / f"c{c}" / f"{i}.png").write_bytes(_png((25 * i, 100 * c, 7)))
+    cfg = IngestConfig(source=str(root), resolution=8, shard_size=4, runner="local")
+    whole = Store(str(tmp_path / "whole"))
+    ingest(cfg, whole)
+
+    store = Store(str(tmp_path / "run"))
+    real = ingest_module.WriteShard.__call__
+
+    def crash_at_fourth(self, part):
+        if part["index"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, part)
+
+    monkeypatch.setattr(ingest_module.WriteShard, "__call__", crash_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(cfg, store)
+    monkeypatch.undo()
+    assert not store.is_committed(DATA_DIR) and len(store.list(f"{DATA_DIR}/progress")) == 3
+    caplog.set_level(logging.INFO, logger="ddm.data")
+    m = ingest(cfg, store)
+    assert m["resumed_shards"] == 3 and "resuming: 3 of 5 units" in caplog.text
+    assert m["files"] == whole.manifest(DATA_DIR)["files"]  # the same shards, byte for byte
+
+    other = Store(str(tmp_path / "other"))
+    monkeypatch.setattr(ingest_module.WriteShard, "__call__", crash_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(cfg, other)
+    monkeypatch.undo()
+    m = ingest(IngestConfig(source=str(root), resolution=4, shard_size=4, runner="local"), other)
+    assert m["resumed_shards"] == 0 and m["sample_shape"] == [3, 4, 4]  # another plan: nothing reused
 
 
 def test_unreachable_store(s3_endpoint):

@@ -18,6 +18,7 @@ process, one unit after another (tiny data, no Ray start). Both give the same by
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -100,24 +101,58 @@ def run_units(units: list[dict], stages: list[Stage], runner: str, desc: str) ->
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.verbose_stats_logs, ctx.op_resource_reservation_enabled)
     ctx.enable_progress_bars = False  # ours counts shards; Ray's per-operator bars would interleave with it
     ctx.verbose_stats_logs = False
-    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-    for i, s in enumerate(stages):
-        first, last = i == 0, i == len(stages) - 1
-        fn = _RowStep(s.make, first, last)
-        if s.actors > 0:
-            ds = ds.map(
-                _ActorStep,
-                fn_constructor_args=(fn,),
-                concurrency=s.actors,
-                num_cpus=s.num_cpus,
-                num_gpus=s.num_gpus,
+    # Ray Data reserves part of the cluster for each operator's outputs; with one fused task
+    # operator that held every other CPU back (measured: 8 units on 2 CPUs took 1.5x the time of
+    # 2 at once). Pipelines with an actor pool keep the reservation, so the pool never starves.
+    ctx.op_resource_reservation_enabled = any(s.actors for s in stages)
+    try:
+        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+        fused = _fused(stages)
+        for i, s in enumerate(fused):
+            fn = _RowStep(s.make, i == 0, i == len(fused) - 1)
+            if s.actors > 0:
+                pool = ray.data.ActorPoolStrategy(size=s.actors)
+                ds = ds.map(
+                    _ActorStep, fn_constructor_args=(fn,), compute=pool, num_cpus=s.num_cpus, num_gpus=s.num_gpus
+                )
+            else:
+                ds = ds.map(fn, compute=ray.data.TaskPoolStrategy(size=s.concurrency), num_cpus=s.num_cpus)
+        for row in progress(ds.iter_rows(), total=len(units), desc=desc, unit="shard", mininterval=1.0):
+            yield json.loads(row["record"])
+    finally:
+        ctx.enable_progress_bars, ctx.verbose_stats_logs, ctx.op_resource_reservation_enabled = saved
+
+
+def _fused(stages: list[Stage]) -> list[Stage]:
+    """Consecutive task stages as one task (a unit's arrays stay in its worker's memory from read to
+    write); actor stages stay apart. A fused stage keeps the first one's concurrency and the most CPUs."""
+    out: list[Stage] = []
+    for s in stages:
+        if out and not s.actors and not out[-1].actors:
+            prev = out[-1]
+            out[-1] = Stage(
+                f"{prev.name}+{s.name}",
+                functools.partial(_compose, prev.make, s.make),
+                num_cpus=max(prev.num_cpus, s.num_cpus),
+                concurrency=prev.concurrency or s.concurrency,
             )
         else:
-            ds = ds.map(fn, num_cpus=s.num_cpus, num_gpus=s.num_gpus, concurrency=s.concurrency)
-    for row in progress(ds.iter_rows(), total=len(units), desc=desc, unit="shard", mininterval=1.0):
-        yield json.loads(row["record"])
+            out.append(s)
+    return out
+
+
+def _compose(*makes: Callable) -> Callable[[dict], dict]:
+    steps = [m() for m in makes]
+
+    def run(item: dict) -> dict:
+        for step in steps:
+            item = step(item)
+        return item
+
+    return run
 
 
 class _RowStep:

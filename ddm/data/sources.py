@@ -210,9 +210,22 @@ def decode(raw: bytes, resolution: int, channels: int) -> np.ndarray:
         return _to_chw(img, resolution, channels)
 
 
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def _url(fs, path: str) -> str:
     """A path of ``fs`` as a URL any process can open (local paths stay paths)."""
-    return path if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol else fs.unstrip_protocol(path)
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _read(url: str) -> bytes:
+    """A whole file's bytes (local paths without fsspec's per-call overhead)."""
+    if "://" not in url:
+        with open(url, "rb") as f:
+            return f.read()
+    with fsspec.open(url, "rb") as f:
+        return f.read()
 
 
 class FolderSource(Source):
@@ -220,20 +233,24 @@ class FolderSource(Source):
 
     def __init__(self, cfg: IngestConfig, root: str):
         fs, path = fsspec.core.url_to_fs(root)
-        entries = fs.ls(path, detail=True)
-        classes = sorted(
-            os.path.basename(e["name"].rstrip("/"))
-            for e in entries
-            if e["type"] == "directory" and not os.path.basename(e["name"].rstrip("/")).startswith(".")
-        )
+        local = _is_local(fs)
+        path = path.rstrip("/")
+
+        def listing(folder: str) -> list[tuple[str, bool]]:  # (name, is a folder); os.scandir: no stat per file
+            if local:
+                with os.scandir(folder) as it:
+                    return [(e.name, e.is_dir()) for e in it]
+            return [(os.path.basename(e["name"].rstrip("/")), e["type"] == "directory") for e in fs.ls(folder)]
+
+        classes = sorted(name for name, is_dir in listing(path) if is_dir and not name.startswith("."))
         if not classes:
             raise ValueError(f"image folder {root!r} has no class sub-folders; expected {root}/<class>/<images>")
         self.files: list[tuple[str, int]] = []
         for idx, name in enumerate(classes):
             found = sorted(
-                f for f in fs.ls(f"{path.rstrip('/')}/{name}", detail=False) if f.lower().endswith(IMAGE_EXTENSIONS)
+                f for f, is_dir in listing(f"{path}/{name}") if not is_dir and f.lower().endswith(IMAGE_EXTENSIONS)
             )
-            self.files += [(_url(fs, f), idx) for f in found]
+            self.files += [(_url(fs, f"{path}/{name}/{f}"), idx) for f in found]
         if not self.files:
             raise ValueError(f"image folder {root!r} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.class_names = classes
@@ -462,8 +479,7 @@ def _items(unit: dict) -> Iterator[tuple[int, int | None, bytes | None, str]]:
     if unit["kind"] == "files":
         for path, label in unit["files"]:
             try:
-                with fsspec.open(path, "rb") as f:
-                    raw = f.read()
+                raw = _read(path)
             except OSError:
                 raw = None
             yield pos, label, raw, path
