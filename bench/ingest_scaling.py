@@ -77,6 +77,30 @@ class PeakWorkerRSS:
         self.thread.join()
 
 
+def _decode_and_encode(unit: dict) -> int:
+    from ddm.data.shards import encode_shard
+    from ddm.data.sources import load_unit
+
+    part = load_unit(unit, 32, 0)
+    return len(encode_shard(part["ids"], part["arrays"], part["labels"]))
+
+
+def ceiling(source: str, processes: int, shard_size: int) -> float:
+    """The same per-unit work (decode + resize + shard bytes, no store, no Ray) in a plain
+    process pool: what this machine's cores give, the ceiling for any scheduler."""
+    import multiprocessing as mp
+
+    from ddm.data.ingest import IngestConfig
+    from ddm.data.sources import open_source
+
+    units = open_source(IngestConfig(source=source)).units(shard_size)
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(_decode_and_encode, units[:processes])  # start-up and imports, untimed
+        t0 = time.perf_counter()
+        pool.map(_decode_and_encode, units, chunksize=1)
+        return time.perf_counter() - t0
+
+
 def run(source: str, workdir: str, runner: str, workers: int, shard_size: int) -> tuple[float, float, int]:
     from ddm.data.ingest import IngestConfig, ingest
     from ddm.store import Store
@@ -121,20 +145,25 @@ def main() -> None:
                     assert got == n, (got, n)
                     best[name] = min(best.get(name, float("inf")), s)
                     peak[name] = max(peak.get(name, 0.0), rss)
+                for p in (1, 2):
+                    best[f"pool_{p}"] = min(best.get(f"pool_{p}", float("inf")), ceiling(src, p, args.shard_size))
             r = {f"{k}_images_per_s": n / v for k, v in best.items()}
             r["scaling_2_over_1"] = best["ray_1"] / best["ray_2"]
+            r["process_pool_scaling_2_over_1"] = best["pool_1"] / best["pool_2"]
             r["ray_2_over_local"] = best["local"] / best["ray_2"]
             r["peak_worker_rss_mib"] = peak["ray_2"]
             results["sizes"][str(n)] = r
             print(
                 f"N={n}: in-process {r['local_images_per_s']:.0f} img/s, Ray 1 worker {r['ray_1_images_per_s']:.0f}, "
-                f"2 workers {r['ray_2_images_per_s']:.0f} (x{r['scaling_2_over_1']:.2f}); peak worker RSS "
+                f"2 workers {r['ray_2_images_per_s']:.0f} (x{r['scaling_2_over_1']:.2f}; a plain process pool: "
+                f"x{r['process_pool_scaling_2_over_1']:.2f}); peak worker RSS "
                 f"{r['peak_worker_rss_mib']:.0f} MiB"
             )
             shutil.rmtree(src)
         sizes = sorted(args.sizes)
         small, large = results["sizes"][str(sizes[0])], results["sizes"][str(sizes[-1])]
         results["scaling_2_over_1"] = large["scaling_2_over_1"]
+        results["process_pool_scaling_2_over_1"] = large["process_pool_scaling_2_over_1"]
         results["peak_rss_ratio_large_over_small"] = large["peak_worker_rss_mib"] / small["peak_worker_rss_mib"]
         results["size_ratio"] = sizes[-1] / sizes[0]
     finally:

@@ -150,6 +150,7 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     t0 = time.perf_counter()
     source = open_source(cfg)
     source.validate(cfg)  # the first samples decode, before anything is written or started
+    encoder = EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed) if cfg.encoder != "identity" else None
     units = source.units(cfg.shard_size)
     commits = ShardCommits(store, DATA_DIR)
     plan = {
@@ -172,8 +173,8 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     write = Stage("write", lambda: WriteShard(store.url, token))
     with connected(runner, address):
         stages = [] if source.generated else [Stage("read", lambda: ReadUnit(cfg), concurrency=cfg.workers or None)]
-        if cfg.encoder != "identity":
-            stages.append(_encode_stage(cfg, runner))
+        if encoder is not None:  # it loaded here (a missing package or weights failed before any write)
+            stages.append(_encode_stage(cfg, runner, encoder))
         stages.append(write)
         if source.generated:  # made here, in order; committed shards are made again but not rewritten
             steps = [s.make() for s in stages]
@@ -190,8 +191,12 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     return _commit(cfg, commits, source, records, len(done), time.perf_counter() - t0)
 
 
-def _encode_stage(cfg: IngestConfig, runner: str) -> Stage:
-    gpus = cluster_gpus() if runner == "ray" else 0.0
+def _encode_stage(cfg: IngestConfig, runner: str, loaded: EncodeUnit) -> Stage:
+    """The encoder's actor pool on Ray (each actor loads its own copy, on its GPU if it has one);
+    in this process, the copy the driver loaded."""
+    if runner == "local":
+        return Stage("encode", lambda: loaded)
+    gpus = cluster_gpus()
     actors = cfg.encode_actors or (max(1, int(gpus) * cfg.actors_per_gpu) if gpus else 1)
     return Stage(
         "encode",
