@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
 
     p = _command(sub, "ingest", ddm.data.ingest, IngestConfig)
-    p.add_argument("source", help="digits, glyphs:N (characters from fonts), synthetic:N, an image folder or Parquet")
+    p.add_argument(
+        "source",
+        help="digits, glyphs:N (characters from fonts), synthetic:N, an image folder, Parquet or WebDataset tars",
+    )
     p.add_argument("store", help="the run's store: a local path or any fsspec URL (s3://bucket/run)")
     p.add_argument("--address", help="Ray cluster address for runner=ray (default: a local Ray runtime)")
     _overrides(p)

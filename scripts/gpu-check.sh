@@ -6,7 +6,11 @@
 # ddm needs no install here (it runs from this checkout). What the machine lacks (DeepSpeed, PyYAML,
 # tqdm, Pillow) is installed from .whl/ when that folder exists; build it beforehand on a machine
 # with the package index (DeepSpeed's own needs included):
-#   ../shared/gpu/prepare-wheels.sh pyyaml tqdm pillow einops msgpack psutil py-cpuinfo ninja packaging
+#   ../shared/gpu/prepare-wheels.sh pyyaml tqdm pillow einops msgpack psutil py-cpuinfo ninja packaging \
+#     diffusers transformers huggingface_hub tokenizers hf-xet httpx2 httpcore2 h11 anyio idna truststore \
+#     click filelock importlib_metadata zipp regex requests urllib3 certifi charset-normalizer typer \
+#     annotated-doc rich markdown-it-py mdurl pygments shellingham
+# (the second and third lines: the data stage's encoders, SD-VAE and DINOv2, for bench/gpu_encoders.py)
 # Ray, s3fs and scikit-learn are not needed: the jobs run through the train function that Ray
 # workers call (python -m ddm.train), on a local store.
 set -uo pipefail
@@ -47,6 +51,12 @@ timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1
 run mfu-dit-b2 100 "$PY" bench/gpu_mfu.py --arch DiT-B/2 --batch 256 --steps 60 --warmup 20
 run mfu-dit-xl2 150 "$PY" bench/gpu_mfu.py --arch DiT-XL/2 --batch 128 --steps 40 --warmup 15
 run sampling-top1 60 "$PY" bench/gpu_sampling.py --batch 256 --steps 20
+if "$PY" -c 'import diffusers, transformers' 2>/dev/null; then
+  run encoders 120 "$PY" bench/gpu_encoders.py --batch 64 --images 1024
+else
+  echo "[gpu-check] encoders: diffusers/transformers are not installed here (see the wheel list above); not measured"
+  status=1
+fi
 compiled="$(ls "$TORCH_EXTENSIONS_DIR"/*/ 2>/dev/null | tr '\n' ' ')"
 echo "{\"deepspeed_ops_compiled_at_run_time\": \"${compiled}\"}" >> "$OUT/gpu-check.jsonl"
 [ -z "$compiled" ] || { echo "[gpu-check] DeepSpeed compiled ops at run time: $compiled"; status=1; }

@@ -10,11 +10,11 @@ Sources:
                       brace patterns work: s3://bucket/imagenet/train-{0000..1023}.tar
 Folders, Parquet and tars may live in any fsspec store (s3://..., gs://..., local paths).
 
-How it runs: a Ray Data pipeline (``runner=ray``; the default for file sources and encoders) on
-the local Ray runtime, or on a cluster with ``--address``: read + decode + resize on CPU tasks
-(``workers`` at once), encode on an actor pool that takes GPUs when the cluster has them
-(``encode_actors``, ``actors_per_gpu``, ``encode_batch_size``), each output shard written and
-committed on its own (``ddm.data.pipeline``). Generated sources run in this process
+How it runs: a Ray Data pipeline (``runner=ray``; ``auto``, the default, picks it for file sources
+of more than one shard) on the local Ray runtime, or on a cluster with ``--address``: read +
+decode + resize on CPU tasks (``workers`` at once), encode on an actor pool that takes GPUs when
+the cluster has them (``encode_actors``, ``actors_per_gpu``, ``encode_batch_size``), each output
+shard written and committed on its own (``ddm.data.pipeline``). Generated sources run in this process
 (``runner=local``), and the two give byte-identical shards. A killed ingest re-run with the same
 config redoes only the shards it had not committed; the dataset manifest is written last.
 
@@ -24,7 +24,9 @@ million-image ingest; if every file is unreadable the ingest fails. A source's f
 decoded before any other work, so a wrong column, path or format fails at once.
 
 Encoders: ``identity`` stores uint8 pixels (C, H, W); ``vae`` (or ``vae:<hub id>``) stores SD-VAE
-latents (diffusers' AutoencoderKL; needs diffusers and the weights, and says so when they are missing).
+latents, the latent distribution's mean as float16 (diffusers' AutoencoderKL; needs diffusers and
+the weights, and says so when they are missing); ``vae:random`` is SD-VAE's architecture with
+random weights, for tests and throughput benchmarks only.
 """
 
 from __future__ import annotations
