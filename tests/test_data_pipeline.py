@@ -239,26 +239,13 @@ def _features(store: Store, folder: str, i: int) -> np.ndarray:
     return Features(store, folder).read(i)
 
 
-def test_address_and_dry_run_on_the_command_line(cluster, reference):
+def test_address_and_dry_run_on_the_command_line(cluster, reference, capsys):
+    from ddm.cli import main
+
     store = reference[0]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ddm.cli",
-            "partition",
-            store.url,
-            "--dry-run",
-            "--address",
-            cluster.address,
-            "num_partitions=4",
-            "num_fine=64",
-            "runner=ray",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "4 partitions, sizes" in out.stdout and "dry run: nothing written" in out.stdout
+    args = ["partition", store.url, "--dry-run", "--address", cluster.address, "num_partitions=4", "num_fine=64"]
+    assert main([*args, "runner=ray"]) == 0
+    out = capsys.readouterr().out
+    assert "4 partitions, sizes" in out and "dry run: nothing written" in out
+    assert main(["partition", store.url, "--dry-run", "num_partitions=0"]) == 2  # a clear usage error
+    assert "num_partitions must be >= 1" in capsys.readouterr().err
