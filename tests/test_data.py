@@ -131,6 +131,17 @@ def test_bad_ingest_input(tmp_path, kw, match):
         ingest(IngestConfig(**kw), Store(str(tmp_path / "run")))
 
 
+def test_ray_cannot_write_into_this_process_memory(tmp_path):
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    (tmp_path / "images" / "a" / "0.png").write_bytes(_png((1, 2, 3)))
+    store = Store(f"memory://ddm-tests/{tmp_path.name}")
+    with pytest.raises(ValueError, match="Ray workers cannot reach it; use runner=local"):
+        ingest(IngestConfig(source=str(tmp_path / "images"), runner="ray"), store)
+    assert store.list(DATA_DIR) == []
+    m = ingest(IngestConfig(source=str(tmp_path / "images"), shard_size=1), store)  # auto: in this process
+    assert m["num_samples"] == 1
+
+
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):

@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from ddm.data.pipeline import ShardCommits, Stage, cluster_gpus, connected, run_units
+from ddm.data.pipeline import ShardCommits, Stage, cluster_gpus, connected, run_units, worker_url
 from ddm.data.shards import Dataset
 from ddm.layout import features_dir
 from ddm.lease import fenced, holding
@@ -170,7 +170,8 @@ def stored_features(cfg, store: Store, dataset: Dataset, data_id: str, address: 
         commits = ShardCommits(writes, folder)
         done = commits.start(plan)
         units = [{"index": i, "name": n} for i, n in enumerate(dataset.shard_names) if i not in done]
-        runner = choose_runner(cfg, extractor.neural, address)
+        runner = choose_runner(cfg, extractor.neural, address, store)
+        url = worker_url(store, runner)
         log.info(
             "features %s of %d shards (%d to do) on %s -> %s/%s",
             cfg.features,
@@ -180,9 +181,9 @@ def stored_features(cfg, store: Store, dataset: Dataset, data_id: str, address: 
             store.url,
             folder,
         )
-        read = Stage("read", lambda: ReadDataShard(store.url))
+        read = Stage("read", lambda: ReadDataShard(url))
         embed = lambda: Embed(extractor)  # noqa: E731 - the stage builds it where it runs
-        write = Stage("write", lambda: WriteFeatures(store.url, folder, token))
+        write = Stage("write", lambda: WriteFeatures(url, folder, token))
         with connected(runner, address):
             if extractor.neural:
                 gpus = cluster_gpus() if runner == "ray" else 0.0
@@ -208,12 +209,12 @@ def stored_features(cfg, store: Store, dataset: Dataset, data_id: str, address: 
         return Features(writes, folder)
 
 
-def choose_runner(cfg, neural: bool, address: str | None) -> str:
-    """auto: Ray Data for a network (DINOv2) or with a cluster address; PCA in this process (a
-    matrix product per shard streams at memory speed)."""
+def choose_runner(cfg, neural: bool, address: str | None, store: Store) -> str:
+    """auto: Ray Data for a network (DINOv2) or with a cluster address; PCA, or a store in this
+    process's memory, in this process (a matrix product per shard streams at memory speed)."""
     if cfg.runner != "auto":
         return cfg.runner
-    return "ray" if neural or address else "local"
+    return "ray" if (neural or address) and store.protocol != "memory" else "local"
 
 
 class ReadDataShard:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ddm.config import to_dict
-from ddm.data.pipeline import ShardCommits, Stage, check_runner, cluster_gpus, connected, run_units
+from ddm.data.pipeline import ShardCommits, Stage, check_runner, cluster_gpus, connected, run_units, worker_url
 from ddm.data.shards import encode_shard, shard_name
 from ddm.data.sources import generated_units, load_unit, open_source
 from ddm.layout import DATA_DIR
@@ -135,21 +135,22 @@ def _ingested(cfg: IngestConfig, store: Store) -> dict | None:
     )
 
 
-def choose_runner(cfg: IngestConfig, generated: bool, units: int, address: str | None) -> str:
+def choose_runner(cfg: IngestConfig, generated: bool, units: int, address: str | None, store: Store) -> str:
     """Generated sources are made in order by this process. File sources run where ``runner`` says;
     auto: Ray Data, except for a source of one shard without a cluster address (tiny data: no Ray
-    start)."""
+    start) or a store in this process's memory."""
     if generated:
         if cfg.runner == "ray":
             log.info("source %s is generated in order by one process: it runs here, not on Ray", cfg.source)
         return "local"
     if cfg.runner == "auto":
-        return "ray" if units > 1 or address else "local"
+        return "ray" if (units > 1 or address) and store.protocol != "memory" else "local"
     return cfg.runner
 
 
 def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) -> dict:
     t0 = time.perf_counter()
+    worker_url(store, cfg.runner)  # a store Ray workers cannot reach fails before anything is read
     source = open_source(cfg)
     source.validate(cfg)  # the first samples decode, before anything is written or started
     encoder = EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed) if cfg.encoder != "identity" else None
@@ -163,7 +164,8 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     }
     done = commits.start(plan)
     todo = [u for u in units if u["index"] not in done]
-    runner = "local" if not todo else choose_runner(cfg, source.generated, len(units), address)
+    runner = "local" if not todo else choose_runner(cfg, source.generated, len(units), address, store)
+    url = worker_url(store, runner)
     log.info(
         "ingest %s: %d samples in %d shards (%d to do) on %s",
         cfg.source,
@@ -172,7 +174,7 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
         len(todo),
         "Ray Data" if runner == "ray" else "this process",
     )
-    write = Stage("write", lambda: WriteShard(store.url, token))
+    write = Stage("write", lambda: WriteShard(url, token))
     with connected(runner, address):
         stages = [] if source.generated else [Stage("read", lambda: ReadUnit(cfg), concurrency=cfg.workers or None)]
         if encoder is not None:  # it loaded here (a missing package or weights failed before any write)

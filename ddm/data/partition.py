@@ -36,7 +36,7 @@ from safetensors.numpy import save as save_safetensors
 
 from ddm.config import to_dict
 from ddm.data.features import EXTRACTOR_STATE, Features, stored_features
-from ddm.data.pipeline import Stage, check_runner, connected, run_units
+from ddm.data.pipeline import Stage, check_runner, connected, run_units, worker_url
 from ddm.data.shards import Dataset, write_parquet_bytes
 from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.lease import holding
@@ -226,10 +226,11 @@ def _partition(
 
     # Stage 2: each sample's fine cluster (a map over the feature shards), their sizes, then the
     # merge into K coarse clusters.
-    runner = cfg.runner if cfg.runner != "auto" else ("ray" if address else "local")
+    runner = cfg.runner if cfg.runner != "auto" else ("ray" if address and store.protocol != "memory" else "local")
+    url = worker_url(store, runner)
     units = [{"index": i} for i in range(features.num_shards)]
     with connected(runner, address):
-        step = Stage("assign", lambda: Nearest(store.url, features.folder, fine), concurrency=cfg.workers or None)
+        step = Stage("assign", lambda: Nearest(url, features.folder, fine), concurrency=cfg.workers or None)
         nearest, ids = {}, {}
         for r in run_units(units, [step], runner, "assign"):
             nearest[r["index"]], ids[r["index"]] = np.asarray(r["fine"], np.int32), np.asarray(r["ids"], np.int64)

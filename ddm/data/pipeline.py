@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ddm.logs import progress
-from ddm.store import Store
+from ddm.store import Store, absolute_url
 
 log = logging.getLogger("ddm.data")
 
@@ -55,6 +55,17 @@ class Stage:
 def check_runner(runner: str) -> None:
     if runner not in RUNNERS:
         raise ValueError(f"runner {runner!r} is unknown; use auto, ray (Ray Data) or local (this process)")
+
+
+def worker_url(store: Store, runner: str) -> str:
+    """The store's URL as Ray workers must see it: absolute (their working directory is not this
+    process's); a ``memory://`` store lives in this process only, so Ray cannot be its runner."""
+    if runner == "ray" and store.protocol == "memory":
+        raise ValueError(
+            f"store {store.url} lives in this process's memory, where Ray workers cannot reach it; use runner=local "
+            "or a file or S3 store"
+        )
+    return absolute_url(store.url)
 
 
 def cluster_gpus() -> float:
