@@ -166,7 +166,12 @@ def test_driver_killed_and_the_rerun_redoes_only_missing_shards(cluster, wds, re
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-2000:]
     assert not store.is_committed(DATA_DIR)
-    committed = {int(r.split(".")[0]) for r in store.list(f"{DATA_DIR}/progress")}
+    # Ray ends the dead driver's tasks soon after; a unit already writing may still commit: wait
+    # until the committed set stops changing.
+    listing, settle = None, time.time() + 30
+    while time.time() < settle and listing != (listing := store.list(f"{DATA_DIR}/progress")):
+        time.sleep(1.5)
+    committed = {int(r.split(".")[0]) for r in listing}
     assert 3 <= len(committed) < 100  # 100 units of 20 samples: the kill came mid-ingest
     before = {i: store.read_json(f"{DATA_DIR}/progress/{i:05d}.json")["files"] for i in committed}
 
