@@ -7,9 +7,10 @@ expert gets a tiny or a huge share. A sample belongs to the coarse cluster of it
 centroid.
 
 Features once, K many times: the features are computed shard by shard (a Ray Data pipeline for
-DINOv2, whose actors take GPUs when the cluster has them; PCA in this process) and stored under
-``features/`` with their extractor and settings (``ddm.data.features.stored_features``), so another
-K or balance (``ddm partition --dry-run`` to compare, or a new run on the same data) reuses them. A
+DINOv2, whose actors take GPUs when the cluster has them, and for anything with ``--address`` or
+``runner=ray``; PCA otherwise in this process) and stored under ``features/`` with their extractor
+and settings (``ddm.data.features.stored_features``). Another K or balance on the same dataset
+reuses them: ``ddm partition --dry-run`` compares settings at the cost of the k-means alone. A
 killed feature pass redoes only the shards it had not committed.
 
 Memory does not grow with the dataset: the fine k-means is fitted with mini-batches streamed over
