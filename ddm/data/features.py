@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from ddm.data.pipeline import ShardCommits, Stage, cluster_gpus, connected, run_units, worker_url
+from ddm.data.pipeline import ShardCommits, Stage, connected, model_stage, run_units, worker_url
 from ddm.data.shards import Dataset
 from ddm.layout import features_dir
 from ddm.lease import fenced, holding
@@ -186,9 +186,7 @@ def stored_features(cfg, store: Store, dataset: Dataset, data_id: str, address: 
         write = Stage("write", lambda: WriteFeatures(url, folder, token))
         with connected(runner, address):
             if extractor.neural:
-                gpus = cluster_gpus() if runner == "ray" else 0.0
-                actors = cfg.embed_actors or (max(1, int(gpus) * cfg.actors_per_gpu) if gpus else 1)
-                stage = Stage("embed", embed, num_gpus=1.0 / cfg.actors_per_gpu if gpus else 0.0, actors=actors)
+                stage = model_stage("embed", embed, runner, cfg.embed_actors, cfg.actors_per_gpu)
             else:
                 stage = Stage("embed", embed, concurrency=cfg.workers or None)
             records = {r["index"]: r for r in run_units(units, [read, stage, write], runner, "features")}

@@ -31,6 +31,8 @@ random weights, for tests and throughput benchmarks only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ddm.config import to_dict
-from ddm.data.pipeline import ShardCommits, Stage, check_runner, cluster_gpus, connected, run_units, worker_url
+from ddm.data.pipeline import ShardCommits, Stage, check_runner, connected, model_stage, run_units, worker_url
 from ddm.data.shards import encode_shard, shard_name
 from ddm.data.sources import generated_units, load_unit, open_source
 from ddm.layout import DATA_DIR
@@ -196,19 +198,10 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
 
 
 def _encode_stage(cfg: IngestConfig, runner: str, loaded: EncodeUnit) -> Stage:
-    """The encoder's actor pool on Ray (each actor loads its own copy, on its GPU if it has one);
-    in this process, the copy the driver loaded."""
-    if runner == "local":
-        return Stage("encode", lambda: loaded)
-    gpus = cluster_gpus()
-    actors = cfg.encode_actors or (max(1, int(gpus) * cfg.actors_per_gpu) if gpus else 1)
-    return Stage(
-        "encode",
-        lambda: EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed),
-        num_cpus=1,
-        num_gpus=1.0 / cfg.actors_per_gpu if gpus else 0.0,
-        actors=actors,
-    )
+    """The encoder: in this process the copy the driver loaded; on Ray an actor pool, each actor
+    loading its own copy on its GPU if it has one."""
+    make = (lambda: loaded) if runner == "local" else (lambda: EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed))
+    return model_stage("encode", make, runner, cfg.encode_actors, cfg.actors_per_gpu)
 
 
 class ReadUnit:
@@ -255,9 +248,6 @@ class WriteShard:
 
 
 def _digest(units: list[dict]) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(units, sort_keys=True).encode()).hexdigest()
 
 

@@ -68,11 +68,21 @@ def worker_url(store: Store, runner: str) -> str:
     return absolute_url(store.url)
 
 
-def cluster_gpus() -> float:
-    """GPUs of the connected Ray cluster (0 without one)."""
+def model_stage(name: str, make: Callable, runner: str, actors: int, actors_per_gpu: int) -> Stage:
+    """A stage that runs a network: on Ray an actor pool (``actors``, or ``actors_per_gpu`` per GPU of
+    the connected cluster, or 1 on CPU), each actor holding 1/``actors_per_gpu`` of a GPU when the
+    cluster has GPUs; in this process, one copy."""
+    if runner == "local":
+        return Stage(name, make)
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    return Stage(
+        name,
+        make,
+        num_gpus=1.0 / actors_per_gpu if gpus else 0.0,
+        actors=actors or (max(1, int(gpus) * actors_per_gpu) if gpus else 1),
+    )
 
 
 @contextlib.contextmanager

@@ -63,10 +63,8 @@ class Source(abc.ABC):
         return {}
 
     def validate(self, cfg: IngestConfig) -> None:
-        """Decode the first few items (before any cluster work) so a wrong source fails at once."""
-
-    def generate(self) -> Iterator[tuple[int, np.ndarray]]:
-        raise NotImplementedError
+        """Decode the first few items (before any cluster work) so a wrong source fails at once.
+        Generated sources have nothing to check; they have ``generate()`` instead of units to load."""
 
 
 def to_8bit(img: Image.Image, channels: int) -> Image.Image:
