@@ -1,15 +1,20 @@
-"""The paper's headline at small scale: a K-expert ensemble against a monolith with the same total
-training FLOPs (router included), over several seeds, with what each costs to sample.
+"""The paper's headline at small scale: a K-expert ensemble against monoliths with the same total
+training FLOPs (router included), over several seeds, with learning curves and what each costs.
 
 Each seed is one ``ddm run`` of the spec (default ``launch/digits.yaml``; ``launch/glyphs.yaml`` is
-the richer dataset) into its own store ``<root>/s<seed>``, with the equal-FLOP monolith; the seed
-drives training, sampling and evaluation. The table averages the evaluation (FD-classifier by
-default) over seeds, per rule, with the sampling FLOPs per sample (router included) and the
-training FLOPs of each arm. Re-running reuses every finished seed.
+the richer dataset) into its own store ``<root>/s<seed>``, with the equal-FLOP monoliths of the
+spec's budget (``ddm.budget``: by default the paper's split, experts at B/K for S steps against a
+monolith at B for S steps and one at B/K for K*S steps); the seed drives training, sampling and
+evaluation. The tables average over seeds: the evaluation (FD-classifier by default) per rule with
+its sampling FLOPs per sample, each arm's budget (training FLOPs, batch, optimizer and sequential
+steps), and the learning curves (each arm at the same shares of its training, hence equal FLOPs)
+with where the ensemble and each monolith cross. Re-running reuses every finished seed.
 
     .venv/bin/python bench/headline.py [--spec launch/digits.yaml] [--seeds 0 1 2] [--root runs/headline]
+    .venv/bin/python bench/headline.py ... budget.split=steps expert.steps=1500 budget.small_batch_monolith=false
+        (ddm 0.2's comparison: every expert at B for S steps, the monolith K*S steps)
 
-Prints a markdown table (mean ± standard deviation over seeds) and, last, a JSON object.
+Prints markdown tables (mean ± standard deviation over seeds) and, last, a JSON object.
 """
 
 from __future__ import annotations
@@ -31,6 +36,54 @@ def run_seed(spec: str, seed: int, store: str, overrides: list[str]) -> dict:
     print(f"seed {seed}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return Store(store).read_json("report/results.json")  # the evaluation of this run's ensemble
+
+
+def summarize_curves(per_seed: dict[int, dict]) -> dict:
+    """Per arm and point over seeds: mean FLOPs, mean ± std distance; crossings of every seed."""
+    seeds = [res["curves"] for res in per_seed.values() if res.get("curves")]
+    if not seeds:
+        return {}
+    out = {"series": {}, "crossings_per_seed": [c["crossings"] for c in seeds]}
+    for arm, points in seeds[0]["series"].items():
+        rows = []
+        for p in points:
+            same = [q for c in seeds for q in c["series"].get(arm, []) if q["point"] == p["point"]]
+            ds = [q["distance"] for q in same]
+            rows.append({
+                "point": p["point"],
+                "training_flops": statistics.mean(q["training_flops"] for q in same),
+                "mean": statistics.mean(ds),
+                "std": statistics.stdev(ds) if len(ds) > 1 else 0.0,
+                "per_seed": ds,
+            })  # fmt: skip
+        out["series"][arm] = rows
+    return out
+
+
+def curve_table(curves: dict) -> list[str]:
+    arms = list(curves["series"])
+    lines = ["| point | training FLOPs | " + " | ".join(arms) + " |", "|---:|---:|" + "---:|" * len(arms)]
+    first = curves["series"][arms[0]]
+    for i, p in enumerate(first):
+        cells = []
+        for a in arms:
+            q = next((q for q in curves["series"][a] if q["point"] == p["point"]), None)
+            cells.append("" if q is None else f"{q['mean']:.3f} ± {q['std']:.3f}")
+        lines.append(f"| {p['point']} | {p['training_flops']:.3g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def arm_table(arms: dict) -> list[str]:
+    lines = [
+        "| arm | models | global batch | per-model batch | optimizer steps | sequential steps | training FLOPs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, a in arms.items():
+        lines.append(
+            f"| {name} | {a['models']} | {a['global_batch']} | {a['per_model_batch']} | {a['optimizer_steps']} | "
+            f"{a['sequential_steps']} | {a['training_flops']:.3g} |"
+        )
+    return lines
 
 
 def summarize(per_seed: dict[int, dict]) -> dict:
@@ -86,11 +139,21 @@ def main() -> None:
     print(f"\n{first['metric_label']}, lower is better; {len(args.seeds)} seeds; data floor {floor:.3f}\n")
     print("\n".join(table(rows)))
     training = first.get("training_flops", {})
-    if training.get("ensemble", {}).get("total"):
-        ens = training["ensemble"]
-        mono = training.get("monolith", {}).get("total")
-        print(f"\ntraining FLOPs: ensemble {ens['total']:.3g} (router {ens['router']:.3g}), monolith {mono:.3g}")
-    best_ens = min((r for r in rows if r != "monolith"), key=lambda r: rows[r]["mean"])
+    if first.get("arms"):
+        print("\nThe arms (seed 0's; every seed trains the same):\n")
+        print("\n".join(arm_table(first["arms"])))
+    curves = summarize_curves(per_seed)
+    if curves:
+        print("\nLearning curves (mean ± std over seeds):\n")
+        print("\n".join(curve_table(curves)))
+        for seed, crossings in zip(per_seed, curves["crossings_per_seed"]):
+            text = "; ".join(
+                f"{c['rule']} x {c['baseline']} at {c['training_flops']:.3g} FLOPs "
+                f"({'ensemble' if c['ensemble_ahead_after'] else 'monolith'} ahead after)"
+                for c in crossings
+            )
+            print(f"seed {seed}: {text or 'no crossing'}")
+    best_ens = min((r for r in rows if not r.startswith("monolith")), key=lambda r: rows[r]["mean"])
     out = {
         "spec": args.spec,
         "overrides": args.overrides,
@@ -99,9 +162,14 @@ def main() -> None:
         "data_floor": floor,
         "rules": rows,
         "training_flops": training,
+        "arms": first.get("arms"),
+        "curves": curves,
         "forward_flops": first.get("forward_flops"),
         "top1_over_monolith": rows["top-1"]["mean"] / rows["monolith"]["mean"]
         if "monolith" in rows and "top-1" in rows
+        else None,
+        "top1_over_small_batch_monolith": rows["top-1"]["mean"] / rows["monolith-small-batch"]["mean"]
+        if "monolith-small-batch" in rows and "top-1" in rows
         else None,
         "best_ensemble_rule": best_ens,
         "seconds": time.perf_counter() - t0,

@@ -74,6 +74,28 @@ def job_training_flops(store: Store, run_dir: str) -> float | None:
     return cfg.flops_per_step() * int(run.manifest(layout.EXPORT)["step"])
 
 
+def trained_jobs(store: Store, run_dirs: list[str]) -> list[tuple]:
+    """(JobConfig, step of its export) of each job folder that has both (in the given order)."""
+    from ddm.job import JobConfig
+
+    out = []
+    for run_dir in run_dirs:
+        run = store.child(run_dir)
+        if run.exists(layout.JOB_CONFIG) and run.is_committed(layout.EXPORT):
+            cfg = from_dict(JobConfig, run.read_json(layout.JOB_CONFIG))
+            out.append((cfg, int(run.manifest(layout.EXPORT)["step"])))
+    return out
+
+
+def training_arms(store: Store, ensemble: dict, single_models: dict[str, str]) -> dict:
+    """The budget of each arm as trained (``ddm.budget.arms``): training FLOPs, global and per-model
+    batch, optimizer steps and sequential steps of the ensemble and of each monolith."""
+    from ddm.budget import arms
+
+    dirs = [e["dir"] for e in ensemble["experts"]] + [ensemble["router"]["dir"]] + list(single_models.values())
+    return arms(trained_jobs(store, dirs))
+
+
 def training_flops(store: Store, ensemble: dict, single_models: dict[str, str]) -> dict:
     """Training FLOPs of the ensemble arm (its experts and router) and of each one-model baseline
     (``single_models``: name -> run dir), and each baseline's ratio to the ensemble's."""

@@ -15,6 +15,7 @@ import io
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ from ddm.cost import (
     export_forward_flops,
     forward_flops_of,
     single_model_sampling_cost,
+    training_arms,
     training_flops,
 )
 from ddm.data.reader import PartitionReader
@@ -73,12 +75,15 @@ def metric_label(metric: str) -> str:
     )
 
 
-SINGLE_MODELS = ("monolith", "distilled")  # one-model baselines evaluated beside the rules
+# One-model baselines evaluated beside the rules: the equal-FLOP monoliths (ddm.budget) and a student.
+SINGLE_MODELS = ("monolith", "monolith-small-batch", "distilled")
 
 
 def single_model_dir(rule: str, ensemble_description: dict) -> str:
-    """Run dir of a one-model baseline: the monolith, or the student distilled from this ensemble."""
-    return layout.MONOLITH_DIR if rule == "monolith" else layout.distilled_dir(layout.ensemble_id(ensemble_description))
+    """Run dir of a one-model baseline: a monolith, or the student distilled from this ensemble."""
+    if rule == "distilled":
+        return layout.distilled_dir(layout.ensemble_id(ensemble_description))
+    return layout.SMALL_BATCH_MONOLITH_DIR if rule == "monolith-small-batch" else layout.MONOLITH_DIR
 
 
 def router_accuracy(
@@ -132,6 +137,64 @@ def _plot_router_accuracy(ts: list[float], acc: list[float], k: int, prior_max: 
     return buf.getvalue()
 
 
+class Judge:
+    """What every model of one evaluation is measured against, so that all see the same: the data's
+    features under the metric (and the data floor: two halves of the data), one draw of (label,
+    partition) pairs from the data, and the initial noise of ``ddm.sample``'s streams. ``ddm.curves``
+    measures the models of every learning-curve point with the judge of the final evaluation."""
+
+    def __init__(self, store: Store, cfg: EvalConfig, desc: dict, device: torch.device):
+        self.cfg, self.flow, self.data_shape = cfg, FlowMatching(**desc["flow"]), tuple(desc["data_shape"])
+        self.num_classes, k = int(desc["num_classes"]), int(desc["num_experts"])
+        # Reference data: the whole dataset (its labels and partitions also drive the samples' labels).
+        data = PartitionReader(
+            store, None, batch_size=int(sum(store.manifest(layout.PARTITIONS_DIR)["counts"]))
+        ).next_batch()
+        self.x_data, self.y_data, self.p_data = data["x"], data["y"], data["partition"]
+        if cfg.metric == "fid":
+            self.embedder, self.feature_info = InceptionFeatures(), {"network": "inception-v3 (pytorch-fid)"}
+        else:
+            has_labels = store.manifest(layout.DATA_DIR)["num_classes"] > 0
+            targets, n_targets, target_name = (
+                (self.y_data, self.num_classes or int(self.y_data.max()) + 1, "labels")
+                if has_labels
+                else (self.p_data, k, "partitions")
+            )
+            self.embedder, self.feature_info = load_or_train_classifier(
+                store, self.x_data, targets.long(), n_targets, target_name
+            )
+        ref_features = self.embedder.embed(self.x_data)
+        self.mu, self.sigma = gaussian_stats(ref_features)
+        half = len(self.x_data) // 2
+        self.floor = frechet_distance(*gaussian_stats(ref_features[:half]), *gaussian_stats(ref_features[half:]))
+        # One draw of (label, partition) pairs from the data for every model: the oracle needs
+        # partitions consistent with the labels, and every rule must sample the same conditional.
+        pick = torch.randint(len(self.x_data), (cfg.num_samples,), generator=stream(cfg.seed, LABELS))
+        self.labels = self.y_data[pick].to(device) if self.num_classes else None
+        self.parts = self.p_data[pick].to(device)
+        self.cfg_branches = 2 if cfg.guidance != 1.0 and self.labels is not None else 1  # CFG: cond + uncond
+
+    def single_model(self, model) -> Callable[[slice], VelocityFn]:
+        return lambda rows: guided(model, None if self.labels is None else self.labels[rows], self.cfg.guidance)
+
+    def ensemble(self, ens) -> Callable[[slice], VelocityFn]:
+        """Velocities of ``ens`` under its current rule (the sample rule's draws from their own stream)."""
+        rule_draws = stream(self.cfg.seed, RULE_DRAWS)
+
+        def velocity(rows: slice) -> VelocityFn:
+            y = None if self.labels is None else self.labels[rows]
+            return ens.velocity_fn(
+                y=y, partition=self.parts[rows], guidance_scale=self.cfg.guidance, generator=rule_draws
+            )
+
+        return velocity
+
+    def measure(self, velocity: Callable[[slice], VelocityFn]) -> tuple[float, torch.Tensor]:
+        """(distance to the data, the samples) of the model behind ``velocity``."""
+        x = draw(self.flow, velocity, self.cfg, self.data_shape)
+        return frechet_distance(*gaussian_stats(self.embedder.embed(x)), self.mu, self.sigma), x
+
+
 def evaluate(store: Store, cfg: EvalConfig) -> dict:
     """Sample under each rule with one set of labels, measure the distance to the data; see module doc."""
     cfg = cfg.seeded()
@@ -141,7 +204,7 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     rules = list(cfg.rules)
     for rule in rules:
         if rule in SINGLE_MODELS and not store.is_committed(f"{single_model_dir(rule, desc)}/{layout.EXPORT}"):
-            how = "train one with partition=-1" if rule == "monolith" else "run `ddm distill` on this ensemble"
+            how = "run `ddm distill` on this ensemble" if rule == "distilled" else "train it (ddm run monolith=true)"
             raise ValueError(
                 f"rule {rule!r} needs a committed export in {store.url}/{single_model_dir(rule, desc)} ({how}), or "
                 "drop it from rules"
@@ -165,69 +228,30 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
             )
         log.info("evaluation already in %s", out.url)
         return old
-    flow = FlowMatching(**desc["flow"])
-    num_classes = int(desc["num_classes"])
     t0 = time.perf_counter()
-
-    # Reference data: the whole dataset (its labels and partitions also drive the samples' labels).
-    data = PartitionReader(
-        store, None, batch_size=int(sum(store.manifest(layout.PARTITIONS_DIR)["counts"]))
-    ).next_batch()
-    x_data, y_data, p_data = data["x"], data["y"], data["partition"]
-    k = ens.num_experts
-    if cfg.metric == "fid":
-        embedder = InceptionFeatures()
-        feature_info = {"network": "inception-v3 (pytorch-fid)"}
-    else:
-        has_labels = store.manifest(layout.DATA_DIR)["num_classes"] > 0
-        targets, n_targets, target_name = (
-            (y_data, num_classes or int(y_data.max()) + 1, "labels") if has_labels else (p_data, k, "partitions")
-        )
-        embedder, feature_info = load_or_train_classifier(store, x_data, targets.long(), n_targets, target_name)
-    ref_features = embedder.embed(x_data)
-    mu_ref, s_ref = gaussian_stats(ref_features)
-    half = len(x_data) // 2
-    floor = frechet_distance(*gaussian_stats(ref_features[:half]), *gaussian_stats(ref_features[half:]))
-
-    # One draw of (label, partition) pairs from the data for every rule: the oracle needs partitions
-    # consistent with the labels, and every rule must sample the same conditional distribution.
-    g = stream(cfg.seed, LABELS)
-    pick = torch.randint(len(x_data), (cfg.num_samples,), generator=g)
-    labels = y_data[pick].to(device) if num_classes else None
-    parts = p_data[pick].to(device)
+    judge = Judge(store, cfg, desc, device)
     flops = forward_flops_of(store, desc)
     results = []  # in the order asked for
     grids = {}
-    cfg_branches = 2 if cfg.guidance != 1.0 and labels is not None else 1  # CFG: conditional + unconditional
     for rule in progress(rules, desc="evaluate", unit="rule"):
-        rule_draws = stream(cfg.seed, RULE_DRAWS)  # the sample rule's choices; the noise is draw's own stream
         start = time.perf_counter()
         if rule in SINGLE_MODELS:
             model = load_export(store, single_model_dir(rule, desc), device)
             model_flops = export_forward_flops(read_export(store, single_model_dir(rule, desc))[0])
-
-            def velocity(rows: slice) -> VelocityFn:
-                return guided(model, None if labels is None else labels[rows], cfg.guidance)
+            fd, x = judge.measure(judge.single_model(model))
+            cost = single_model_sampling_cost(model_flops, cfg.evals_per_sample, judge.cfg_branches)
+            key = rule
         else:
             ens.rule = Rule.parse(rule)
             ens.reset_stats()
-
-            def velocity(rows: slice) -> VelocityFn:
-                y = None if labels is None else labels[rows]
-                return ens.velocity_fn(y=y, partition=parts[rows], guidance_scale=cfg.guidance, generator=rule_draws)
-
-        x = draw(flow, velocity, cfg, tuple(desc["data_shape"]))
-        if rule in SINGLE_MODELS:
-            cost = single_model_sampling_cost(model_flops, cfg.evals_per_sample, cfg_branches)
-        else:  # counted by the ensemble (CFG branches included)
-            st = ens.stats
+            fd, x = judge.measure(judge.ensemble(ens))
+            st = ens.stats  # counted by the ensemble (CFG branches included)
             cost = ensemble_sampling_cost(
                 flops["experts"], flops["router"], st.expert_evals, st.router_evals, st.velocity_evals,
                 cfg.evals_per_sample,
             )  # fmt: skip
+            key = str(ens.rule)
         seconds = time.perf_counter() - start
-        fd = frechet_distance(*gaussian_stats(embedder.embed(x)), mu_ref, s_ref)
-        key = rule if rule in SINGLE_MODELS else str(ens.rule)
         results.append({"rule": key, "distance": fd, **cost, "seconds": seconds})
         if x.shape[1] in (1, 3):
             grids[key] = image_grid(x[:64].numpy())
@@ -237,6 +261,9 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
             cost["sampling_flops_per_sample"], seconds,
         )  # fmt: skip
 
+    flow, k, num_classes = judge.flow, ens.num_experts, judge.num_classes
+    x_data, y_data, p_data = judge.x_data, judge.y_data, judge.p_data
+    baselines = {r: single_model_dir(r, desc) for r in rules if r in SINGLE_MODELS}
     y_ref = y_data if num_classes else None
     sub = torch.randperm(len(x_data), generator=stream(cfg.seed, LABELS, 1))[: cfg.router_samples]
     y_sub = None if y_ref is None else y_ref[sub]
@@ -247,14 +274,13 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         "dir": layout.eval_dir(name),
         "metric": cfg.metric,
         "metric_label": metric_label(cfg.metric),
-        "feature_network": feature_info,
-        "data_floor": floor,
+        "feature_network": judge.feature_info,
+        "data_floor": judge.floor,
         "reference_samples": len(x_data),
         "rules": results,
         "forward_flops": flops,
-        "training_flops": training_flops(
-            store, desc, {r: single_model_dir(r, desc) for r in rules if r in SINGLE_MODELS}
-        ),
+        "training_flops": training_flops(store, desc, baselines),
+        "arms": training_arms(store, desc, baselines),
         "router_accuracy": {"t": list(cfg.router_t), "accuracy": acc, "largest_partition_share": prior_max},
         "seconds": time.perf_counter() - t0,
     }

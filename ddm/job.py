@@ -12,6 +12,7 @@ launcher, ``checkpoint`` to the checkpointer, ``engine`` to the DeepSpeed engine
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from ddm.models.config import FlowConfig, ModelConfig, forward_flops
 from ddm.store import ChecksumError, Store, absolute_url
 
 JOBS = ("expert", "router", "distill")
+FOLDER_RE = re.compile(r"^monolith-[A-Za-z0-9_-]+$")
 
 # Dotted fields a re-run may change without changing what is being trained (how long, how often,
 # where, on how many workers: checkpoints reshard to another worker count, ``ddm.reshard``).
@@ -35,6 +37,7 @@ RESUMABLE = frozenset(
         "checkpoint.every",
         "checkpoint.keep",
         "checkpoint.export_every",
+        "checkpoint.snapshots",
         "engine.compile",
         "ray.cpus_per_worker",
         "ray.use_gpu",
@@ -71,14 +74,26 @@ class CheckpointConfig:
     every: int = 500
     keep: int = 3
     export_every: int = 0  # 0: export the EMA model at the end only
+    # > 0: keep the EMA model at this many evenly spaced steps (snapshots/step_N/export/), the
+    # points of learning curves (ddm.budget.snapshot_steps); they are never pruned.
+    snapshots: int = 0
 
     def __post_init__(self) -> None:
+        if self.snapshots < 0:
+            raise ValueError(f"snapshots must be >= 0, got {self.snapshots}")
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
         if self.keep < 1:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.export_every < 0:
             raise ValueError(f"export_every must be >= 0, got {self.export_every}")
+
+    def snapshot_steps(self, steps: int) -> list[int]:
+        """The steps at which a job of ``steps`` steps keeps its EMA model: round(i * steps / snapshots)
+        for i = 1..snapshots, without repeats (so the points of every arm sit at the same shares of
+        their training, hence at equal FLOPs across arms of one budget)."""
+        n = self.snapshots
+        return sorted({max(1, round(i * steps / n)) for i in range(1, n + 1)}) if n else []
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,7 @@ class JobConfig:
     job: str = "expert"  # expert | router | distill (see the module doc)
     partition: int = 0  # the expert's partition; -1 trains on all data (a monolith)
     teacher: str = ""  # distill jobs: the id of the ensemble distilled (empty: the store's current one)
+    folder: str = ""  # a monolith's folder when it is not monolith/ (ddm.budget: monolith-small-batch)
     model: ModelConfig = field(default_factory=lambda: ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10))
     flow: FlowConfig = field(default_factory=FlowConfig)
     steps: int = 1000
@@ -161,6 +177,11 @@ class JobConfig:
         moe = self.model.moe
         if moe.enabled and self.ray.num_workers % moe.ep_size:
             raise ValueError(f"model.moe.ep_size={moe.ep_size} must divide ray.num_workers={self.ray.num_workers}")
+        if self.folder and (self.job != "expert" or self.partition != -1 or not FOLDER_RE.match(self.folder)):
+            raise ValueError(
+                f"folder={self.folder!r}: only a monolith (job=expert, partition=-1) may name its folder, "
+                "monolith-<name> of letters, digits, '-' or '_' (e.g. monolith-small-batch)"
+            )
         if self.job in ("router", "distill") and moe.enabled:
             raise ValueError(f"{self.job} models are dense here: set model.moe.num_experts=0 for a {self.job} job")
 
@@ -194,7 +215,9 @@ class JobConfig:
             if not self.teacher:
                 raise ValueError("a distill job needs its teacher's ensemble id: call with_teacher(cfg) first")
             return layout.distilled_dir(self.teacher)
-        return layout.MONOLITH_DIR if self.partition == -1 else layout.expert_dir(self.partition)
+        if self.partition == -1:
+            return self.folder or layout.MONOLITH_DIR
+        return layout.expert_dir(self.partition)
 
     @property
     def data_partition(self) -> int | None:

@@ -10,7 +10,8 @@ here, so a name is spelled once::
     partitions/                     MANIFEST.json, assignments.parquet, centroids.safetensors
     experts/03/                     one training job's folder (see below)
     router/                         the router job
-    monolith/                       the equal-FLOP baseline trained on all data
+    monolith/                       the equal-FLOP baseline trained on all data (``ddm.budget``)
+    monolith-small-batch/           the equal-FLOP baseline at the experts' per-model batch
     distilled/<ensemble id>/        a student distilled from one ensemble
     ensemble.json                   which exports make the ensemble (+ ensemble.<id>.json copies)
     samples/<name>/                 ``ddm sample`` outputs
@@ -21,7 +22,8 @@ here, so a name is spelled once::
 
 A training job's folder holds ``config.json`` (the job spec), ``progress.json``,
 ``metrics.jsonl``, ``summary.json``, ``checkpoints/step_0001000/`` (committed by a MANIFEST.json)
-and ``export/`` (the EMA model as safetensors + config.json).
+and ``export/`` (the EMA model as safetensors + config.json); with ``checkpoint.snapshots``, also
+``snapshots/step_0000500/export/``: the EMA model at evenly spaced steps, for learning curves.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.safetensors"
 ROUTER_DIR = "router"
 MONOLITH_DIR = "monolith"
+SMALL_BATCH_MONOLITH_DIR = "monolith-small-batch"
 ENSEMBLE_FILE = "ensemble.json"
 REPORT_DIR = "report"
 CLASSIFIER_DIR = "eval/classifier"
@@ -54,6 +57,7 @@ CHECKPOINTS = "checkpoints"
 EXPORT = "export"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
+SNAPSHOTS = "snapshots"
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 
@@ -81,12 +85,21 @@ def distilled_dir(ensemble: str) -> str:
     return f"distilled/{ensemble}"
 
 
+def snapshot_dir(run_dir: str, step: int) -> str:
+    """The folder holding a job's EMA model at ``step`` as an ``export/`` (read like any export)."""
+    return f"{run_dir}/{SNAPSHOTS}/{step_dir(step)}"
+
+
 def samples_dir(name: str) -> str:
     return f"samples/{name}"
 
 
 def eval_dir(name: str) -> str:
     return f"eval/{name}"
+
+
+def curves_dir(name: str) -> str:
+    return f"eval/curves/{name}"
 
 
 def ensemble_copy(description: dict) -> str:

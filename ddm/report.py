@@ -10,7 +10,9 @@ import logging
 import time
 
 from ddm import layout
+from ddm.budget import describe
 from ddm.config import to_dict
+from ddm.curves import format_curves
 from ddm.evaluate import format_report
 from ddm.job import JobConfig
 from ddm.store import Store
@@ -57,7 +59,14 @@ def write_report(
         lines.append(
             f"| {c.run_dir} | {c.model.arch} | {c.steps} | {c.global_batch_size} | {loss_text} | {flops:.3g} |"
         )
+    if results.get("arms"):
+        lines += ["", "## The budget: what each arm trained", "", *describe(results["arms"]), "", BUDGET_NOTE]
     lines += ["", "## Quality by rule", "", format_report(results), "![router accuracy](router_accuracy.png)", ""]
+    curves = results.get("curves")
+    if curves:
+        rep.write_bytes("curves.png", store.child(curves["dir"]).read_bytes("curves.png"))
+        lines += ["## Learning curves (quality against training FLOPs)", "", "![learning curves](curves.png)", ""]
+        lines += [*format_curves(curves), ""]
     lines += ["## Samples", ""]
     evaluation = store.child(results["dir"])
     for name in (v["rule"] for v in results["rules"]):
@@ -79,6 +88,10 @@ def write_report(
 
 
 HISTORY = "history.json"
+BUDGET_NOTE = (
+    "Global batch: the samples of one sequential step over the arm's models; sequential steps: what a user waits "
+    "for when every island runs at once (the router trains beside the experts). See `ddm.budget`."
+)
 
 
 def _utc(t: float) -> str:

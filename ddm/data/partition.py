@@ -50,6 +50,9 @@ log = logging.getLogger("ddm.partition")
 @dataclass(frozen=True)
 class PartitionConfig:
     num_partitions: int = 4  # K, the number of experts (paper: 8 on ImageNet)
+    # kmeans: semantic clusters (the paper's); random: a seeded, exactly balanced random split of the
+    # samples (the paper's ablation: every expert then models the whole distribution)
+    method: str = "kmeans"
     features: str = "pca"  # pca (offline) or dinov2[:<hub id>] (the paper's)
     pca_dim: int = 32
     pca_fit_samples: int = 10_000
@@ -74,6 +77,8 @@ class PartitionConfig:
         if self.balance_tolerance < 0:
             raise ValueError(f"balance_tolerance must be >= 0, got {self.balance_tolerance}")
         check_runner(self.runner)
+        if self.method not in ("kmeans", "random"):
+            raise ValueError(f"method must be kmeans or random, got {self.method!r}")
         if self.workers < 0 or self.embed_actors < 0 or self.embed_batch_size < 1 or self.actors_per_gpu < 1:
             raise ValueError("workers and embed_actors must be >= 0, embed_batch_size and actors_per_gpu >= 1")
 
@@ -243,6 +248,13 @@ def _partition(
         )
     coarse, fine_to_coarse = merge_fine(fine, fine_counts, k, cfg)
     counts = np.bincount(fine_to_coarse, weights=fine_counts, minlength=k).astype(np.int64)
+    part_of = [fine_to_coarse[f] for f in fine_of]
+    if cfg.method == "random":  # sample i of a seeded permutation goes to partition i mod K
+        order = np.random.default_rng(cfg.seed).permutation(n)
+        flat = np.empty(n, np.int64)
+        flat[order] = np.arange(n) % k
+        part_of = np.split(flat, np.cumsum([len(f) for f in fine_of])[:-1])
+        counts = np.bincount(flat, minlength=k).astype(np.int64)
     if (counts == 0).any():
         raise ValueError(f"partitions {np.where(counts == 0)[0].tolist()} came out empty; lower num_partitions")
     meta = {
@@ -253,6 +265,7 @@ def _partition(
         "counts": counts.tolist(),
         "num_fine": num_fine,
         "features": cfg.features,
+        "method": cfg.method,
         "features_dir": features.folder,
         "config": to_dict(cfg),
         "dataset_sha256": data_id,
@@ -270,7 +283,7 @@ def _partition(
         "shard": np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(fine_of)]),
         "row": np.concatenate([np.arange(len(f), dtype=np.int32) for f in fine_of]),
         "fine": np.concatenate(fine_of),
-        "partition": fine_to_coarse[np.concatenate(fine_of)].astype(np.int32),
+        "partition": np.concatenate(part_of).astype(np.int32),
     }
     table = pa.table(cols)
     state = (

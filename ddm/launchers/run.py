@@ -3,7 +3,8 @@
 Stages, each skipped when its output is already committed in the store and resumed when it is
 not: ingest -> partition -> training jobs (K experts, the router and, when asked, a monolith with
 the same total FLOPs, each its own Ray Train job, as many at once as the cluster's CPUs allow)
--> assemble -> distill (optional) -> sample -> evaluate -> report (``report/``: README.md +
+-> assemble -> distill (optional) -> sample -> evaluate -> learning curves (with
+``budget.curve_points``) -> report (``report/``: README.md +
 images, rewritten at the end of every run).
 
 A re-run with the same spec finds finished jobs by their committed exports and resumes the others
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 
 from ddm import layout
 from ddm.assemble import assemble
+from ddm.budget import arm_of
+from ddm.curves import learning_curves
 from ddm.data.ingest import ingest
 from ddm.data.partition import partition
 from ddm.evaluate import evaluate
@@ -86,11 +89,16 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
                 run_jobs(store, [distill], 1)
     with stage("sample"):
         samples = sample(store, spec.sample)
+    baselines = [arm_of(c) for c in configs if c.kind == "monolith"]  # the monoliths the budget trained
     with stage("evaluate"):
-        rules = [r for r in spec.evaluate.rules if r != "monolith" or spec.monolith]
-        if distill is not None and "distilled" not in rules:
-            rules.append("distilled")
+        rules = [r for r in spec.evaluate.rules if not r.startswith("monolith") or r in baselines]
+        rules += [r for r in baselines + (["distilled"] if distill else []) if r not in rules]
         results = evaluate(store, dataclasses.replace(spec.evaluate, rules=rules))
+    curves = None
+    if spec.budget.curve_points:
+        with stage("curves"):
+            curves = learning_curves(store, spec.evaluate, spec.budget.curve_points, spec.budget.curve_rules, baselines)
+        results = {**results, "curves": curves}
     jobs_run = configs + ([distill] if distill else [])
     write_report(store, spec, data, parts, jobs_run, samples, results, timings, started_at)
     return results

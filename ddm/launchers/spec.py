@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ddm.budget import BudgetConfig, plan
 from ddm.data.ingest import IngestConfig
 from ddm.data.partition import PartitionConfig
 from ddm.evaluate import EvalConfig
@@ -27,6 +28,9 @@ class RunSpec:
     # The router: a DiT-Micro by default, ~5% of a DiT-Tiny expert's forward (the paper's is ~4%).
     router: JobConfig = field(default_factory=lambda: JobConfig(job="router", model=ModelConfig(arch="DiT-Micro/4")))
     monolith: bool = False  # also train one model on all data with the experts' + router's training FLOPs
+    # How the ensemble and the monoliths share the budget (ddm.budget): by default, with a monolith,
+    # the paper's split: expert.global_batch_size is the global batch B, each expert trains at B/K.
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     distill_steps: int = 0  # > 0: distil the ensemble into one expert-sized student for this many steps
     rule: str = "top1"  # the ensemble's default rule (ensemble.json)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -52,22 +56,11 @@ class RunSpec:
 
 def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = None) -> list[JobConfig]:
     """The training jobs of the spec, experts first (``expert_steps``: each expert's steps, default
-    the spec's), then the router; the monolith's steps equalise total FLOPs."""
+    the spec's), then the router, then the monoliths the budget trains (``ddm.budget.plan``)."""
     base = {"store": spec.store, "seed": spec.seed}
-    steps = expert_steps or [spec.expert.steps] * num_partitions
-    experts = [
-        dataclasses.replace(spec.expert, **base, job="expert", partition=k, steps=steps[k])
-        for k in range(num_partitions)
-    ]
-    router = dataclasses.replace(spec.router, **base, job="router")
-    out = [*experts, router]
-    if spec.monolith:
-        mono = dataclasses.replace(spec.expert, **base, job="expert", partition=-1)
-        total = sum(c.flops_per_step() * c.steps for c in out)
-        steps = max(1, round(total / mono.flops_per_step()))
-        every = min(mono.checkpoint.every, steps)
-        out.append(dataclasses.replace(mono, steps=steps, checkpoint=dataclasses.replace(mono.checkpoint, every=every)))
-    return out
+    expert = dataclasses.replace(spec.expert, **base)
+    router = dataclasses.replace(spec.router, **base)
+    return plan(expert, router, num_partitions, spec.budget, spec.monolith, expert_steps)
 
 
 def student(spec: RunSpec) -> JobConfig | None:

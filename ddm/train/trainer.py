@@ -197,6 +197,7 @@ def train(
     # since reading a GPU value every step would make the host wait for the device.
     window_loss, window_n, last_log = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
     stall_s = 0.0  # how long training waited for checkpoint snapshots
+    snapshots = set(cfg.checkpoint.snapshot_steps(cfg.steps))
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
             loss = objective(engine, _next_batch(reader, cfg, device), gen)
@@ -242,6 +243,9 @@ def train(
                 report({**metrics[-1], "checkpoint": f"{ckpt.store.url}/{layout.step_dir(last)}" if last else None})
         if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step != cfg.steps:
             write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
+        if step in snapshots:  # a learning-curve point: the EMA model at this step, kept for good
+            snapshot = run.child(f"{layout.SNAPSHOTS}/{layout.step_dir(step)}")
+            write_export(snapshot, ema.weights(engine.module), cfg, ps, step, export_extra)
 
     ckpt.close()  # the last upload must be committed before the job reports success
     if board is not None:
