@@ -419,5 +419,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console() -> None:
+    """The ``ddm`` command: ``main``'s status becomes the process's. After Ctrl-C that is 130 on every
+    machine: the exit handlers run, the streams are flushed and the process exits with 130 directly,
+    so nothing at interpreter shutdown can end it by the signal instead (on one CI machine it died of
+    SIGINT after printing the resume line)."""
+    code = main()
+    if code == 130:
+        import atexit
+        import logging
+        import os
+
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

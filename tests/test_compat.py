@@ -7,6 +7,7 @@ parameter names), expert 0's step-4 checkpoint, and the assembled ensemble.json.
 resumed that expert from step 4 to step 6.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def test_old_job_config_is_understood(old_store):
     assert "checkpoint_every" in old and "ray" not in old  # really the flat format
     cfg = from_dict(JobConfig, old)
     assert (cfg.checkpoint.every, cfg.checkpoint.keep, cfg.engine.zero_stage, cfg.ray.num_workers) == (2, 2, 1, 1)
-    assert is_finished(cfg)
+    # The fixture's own store field names the folder it was made in (/tmp/oldstore on that machine).
+    assert is_finished(dataclasses.replace(cfg, store=old_store))
     resumed = load(JobConfig, None, [f"store={old_store}", *OLD_EXPERT, "steps=6"])
     assert config_changes(old, to_dict(resumed)) == ""  # more steps: the same job
     other = load(JobConfig, None, [f"store={old_store}", *OLD_EXPERT, "lr=0.001"])
@@ -59,7 +61,10 @@ def test_old_job_config_is_understood(old_store):
 
 def test_old_expert_resumes_to_the_weights_ddm_0_1_reaches(old_store):
     """The step-4 checkpoint of ddm 0.1 (DeepSpeed files, EMA under the old names) resumes to step 6
-    bitwise equal to what ddm 0.1 itself produced from the same checkpoint."""
+    to the weights ddm 0.1 itself produced from the same checkpoint: to float32 rounding, as the
+    fixture was made on another CPU (bitwise equality holds only on one machine; on an AMD EPYC
+    30 of 31 tensors differ by at most 1.5e-8). Every tensor of the EMA export moves by more than 1e-4
+    from step 4 to step 6, a hundred times the tolerance."""
     cmd = [sys.executable, "-m", "ddm.train", f"store={old_store}", *OLD_EXPERT, "steps=6"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert out.returncode == 0, out.stderr[-3000:]
@@ -67,7 +72,8 @@ def test_old_expert_resumes_to_the_weights_ddm_0_1_reaches(old_store):
     expected = upgrade_state_dict(load_file(FIXTURES / "store_v0.1_expert00_step6.safetensors"))
     got = load_file(Path(old_store, "experts/00/export/model.safetensors"))
     assert got.keys() == expected.keys()
-    assert all(torch.equal(got[k], expected[k]) for k in got)
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_old_router_checkpoint_is_refused_not_misread(old_store, tmp_path):

@@ -317,6 +317,28 @@ def test_partitions_are_semantic():
     assert purity(part) > 2 * purity(random_split), (purity(part), purity(random_split))
 
 
+def test_random_partitions_are_balanced_seeded_and_not_semantic():
+    """The paper's ablation: a random split, exactly balanced, from the seed alone, whose classes
+    spread over the partitions as a random split's do (the semantic one concentrates them)."""
+    store = ingested("memory://random-split")
+    m = partition(PartitionConfig(num_partitions=5, method="random"), store)
+    a = assignments(store)
+    order = np.argsort(a["id"])
+    part = a["partition"][order]
+    assert sorted(m["counts"]) == [359, 359, 359, 360, 360] and m["method"] == "random"
+    labels = np.concatenate([s.labels for _, s in Dataset(store).iter_shards()])[order]
+    purity = sum(np.bincount(labels[part == k]).max() for k in range(5)) / len(part)
+    assert purity < 0.2, purity  # ~ 1/10 classes per partition's best class, far from a semantic split
+    again = ingested("memory://random-split-2")
+    partition(PartitionConfig(num_partitions=5, method="random"), again)
+    assert np.array_equal(assignments(again)["partition"][np.argsort(assignments(again)["id"])], part)
+    other = ingested("memory://random-split-3")
+    partition(PartitionConfig(num_partitions=5, method="random", seed=1), other)
+    assert not np.array_equal(assignments(other)["partition"][np.argsort(assignments(other)["id"])], part)
+    with pytest.raises(ValueError, match="method must be kmeans or random"):
+        PartitionConfig(method="spectral")
+
+
 def test_partition_is_deterministic():
     a1 = assignments(partition_store("memory://det1"))
     a2 = assignments(partition_store("memory://det2"))

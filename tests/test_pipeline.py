@@ -26,6 +26,7 @@ TINY = {
         "steps": 4, "global_batch_size": 16, "checkpoint": {"every": 4}, "log_every": 2,
     },
     "monolith": True,
+    "budget": {"small_batch_monolith": True, "curve_points": 2},  # the paper's split: experts at 16 / 2
     "distill_steps": 3,
     "sample": {"num_samples": 8, "steps": 2, "batch_size": 8},
     "evaluate": {"num_samples": 32, "steps": 2, "batch_size": 32, "router_t": [0.1, 0.9]},
@@ -49,13 +50,13 @@ def write_spec(tmp_path, store: str, **changes) -> str:
 def test_monolith_gets_the_ensembles_training_flops():
     s = from_dict(RunSpec, {**TINY, "store": "x", "router": {**TINY["router"], "steps": 40}})
     cfgs = jobs(s, 2)
-    assert [c.run_dir for c in cfgs] == ["experts/00", "experts/01", "router", "monolith"]
+    assert [c.run_dir for c in cfgs] == ["experts/00", "experts/01", "router", "monolith", "monolith-small-batch"]
     ensemble = sum(c.flops_per_step() * c.steps for c in cfgs[:3])
     mono = cfgs[3]
     assert abs(mono.flops_per_step() * mono.steps - ensemble) <= mono.flops_per_step() / 2  # rounded to a step
-    # 40 steps of the DiT-Micro router cost about 2 expert steps: the monolith gets them too.
+    # 40 steps of the DiT-Micro router cost about 2 steps of the monolith at batch 16: it gets them too.
     router_steps = cfgs[2].flops_per_step() * cfgs[2].steps / mono.flops_per_step()
-    assert 1.5 < router_steps < 2.5 and mono.steps == round(2 * 6 + router_steps) == 14
+    assert 1.5 < router_steps < 2.5 and mono.steps == round(6 + router_steps) == 8
     assert all(c.seed == 1 and c.store == "x" for c in cfgs)
 
 
@@ -78,10 +79,15 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
     ens = store.read_json("ensemble.json")
     from ddm.layout import ensemble_id
 
-    for d in ("experts/00", "experts/01", "router", "monolith", f"distilled/{ensemble_id(ens)}"):
+    trained_dirs = ("experts/00", "experts/01", "router", "monolith", "monolith-small-batch")
+    for d in (*trained_dirs, f"distilled/{ensemble_id(ens)}"):
         store.child(d).verify("export")
+    # What the paper's split says was trained: experts at 16 / 2 for 6 steps (the first run), the
+    # monolith at 16 for 6 (+ the router's FLOPs, under one step here), the other at 8 for 2 x 6.
+    trained = {d: store.child(d).read_json("config.json") for d in ("experts/00", "monolith", "monolith-small-batch")}
+    assert [(c["global_batch_size"], c["steps"]) for c in trained.values()] == [(8, 6), (16, 6), (8, 12)]
     assert ens["num_experts"] == 2 and ens["rule"] == "top-1"
-    evals = [e for e in store.list("eval") if not e.endswith("classifier")]
+    evals = [e for e in store.list("eval") if e not in ("classifier", "curves")]
     assert evals and all(e.startswith("s1-") for e in evals), evals  # the run's seed (1) drives evaluation
     assert all(s.startswith("top-1-s1-") for s in store.list("samples"))  # and sampling
     report = store.read_bytes("report/README.md").decode()
@@ -96,6 +102,8 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
     ):
         assert needle in report, needle
     assert store.read_bytes("report/router_accuracy.png")[:4] == b"\x89PNG"
+    assert "| monolith-small-batch | 1 | 8 | 8 | 18 | 18 |" in report  # the budget table after the 9-step run
+    assert "## Learning curves" in report and store.read_bytes("report/curves.png")[:4] == b"\x89PNG"
     assert "experts/00" in first.stderr and "2 at a time" in first.stderr  # two 1-CPU jobs at once on 2 CPUs
 
 
@@ -107,12 +115,13 @@ def test_rerun_resumes_unfinished_jobs_and_skips_finished_ones(pipeline_run):
     assert store.child("router").manifest("export") == before["router"]  # finished: untouched
     assert "router: finished earlier" in second.stderr
     # The extended ensemble is a different ensemble: its outputs go to a new folder, the old ones stay.
-    evals = [e for e in store.list("eval") if not e.endswith("classifier")]
+    evals = [e for e in store.list("eval") if e not in ("classifier", "curves")]
     assert len(evals) == 2
     third = ddm("run", write_spec(pipeline_run[1], store_url), "expert.steps=9")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Started a local Ray instance" not in third.stderr  # nothing to train: Ray is not even started
     assert "evaluation already in" in third.stderr
+    assert "0 points measured, " in third.stderr  # every learning-curve point reused
     # Every invocation's stage times are kept: the first run's training time is not overwritten.
     history = store.read_json("report/history.json")
     assert len(history) == 3
@@ -121,6 +130,30 @@ def test_rerun_resumes_unfinished_jobs_and_skips_finished_ones(pipeline_run):
     assert [s["stage"] for s in history[0]["stages"]][:3] == ["ingest", "partition", "train"]  # in stage order
     readme = store.read_bytes("report/README.md").decode()
     assert "| 1 | " in readme and "| 3 | " in readme and "every invocation" in readme
+
+
+def test_learning_curves_end_at_the_final_evaluation_and_match_flops(pipeline_run):
+    """The curves' last point is the final evaluation's figure (the same weights, labels and noise),
+    every arm's point sits at the ensemble's FLOPs within one step, and points whose snapshots a
+    longer run no longer has (experts extended from 6 to 9 steps: point 1 is now step 4) are left out."""
+    store = Store(pipeline_run[0])
+    results = store.read_json("report/results.json")
+    final = {r["rule"]: r["distance"] for r in results["rules"]}
+    series = results["curves"]["series"]
+    assert set(series) == {"top-1", "monolith", "monolith-small-batch"}
+    for arm, points in series.items():
+        assert [p["point"] for p in points] == [2], arm  # step 4 of 9 was never snapshotted
+        assert points[-1]["distance"] == pytest.approx(final[arm], rel=1e-6), arm
+    one_step = 3 * 16 * results["forward_flops"]["experts"][0]  # of the monolith at batch 16
+    for arm in ("monolith", "monolith-small-batch"):
+        assert abs(series[arm][-1]["training_flops"] - series["top-1"][-1]["training_flops"]) <= one_step
+    arms = results["arms"]
+    assert arms["ensemble"]["sequential_steps"] == 9 and arms["ensemble"]["optimizer_steps"] == 18
+    assert arms["monolith-small-batch"]["sequential_steps"] == arms["monolith-small-batch"]["optimizer_steps"]
+    # The first run's ensemble had its curves of both points (steps 3 and 6), kept in their own folder.
+    folders = [f"eval/curves/{d}" for d in store.list("eval/curves")]
+    (old,) = [store.read_json(f"{d}/curves.json") for d in folders if d != results["curves"]["dir"]]
+    assert all([p["point"] for p in s] == [1, 2] for s in old["series"].values())
 
 
 def test_evaluate_table_counts_expert_forwards(pipeline_run):
@@ -159,7 +192,7 @@ def test_evaluate_table_counts_expert_forwards(pipeline_run):
     assert results["forward_flops"]["router_over_expert"] == pytest.approx(fr / fe, rel=1e-12)
     # Training FLOPs of each arm: 3 x forward x batch x steps; the monolith had the ensemble's budget.
     tf = results["training_flops"]
-    assert tf["ensemble"]["experts"] == [3 * fe * 16 * 9] * 2
+    assert tf["ensemble"]["experts"] == [3 * fe * 8 * 9] * 2  # the paper's split: each expert at 16 / 2
     assert tf["ensemble"]["router"] == pytest.approx(3 * fr * 16 * 4, rel=1e-12)
     assert tf["monolith"]["ratio_to_ensemble"] == pytest.approx(1.0, abs=3 * fe * 16 / tf["ensemble"]["total"])
     assert all(v["distance"] > results["data_floor"] for v in per_rule.values())  # 6-step models are far from data
@@ -251,7 +284,7 @@ def test_a_failed_job_fails_the_run_clearly_and_a_rerun_resumes_it(tmp_path):
     """A job that used up its restarts (max_failures=0, killed at step 6) fails the run with exit 1
     naming it, while the other jobs finish; the same command again resumes it from its commit."""
     store_url = str(tmp_path / "store")
-    spec = {**TINY, "store": store_url, "monolith": False, "distill_steps": 0,
+    spec = {**TINY, "store": store_url, "monolith": False, "budget": {}, "distill_steps": 0,
             "expert": {**TINY["expert"], "steps": 8, "checkpoint": {"every": 4},
                        "ray": {"max_failures": 0}}}  # fmt: skip
     path = tmp_path / "spec.yaml"

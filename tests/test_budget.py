@@ -1,0 +1,109 @@
+"""The budget arithmetic of every split (``ddm.budget``): batches and steps as stated, FLOPs equal
+within one step, at every learning-curve point too, and the refusals named."""
+
+import dataclasses
+
+import pytest
+
+from ddm.budget import ENSEMBLE, MONOLITH, SMALL_BATCH, BudgetConfig, arms
+from ddm.config import from_dict
+from ddm.job import JobConfig
+from ddm.launchers.spec import RunSpec, jobs
+
+B, S, K = 64, 300, 4
+SPEC = {
+    "store": "x",
+    "seed": 3,
+    "expert": {"model": {"arch": "DiT-Tiny/2", "data_shape": [1, 8, 8], "num_classes": 10}, "steps": S,
+               "global_batch_size": B, "checkpoint": {"every": 100}},
+    "router": {"job": "router", "model": {"arch": "DiT-Micro/4", "data_shape": [1, 8, 8], "num_classes": 10},
+               "steps": 200, "global_batch_size": 64},
+    "monolith": True,
+}  # fmt: skip
+
+
+def spec(**changes) -> RunSpec:
+    return from_dict(RunSpec, {**SPEC, **changes})
+
+
+def by_dir(cfgs: list[JobConfig]) -> dict[str, JobConfig]:
+    return {c.run_dir: c for c in cfgs}
+
+
+def flops(c: JobConfig, steps: int | None = None) -> float:
+    return c.flops_per_step() * (c.steps if steps is None else steps)
+
+
+def test_the_papers_split_divides_the_global_batch_among_the_experts():
+    cfgs = by_dir(jobs(spec(budget={"small_batch_monolith": True}), K))
+    experts = [cfgs[f"experts/{k:02d}"] for k in range(K)]
+    assert all(e.global_batch_size == B // K and e.steps == S and e.partition == k for k, e in enumerate(experts))
+    router, mono, small = cfgs["router"], cfgs["monolith"], cfgs["monolith-small-batch"]
+    ensemble = sum(flops(c) for c in [*experts, router])
+    # The monolith: batch B, S steps plus the router's FLOPs in its own steps; equal FLOPs within a step.
+    r = flops(router) / mono.flops_per_step()
+    assert mono.global_batch_size == B and mono.steps == S + round(r) and 1 <= r
+    assert abs(flops(mono) - ensemble) <= mono.flops_per_step() / 2
+    # The small-batch monolith: the experts' batch, K*S steps (+ the router's), K x the sequential steps.
+    r_small = flops(router) / small.flops_per_step()
+    assert small.global_batch_size == B // K and small.steps == K * S + round(r_small) and small.kind == "monolith"
+    assert abs(flops(small) - ensemble) <= small.flops_per_step() / 2
+    assert all(c.seed == 3 and c.store == "x" for c in cfgs.values())
+    table = arms([(c, c.steps) for c in cfgs.values()])
+    assert table[ENSEMBLE]["global_batch"] == B and table[ENSEMBLE]["per_model_batch"] == B // K
+    assert table[ENSEMBLE]["optimizer_steps"] == K * S and table[ENSEMBLE]["sequential_steps"] == S  # router: 200
+    assert table[MONOLITH]["sequential_steps"] == mono.steps and table[MONOLITH]["global_batch"] == B
+    assert table[SMALL_BATCH]["sequential_steps"] == small.steps and table[SMALL_BATCH]["per_model_batch"] == B // K
+    for arm in (MONOLITH, SMALL_BATCH):
+        assert table[arm]["flops_over_ensemble"] == pytest.approx(1.0, abs=0.5 / S)
+
+
+def test_ddm_0_2s_split_gives_each_expert_the_whole_batch_and_the_monolith_k_times_the_steps():
+    cfgs = by_dir(jobs(spec(budget={"split": "steps"}), K))
+    assert all(cfgs[f"experts/{k:02d}"].global_batch_size == B for k in range(K))
+    mono = cfgs["monolith"]
+    r = flops(cfgs["router"]) / mono.flops_per_step()
+    assert mono.global_batch_size == B and mono.steps == K * S + round(r)
+    assert "monolith-small-batch" not in cfgs
+
+
+def test_auto_is_the_papers_split_with_a_monolith_and_no_split_without():
+    assert jobs(spec(), K)[0].global_batch_size == B // K  # monolith: true in SPEC
+    alone = jobs(spec(monolith=False), K)
+    assert [c.run_dir for c in alone] == [*(f"experts/{k:02d}" for k in range(K)), "router"]
+    assert all(c.global_batch_size == B for c in alone[:K])  # islands runs keep their batch
+    assert jobs(spec(monolith=False, budget={"split": "batch"}), K)[0].global_batch_size == B // K
+
+
+def test_a_batch_that_does_not_split_is_refused_with_the_numbers_and_the_fix():
+    with pytest.raises(ValueError, match=r"64 is not a multiple of 3 x 1 x 1 = 3.*such as 63 or 66.*split=steps"):
+        jobs(spec(), 3)
+    two_workers = {**SPEC["expert"], "global_batch_size": 20, "ray": {"num_workers": 2}}
+    with pytest.raises(ValueError, match=r"20 is not a multiple of 4 x 2 x 1 = 8.*such as 16 or 24"):
+        jobs(spec(expert=two_workers), K)
+    assert jobs(spec(expert={**two_workers, "global_batch_size": 24}), K)[0].global_batch_size == 6
+    with pytest.raises(ValueError, match="small_batch_monolith.*needs monolith=true and budget.split=batch"):
+        jobs(spec(budget={"split": "steps", "small_batch_monolith": True}), K)
+    with pytest.raises(ValueError, match="budget.split must be one of"):
+        BudgetConfig(split="half")
+
+
+def test_curve_points_sit_at_equal_flops_in_every_arm():
+    cfgs = jobs(spec(budget={"small_batch_monolith": True, "curve_points": 6}), K)
+    assert all(c.checkpoint.snapshots == 6 for c in cfgs)
+    d = by_dir(cfgs)
+    experts = [d[f"experts/{k:02d}"] for k in range(K)]
+    for i in range(6):
+        ensemble = sum(flops(c, c.checkpoint.snapshot_steps(c.steps)[i]) for c in [*experts, d["router"]])
+        for mono in (d["monolith"], d["monolith-small-batch"]):
+            step = mono.checkpoint.snapshot_steps(mono.steps)[i]
+            assert abs(flops(mono, step) - ensemble) <= mono.flops_per_step(), (i, mono.run_dir)
+    assert experts[0].checkpoint.snapshot_steps(S) == [50, 100, 150, 200, 250, 300]
+    assert dataclasses.replace(experts[0].checkpoint, snapshots=4).snapshot_steps(6) == [2, 3, 4, 6]  # no repeats
+
+
+def test_only_a_monolith_names_its_folder():
+    assert JobConfig(partition=-1, folder="monolith-small-batch").run_dir == "monolith-small-batch"
+    for bad in ({"partition": 0, "folder": "monolith-x"}, {"partition": -1, "folder": "experts"}):
+        with pytest.raises(ValueError, match="only a monolith"):
+            JobConfig(**bad)
