@@ -97,12 +97,9 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
             log.info("%s point %d/%d: %.3g training FLOPs, %s %.3f", arm, i, points, point["training_flops"],
                      cfg.metric, distance)  # fmt: skip
     crossings = [
-        c
-        for rule in arms
-        if rule not in baselines
-        for base in baselines
-        if (c := crossing(series[rule], series[base], rule, base)) is not None
-    ]
+        c for rule in arms if rule not in baselines for base in baselines
+        for c in crossings_of(series[rule], series[base], rule, base)
+    ]  # fmt: skip
     result = {
         **settings,
         "dir": layout.curves_dir(name),
@@ -118,18 +115,20 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
     return result
 
 
-def crossing(ensemble: list[dict], baseline: list[dict], rule: str, base: str) -> dict | None:
-    """Where the ensemble's curve crosses the baseline's (points at equal FLOPs), interpolated
-    linearly in log FLOPs; None when one stays ahead at every shared point."""
+def crossings_of(ensemble: list[dict], baseline: list[dict], rule: str, base: str) -> list[dict]:
+    """Every place the ensemble's curve crosses the baseline's (points at equal FLOPs), in order,
+    interpolated linearly in log FLOPs; empty when one stays ahead at every shared point. The
+    last crossing's `ensemble_ahead_after` says who finishes ahead."""
     by_point = {p["point"]: p for p in baseline}
     pairs = [(e, by_point[e["point"]]) for e in ensemble if e["point"] in by_point]
+    out = []
     for (e0, b0), (e1, b1) in zip(pairs, pairs[1:]):
         d0, d1 = e0["distance"] - b0["distance"], e1["distance"] - b1["distance"]
         if d0 * d1 < 0 or (d0 != 0 and d1 == 0):
             f0, f1 = math.log(e0["training_flops"]), math.log(e1["training_flops"])
             flops = math.exp(f0 + (f1 - f0) * d0 / (d0 - d1))
-            return {"rule": rule, "baseline": base, "training_flops": flops, "ensemble_ahead_after": d1 < 0}
-    return None
+            out.append({"rule": rule, "baseline": base, "training_flops": flops, "ensemble_ahead_after": d1 < 0})
+    return out
 
 
 def plot(result: dict) -> bytes:
@@ -172,13 +171,14 @@ def format_curves(result: dict) -> list[str]:
             cells.append("" if d is None else f"{d:.3f}")
         lines.append(f"| {i} | {flops.get(i, float('nan')):.3g} | " + " | ".join(cells) + " |")
     lines.append("")
-    crossed = {(c["rule"], c["baseline"]): c for c in result["crossings"]}
     for rule in (a for a in arms if not a.startswith("monolith")):
         for base in (a for a in arms if a.startswith("monolith")):
-            c = crossed.get((rule, base))
-            if c is not None:
-                ahead = rule if c["ensemble_ahead_after"] else base
-                lines.append(f"- {rule} and {base} cross at {c['training_flops']:.3g} FLOPs; {ahead} is ahead after.")
+            cs = [c for c in result["crossings"] if (c["rule"], c["baseline"]) == (rule, base)]
+            if cs:
+                at = ", ".join(f"{c['training_flops']:.3g}" for c in cs)
+                ahead = rule if cs[-1]["ensemble_ahead_after"] else base
+                times = "once" if len(cs) == 1 else f"{len(cs)} times"
+                lines.append(f"- {rule} and {base} cross {times} (at {at} FLOPs); {ahead} is ahead at the end.")
                 continue
             last = {p["point"]: p["distance"] for p in result["series"][base]}
             shared = [p for p in result["series"][rule] if p["point"] in last]

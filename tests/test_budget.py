@@ -107,3 +107,20 @@ def test_only_a_monolith_names_its_folder():
     for bad in ({"partition": 0, "folder": "monolith-x"}, {"partition": -1, "folder": "experts"}):
         with pytest.raises(ValueError, match="only a monolith"):
             JobConfig(**bad)
+
+
+def test_every_crossing_of_two_curves_is_found_in_order():
+    """Curves that cross twice (the ensemble ahead in the middle only) give both crossings, each
+    interpolated in log FLOPs, and the report says who finishes ahead."""
+    from ddm.curves import crossings_of, format_curves
+
+    flops = [1e9, 1e10, 1e11, 1e12]
+    ens = [{"point": i + 1, "training_flops": f, "distance": d} for i, (f, d) in enumerate(zip(flops, [5, 2, 2, 3]))]
+    mono = [{"point": i + 1, "training_flops": f, "distance": d} for i, (f, d) in enumerate(zip(flops, [4, 3, 3, 2]))]
+    cs = crossings_of(ens, mono, "top-1", "monolith")
+    # d = ens - mono: 1, -1, -1, 1: zero halfway (in log FLOPs) between points 1-2 and points 3-4.
+    assert [c["ensemble_ahead_after"] for c in cs] == [True, False]
+    assert cs[0]["training_flops"] == pytest.approx(10**9.5) and cs[1]["training_flops"] == pytest.approx(10**11.5)
+    assert crossings_of(ens[1:3], mono[1:3], "top-1", "monolith") == []
+    text = "\n".join(format_curves({"series": {"top-1": ens, "monolith": mono}, "crossings": cs}))
+    assert "cross 2 times" in text and "monolith is ahead at the end" in text
