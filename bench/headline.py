@@ -60,6 +60,17 @@ def summarize_curves(per_seed: dict[int, dict]) -> dict:
     return out
 
 
+def plot_mean_curves(curves: dict, metric: str, path: str) -> None:
+    """The seeds' mean learning curves as one PNG (``ddm.curves.plot``), crossings of the means marked."""
+    from ddm.curves import crossings_of, plot
+
+    series = {a: [{**p, "distance": p["mean"]} for p in s] for a, s in curves["series"].items()}
+    bases = [a for a in series if a.startswith("monolith")]
+    crossings = [c for r in series if r not in bases for b in bases for c in crossings_of(series[r], series[b], r, b)]
+    with open(path, "wb") as f:
+        f.write(plot({"series": series, "crossings": crossings, "metric": metric}))
+
+
 def curve_table(curves: dict) -> list[str]:
     arms = list(curves["series"])
     lines = ["| point | training FLOPs | " + " | ".join(arms) + " |", "|---:|---:|" + "---:|" * len(arms)]
@@ -153,6 +164,8 @@ def main() -> None:
                 for c in crossings
             )
             print(f"seed {seed}: {text or 'no crossing'}")
+        plot_mean_curves(curves, first["metric"], f"{args.root}/curves.png")
+        print(f"mean learning curves: {args.root}/curves.png")
     best_ens = min((r for r in rows if not r.startswith("monolith")), key=lambda r: rows[r]["mean"])
     out = {
         "spec": args.spec,

@@ -139,10 +139,13 @@ def plot(result: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = {"monolith": "C1", "monolith-small-batch": "C2", "top-1": "C0"}  # the same colours in every report
+    others = iter(f"C{i}" for i in range(3, 10))
     for arm, s in result["series"].items():
         if s:
             style = "s--" if arm.startswith("monolith") else "o-"
-            ax.plot([p["training_flops"] for p in s], [p["distance"] for p in s], style, label=arm)
+            color = fixed.get(arm) or next(others, None)
+            ax.plot([p["training_flops"] for p in s], [p["distance"] for p in s], style, label=arm, color=color)
     for c in result["crossings"]:
         ax.axvline(c["training_flops"], color="gray", ls=":", lw=1)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=f"{result['metric']} (lower is better)")
