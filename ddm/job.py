@@ -43,6 +43,7 @@ RESUMABLE = frozenset(
         "ray.use_gpu",
         "ray.gpus_per_worker",
         "ray.max_failures",
+        "threads",
     }
 )
 
@@ -153,11 +154,17 @@ class JobConfig:
     ema_decay: float = 0.9999  # the paper's; warmed up so short runs are usable
     log_every: int = 50
     seed: int = 0
+    # torch threads per process. 0: a Ray Train worker takes ray.cpus_per_worker (the CPUs Ray
+    # reserved for it), a process without Ray the CPUs it may run on divided by the ranks on its
+    # machine (LOCAL_WORLD_SIZE under torchrun). Jobs side by side without Ray: set it (threads=1).
+    threads: int = 0
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: from the CPUs the job is given), got {self.threads}")
         for name in ("steps", "global_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

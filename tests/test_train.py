@@ -193,13 +193,31 @@ def test_zero3_trains_and_resumes(prepared, tmp_path):
 
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
-    summary(
+    s = summary(
         run_cli(
-            store, "steps=8", "checkpoint.every=2", "checkpoint.keep=2", "grad_accum=2", "checkpoint.export_every=4"
+            store, "steps=8", "checkpoint.every=2", "checkpoint.keep=2", "grad_accum=2", "checkpoint.export_every=4",
+            "threads=1",
         )
-    )
+    )  # fmt: skip
     ckpts = Store(store).child("experts/00/checkpoints")
     assert ckpts.list("") == ["step_0000006", "step_0000008"]
+    assert s["threads"] == 1  # the setting for jobs side by side without Ray
+
+
+def test_threads_follow_the_cpus_a_job_is_given(monkeypatch):
+    from ddm.config import load
+    from ddm.job import JobConfig
+    from ddm.train.trainer import threads_for
+
+    cfg = load(JobConfig, None, ["store=x"])
+    monkeypatch.delenv("DDM_RAY_CPUS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share its CPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert threads_for(cfg) == 3 and threads_for(load(JobConfig, None, ["store=x", "threads=1"])) == 1
+    monkeypatch.setenv("DDM_RAY_CPUS", "4")  # a Ray Train worker: the CPUs Ray reserved for it
+    assert threads_for(cfg) == 4
+    with pytest.raises(ValueError, match="ray.cpus_per_worker=4"):
+        threads_for(load(JobConfig, None, ["store=x", "threads=8"]))
 
 
 def test_deepspeed_config_from_train_config():
@@ -281,7 +299,7 @@ def zero2_run(prepared, tmp_path_factory, ray_runtime):
 
 def test_ray_two_workers_zero2(zero2_run):
     store, s = zero2_run
-    assert s["world_size"] == 2 and s["step"] == 6
+    assert s["world_size"] == 2 and s["step"] == 6 and s["threads"] == 1  # ray.cpus_per_worker=1
     assert s["dense_max_diff_across_ranks"] == 0.0  # data-parallel replicas stay identical
     # Ray recorded the job's progress: its last report is the final step, loss and commit.
     reported = s["ray_reported"]
@@ -349,6 +367,8 @@ def test_ray_rejects_bad_input_before_any_worker(prepared, tmp_path, ray_runtime
 
     with pytest.raises(ValueError, match="global_batch_size=15 is not divisible"):
         ray_train(ray_cfg(fresh(prepared, tmp_path), "global_batch_size=15"))
+    with pytest.raises(ValueError, match="threads=2 but each worker gets ray.cpus_per_worker=1"):
+        ray_train(ray_cfg(fresh(prepared, tmp_path, "threads"), "threads=2"))
 
 
 # --- the S3 endpoint goes away mid-run --------------------------------------------------------

@@ -63,7 +63,7 @@ def _worker(config: dict) -> None:
 
     cfg: JobConfig = config["cfg"]
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())  # DeepSpeed reads it
-    torch.set_num_threads(cfg.ray.cpus_per_worker)  # as many threads as CPUs Ray reserved
+    os.environ["DDM_RAY_CPUS"] = str(cfg.ray.cpus_per_worker)  # train() takes as many threads (threads_for)
     os.environ.update(config["env"])
     setup_logging()
     # Ray assigns each worker its GPU (workers with fractional GPUs share one): ask it, not the rank.
@@ -118,6 +118,11 @@ def run_job(
 
     if not ray.is_initialized():
         raise ValueError("not connected to a Ray cluster: run the job inside ray_cluster(address)")
+    if cfg.threads > cfg.ray.cpus_per_worker:
+        raise ValueError(
+            f"threads={cfg.threads} but each worker gets ray.cpus_per_worker={cfg.ray.cpus_per_worker} CPUs: "
+            "raise ray.cpus_per_worker, or leave threads=0 (as many threads as CPUs)"
+        )
     with job_lease(cfg, force, lease_wait_s) as token:
         try:
             fit_called_at = time.time()

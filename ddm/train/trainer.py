@@ -79,6 +79,23 @@ def job_lease(cfg: JobConfig, force: bool = False, wait_s: float = 0.0) -> Itera
         yield token
 
 
+def threads_for(cfg: JobConfig) -> int:
+    """The job's torch threads per process: ``cfg.threads``, else what it is given (``JobConfig.threads``).
+    Under Ray Train (``DDM_RAY_CPUS``, set by the launcher) never more than the CPUs Ray reserved."""
+    ray_cpus = int(os.environ.get("DDM_RAY_CPUS", 0))
+    if ray_cpus:
+        if cfg.threads > ray_cpus:
+            raise ValueError(
+                f"threads={cfg.threads} but Ray reserved ray.cpus_per_worker={ray_cpus} CPUs per worker: "
+                f"raise ray.cpus_per_worker or lower threads"
+            )
+        return cfg.threads or ray_cpus
+    if cfg.threads:
+        return cfg.threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def train(
     cfg: JobConfig,
     report: Callable[[dict], None] | None = None,
@@ -93,6 +110,7 @@ def train(
     folder's lease (``job_lease``); every write is fenced by it. Without one, nothing is fenced.
     """
     # --- setup --------------------------------------------------------------------------------
+    torch.set_num_threads(threads_for(cfg))
     if device is None:
         on_cuda = torch.cuda.is_available()
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_cuda else torch.device("cpu")
@@ -263,6 +281,7 @@ def train(
         "bf16": uses_bf16(cfg, on_gpu),
         "compiled": uses_compile(cfg, on_gpu),
         "world_size": ps.world_size,
+        "threads": torch.get_num_threads(),
         **replica_check(engine.module, cfg.engine.zero_stage),
     }
     if ps.is_main:
