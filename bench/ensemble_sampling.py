@@ -21,6 +21,7 @@ import torch
 
 from ddm.demo import DemoConfig
 from ddm.ensemble import Ensemble, Rule
+from ddm.flow import FlowMatching
 from ddm.models.build import build_model, build_router
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     cfg = DemoConfig()
-    flow, steps, method = cfg.flow, cfg.sample_steps, cfg.sampler
+    flow, steps, method = FlowMatching.of(cfg.flow), cfg.sample_steps, cfg.sampler
     experts = [build_model(cfg.expert).eval() for _ in range(cfg.num_partitions)]
     router = build_router(cfg.router, cfg.num_partitions).eval()
     ens = Ensemble(experts, router, Rule("top1"))

@@ -37,8 +37,10 @@ import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from ddm.faults import fault_hook as _fault_hook
 from ddm.layout import CHECKPOINTS, STEP_RE, committed_steps, step_dir
 from ddm.reshard import PORTABLE_DIR, portable_name
+from ddm.scratch import SCRATCH_PREFIX, scratch_root, sweep_stale_scratch
 from ddm.store import ChecksumError, Store, StoreError
 
 log = logging.getLogger("ddm.checkpoint")
@@ -101,8 +103,8 @@ class CheckpointManager:
         self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        root = _scratch_root()
-        _sweep_stale_scratch(root or tempfile.gettempdir())
+        root = scratch_root()
+        sweep_stale_scratch(root or tempfile.gettempdir())
         # The pid in the name lets a later job on this host remove what a killed one left behind.
         self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-r{rank}-", dir=root)
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)  # any exit but a kill
@@ -337,7 +339,6 @@ class CheckpointManager:
             self._cleanup()
 
 
-SCRATCH_PREFIX = "ddm-ckpt-"
 # Files of one rank: DeepSpeed's ZeRO optimizer shards (by data-parallel rank, which is the rank
 # here: ddm has no pipeline or tensor parallelism) and ddm's own per-rank state.
 _OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank(\d+)\.")
@@ -347,68 +348,3 @@ def _owner(name: str) -> int | None:
     """The rank a checkpoint file belongs to; None for files every rank reads."""
     m = _OWNED.match(os.path.basename(name))
     return None if m is None else int(m.group(1) or m.group(2))
-
-
-def _sweep_stale_scratch(root: str) -> None:
-    """Remove the scratch folders of checkpoint managers whose process is gone (killed jobs)."""
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
-        if not name.startswith(SCRATCH_PREFIX) or not pid.isdigit() or _alive(int(pid)):
-            continue
-        log.info("removing the scratch space of a process that is gone: %s", os.path.join(root, name))
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _scratch_root() -> str | None:
-    """Where snapshots are written before upload: $DDM_SCRATCH_DIR, else memory-backed /dev/shm when
-    it is writable and roomy (the synchronous part of a save is then a memory copy, not a disk write;
-    containers often mount a /dev/shm of 64 MB), else the system's temp directory."""
-    if os.environ.get("DDM_SCRATCH_DIR"):
-        return os.environ["DDM_SCRATCH_DIR"]
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 16 * 2**30:
-        return shm
-    return None
-
-
-def _fault_hook(point: str, step: int, rank: int) -> None:
-    """Test-only fault injection, driven by environment variables (inert otherwise).
-
-    DDM_FAULT=<point>:<step>[:<rank>] with a marker file DDM_FAULT_ONCE: the first time the point is
-    reached the process is killed (SIGKILL), as a crash would, and never again. With
-    DDM_FAULT_ACTION=pause it instead waits (at most 120 s) until the file DDM_FAULT_ONCE + ".go"
-    exists, so a test can change the world (stop the S3 endpoint) at a known step.
-    """
-    spec = os.environ.get("DDM_FAULT")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
-        return
-    marker = os.environ.get("DDM_FAULT_ONCE")
-    if marker:
-        if os.path.exists(marker):
-            return
-        open(marker, "w").close()
-    if os.environ.get("DDM_FAULT_ACTION") == "pause":
-        log.warning("fault injection: rank %d paused at %s step %d", rank, point, step)
-        deadline = time.monotonic() + 120
-        while marker and not os.path.exists(marker + ".go") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return
-    log.warning("fault injection: killing rank %d at %s step %d", rank, point, step)
-    os.kill(os.getpid(), 9)

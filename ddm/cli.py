@@ -4,45 +4,24 @@ followed by the fields of its config (every one settable as ``key=value``)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
-import json
+import importlib.util
 import re
 import signal
 import sys
 import textwrap
-import types
 import typing
 
-import ddm
-import ddm.assemble
-import ddm.data.ingest
-import ddm.data.partition
-import ddm.demo
-import ddm.evaluate
-import ddm.job
-import ddm.launchers.islands
-import ddm.launchers.run
-import ddm.models
-import ddm.sample
-from ddm import __version__, layout
-from ddm.assemble import assemble
-from ddm.config import load
-from ddm.data.ingest import IngestConfig, ingest
-from ddm.data.partition import PartitionConfig, partition
-from ddm.demo import DemoConfig, format_results, run_demo
-from ddm.evaluate import EvalConfig, evaluate, format_report
-from ddm.job import JobConfig, check_inputs, resolve
-from ddm.launchers.islands import assemble_if_complete, format_status, status, submit, wait
-from ddm.launchers.plan import load_islands
-from ddm.launchers.ray_job import ray_cluster, run_job
-from ddm.launchers.run import JobsFailed, run_pipeline
+from ddm import __version__
+from ddm.commands import COMMANDS
+from ddm.data.config import IngestConfig, PartitionConfig
+from ddm.job import JobConfig
 from ddm.launchers.spec import RunSpec
 from ddm.lease import LeaseHeld, LeaseLost
-from ddm.logs import setup_logging, stdout_to_stderr
-from ddm.models.build import preset_table
-from ddm.sample import SampleConfig, sample
-from ddm.store import Store, StoreError
-from ddm.train.trainer import job_lease, train
+from ddm.logs import setup_logging
+from ddm.settings import DemoConfig, EvalConfig, SampleConfig
+from ddm.store import StoreError
 
 EPILOG = textwrap.dedent(
     """\
@@ -70,9 +49,12 @@ EPILOG = textwrap.dedent(
 )
 
 
-def _doc(module: types.ModuleType) -> str:
-    """A module docstring as help text: its first line is the summary, the rest the description."""
-    return textwrap.dedent((module.__doc__ or "").strip("\n"))
+def _doc(module: str) -> str:
+    """A module's docstring as help text: its first line is the summary, the rest the description.
+    Read from the module's source, not imported: ``--help`` must not wait for torch, Ray or DeepSpeed."""
+    with open(importlib.util.find_spec(module).origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read()), clean=False)
+    return textwrap.dedent((doc or "").strip("\n"))
 
 
 def _fields(cls: type) -> list[str]:
@@ -92,7 +74,7 @@ def _options(cls: type) -> str:
     return "\n\nOptions (key=value): " + ", ".join(_fields(cls)) + "."
 
 
-def _command(sub, name: str, module: types.ModuleType, config: type | None = None, doc: str | None = None, help=None):
+def _command(sub, name: str, module: str, config: type | None = None, doc: str | None = None, help=None):
     text = doc or _doc(module)
     summary = re.sub(r"^``ddm [a-z ]+``:\s*", "", text.partition("\n")[0]).rstrip(".")
     return sub.add_parser(
@@ -127,22 +109,22 @@ MODELS_DOC = "List the model presets (DiT sizes, MLP sizes) with parameter count
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ddm", description=_doc(ddm), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ddm", description=_doc("ddm"), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"ddm {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", metavar="<command>")
 
-    p = _command(sub, "run", ddm.launchers.run, RunSpec)
+    p = _command(sub, "run", "ddm.launchers.run", RunSpec)
     p.add_argument("spec", help="pipeline spec (YAML), e.g. launch/digits.yaml")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
     _overrides(p)
 
-    p = _command(sub, "demo", ddm.demo, DemoConfig)
+    p = _command(sub, "demo", "ddm.demo", DemoConfig)
     p.add_argument("-c", "--config", help="YAML config file (default: built-in defaults)")
     _overrides(p)
 
-    p = _command(sub, "ingest", ddm.data.ingest, IngestConfig)
+    p = _command(sub, "ingest", "ddm.data.ingest", IngestConfig)
     p.add_argument(
         "source",
         help="digits, glyphs:N (characters from fonts), synthetic:N, an image folder, Parquet or WebDataset tars",
@@ -151,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address for runner=ray (default: a local Ray runtime)")
     _overrides(p)
 
-    p = _command(sub, "partition", ddm.data.partition, PartitionConfig)
+    p = _command(sub, "partition", "ddm.data.partition", PartitionConfig)
     p.add_argument("store")
     p.add_argument("--address", help="Ray cluster address for runner=ray (default: a local Ray runtime)")
     p.add_argument(
@@ -161,22 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _overrides(p)
 
-    train = _command(sub, "train", ddm.launchers.ray_job)
+    train = _command(sub, "train", "ddm.launchers.ray_job")
     kinds = train.add_subparsers(dest="what", metavar="<what>", required=True)
     for name, about in (("expert", "the expert of one partition"), ("router", "the router p(partition | x_t, t, c)")):
-        p = _command(kinds, name, ddm.launchers.ray_job, JobConfig, help=f"train {about}")
+        p = _command(kinds, name, "ddm.launchers.ray_job", JobConfig, help=f"train {about}")
         _job_args(p)
         if name == "expert":
             p.add_argument("--partition", type=int, help="which partition's expert (overrides the spec)")
     p = _command(
-        sub, "distill", ddm.launchers.ray_job, JobConfig, help="distil the assembled ensemble into one student"
+        sub, "distill", "ddm.launchers.ray_job", JobConfig, help="distil the assembled ensemble into one student"
     )
     _job_args(p)
 
     p = _command(
         sub,
         "assemble",
-        ddm.assemble,
+        "ddm.assemble",
         help="check that the router and the experts' exports fit together; write ensemble.json",
     )
     p.add_argument("store")
@@ -187,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--replace", action="store_true", help="keep a different existing ensemble.json as ensemble.<its id>.json"
     )
 
-    for name, module, config in (("sample", ddm.sample, SampleConfig), ("evaluate", ddm.evaluate, EvalConfig)):
+    for name, module, config in (("sample", "ddm.sample", SampleConfig), ("evaluate", "ddm.evaluate", EvalConfig)):
         p = _command(sub, name, module, config)
         p.add_argument("store")
         _overrides(p)
@@ -195,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "submit",
-        ddm.launchers.islands,
+        "ddm.launchers.islands",
         help="submit one Ray job per expert (and the router) to the islands of an islands file",
     )
     p.add_argument(
@@ -227,164 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help=MODELS_DOC.rstrip("."), description=MODELS_DOC)
     return parser
-
-
-# --- the commands ---------------------------------------------------------------------------------
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    spec = load(RunSpec, args.spec, args.overrides)
-    try:
-        results = run_pipeline(spec, args.address)
-    except JobsFailed as e:  # jobs that used up their restarts: say which, and that a re-run resumes
-        print(f"ddm run: {e}", file=sys.stderr)
-        return 1
-    print(format_report(results))
-    print(f"report: {spec.store}/{layout.REPORT_DIR}/README.md")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    cfg = load(DemoConfig, args.config, args.overrides)
-    results = run_demo(cfg)
-    print(format_results(results))
-    print(f"\nfigure:  {results['figure']}\nresults: {cfg.output_dir}/results.json  ({results['seconds']:.0f} s)")
-    return 0
-
-
-def cmd_ingest(args: argparse.Namespace) -> int:
-    m = ingest(load(IngestConfig, None, [f"source={args.source}", *args.overrides]), Store(args.store), args.address)
-    print(
-        f"{m['num_samples']} samples of shape {tuple(m['sample_shape'])} ({m['dtype']}), {m['num_classes']} classes, "
-        f"{len(m['shard_rows'])} shards -> {args.store}/{layout.DATA_DIR}  (skipped {m['skipped']['count']} unreadable)"
-    )
-    return 0
-
-
-def cmd_partition(args: argparse.Namespace) -> int:
-    m = partition(load(PartitionConfig, None, args.overrides), Store(args.store), args.address, args.dry_run)
-    where = "(dry run: nothing written)" if args.dry_run else f"-> {args.store}/{layout.PARTITIONS_DIR}"
-    print(f"{m['num_partitions']} partitions, sizes {m['counts']} (largest/mean {m['max_over_mean']:.2f}) {where}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if getattr(args, "partition", None) is not None:
-        overrides.append(f"partition={args.partition}")
-    if args.what in ("router", "distill"):
-        overrides.append(f"job={args.what}")
-    cfg = resolve(load(JobConfig, args.config, overrides))
-    check_inputs(cfg)
-    if args.no_ray and cfg.ray.num_workers != 1:
-        raise ValueError("--no-ray runs one process: set ray.num_workers=1 (or use torchrun/deepspeed launchers)")
-    with stdout_to_stderr():  # stdout carries the JSON result only (`ddm train ... | jq`)
-        if args.no_ray:
-            with job_lease(cfg, args.force, args.lease_wait) as token:
-                summary = train(cfg, lease=token)
-        else:
-            with ray_cluster(args.address):
-                summary = run_job(cfg, force=args.force, lease_wait_s=args.lease_wait)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    args.what = "distill"
-    return cmd_train(args)
-
-
-def cmd_assemble(args: argparse.Namespace) -> int:
-    d = assemble(Store(args.store), args.rule, args.replace)
-    print(f"ensemble of {d['num_experts']} experts + router, rule {d['rule']} -> {args.store}/{layout.ENSEMBLE_FILE}")
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    meta = sample(Store(args.store), load(SampleConfig, None, args.overrides))
-    cost = (  # samples drawn before ddm counted FLOPs have expert forwards only
-        f", {meta['sampling_flops_per_sample'] / 1e6:,.1f} MFLOPs (router {100 * meta['router_share']:.1f}%)"
-        if "sampling_flops_per_sample" in meta
-        else ""
-    )
-    print(
-        f"{meta['config']['num_samples']} samples, rule {meta['rule']}, {meta['expert_forwards_per_sample']:.0f} "
-        f"expert forwards per sample{cost} -> {args.store}/{meta['dir']}/grid.png"
-    )
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    report = evaluate(Store(args.store), load(EvalConfig, None, args.overrides))
-    print(format_report(report))
-    print(f"-> {args.store}/{report['dir']}/ (results.json, report.md, router_accuracy.png)")
-    return 0
-
-
-def _follow(islands) -> int:
-    print(format_status(wait(islands)))
-    if assemble_if_complete(islands) is not None:
-        print(f"assembled -> {islands.store}/{layout.ENSEMBLE_FILE}")
-        return 0
-    return 1
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    islands = load_islands(args.islands)
-    done = submit(load(RunSpec, args.spec, args.overrides), islands)
-    for d in done:
-        print(f"{d['job']:<10} -> {d['island']:<10} {d['submission_id']}")
-    if not done:
-        print("nothing to submit: every job is finished, pending or running (see `ddm status`)")
-    return _follow(islands) if args.wait else 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    s = status(load_islands(args.islands))
-    print(json.dumps(s, indent=2) if args.json else format_status(s))
-    return 0
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    islands = load_islands(args.islands)
-    moves = {}
-    for m in args.move:
-        job, sep, island = m.partition("=")
-        if not sep or not job or not island:
-            raise ValueError(f"--move {m!r}: write JOB=ISLAND, e.g. --move expert-03=island-b")
-        moves[job] = island
-    done = submit(None, islands, resume_only=True, moves=moves)
-    for d in done:
-        print(f"{d['job']:<10} -> {d['island']:<10} {d['submission_id']}  (resubmitted)")
-    if args.wait:
-        return _follow(islands)
-    if assemble_if_complete(islands) is not None:
-        print(f"every export exists: assembled -> {islands.store}/{layout.ENSEMBLE_FILE}")
-    elif not done:
-        print("nothing to resume: every unfinished job is pending or running (see `ddm status`)")
-    return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    print(preset_table())
-    return 0
-
-
-COMMANDS = {
-    "run": cmd_run,
-    "demo": cmd_demo,
-    "ingest": cmd_ingest,
-    "partition": cmd_partition,
-    "train": cmd_train,
-    "distill": cmd_distill,
-    "assemble": cmd_assemble,
-    "sample": cmd_sample,
-    "evaluate": cmd_evaluate,
-    "submit": cmd_submit,
-    "status": cmd_status,
-    "resume": cmd_resume,
-    "models": cmd_models,
-}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import fsspec
 import yaml
 
 T = TypeVar("T")
@@ -172,6 +171,8 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     if path is not None:
         path = str(path)
         if "://" in path:  # a config in the store (jobs submitted to islands read theirs from there)
+            import fsspec  # a tenth of a second to import: not for every command's start
+
             try:
                 with fsspec.open(path, "r") as f:
                     text = f.read()

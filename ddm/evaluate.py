@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable
 
 import torch
@@ -36,35 +36,11 @@ from ddm.flow import FlowMatching, VelocityFn, guided
 from ddm.logs import progress
 from ddm.metrics import InceptionFeatures, frechet_distance, gaussian_stats, load_or_train_classifier
 from ddm.parallel import resolve_device
-from ddm.sample import LABELS, RULE_DRAWS, STREAMS, SamplingConfig, draw, image_grid, stream
+from ddm.sample import LABELS, RULE_DRAWS, STREAMS, draw, image_grid, stream
+from ddm.settings import EvalConfig
 from ddm.store import Store
 
 log = logging.getLogger("ddm.evaluate")
-
-
-@dataclass(frozen=True)
-class EvalConfig(SamplingConfig):
-    num_samples: int = 1000
-    steps: int = 30
-    batch_size: int = 500
-    rules: list[str] = field(default_factory=lambda: ["monolith", "top1", "top2", "full", "oracle"])
-    metric: str = "fd_classifier"  # fd_classifier (offline) | fid (Inception, pytorch-fid)
-    router_t: list[float] = field(default_factory=lambda: [round(0.05 + 0.1 * i, 2) for i in range(10)])
-    router_samples: int = 10000  # data samples the router's accuracy against t is measured on (at most)
-    name: str = ""  # output folder under eval/; empty: s<seed>-<ensemble id>-<settings digest>
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 (a Fréchet distance needs two samples), got {self.num_samples}")
-        if self.metric not in ("fd_classifier", "fid"):
-            raise ValueError(f"metric must be fd_classifier or fid, got {self.metric!r}")
-        if not self.rules:
-            raise ValueError("rules is empty; list at least one of monolith, top1, top2, full, oracle, sample, ...")
-        if any(not 0.0 <= t <= 1.0 for t in self.router_t):
-            raise ValueError(f"router_t values must lie in [0, 1], got {self.router_t}")
-        if self.router_samples < 1:
-            raise ValueError(f"router_samples must be >= 1, got {self.router_samples}")
 
 
 def metric_label(metric: str) -> str:

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ddm.models.config import FlowConfig
+from ddm.models.config import SAMPLERS, FlowConfig
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(x, t): x of shape (N, ...) and t of shape (N,) -> velocity of x's shape."""
@@ -64,7 +64,6 @@ class CosinePath:
 
 
 PATH_CLASSES: dict[str, type] = {"linear": LinearPath, "cosine": CosinePath}
-SAMPLERS = ("euler", "heun")
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

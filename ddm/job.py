@@ -18,7 +18,6 @@ from typing import Any
 
 from ddm import layout
 from ddm.config import from_dict, to_dict
-from ddm.data.shards import Dataset
 from ddm.models.config import FlowConfig, ModelConfig, forward_flops
 from ddm.store import ChecksumError, Store, absolute_url
 
@@ -256,6 +255,8 @@ def config_changes(old: dict, new: dict) -> str:
 
 def check_inputs(cfg: JobConfig) -> dict:
     """Validate the job against the store before any worker starts; returns the dataset manifest."""
+    from ddm.data.shards import Dataset  # numpy and pyarrow: only where a job is checked, not where it is read
+
     store = Store(cfg.store)
     store.check_reachable()
     dataset = Dataset(store)

@@ -25,10 +25,7 @@ plain local path) and addresses everything below it by relative POSIX paths. It 
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -36,10 +33,10 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, TypeVar
 
-import fsspec
+from ddm.retries import transient as _transient
+from ddm.transfer import Transfers
 
 log = logging.getLogger("ddm.store")
 
@@ -67,111 +64,8 @@ class NotCommittedError(StoreError):
     """A directory has no manifest: it was never committed (or its writer crashed)."""
 
 
-CHUNK = 4 * 2**20  # bytes per read while hashing or copying a stream
-# S3 status codes and error codes that a retry can fix (throttling, server faults, slow requests).
-_RETRY_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "OperationAborted",
-    "BadDigest",
-    "XAmzContentSHA256Mismatch",
-}
-_NETWORK_ERRNOS = {
-    errno.ECONNRESET,
-    errno.ECONNREFUSED,
-    errno.ECONNABORTED,
-    errno.ETIMEDOUT,
-    errno.EPIPE,
-    errno.EHOSTUNREACH,
-    errno.ENETUNREACH,
-    errno.ENETDOWN,
-    errno.EAGAIN,
-}
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the network or the server failed this time": Python's own,
-    botocore's connection errors, aiohttp's client connection and payload errors, fsspec's timeout."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError, asyncio.TimeoutError]
-    with contextlib.suppress(ImportError):
-        from fsspec.exceptions import FSTimeoutError
-
-        types.append(FSTimeoutError)
-    with contextlib.suppress(ImportError):
-        import botocore.exceptions as be
-
-        types += [be.ConnectionError, be.HTTPClientError, be.IncompleteReadError, be.ResponseStreamingError]
-    with contextlib.suppress(ImportError):
-        import aiohttp
-
-        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
-    return tuple(types)
-
-
-_TRANSIENT: tuple[type[BaseException], ...] | None = None
-
-
-def _transient(exc: BaseException) -> bool:
-    """Whether a retry can fix ``exc``, decided by type: a network error, a server fault or
-    throttling (S3 5xx/429 and their codes, also when s3fs re-raised them as ``OSError``), never a
-    missing object, a refusal or bad input. The exception's causes are followed (s3fs keeps the
-    botocore error as ``__cause__``)."""
-    global _TRANSIENT
-    if _TRANSIENT is None:
-        _TRANSIENT = _transient_types()
-    if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)):
-        return False
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, _TRANSIENT):
-            return True
-        response = getattr(e, "response", None)  # botocore's ClientError
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            return code in _RETRY_CODES or status >= 500 or status == 429 or code in ("500", "502", "503", "504")
-        if isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-class _Digest:
-    """Size and sha256 of bytes seen piece by piece: a manifest entry."""
-
-    def __init__(self):
-        self.h, self.size = hashlib.sha256(), 0
-
-    def update(self, chunk: bytes) -> None:
-        self.h.update(chunk)
-        self.size += len(chunk)
-
-    def entry(self) -> dict:
-        return {"size": self.size, "sha256": self.h.hexdigest()}
-
-
-def file_digest(path: str) -> dict:
-    """{size, sha256} of a local file, read in pieces."""
-    d = _Digest()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            d.update(chunk)
-    return d.entry()
-
-
-class Store:
-    """Reads and writes below one root URL."""
-
-    # Multipart uploads: parts of this size, this many in flight (memory: their product).
-    part_bytes = int(os.environ.get("DDM_STORE_PART_MB", "16")) * 2**20
-    parts_in_flight = 4
+class Store(Transfers):
+    """Reads and writes below one root URL (files at checkpoint scale: ``ddm.transfer.Transfers``)."""
 
     def __init__(self, url: str, retries: int = 3, backoff_s: float = 0.5, **storage_options: Any):
         if not url:
@@ -187,6 +81,8 @@ class Store:
                 "config_kwargs",
                 {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2, "mode": "standard"}},
             )
+        import fsspec  # a tenth of a second to import: only once a store is opened, not at `ddm --help`
+
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         except (ImportError, ValueError) as e:
@@ -318,164 +214,6 @@ class Store:
             data = buf.getvalue()
             self._call(f"write {rel}", lambda: self.fs.pipe_file(p, data))
         self.fs.invalidate_cache(parent)
-
-    # --- files at checkpoint scale: streamed, never whole in memory ----------------------------
-    def put_file(self, local: str, rel: str) -> dict:
-        """Publish the local file ``local`` at ``rel`` atomically, in pieces; return its manifest
-        entry {size, sha256}, hashed from the bytes read while uploading."""
-        if self.fence is not None:
-            self.fence(f"{self.url}/{rel}")
-        p = self.path(rel)
-        parent = p.rsplit("/", 1)[0]
-        try:
-            if self.protocol == "file":
-                return self._put_local(local, p, parent)
-            if self.protocol in ("s3", "s3a"):
-                return self._put_s3(local, p, rel)
-            entry = file_digest(local)
-            self._call(f"upload {rel}", lambda: self.fs.put_file(local, p))
-            return entry
-        finally:
-            self.fs.invalidate_cache(parent)
-
-    @staticmethod
-    def _put_local(local: str, p: str, parent: str) -> dict:
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(p)}"
-        d = _Digest()
-        try:
-            with open(local, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    d.update(chunk)
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return d.entry()
-
-    def _put_s3(self, local: str, p: str, rel: str) -> dict:
-        """One PUT for a file of at most one part, else a multipart upload; every request carries
-        the SHA-256 of its body, which S3 checks (a mismatch is a ``BadDigest`` error, retried)."""
-        bucket, key, _ = self.fs.split_path(p)
-        size = os.path.getsize(local)
-        # S3's bounds: parts of at least 5 MiB (but the last), at most 10 000 parts.
-        part_bytes = max(self.part_bytes, 5 * 2**20, -(-size // 10_000))
-        if size <= part_bytes:
-            with open(local, "rb") as f:
-                data = f.read()
-            digest = hashlib.sha256(data)
-            self._call(
-                f"write {rel}",
-                lambda: self.fs.call_s3(
-                    "put_object", Bucket=bucket, Key=key, Body=data, ChecksumSHA256=_b64(digest.digest())
-                ),
-            )
-            return {"size": size, "sha256": digest.hexdigest()}
-        mpu = self._call(
-            f"start upload {rel}",
-            lambda: self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256"),
-        )
-        upload_id, whole, parts = mpu["UploadId"], hashlib.sha256(), []
-        try:
-            with open(local, "rb") as f, ThreadPoolExecutor(self.parts_in_flight) as pool:
-                in_flight: set = set()
-                number = 0
-                while True:
-                    if len(in_flight) >= self.parts_in_flight:  # bounded memory: wait for one to finish
-                        done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                        parts += [x.result() for x in done]
-                    chunk = f.read(part_bytes)
-                    if not chunk:
-                        break
-                    whole.update(chunk)
-                    number += 1
-                    in_flight.add(pool.submit(self._put_part, bucket, key, upload_id, number, chunk, rel))
-                    del chunk  # held by the part's upload until it is sent, no longer
-                parts += [x.result() for x in in_flight]
-            parts.sort(key=lambda x: x["PartNumber"])
-            self._call(
-                f"finish upload {rel}",
-                lambda: self.fs.call_s3(
-                    "complete_multipart_upload",
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                ),
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-            raise
-        return {"size": size, "sha256": whole.hexdigest()}
-
-    def _put_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes, rel: str) -> dict:
-        checksum = _b64(hashlib.sha256(data).digest())
-        out = self._call(
-            f"upload part {number} of {rel}",
-            lambda: self.fs.call_s3(
-                "upload_part",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                ChecksumSHA256=checksum,
-            ),
-        )
-        return {"PartNumber": number, "ETag": out["ETag"], "ChecksumSHA256": out.get("ChecksumSHA256", checksum)}
-
-    def _stream(self, rel: str, sink: Callable[[bytes], None]) -> dict:
-        """Feed the object's bytes to ``sink`` in pieces; return {size, sha256}. S3: one streamed
-        GET (not a ranged request per piece)."""
-        d = _Digest()
-
-        def take(chunk: bytes) -> None:
-            d.update(chunk)
-            sink(chunk)
-
-        if self.protocol in ("s3", "s3a"):
-            from fsspec.asyn import sync
-
-            bucket, key, _ = self.fs.split_path(self.path(rel))
-
-            async def run() -> None:
-                body = (await self.fs._call_s3("get_object", Bucket=bucket, Key=key))["Body"]
-                try:
-                    while chunk := await body.read(CHUNK):
-                        take(chunk)
-                finally:
-                    body.close()
-
-            sync(self.fs.loop, run)
-        else:
-            with self.fs.open(self.path(rel), "rb", block_size=self.part_bytes) as src:
-                while chunk := src.read(CHUNK):
-                    take(chunk)
-        return d.entry()
-
-    def get_file(self, rel: str, local: str) -> dict:
-        """Copy the object at ``rel`` to the local file ``local`` in pieces, hashing as it goes;
-        return {size, sha256}. A retry starts the copy over; a failure leaves no local file."""
-
-        def fetch() -> dict:
-            with open(local, "wb") as dst:
-                return self._stream(rel, dst.write)
-
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        try:
-            return self._call(f"read {rel}", fetch)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(local)
-            raise
-
-    def digest(self, rel: str) -> dict:
-        """{size, sha256} of a stored object, streamed (nothing kept)."""
-        return self._call(f"read {rel}", lambda: self._stream(rel, lambda chunk: None))
 
     def create_json(self, rel: str, obj: Any) -> bool:
         """Publish ``obj`` at ``rel`` only if nothing is there yet; False if something is. Atomic on
@@ -612,7 +350,3 @@ class Store:
                     f"bucket {bucket!r} of store {self.url} does not exist or is not visible with the "
                     "credentials in the environment; create it or fix AWS_* settings"
                 )
-
-
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode()

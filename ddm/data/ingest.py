@@ -35,12 +35,13 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ddm.config import to_dict
-from ddm.data.pipeline import ShardCommits, Stage, check_runner, connected, model_stage, run_units, worker_url
+from ddm.data.config import INGEST_EXECUTION as EXECUTION
+from ddm.data.config import IngestConfig
+from ddm.data.pipeline import ShardCommits, Stage, connected, model_stage, run_units, worker_url
 from ddm.data.shards import encode_shard, shard_name
 from ddm.data.sources import generated_units, load_unit, open_source
 from ddm.layout import DATA_DIR
@@ -49,56 +50,6 @@ from ddm.logs import progress
 from ddm.store import Store
 
 log = logging.getLogger("ddm.ingest")
-
-# How an ingest runs, not what it makes: left out when a re-run is compared with the dataset.
-EXECUTION = ("runner", "workers", "encode_batch_size", "encode_actors", "actors_per_gpu")
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """How a source becomes shards.
-
-    resolution: output side in pixels (0 keeps the source's own, which must then be uniform).
-    channels: 1 (grayscale) or 3 (RGB); 0 picks the source's natural choice (digits: 1, else 3).
-    shard_size: samples per Parquet shard; readers and partitioning stream shard by shard.
-    """
-
-    source: str = "digits"
-    resolution: int = 0
-    channels: int = 0
-    shard_size: int = 4096
-    encoder: str = "identity"
-    image_column: str = "image"  # Parquet sources
-    label_column: str = "label"
-    seed: int = 0  # synthetic and glyph sources
-    fonts: list[str] = field(default_factory=list)  # glyphs: font folders/files (empty: matplotlib's own)
-    charset: str = ""  # glyphs: the characters, one class each (empty: 0-9, A-Z, a-z)
-    # How it runs (see EXECUTION): none of these changes the shards.
-    runner: str = "auto"  # ray (Ray Data), local (this process) or auto (ray for files and encoders)
-    workers: int = 0  # read/decode tasks at once (0: as many as the cluster's CPUs allow)
-    encode_batch_size: int = 64  # images per encoder forward
-    encode_actors: int = 0  # encoder actors (0: actors_per_gpu per GPU of the cluster, else 1 on CPU)
-    actors_per_gpu: int = 1  # encoder actors sharing one GPU
-
-    def __post_init__(self) -> None:
-        if not self.source:
-            raise ValueError("source is empty: give digits, glyphs:N, synthetic:N, an image folder or a Parquet path")
-        if self.resolution < 0:
-            raise ValueError(f"resolution must be >= 0, got {self.resolution}")
-        if self.channels not in (0, 1, 3):
-            raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or 0 (source default), got {self.channels}")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.encoder != "identity" and self.encoder != "vae" and not self.encoder.startswith("vae:"):
-            raise ValueError(f"encoder {self.encoder!r} is unknown; use identity, vae or vae:<hub id>")
-        check_runner(self.runner)
-        if self.workers < 0 or self.encode_actors < 0 or self.encode_batch_size < 1 or self.actors_per_gpu < 1:
-            raise ValueError("workers and encode_actors must be >= 0, encode_batch_size and actors_per_gpu >= 1")
-
-    def identity(self) -> dict:
-        """What the dataset is made from and how (the fields a re-run must match)."""
-        return {k: v for k, v in to_dict(self).items() if k not in EXECUTION}
-
 
 # --- ingest -----------------------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -36,8 +35,10 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from ddm.config import to_dict
+from ddm.data.config import PARTITION_EXECUTION as EXECUTION
+from ddm.data.config import PartitionConfig
 from ddm.data.features import EXTRACTOR_STATE, Features, stored_features
-from ddm.data.pipeline import Stage, check_runner, connected, run_units, worker_url
+from ddm.data.pipeline import Stage, connected, run_units, worker_url
 from ddm.data.shards import Dataset, write_parquet_bytes
 from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.lease import holding
@@ -45,50 +46,6 @@ from ddm.logs import progress
 from ddm.store import Store
 
 log = logging.getLogger("ddm.partition")
-
-
-@dataclass(frozen=True)
-class PartitionConfig:
-    num_partitions: int = 4  # K, the number of experts (paper: 8 on ImageNet)
-    # kmeans: semantic clusters (the paper's); random: a seeded, exactly balanced random split of the
-    # samples (the paper's ablation: every expert then models the whole distribution)
-    method: str = "kmeans"
-    features: str = "pca"  # pca (offline) or dinov2[:<hub id>] (the paper's)
-    pca_dim: int = 32
-    pca_fit_samples: int = 10_000
-    num_fine: int = 1024  # fine centroids (paper: 1024); capped at num_samples / 4
-    fine_epochs: int = 2  # mini-batch passes over the shards for the fine k-means
-    batch_size: int = 4096
-    balance: bool = True  # cap partition sizes at (1 + balance_tolerance) * N / K
-    balance_tolerance: float = 0.1
-    seed: int = 0
-    # How it runs (see EXECUTION): none of these changes the partitions.
-    runner: str = "auto"  # ray (Ray Data), local (this process) or auto (ray for DINOv2 or with --address)
-    workers: int = 0  # feature/assignment tasks at once (0: as many as the cluster's CPUs allow)
-    embed_batch_size: int = 64  # images per DINOv2 forward
-    embed_actors: int = 0  # DINOv2 actors (0: actors_per_gpu per GPU of the cluster, else 1 on CPU)
-    actors_per_gpu: int = 1
-
-    def __post_init__(self) -> None:
-        if self.num_partitions < 1:
-            raise ValueError(f"num_partitions must be >= 1, got {self.num_partitions}")
-        if self.num_fine < 1 or self.fine_epochs < 1 or self.batch_size < 1 or self.pca_dim < 1:
-            raise ValueError("num_fine, fine_epochs, batch_size and pca_dim must be >= 1")
-        if self.balance_tolerance < 0:
-            raise ValueError(f"balance_tolerance must be >= 0, got {self.balance_tolerance}")
-        check_runner(self.runner)
-        if self.method not in ("kmeans", "random"):
-            raise ValueError(f"method must be kmeans or random, got {self.method!r}")
-        if self.workers < 0 or self.embed_actors < 0 or self.embed_batch_size < 1 or self.actors_per_gpu < 1:
-            raise ValueError("workers and embed_actors must be >= 0, embed_batch_size and actors_per_gpu >= 1")
-
-    def identity(self) -> dict:
-        """What the partitions are made with (the fields a re-run must match)."""
-        return {k: v for k, v in to_dict(self).items() if k not in EXECUTION}
-
-
-# How a partitioning runs, not what it makes: left out when a re-run is compared with the partitions.
-EXECUTION = ("runner", "workers", "embed_batch_size", "embed_actors", "actors_per_gpu")
 
 
 def _batches(features: Features, batch_size: int, desc: str):

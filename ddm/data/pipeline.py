@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ddm.logs import progress
+from ddm.ray_runtime import ray_cluster
 from ddm.store import Store, absolute_url
 
 log = logging.getLogger("ddm.data")
@@ -92,8 +93,6 @@ def connected(runner: str, address: str | None) -> Iterator[None]:
     if runner != "ray":
         yield
         return
-    from ddm.launchers.ray_job import ray_cluster
-
     with ray_cluster(address, log_to_driver=False):
         yield
 

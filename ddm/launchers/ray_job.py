@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -33,22 +32,6 @@ from ddm.store import Store
 from ddm.train.trainer import job_lease, train
 
 log = logging.getLogger("ddm.ray")
-
-
-@contextmanager
-def ray_cluster(address: str | None = None, needed: bool = True, **kwargs):
-    """Connected to the Ray cluster at ``address`` (or a local Ray runtime, no dashboard) for the
-    block; a connection or runtime this opened is closed when the block ends, however it ends."""
-    import ray
-
-    started = needed and not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, **kwargs)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_name(cfg: JobConfig) -> str:

@@ -27,10 +27,11 @@ from ddm.data.ingest import ingest
 from ddm.data.partition import partition
 from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
-from ddm.launchers.ray_job import ray_cluster, run_job
+from ddm.launchers.ray_job import run_job
 from ddm.launchers.spec import RunSpec, jobs, student
 from ddm.lease import holding
 from ddm.logs import progress, setup_logging
+from ddm.ray_runtime import ray_cluster
 from ddm.report import write_report
 from ddm.sample import sample
 from ddm.store import Store

@@ -6,12 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ddm.budget import BudgetConfig, plan
-from ddm.data.ingest import IngestConfig
-from ddm.data.partition import PartitionConfig
-from ddm.evaluate import EvalConfig
+from ddm.data.config import IngestConfig, PartitionConfig
 from ddm.job import JobConfig
 from ddm.models.config import ModelConfig
-from ddm.sample import SampleConfig
+from ddm.settings import EvalConfig, SampleConfig
 from ddm.store import absolute_url
 
 

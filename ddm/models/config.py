@@ -149,6 +149,7 @@ class ModelConfig:
 
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+SAMPLERS = ("euler", "heun")  # the ODE solvers of ddm.flow.FlowMatching.sample
 
 
 @dataclass(frozen=True)

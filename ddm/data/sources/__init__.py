@@ -1,0 +1,104 @@
+"""What ``ddm ingest`` reads: sources, cut into units of work (one per output shard).
+
+Two kinds of source:
+
+- **Files** (image folders, Parquet with image bytes, WebDataset tar shards; each from any fsspec
+  URL; ``ddm.data.sources.files``, ``.webdataset``). The driver only lists them (``units``: which
+  files, rows or tar samples make each output shard); ``load_unit`` reads, decodes, converts and
+  resizes one unit anywhere (a Ray task on any node, or this process). Unreadable samples are
+  skipped and listed; a sample's id is its position in the source, so ids and shards do not depend
+  on which worker ran what.
+- **Generated** (digits, glyphs:N, synthetic:N; ``ddm.data.sources.generated``): made in order by
+  one process from one random stream (``generate``), cut into the same units.
+
+Either way a unit becomes ``{"index", "ids", "arrays" (N, C, H, W) uint8, "labels", "skipped"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import fsspec
+import numpy as np
+
+from ddm.data.config import IngestConfig
+from ddm.data.sources.base import Source, load_items
+from ddm.data.sources.files import FolderSource, ParquetSource
+from ddm.data.sources.generated import DigitsSource, GlyphSource, SyntheticSource
+from ddm.data.sources.images import IMAGE_EXTENSIONS, UNREADABLE, decode, to_8bit
+from ddm.data.sources.webdataset import WDS_IMAGE, WebDatasetSource, expand_braces
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "UNREADABLE",
+    "WDS_IMAGE",
+    "DigitsSource",
+    "FolderSource",
+    "GlyphSource",
+    "ParquetSource",
+    "Source",
+    "SyntheticSource",
+    "WebDatasetSource",
+    "decode",
+    "expand_braces",
+    "generated_units",
+    "load_unit",
+    "open_source",
+    "to_8bit",
+]
+
+# A unit's kind -> the source that reads it.
+READERS: dict[str, type[Source]] = {cls.kind: cls for cls in (FolderSource, ParquetSource, WebDatasetSource)}
+
+
+def load_unit(unit: dict, resolution: int, channels: int) -> dict:
+    """Read, decode, convert and resize one unit's items (an unreadable or unlabeled one is
+    skipped and listed); every sample of a unit must come out with the same shape."""
+    if unit["kind"] not in READERS:
+        raise ValueError(f"unknown unit kind {unit['kind']!r}")
+    return load_items(unit, READERS[unit["kind"]].items(unit), resolution, channels)
+
+
+def generated_units(source: Source, units: list[dict]) -> Iterator[dict]:
+    """A generated source's samples, in order, cut into ``units`` (ids are positions)."""
+    it = iter(source.generate())
+    for unit in units:
+        got = [next(it) for _ in range(unit["stop"] - unit["start"])]
+        yield {
+            "index": unit["index"],
+            "ids": np.arange(unit["start"], unit["stop"], dtype=np.int64),
+            "arrays": np.stack([a for _, a in got]),
+            "labels": np.asarray([label for label, _ in got], dtype=np.int32),
+            "skipped": [],
+        }
+
+
+def open_source(cfg: IngestConfig) -> Source:
+    src = cfg.source
+    if src == "digits":
+        return DigitsSource(cfg)
+    for kind, cls in (("synthetic", SyntheticSource), ("glyphs", GlyphSource)):
+        if src.startswith(f"{kind}:"):
+            try:
+                n = int(src.split(":", 1)[1])
+            except ValueError as e:
+                raise ValueError(f"source {src!r}: expected {kind}:<number of samples>") from e
+            return cls(cfg, n)
+    if src.endswith(".tar") or ("{" in src and ".tar" in src):
+        return WebDatasetSource(cfg, src)
+    if src.endswith(".parquet"):
+        return ParquetSource(cfg, src)
+    fs, path = fsspec.core.url_to_fs(src)
+    if not fs.exists(path):
+        raise ValueError(
+            f"source {src!r} does not exist; use digits, glyphs:N, synthetic:N, an image folder, Parquet or "
+            "WebDataset tar shards"
+        )
+    if fs.isdir(path):
+        names = fs.find(path, maxdepth=2)
+        if any(n.endswith(".tar") for n in names):
+            return WebDatasetSource(cfg, src)
+        if any(n.endswith(".parquet") for n in names):
+            return ParquetSource(cfg, src)
+        return FolderSource(cfg, src)
+    raise ValueError(f"source {src!r} is a file that is not .parquet or .tar; point at the folder or shards")
