@@ -3,6 +3,7 @@ on machines without Ray, scikit-learn or an S3 client)."""
 
 import json
 import os
+import socket
 import subprocess
 
 import torch
@@ -52,3 +53,29 @@ def digits_store(root: str, with_jobs: bool = True) -> str:
             path = os.path.join(store, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     return store
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """n free ports never handed out before in this process: every socket stays bound until all are
+    chosen (ports picked one at a time can repeat, and Ray refuses two components on one port)."""
+    socks = []
+    try:
+        while len(socks) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        ports = [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    if _HANDED_OUT & set(ports):
+        return free_ports(n)
+    _HANDED_OUT.update(ports)
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]

@@ -25,6 +25,7 @@ from ddm.data.shards import Dataset, read_parquet_bytes
 from ddm.layout import ASSIGNMENTS, DATA_DIR, FEATURES_DIR, PARTITIONS_DIR
 from ddm.store import Store
 from tests.conftest import BUCKET
+from tests.helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARS, PER_TAR, SIDE = 5, 400, 48  # 2 000 PNGs in 5 tars
@@ -66,7 +67,7 @@ def cluster(s3_endpoint):
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()})
     c.add_node(num_cpus=1)
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)

@@ -5,7 +5,6 @@ nothing passing between them except the store (moto's S3 server, credentials for
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,36 +15,10 @@ import yaml
 
 from ddm.store import Store
 from tests.conftest import BUCKET, SECRET
-from tests.helpers import child_env
+from tests.helpers import child_env, free_port, free_ports
 from tests.test_pipeline import ddm
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_ports(n: int) -> list[int]:
-    """n free ports never handed out before in this process: every socket stays bound until all are
-    chosen (ports picked one at a time can repeat, and Ray refuses two components on one port)."""
-    socks = []
-    try:
-        while len(socks) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        ports = [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-    if _HANDED_OUT & set(ports):
-        return free_ports(n)
-    _HANDED_OUT.update(ports)
-    return ports
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 class LocalIsland:
@@ -178,6 +151,15 @@ def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def job_log(island: LocalIsland, job: str) -> str:
+    """The tail of the log of ``job``'s newest submission on ``island`` (for failure messages)."""
+    from ray.job_submission import JobSubmissionClient
+
+    c = JobSubmissionClient(island.address)
+    ids = [j.submission_id for j in c.list_jobs() if (j.metadata or {}).get("ddm_job") == job]
+    return c.get_job_logs(ids[-1])[-6000:] if ids else f"(no job {job} on island {island.name})"
+
+
 def committed_steps(store: Store, run_dir: str) -> list[int]:
     run = store.child(f"{run_dir}/checkpoints")
     return sorted(
@@ -236,7 +218,8 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
         300,
         "island a's jobs",
     )
-    assert store.child("experts/00").read_json("summary.json")["startup"]["resumed_from"] is None  # never interrupted
+    never_interrupted = store.child("experts/00").read_json("summary.json")["startup"]["resumed_from"] is None
+    assert never_interrupted, "expert-00 on island a was restarted; its job's log:\n" + job_log(a, "expert-00")
     resumed_at = committed_steps(store, "experts/01")[-1]
     assert not store.child("experts/01").is_committed("export")
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.helpers import assert_same_weights, exported
+from tests.helpers import assert_same_weights, exported, free_port
 from tests.test_train import TRAIN, fresh, prepared, ray_train  # noqa: F401 - fixture
 
 
@@ -15,7 +15,9 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node runs no workers
+    # The driver's node runs no workers; its dashboard (the state API below) on a port of its own:
+    # Ray's default 8265 may be taken by another test's cluster, and the state API then fails.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()})
     nodes = [c.add_node(num_cpus=1), c.add_node(num_cpus=1)]  # one training worker per node
     ray.init(address=c.address, log_to_driver=False)
     yield c, nodes

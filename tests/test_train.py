@@ -264,10 +264,29 @@ def test_bad_input_fails_before_training(prepared, tmp_path, overrides, match):
 # --- Ray Train + DeepSpeed, 2 workers --------------------------------------------------------
 
 
+def test_ray_train_settings_fill_in_and_never_override(monkeypatch):
+    import os
+
+    from ddm.ray_runtime import LOCAL_TRAIN_ENV, TRAIN_ENV, train_env
+
+    for k in (*TRAIN_ENV, *LOCAL_TRAIN_ENV):
+        monkeypatch.delenv(k, raising=False)  # restored by monkeypatch after the test
+    train_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # a cluster keeps its preemption watcher
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's setting wins
+    train_env(local=True)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and os.environ["RAY_TRAIN_METRICS_ENABLED"] == "0"
+
+
 @pytest.fixture(scope="module")
 def ray_runtime():
     import ray
 
+    from ddm.ray_runtime import train_env
+
+    train_env(local=True)  # ddm's Ray Train settings for a local runtime, as `ddm train` uses
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -22,15 +22,14 @@ import logging
 import os
 import time
 
-import torch
-
 from ddm import layout
 from ddm.job import JobConfig
 from ddm.lease import fenced
 from ddm.logs import setup_logging
 from ddm.store import Store
-from ddm.train.trainer import job_lease, train
 
+# No torch or DeepSpeed at import: Ray Train's controller unpickles ``_worker`` (and so imports this
+# module) in a process of its own that never trains; the workers import them in ``_worker``.
 log = logging.getLogger("ddm.ray")
 
 
@@ -43,6 +42,9 @@ def _worker(config: dict) -> None:
     """Runs in every Ray Train worker: the plain training function on the job's dataclass."""
     import ray.train
     import ray.train.torch
+    import torch
+
+    from ddm.train.trainer import train
 
     cfg: JobConfig = config["cfg"]
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())  # DeepSpeed reads it
@@ -106,6 +108,8 @@ def run_job(
             f"threads={cfg.threads} but each worker gets ray.cpus_per_worker={cfg.ray.cpus_per_worker} CPUs: "
             "raise ray.cpus_per_worker, or leave threads=0 (as many threads as CPUs)"
         )
+    from ddm.train.trainer import job_lease
+
     with job_lease(cfg, force, lease_wait_s) as token:
         try:
             fit_called_at = time.time()
@@ -124,6 +128,9 @@ def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, t
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ddm.ray_runtime import train_env
+
+    train_env()  # Ray Train's controller polls its workers every 0.5 s, not 2 (ddm.ray_runtime)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config={"cfg": cfg, "env": env or {}, "lease": token},

@@ -283,6 +283,7 @@ def train(
         "world_size": ps.world_size,
         "threads": torch.get_num_threads(),
         **replica_check(engine.module, cfg.engine.zero_stage),
+        "ended_at": time.time(),  # wall clock, as started_at: a launcher's share after the last step
     }
     if ps.is_main:
         run.write_json(layout.SUMMARY, summary)
