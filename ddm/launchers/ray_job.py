@@ -124,6 +124,13 @@ def run_job(
     return {**summary, "ray_reported": result.metrics, "fit_called_at": fit_called_at}
 
 
+def ray_task(cfg: JobConfig) -> dict:
+    """One job as a Ray task (``ddm run`` runs several at once): its own TorchTrainer, workers and
+    restarts. It lives here, in a module that imports no torch, so the task's process starts light."""
+    setup_logging()
+    return run_job(cfg)
+
+
 def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, token):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -27,10 +27,10 @@ from ddm.data.ingest import ingest
 from ddm.data.partition import partition
 from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
-from ddm.launchers.ray_job import run_job
+from ddm.launchers.ray_job import ray_task
 from ddm.launchers.spec import RunSpec, jobs, student
 from ddm.lease import holding
-from ddm.logs import progress, setup_logging
+from ddm.logs import progress
 from ddm.ray_runtime import ray_cluster
 from ddm.report import write_report
 from ddm.sample import sample
@@ -105,12 +105,6 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
     return results
 
 
-def _ray_job(cfg: JobConfig) -> dict:
-    """Runs inside a Ray task: one TorchTrainer for one job (its own workers and restarts)."""
-    setup_logging()
-    return run_job(cfg)
-
-
 def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, poll_s: float = 2.0) -> dict[str, dict]:
     """Run checked training jobs on the connected Ray cluster, a bounded number at a time, with one
     progress bar each (read from the jobs' progress.json in the store). Jobs already finished
@@ -145,7 +139,7 @@ def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, po
         gpus,
         _ray_log_dir(),
     )
-    remote = ray.remote(num_cpus=0, max_retries=0)(_ray_job)
+    remote = ray.remote(num_cpus=0, max_retries=0)(ray_task)
     bars = {
         c.run_dir: progress(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True)
         for i, c in enumerate(todo)
