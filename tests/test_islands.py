@@ -24,8 +24,9 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 class LocalIsland:
     """One Ray cluster: a head started with `ray start --head --block`, its own ports and temp dir."""
 
-    def __init__(self, name: str, root, auth_token: str | None = None):
-        self.name, self.root, self.auth_token = name, root, auth_token
+    def __init__(self, name: str, root, auth_token: str | None = None, env: dict | None = None):
+        """``env``: variables every process of the cluster gets (its jobs' too)."""
+        self.name, self.root, self.auth_token, self.env = name, root, auth_token, env or {}
         self.ports = dict(zip(("gcs", "dashboard", "client", "agent"), free_ports(4)))
         self.proc: subprocess.Popen | None = None
 
@@ -37,9 +38,9 @@ class LocalIsland:
         temp = f"/tmp/ddm-isl-{self.name}-{os.getpid()}"  # short: Ray's socket paths have a length limit
         shutil.rmtree(temp, ignore_errors=True)
         env = child_env(
-            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token}
+            {**self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token}
             if self.auth_token
-            else {"RAY_AUTH_MODE": "disabled"}
+            else {**self.env, "RAY_AUTH_MODE": "disabled"}
         )
         cmd = [
             RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
@@ -91,13 +92,19 @@ class LocalIsland:
 def two_islands(tmp_path_factory, s3_endpoint):
     """Two islands whose nodes start with the store's credentials in their environment."""
     root = tmp_path_factory.mktemp("islands")
-    a, b = LocalIsland("a", root), LocalIsland("b", root)
+    # Island b's jobs pause at step PAUSE_AT (once: the marker file stays), so the test loses b
+    # mid-training at a known step, however fast this machine trains.
+    pause = {"DDM_FAULT": f"step:{PAUSE_AT}", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": str(root / "b-paused")}
+    a, b = LocalIsland("a", root), LocalIsland("b", root, env=pause)
+    b.paused = root / "b-paused"
     a.start()
     b.start()
     yield a, b
     a.stop()
     b.stop()
 
+
+PAUSE_AT = 15  # island b's jobs pause here, after their first commit (step 10 in the lost-island test)
 
 SPEC = {
     "seed": 2,
@@ -173,7 +180,9 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
     a, b = two_islands
     store_url = f"s3://{BUCKET}/islands-{uuid.uuid4().hex[:6]}"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url}))
+    steps = 60
+    expert = {**SPEC["expert"], "steps": steps, "checkpoint": {"every": 10}}
+    spec.write_text(yaml.safe_dump({**SPEC, "store": store_url, "expert": expert}))
     isl = islands_file(
         tmp_path / "islands.yaml",
         store_url,
@@ -206,8 +215,10 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
             assert SECRET not in repr(job)  # every field, the runtime env's variables included
             assert SECRET not in c.get_job_logs(job.submission_id)
 
-    # Island b is lost once its expert has committed a checkpoint; island a is not affected.
-    wait_for(lambda: committed_steps(store, "experts/01"), 240, "a committed checkpoint of expert 1 on island b")
+    # Island b is lost once its expert has committed a checkpoint (it pauses at step 15, after the
+    # commit of step 10, whose upload goes on in the background); island a is not affected.
+    wait_for(b.paused.exists, 240, f"expert 1 on island b at step {PAUSE_AT}")
+    wait_for(lambda: committed_steps(store, "experts/01"), 60, "a committed checkpoint of expert 1 on island b")
     b.stop()
     st = ddm("status", "--islands", isl)
     assert st.returncode == 0, st.stderr[-2000:]
@@ -241,7 +252,7 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "expert-01  -> a2" in res.stdout and "assembled" in res.stdout
     summary = store.child("experts/01").read_json("summary.json")
-    assert summary["step"] == 300 and summary["startup"]["resumed_from"] >= resumed_at  # from its last commit
+    assert summary["step"] == steps and summary["startup"]["resumed_from"] >= resumed_at  # from its last commit
     assert summary["world_size"] == 2
     assert store.read_json("islands/jobs/expert-01.json")["attempt"] == 1
     assert next(j for j in store.read_json("islands/plan.json")["jobs"] if j["name"] == "expert-01")["island"] == "a2"
