@@ -374,11 +374,14 @@ def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
     assert len(w) == 4 and not torch.equal(w[sorted(w)[0]], w[sorted(w)[-1]])
 
     # Save/load round trip: resuming from step 4 reaches the weights of a straight 6-step run, which
-    # needs every rank's MoE experts, dense weights, optimizer state and EMA back exactly.
-    s2 = ray_train(ray_cfg(store, "steps=6", *MOE))
-    assert s2["startup"]["resumed_from"] == 4
+    # needs every rank's MoE experts, dense weights, optimizer state and EMA back exactly. Both run
+    # on 2 ranks as torchrun starts them (the training function without Ray; one thread a rank, as
+    # the Ray workers had): the Ray-made commit resumes under another launcher.
+    plain = ["threads=1", "steps=6", *MOE]
+    s2 = on_ranks("ddm.train", store, 2, *plain)
+    assert s2["startup"]["resumed_from"] == 4 and s2["world_size"] == 2
     straight = fresh(prepared, tmp_path, "straight")
-    ray_train(ray_cfg(straight, "steps=6", *MOE))
+    on_ranks("ddm.train", straight, 2, *plain)
     assert_same_weights(exported(straight), exported(store))
 
 
@@ -510,33 +513,22 @@ def train_on(workers: int, store: str, *overrides: str) -> dict:
     return ray_train(ray_cfg(store, *overrides))
 
 
-def reshard_check(store: str, world: int, *overrides: str) -> dict:
-    """``tests.reshard_check`` on ``world`` ranks: the newest commit restored on that world size,
-    compared with the state DeepSpeed saved."""
+def on_ranks(module: str, store: str, world: int, *overrides: str) -> dict:
+    """``python -m <module>`` on ``world`` ranks, as torchrun starts them (no Ray); rank 0's JSON."""
     from ddm.parallel import _free_port
 
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "tests.reshard_check",
-        f"store={store}",
-        *TRAIN,
-        f"ray.num_workers={world}",
-        *overrides,
-    ]
+    cmd = [sys.executable, "-m", module, f"store={store}", *TRAIN, f"ray.num_workers={world}", *overrides]
+    ranks = {
+        "LOCAL_WORLD_SIZE": str(world),
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     procs = [
         subprocess.Popen(
             cmd,
-            env=child_env(
-                {
-                    "RANK": str(r),
-                    "LOCAL_RANK": str(r),
-                    "WORLD_SIZE": str(world),
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
-                }
-            ),
+            env=child_env({**ranks, "RANK": str(r), "LOCAL_RANK": str(r)}),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -547,6 +539,12 @@ def reshard_check(store: str, world: int, *overrides: str) -> dict:
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+def reshard_check(store: str, world: int, *overrides: str) -> dict:
+    """``tests.reshard_check`` on ``world`` ranks: the newest commit restored on that world size,
+    compared with the state DeepSpeed saved."""
+    return on_ranks("tests.reshard_check", store, world, *overrides)
 
 
 def _resume_elsewhere(prepared, tmp_path, before: int, after: int, zero: int) -> tuple[dict, dict, str]:
