@@ -507,10 +507,12 @@ def test_router_job_learns_the_partitions(prepared, tmp_path):
 
 
 def train_on(workers: int, store: str, *overrides: str) -> dict:
-    """The job on 1 worker (one process, ``python -m ddm.train``) or 2 (Ray Train)."""
+    """The job on 1 worker (one process, ``python -m ddm.train``) or more (ranks as torchrun starts
+    them, one thread each as Ray's 1-CPU workers have: the resharding tests are about DeepSpeed's
+    state, and the Ray tests above run the same function under Ray Train)."""
     if workers == 1:
         return summary(run_cli(store, "ray.num_workers=1", *overrides))
-    return ray_train(ray_cfg(store, *overrides))
+    return on_ranks("ddm.train", store, workers, "threads=1", *overrides)
 
 
 def on_ranks(module: str, store: str, world: int, *overrides: str) -> dict:
@@ -558,7 +560,7 @@ def _resume_elsewhere(prepared, tmp_path, before: int, after: int, zero: int) ->
 
 # 1 -> 2 is in the slow tier: the islands test resumes a lost job from 1 worker on 2 end to end.
 @pytest.mark.parametrize("before,after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
-def test_a_job_resumes_on_another_worker_count(prepared, tmp_path, ray_runtime, before, after):
+def test_a_job_resumes_on_another_worker_count(prepared, tmp_path, before, after):
     """A ZeRO-2 job checkpointed by N workers resumes on M: after the restore, every parameter's
     fp32 weights and both Adam moments, as DeepSpeed reports them, equal what DeepSpeed saved (the
     reference is rebuilt from DeepSpeed's own shard files); Adam's step carries over; training
@@ -589,7 +591,7 @@ def test_other_zero_stages_reshard_like_zero2(prepared, tmp_path, ray_runtime, z
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_a_checkpoint_without_portable_state_names_its_worker_count(prepared, tmp_path, ray_runtime):
+def test_a_checkpoint_without_portable_state_names_its_worker_count(prepared, tmp_path):
     """A commit of ddm < 0.3 (no portable state) on another worker count is a clear error, never a
     silent start-over."""
     store = fresh(prepared, tmp_path)
@@ -599,7 +601,7 @@ def test_a_checkpoint_without_portable_state_names_its_worker_count(prepared, tm
     files = [n for n in manifest["files"] if not n.startswith("portable/")]
     ckpts.commit("step_0000002", files, meta={"world_size": 1, "format_version": 2}, known=manifest["files"])
     with pytest.raises(Exception, match="written by 1 ranks; this job has 2.*no portable state.*Resume with 1 workers"):
-        train_on(2, store, "steps=4", "checkpoint.every=2", "ray.max_failures=0")  # no retries of a sure failure
+        train_on(2, store, "steps=4", "checkpoint.every=2")
 
 
 @pytest.mark.slow
