@@ -60,21 +60,39 @@ def test_monolith_gets_the_ensembles_training_flops():
     assert all(c.seed == 1 and c.store == "x" for c in cfgs)
 
 
+TRAINED = ("experts/00", "experts/01", "router", "monolith", "monolith-small-batch")
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    """First a short run (experts 6 steps), then the same spec with experts at 9 steps."""
+    """A short run (experts 6 steps); the same spec with experts at 9 steps, during which the first
+    job to reach step 8 is killed with no restarts left (``ray.max_failures=0``), so that run fails;
+    and the same command again, which resumes that job and finishes."""
     tmp = tmp_path_factory.mktemp("pipeline")
     store = str(tmp / "store")
     first = ddm("run", write_spec(tmp, store))
     assert first.returncode == 0, first.stderr[-4000:]
     before = {d: Store(store).child(d).manifest("export") for d in ("experts/00", "router")}
+    kill = {"DDM_FAULT": "step:8", "DDM_FAULT_ONCE": str(tmp / "fault-once")}
+    failed = ddm("run", write_spec(tmp, store), "expert.steps=9", "expert.ray.max_failures=0", env=kill)
+    assert (tmp / "fault-once").exists(), failed.stderr[-4000:]  # the kill happened
+    # What the failed run left: each job's step and its commits.
+    left = {
+        d: (Store(store).child(d).read_json("summary.json")["step"], committed(Store(store).child(d))) for d in TRAINED
+    }
     second = ddm("run", write_spec(tmp, store), "expert.steps=9")
     assert second.returncode == 0, second.stderr[-4000:]
-    return store, tmp, first, second, before
+    return store, tmp, first, second, before, failed, left
+
+
+def committed(run) -> list[int]:
+    from ddm import layout
+
+    return layout.committed_steps(run.child(layout.CHECKPOINTS))
 
 
 def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
-    store_url, _, first, _, _ = pipeline_run
+    store_url, _, first, *_ = pipeline_run
     store = Store(store_url)
     ens = store.read_json("ensemble.json")
     from ddm.layout import ensemble_id
@@ -108,7 +126,7 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
 
 
 def test_rerun_resumes_unfinished_jobs_and_skips_finished_ones(pipeline_run):
-    store_url, _, _, second, before = pipeline_run
+    store_url, _, _, second, before, *_ = pipeline_run
     store = Store(store_url)
     expert = store.child("experts/00").read_json("summary.json")
     assert expert["step"] == 9 and expert["startup"]["resumed_from"] == 6  # resumed, not restarted
@@ -280,22 +298,20 @@ def test_a_spec_that_disagrees_with_the_store_is_refused(pipeline_run, tmp_path)
     assert out.returncode == 2 and "already holds partitions made with a different config" in out.stderr
 
 
-def test_a_failed_job_fails_the_run_clearly_and_a_rerun_resumes_it(tmp_path):
-    """A job that used up its restarts (max_failures=0, killed at step 6) fails the run with exit 1
+def test_a_failed_job_fails_the_run_clearly_and_a_rerun_resumes_it(pipeline_run):
+    """A job that used up its restarts (max_failures=0, killed at step 8) fails the run with exit 1
     naming it, while the other jobs finish; the same command again resumes it from its commit."""
-    store_url = str(tmp_path / "store")
-    spec = {**TINY, "store": store_url, "monolith": False, "budget": {}, "distill_steps": 0,
-            "expert": {**TINY["expert"], "steps": 8, "checkpoint": {"every": 4},
-                       "ray": {"max_failures": 0}}}  # fmt: skip
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    out = ddm("run", str(path), env={"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")})
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "ddm run: training jobs failed: experts/" in out.stderr and "run the same command again" in out.stderr
+    store_url, _, _, second, _, failed, left = pipeline_run
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "ddm run: training jobs failed: " in failed.stderr and "run the same command again" in failed.stderr
+    named = failed.stderr.split("training jobs failed: ")[1].split(";")[0].split(", ")
     store = Store(store_url)
-    failed = [d for d in ("experts/00", "experts/01") if not store.child(d).is_committed("export")]
-    assert len(failed) == 1 and store.child("router").is_committed("export")  # the others finished
-    again = ddm("run", str(path))
-    assert again.returncode == 0, again.stderr[-3000:]
-    s = store.child(failed[0]).read_json("summary.json")
-    assert s["step"] == 8 and s["startup"]["resumed_from"] == 4  # from its commit, not from scratch
+    target = {d: store.child(d).read_json("summary.json")["step"] for d in TRAINED}  # where the re-run ended
+    assert len(named) == 1 and named[0] in ("experts/00", "experts/01", "monolith")  # the jobs that pass step 8
+    (dead,) = named
+    assert target["experts/00"] == target["experts/01"] == 9 and target["monolith-small-batch"] == 18
+    assert left[dead][0] < 8 and max(left[dead][1]) == 6  # its last commit before the kill (every 3 steps)
+    assert all(left[d][0] == target[d] for d in TRAINED if d != dead), (left, target)  # the others finished
+    s = store.child(dead).read_json("summary.json")
+    assert s["step"] == target[dead] and s["startup"]["resumed_from"] == 6  # from its commit, not from scratch
+    assert f"{dead}: finished earlier" not in second.stderr and "router: finished earlier" in second.stderr
