@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.helpers import assert_same_weights, exported, free_port
-from tests.test_train import TRAIN, fresh, prepared, ray_train  # noqa: F401 - fixture
+from tests.test_train import TRAIN, fresh, on_ranks, prepared, ray_train  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +40,10 @@ def test_node_lost_and_replaced_mid_run(prepared, tmp_path, cluster):  # noqa: F
     import ray
 
     c, nodes = cluster
+    # The uninterrupted run, on 2 ranks as torchrun starts them (one thread each, as these 1-CPU
+    # workers have): the same training function and weights, without a second job on the cluster.
     reference = fresh(prepared, tmp_path, "reference")
-    ray_train(cfg_for(reference))
-    placed = {
-        a["node_id"] for a in ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)
-    }
-    assert len({n.node_id for n in nodes} & placed) == 2  # the workers really ran on two nodes
+    on_ranks("ddm.train", reference, 2, "threads=1", "steps=6", "checkpoint.every=2")
 
     store = fresh(prepared, tmp_path, "faulted")
     marker = tmp_path / "paused"
@@ -63,6 +61,10 @@ def test_node_lost_and_replaced_mid_run(prepared, tmp_path, cluster):  # noqa: F
     c.add_node(num_cpus=1)  # a replacement joins; Ray Train restarts the worker group on it
     thread.join(timeout=300)
     assert not thread.is_alive() and "s" in result
+    placed = {
+        a["node_id"] for a in ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)
+    }
+    assert len({n.node_id for n in nodes} & placed) == 2  # the workers really ran on both first nodes
     s = result["s"]
     assert s["startup"]["resumed_from"] == 4 and s["step"] == 6
     assert_same_weights(exported(reference), exported(store))
