@@ -17,7 +17,9 @@ def fault_hook(point: str, step: int, rank: int) -> None:
     DDM_FAULT=<point>:<step>[:<rank>] with a marker file DDM_FAULT_ONCE: the first time the point is
     reached the process is killed (SIGKILL), as a crash would, and never again. With
     DDM_FAULT_ACTION=pause it instead waits (at most 120 s) until the file DDM_FAULT_ONCE + ".go"
-    exists, so a test can change the world (stop the S3 endpoint) at a known step.
+    exists, so a test can change the world (stop the S3 endpoint) at a known step. Without
+    DDM_FAULT_ONCE, every process that reaches the point pauses (or is killed), each time; a pause
+    then waits for the file DDM_FAULT_GO (or its 120 s).
     """
     spec = os.environ.get("DDM_FAULT")
     if not spec:
@@ -32,8 +34,9 @@ def fault_hook(point: str, step: int, rank: int) -> None:
         open(marker, "w").close()
     if os.environ.get("DDM_FAULT_ACTION") == "pause":
         log.warning("fault injection: rank %d paused at %s step %d", rank, point, step)
+        go = marker + ".go" if marker else os.environ.get("DDM_FAULT_GO", "")
         deadline = time.monotonic() + 120
-        while marker and not os.path.exists(marker + ".go") and time.monotonic() < deadline:
+        while not os.path.exists(go) and time.monotonic() < deadline:
             time.sleep(0.05)
         return
     log.warning("fault injection: killing rank %d at %s step %d", rank, point, step)

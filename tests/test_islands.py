@@ -270,7 +270,10 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
     assert out.returncode == 2 and f"island 'gone' cannot be reached at {dead}" in out.stderr
     assert not Store(store_url).exists("data") and not Store(store_url).exists("islands")  # nothing written
 
-    locked = LocalIsland("locked", tmp_path, auth_token="the-right-token")
+    # Its jobs all pause at their first step, holding no CPU, until the island is stopped: this test
+    # is about who may talk to the job server, not about training.
+    pause = {"DDM_FAULT": "step:1", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_GO": str(tmp_path / "never")}
+    locked = LocalIsland("locked", tmp_path, auth_token="the-right-token", env=pause)
     locked.start()
     try:
         isl = islands_file(tmp_path / "locked.yaml", store_url, {"locked": locked.address})
