@@ -61,17 +61,20 @@ def store_url(request, tmp_path):
 
 # The longest files first (measured: `./scripts/test.sh --durations=0`), so that under xdist
 # (`-n`, workers take whole files: --dist loadfile) no long file starts last and runs alone.
+# `--no-loadscope-reorder` (pyproject.toml) keeps this order: xdist would sort files by their number
+# of tests instead, and start the long files of few tests (islands, multinode) last.
 LONGEST_FIRST = [
+    "test_train.py",
     "test_pipeline.py",
     "test_islands.py",
-    "test_train.py",
     "test_data_pipeline.py",
     "test_multinode.py",
-    "test_assemble.py",
     "test_lease.py",
+    "test_assemble.py",
     "test_precision.py",
-    "test_demo.py",
     "test_data.py",
+    "test_demo.py",
+    "test_metrics.py",
 ]
 
 

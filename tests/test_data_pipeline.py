@@ -149,7 +149,7 @@ def test_a_worker_killed_mid_ingest_and_the_pipeline_completes(cluster, wds, ref
 def test_driver_killed_and_the_rerun_redoes_only_missing_shards(cluster, wds, reference, tmp_path, caplog):
     url = f"s3://{BUCKET}/driver-{uuid.uuid4().hex[:8]}"
     store = Store(url)
-    args = ["resolution=16", "shard_size=20", "runner=ray", "workers=1"]
+    args = ["resolution=16", "shard_size=40", "runner=ray", "workers=1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ddm.cli", "ingest", wds, url, "--address", cluster.address, *args],
         cwd=ROOT,
@@ -173,14 +173,14 @@ def test_driver_killed_and_the_rerun_redoes_only_missing_shards(cluster, wds, re
     while time.time() < settle and listing != (listing := store.list(f"{DATA_DIR}/progress")):
         time.sleep(1.5)
     committed = {int(r.split(".")[0]) for r in listing}
-    assert 3 <= len(committed) < 100  # 100 units of 20 samples: the kill came mid-ingest
+    assert 3 <= len(committed) < 50  # 50 units of 40 samples: the kill came mid-ingest
     before = {i: store.read_json(f"{DATA_DIR}/progress/{i:05d}.json")["files"] for i in committed}
 
     caplog.set_level(logging.INFO, logger="ddm.data")
     # Same config; the dead driver's lease (its process is gone, on this machine) is taken at once.
     m = ingest(load(IngestConfig, None, [f"source={wds}", *args]), store)
     assert m["resumed_shards"] == len(committed)
-    assert f"resuming: {len(committed)} of 100 units" in caplog.text
+    assert f"resuming: {len(committed)} of 50 units" in caplog.text
     assert {m["files"][n]["sha256"] for f in before.values() for n in f} <= {e["sha256"] for e in m["files"].values()}
     # The same data as the one-shot reference, cut into smaller shards.
     ds = Dataset(store)
