@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: skip the accelerator probe on CPU machines
 
+# Under xdist the test processes share the machine's CPUs: each takes its share of threads, and so
+# does what it starts (OMP_NUM_THREADS; `python -m ddm.train` runs get it as `threads`, run_cli).
+# Two processes of 2 threads each on 2 cores made CPU-bound tests several times slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+if _WORKERS > 1:
+    _share = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 BUCKET = "ddm-test"
 SECRET = f"ddm-test-secret-{uuid.uuid4().hex[:12]}"  # moto accepts any key
 

@@ -38,7 +38,9 @@ def fresh(prepared, tmp_path, name="run") -> str:
 
 
 def run_cli(store: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ddm.train", f"store={store}", *TRAIN, *overrides]
+    """``python -m ddm.train`` on ``store``; with the test process's share of threads (conftest)."""
+    threads = [f"threads={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ else []
+    cmd = [sys.executable, "-m", "ddm.train", f"store={store}", *TRAIN, *threads, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(env))
 
 
