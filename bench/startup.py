@@ -85,11 +85,9 @@ def run(cmd: list[str], env: dict) -> tuple[float, dict, float]:
 @contextlib.contextmanager
 def ray_head(tmp: str, env: dict):
     """A warm local Ray runtime: ``ray start --head`` on free ports, stopped at the end."""
-    import socket
+    from ddm.parallel import _free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     head_env = {**env, "RAY_AUTH_MODE": "disabled"}  # a private local runtime
     cmd = [ray, "start", "--head", "--num-cpus=4", "--disable-usage-stats", "--node-ip-address=127.0.0.1",

@@ -43,7 +43,7 @@ def test_node_lost_and_replaced_mid_run(prepared, tmp_path, cluster):  # noqa: F
     # The uninterrupted run, on 2 ranks as torchrun starts them (one thread each, as these 1-CPU
     # workers have): the same training function and weights, without a second job on the cluster.
     reference = fresh(prepared, tmp_path, "reference")
-    on_ranks("ddm.train", reference, 2, "threads=1", "steps=6", "checkpoint.every=2")
+    on_ranks("ddm.train", reference, 2, "steps=6", "checkpoint.every=2")
 
     store = fresh(prepared, tmp_path, "faulted")
     marker = tmp_path / "paused"

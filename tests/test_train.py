@@ -267,8 +267,6 @@ def test_bad_input_fails_before_training(prepared, tmp_path, overrides, match):
 
 
 def test_ray_train_settings_fill_in_and_never_override(monkeypatch):
-    import os
-
     from ddm.ray_runtime import LOCAL_TRAIN_ENV, TRAIN_ENV, train_env
 
     for k in (*TRAIN_ENV, *LOCAL_TRAIN_ENV):
@@ -379,7 +377,7 @@ def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
     # needs every rank's MoE experts, dense weights, optimizer state and EMA back exactly. Both run
     # on 2 ranks as torchrun starts them (the training function without Ray; one thread a rank, as
     # the Ray workers had): the Ray-made commit resumes under another launcher.
-    plain = ["threads=1", "steps=6", *MOE]
+    plain = ["steps=6", *MOE]
     s2 = on_ranks("ddm.train", store, 2, *plain)
     assert s2["startup"]["resumed_from"] == 4 and s2["world_size"] == 2
     straight = fresh(prepared, tmp_path, "straight")
@@ -514,15 +512,16 @@ def train_on(workers: int, store: str, *overrides: str) -> dict:
     state, and the Ray tests above run the same function under Ray Train)."""
     if workers == 1:
         return summary(run_cli(store, "ray.num_workers=1", *overrides))
-    return on_ranks("ddm.train", store, workers, "threads=1", *overrides)
+    return on_ranks("ddm.train", store, workers, *overrides)
 
 
 def on_ranks(module: str, store: str, world: int, *overrides: str) -> dict:
-    """``python -m <module>`` on ``world`` ranks, as torchrun starts them (no Ray); rank 0's JSON."""
+    """``python -m <module>`` on ``world`` ranks, as torchrun starts them (no Ray), one thread each
+    as Ray's 1-CPU workers have (a later ``threads=`` wins); rank 0's JSON."""
     from ddm.parallel import _free_port
 
     port = _free_port()
-    cmd = [sys.executable, "-m", module, f"store={store}", *TRAIN, f"ray.num_workers={world}", *overrides]
+    cmd = [sys.executable, "-m", module, f"store={store}", *TRAIN, f"ray.num_workers={world}", "threads=1", *overrides]
     ranks = {
         "LOCAL_WORLD_SIZE": str(world),
         "WORLD_SIZE": str(world),
