@@ -35,7 +35,28 @@ def load_deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
+    _answer_zero_check_from_its_list()
     return deepspeed
+
+
+def _answer_zero_check_from_its_list() -> None:
+    """DeepSpeed's ZeRO check of the optimizer (``is_zero_supported_optimizer``) first imports its
+    Muon optimizer to add it to the supported list, and that import compiles Muon's kernels (about
+    1 s in every rank of every job on a CPU core). ddm's optimizer is torch's AdamW,
+    which is on the list already, so the engine asks the list first and DeepSpeed's own check only
+    for an optimizer not on it (same answers). ``DDM_STARTUP_TRIMS=0`` leaves DeepSpeed as it is."""
+    from deepspeed.runtime import engine
+    from deepspeed.runtime.zero import utils
+
+    if os.environ.get("DDM_STARTUP_TRIMS", "1") == "0" or getattr(engine.is_zero_supported_optimizer, "ddm", False):
+        return
+    check_of_deepspeed = utils.is_zero_supported_optimizer
+
+    def check(optimizer) -> bool:
+        return type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS or check_of_deepspeed(optimizer)
+
+    check.ddm = True
+    engine.is_zero_supported_optimizer = check
 
 
 def ensure_process_group(backend: str = "gloo") -> bool:

@@ -11,6 +11,13 @@ variable already set in the environment always wins:
 - On a local runtime this process starts (no cluster named), ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``
   (it watches for cloud nodes being reclaimed; one more process per job) and
   ``RAY_TRAIN_METRICS_ENABLED=0`` (Prometheus metrics that nothing scrapes without a dashboard).
+
+and, for jobs that give Ray Train no Ray Datasets (every ddm job: the workers read the store
+themselves), ``trainer_class`` leaves out Ray Train's datasets callback, which starts a
+DatasetManager actor for every run whether it has datasets or not: one more process importing Ray
+Data while the workers start (about 1.5 s of a 2-worker job's start on 2 cores, ``bench/startup.py``).
+``DDM_STARTUP_TRIMS=0`` turns this and DeepSpeed's Muon probe (``ddm.parallel.load_deepspeed``)
+off, to compare with Ray's and DeepSpeed's own behaviour or to rule them out.
 """
 
 from __future__ import annotations
@@ -20,6 +27,36 @@ from contextlib import contextmanager
 
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
+def trims() -> bool:
+    """Whether ddm's start-up trims are on (``DDM_STARTUP_TRIMS``, default 1)."""
+    return os.environ.get("DDM_STARTUP_TRIMS", "1") != "0"
+
+
+def trainer_class():
+    """Ray Train's ``TorchTrainer`` without its datasets callback when the run has no datasets
+    (module doc). The callback list is Ray Train's internals: where they differ from Ray 2.60's,
+    the plain ``TorchTrainer`` is returned."""
+    from ray.train.torch import TorchTrainer
+
+    if not trims():
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
 
 
 def train_env(local: bool = False) -> None:

@@ -280,6 +280,37 @@ def test_ray_train_settings_fill_in_and_never_override(monkeypatch):
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and os.environ["RAY_TRAIN_METRICS_ENABLED"] == "0"
 
 
+def test_ray_train_runs_without_a_dataset_manager_only_when_it_has_no_datasets(monkeypatch):
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks import BackendSetupCallback, DatasetsCallback
+
+    from ddm.ray_runtime import trainer_class
+
+    def kinds(**datasets):
+        trainer = trainer_class()(lambda c: None, scaling_config=ScalingConfig(num_workers=2), datasets=datasets)
+        return {type(c) for c in trainer._create_default_callbacks()}
+
+    assert BackendSetupCallback in kinds() and DatasetsCallback not in kinds()
+    assert DatasetsCallback in kinds(x=lambda: None)  # a run with Ray Datasets keeps its DatasetManager
+    monkeypatch.setenv("DDM_STARTUP_TRIMS", "0")
+    assert DatasetsCallback in kinds()
+
+
+def test_zero_check_answers_as_deepspeed_without_compiling_muon():
+    code = """
+import sys, torch
+from ddm.parallel import ensure_process_group, load_deepspeed
+ensure_process_group()
+load_deepspeed().init_distributed("gloo")
+from deepspeed.runtime import engine
+p = [torch.nn.Parameter(torch.zeros(2))]
+print(engine.is_zero_supported_optimizer(torch.optim.AdamW(p)), any("muon" in m for m in sys.modules))
+print(engine.is_zero_supported_optimizer(torch.optim.SGD(p, lr=1.0)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())
+    assert out.stdout.split()[-3:] == ["True", "False", "False"]  # AdamW: on the list, Muon never imported
+
+
 @pytest.fixture(scope="module")
 def ray_runtime():
     import ray

@@ -133,12 +133,12 @@ def ray_task(cfg: JobConfig) -> dict:
 
 def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, token):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from ddm.ray_runtime import train_env
+    from ddm.ray_runtime import train_env, trainer_class
 
     train_env()  # Ray Train's controller polls its workers every 0.5 s, not 2 (ddm.ray_runtime)
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_loop_per_worker=_worker,
         train_loop_config={"cfg": cfg, "env": env or {}, "lease": token},
         scaling_config=ScalingConfig(
