@@ -304,7 +304,8 @@ ensure_process_group()
 load_deepspeed().init_distributed("gloo")
 from deepspeed.runtime import engine
 p = [torch.nn.Parameter(torch.zeros(2))]
-print(engine.is_zero_supported_optimizer(torch.optim.AdamW(p)), any("muon" in m for m in sys.modules))
+muon = "deepspeed.runtime.zero.muon.muon_optimizer"
+print(engine.is_zero_supported_optimizer(torch.optim.AdamW(p)), muon in sys.modules)
 print(engine.is_zero_supported_optimizer(torch.optim.SGD(p, lr=1.0)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())
