@@ -54,7 +54,7 @@ class RayConfig:
     num_workers: int = 1
     cpus_per_worker: int = 1  # Ray gives each worker this many CPUs (and torch as many threads)
     use_gpu: bool = False
-    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (0.5) lets small jobs share a GPU
+    gpus_per_worker: float = 1.0  # with use_gpu: 1, or a fraction (0.5) for one-worker jobs sharing a GPU
     max_failures: int = 3  # Ray restarts the workers this often; each restart resumes from the store
 
     def __post_init__(self) -> None:
@@ -63,6 +63,17 @@ class RayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpus_per_worker <= 0:
             raise ValueError(f"gpus_per_worker must be > 0, got {self.gpus_per_worker}")
+        if self.use_gpu and self.gpus_per_worker > 1:
+            raise ValueError(
+                f"gpus_per_worker={self.gpus_per_worker}: a worker is one rank and uses one GPU; for more GPUs "
+                "raise num_workers"
+            )
+        if self.use_gpu and self.gpus_per_worker < 1 and self.num_workers > 1:
+            raise ValueError(
+                f"gpus_per_worker={self.gpus_per_worker} with num_workers={self.num_workers}: Ray may put two "
+                "workers of this job on one GPU, which NCCL refuses; a fraction is for one-worker jobs sharing a "
+                "GPU with other jobs. Use gpus_per_worker=1"
+            )
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
 

@@ -6,11 +6,15 @@ DeepSpeed's MoE layer, which needs torch.distributed, works in one process too.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("ddm.train")
 
 
 def _free_port() -> int:
@@ -27,6 +31,91 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={spec!r} but this machine has no CUDA GPU; use device=cpu (or auto)")
     return device
+
+
+def cuda_index(env: dict, assigned: list | None, count: int) -> int:
+    """The index (among this process's visible CUDA devices) of the one GPU this rank uses.
+
+    ``assigned``: the GPU ids Ray gave this worker (``ray.get_gpu_ids()``). Ray Train makes the
+    union of the node's job GPUs visible to every worker, in an order of its own (on nodes of 10
+    GPUs or more, "0,1,10,11,2,..."), so a worker's GPU is its id's position in that list, never
+    its local rank. With several ids the first visible one is used: a rank uses one GPU. Without
+    Ray: ``LOCAL_RANK`` (torchrun, deepspeed), else ``SLURM_LOCALID``, else ``RANK`` when the
+    whole world fits on this node's GPUs; otherwise the rank's GPU cannot be known, and that is
+    an error rather than a guess.
+    """
+    if assigned:
+        visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        ids = [str(i) for i in assigned]
+        if not visible:  # every device is visible: ids are indices
+            index = min(int(i) for i in ids)
+        else:
+            missing = [i for i in ids if i not in visible]
+            if missing:
+                visible_s = env["CUDA_VISIBLE_DEVICES"]
+                raise ValueError(f"Ray assigned GPU {missing[0]} but CUDA_VISIBLE_DEVICES={visible_s}")
+            index = min(visible.index(i) for i in ids)
+    elif "LOCAL_RANK" in env:
+        index = int(env["LOCAL_RANK"])
+    elif "SLURM_LOCALID" in env:
+        index = int(env["SLURM_LOCALID"])
+    elif int(env.get("WORLD_SIZE", 1)) <= count:
+        index = int(env.get("RANK", 0))
+    else:
+        raise ValueError(
+            f"RANK={env.get('RANK')} of WORLD_SIZE={env.get('WORLD_SIZE')} on a node with {count} GPUs and no "
+            "LOCAL_RANK: set LOCAL_RANK (the rank's index on its node; torchrun and deepspeed set it)"
+        )
+    if not 0 <= index < count:
+        raise ValueError(f"this rank's GPU is cuda:{index} but the process sees {count} CUDA devices")
+    return index
+
+
+def rank_device(use_cuda: bool, assigned: list | None = None) -> torch.device:
+    """This rank's one device, chosen once (``cuda_index``), and told to DeepSpeed and torch:
+    DeepSpeed places the model on ``cuda:$LOCAL_RANK`` and ZeRO-3 gathers there, so LOCAL_RANK is
+    set to the chosen index (a launcher's LOCAL_RANK that names another GPU would put the model on
+    one device and the batches on another)."""
+    if not use_cuda:
+        return torch.device("cpu")
+    index = cuda_index(dict(os.environ), assigned, torch.cuda.device_count())
+    os.environ["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def check_one_rank_per_device(device: torch.device) -> None:
+    """Refuses a job two of whose ranks share one GPU (NCCL cannot run them): every rank compares
+    its (host, device) with the others' (one small all-gather at the start; GPUs only)."""
+    if device.type != "cuda" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    shared = sorted({r for r, x in enumerate(everyone) if everyone.count(x) > 1})
+    if shared:
+        raise ValueError(
+            f"ranks {shared} share one GPU ({mine[0]}): a job runs one rank per GPU. With Ray, use "
+            "ray.gpus_per_worker=1; with torchrun, one process per GPU (--nproc-per-node = the node's GPUs)"
+        )
+
+
+def use_accelerator(device: torch.device) -> None:
+    """DeepSpeed's accelerator follows the job's device: it reads ``DS_ACCELERATOR`` once, at its
+    first use, so a CPU job on a GPU machine or image gets the CPU accelerator and a GPU job the
+    CUDA one, whatever the environment says (an image's ``DS_ACCELERATOR=cuda`` made CPU jobs crash
+    in DeepSpeed)."""
+    want = "cuda" if device.type == "cuda" else "cpu"
+    chosen = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    chosen = getattr(chosen, "ds_accelerator", None)
+    if chosen is not None and chosen._name != want:
+        raise ValueError(
+            f"DeepSpeed's accelerator in this process is {chosen._name!r} but the job runs on {device}: "
+            "run each job in a process of its own"
+        )
+    if os.environ.get("DS_ACCELERATOR", want) != want:
+        log.info("DS_ACCELERATOR=%s -> %s: the job runs on %s", os.environ["DS_ACCELERATOR"], want, device)
+    os.environ["DS_ACCELERATOR"] = want
 
 
 def load_deepspeed():

@@ -3,14 +3,11 @@
 # test tier (tests/test_gpu.py) and the GPU benchmarks, each with a time limit, all within about
 # 8 minutes; one JSON line per benchmark at the end (also in $OUT/gpu-check.jsonl when $OUT is set).
 #
-# ddm needs no install here (it runs from this checkout). What the machine lacks (DeepSpeed, PyYAML,
-# tqdm, Pillow) is installed from .whl/ when that folder exists; build it beforehand on a machine
-# with the package index (DeepSpeed's own needs included):
-#   ../shared/gpu/prepare-wheels.sh pyyaml tqdm pillow einops msgpack psutil py-cpuinfo ninja packaging \
-#     diffusers transformers huggingface_hub tokenizers hf-xet httpx2 httpcore2 h11 anyio idna truststore \
-#     click filelock importlib_metadata zipp regex requests urllib3 certifi charset-normalizer typer \
-#     annotated-doc rich markdown-it-py mdurl pygments shellingham
-# (the second and third lines: the data stage's encoders, SD-VAE and DINOv2, for bench/gpu_encoders.py)
+# ddm needs no install here (it runs from this checkout). What a bare machine lacks is listed in
+# scripts/gpu-wheels.txt (tests/test_gpu_wheels.py keeps the list complete: it records what a job
+# imports) and is installed from .whl/ when that folder exists; build it beforehand on a machine
+# with the package index:
+#   ../shared/gpu/prepare-wheels.sh $(grep -v '^#' scripts/gpu-wheels.txt | awk '{print $1}')
 # Ray, s3fs and scikit-learn are not needed: the jobs run through the train function that Ray
 # workers call (python -m ddm.train), on a local store.
 set -uo pipefail
@@ -19,14 +16,17 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 OUT="${OUT:-$ROOT/gpu-check}"
 mkdir -p "$OUT"
-if ! "$PY" -c 'import deepspeed, yaml, tqdm, PIL' 2>/dev/null; then
+# What jobs and the check import beyond the bare machine (the "train" and "check" rows of scripts/gpu-wheels.txt).
+TRAIN_MODULES="$(grep -v '^#' scripts/gpu-wheels.txt | awk '$3 != "encoders" {print $2}' | paste -sd, -)"
+if ! "$PY" -c "import $TRAIN_MODULES" 2>/dev/null; then
   if [ -d .whl ]; then
     SITE="$(mktemp -d)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
     export PYTHONPATH="$SITE:${PYTHONPATH:-}"
   else
-    "$PY" -m pip install -q deepspeed pyyaml tqdm pillow
+    "$PY" -m pip install -q $(grep -v '^#' scripts/gpu-wheels.txt | awk '$3 != "encoders" {print $1}')
   fi
+  "$PY" -c "import $TRAIN_MODULES" || { echo "[gpu-check] missing after the install (see scripts/gpu-wheels.txt)"; exit 2; }
 fi
 export PYTHONPATH="$ROOT:${PYTHONPATH:-}"
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print("[gpu-check]", torch.cuda.get_device_name(), "torch", torch.__version__)' || exit 2

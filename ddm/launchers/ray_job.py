@@ -40,19 +40,20 @@ def run_name(cfg: JobConfig) -> str:
 
 def _worker(config: dict) -> None:
     """Runs in every Ray Train worker: the plain training function on the job's dataclass."""
+    import ray
     import ray.train
-    import ray.train.torch
-    import torch
 
+    from ddm.parallel import rank_device
     from ddm.train.trainer import train
 
     cfg: JobConfig = config["cfg"]
-    os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())  # DeepSpeed reads it
+    os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())  # DeepSpeed reads it (CPU)
     os.environ["DDM_RAY_CPUS"] = str(cfg.ray.cpus_per_worker)  # train() takes as many threads (threads_for)
     os.environ.update(config["env"])
     setup_logging()
-    # Ray assigns each worker its GPU (workers with fractional GPUs share one): ask it, not the rank.
-    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    # The GPU Ray assigned this worker, found in the node's visible list; LOCAL_RANK then names it
+    # for DeepSpeed too (Ray's local rank is another number where workers have 0 or 2+ GPUs).
+    device = rank_device(cfg.ray.use_gpu, ray.get_gpu_ids() if cfg.ray.use_gpu else None)
     train(cfg, report=_reporter(), device=device, lease=config["lease"])
 
 

@@ -6,7 +6,8 @@ window, so ``tensorboard --logdir <store URL>/<job folder>/tensorboard`` (Tensor
 with ``S3_ENDPOINT`` for an S3-compatible server, and other fsspec URLs) shows step, loss and
 steps/s while the job runs. A resumed run starts its file with TensorBoard's session-start
 marker just past the resumed step: TensorBoard then drops what an earlier attempt logged after the
-commit it resumed from, as ``metrics.jsonl`` does.
+commit it resumed from, as ``metrics.jsonl`` does. Without tensorboardX installed (a bare GPU
+machine), the job trains without event files and says so once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ from ddm.lease import LeaseLost
 from ddm.store import Store
 
 log = logging.getLogger("ddm.train")
+
+
+def open_board(run: Store, resumed_step: int | None) -> "Board | None":
+    """The run's event file, or None (one warning) where tensorboardX cannot be imported."""
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError as e:
+        log.warning(
+            "no TensorBoard event files for this job: tensorboardX cannot be imported (%s); pip install tensorboardX "
+            "protobuf to have them. metrics.jsonl and progress.json are written as always",
+            e,
+        )
+        return None
+    return Board(run, resumed_step)
 
 
 class Board:

@@ -39,10 +39,10 @@ from ddm.flow import FlowMatching
 from ddm.job import JobConfig
 from ddm.lease import Token, fenced, holding
 from ddm.models.build import build_model, build_router
-from ddm.parallel import ParallelState, ensure_process_group
+from ddm.parallel import ParallelState, check_one_rank_per_device, ensure_process_group, rank_device, use_accelerator
 from ddm.reshard import load_portable, save_portable
 from ddm.store import Store
-from ddm.train.board import Board
+from ddm.train.board import open_board
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile, whole_params
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
@@ -111,11 +111,12 @@ def train(
     """
     # --- setup --------------------------------------------------------------------------------
     torch.set_num_threads(threads_for(cfg))
-    if device is None:
-        on_cuda = torch.cuda.is_available()
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_cuda else torch.device("cpu")
+    if device is None:  # chosen before LOCAL_RANK is defaulted, and told to DeepSpeed (rank_device)
+        device = rank_device(torch.cuda.is_available())
+    use_accelerator(device)
     on_gpu = device.type == "cuda"
     owns_group = ensure_process_group("nccl" if on_gpu else "gloo")
+    check_one_rank_per_device(device)
     ps = ParallelState.current(cfg.model.moe.ep_size if cfg.model.moe.enabled else 1)
     if ps.world_size != cfg.ray.num_workers:
         raise ValueError(f"ray.num_workers={cfg.ray.num_workers} but the job has {ps.world_size} ranks")
@@ -206,7 +207,7 @@ def train(
             startup,
         )
 
-    board = Board(run, step if restored else None) if ps.is_main else None
+    board = open_board(run, step if restored else None) if ps.is_main else None
 
     # --- loop ---------------------------------------------------------------------------------
     engine.train()
@@ -244,7 +245,8 @@ def train(
                     "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
                 )
                 run.write_json(layout.PROGRESS, {**record, "steps": cfg.steps})  # cheap, for progress bars and status
-                board.log(record)
+                if board is not None:
+                    board.log(record)
 
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
             state = RankState(

@@ -1,0 +1,72 @@
+"""One device per rank, chosen once and told to DeepSpeed (``ddm.parallel.rank_device``), and the
+GPU settings that cannot work refused before a job starts. CUDA itself is not needed: the choice is
+made from the launcher's environment and Ray's assignment, which these tests give."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ddm.job import RayConfig
+from ddm.parallel import cuda_index, rank_device, use_accelerator
+
+# What Ray Train shows every worker on a 12-GPU node: the job's GPUs, ordered as strings.
+TWELVE = {"CUDA_VISIBLE_DEVICES": "0,1,10,11,2,3,4,5,6,7,8,9"}
+
+
+def test_a_ray_worker_uses_the_gpu_ray_assigned_not_its_local_rank():
+    # Ray gave this worker GPU 2 (local rank 2): it is the 5th visible device, cuda:4, not cuda:2.
+    assert cuda_index({**TWELVE, "LOCAL_RANK": "2"}, [2], 12) == 4
+    assert cuda_index({**TWELVE, "LOCAL_RANK": "11"}, ["11"], 12) == 3
+    assert cuda_index({"CUDA_VISIBLE_DEVICES": "3,5"}, [5], 2) == 1
+    assert cuda_index({}, [1], 2) == 1  # every device visible: the id is the index
+    # Two GPUs given to one worker: one of them, the same for DeepSpeed and the batches.
+    assert cuda_index(TWELVE, ["10", "3"], 12) == 2
+    with pytest.raises(ValueError, match="Ray assigned GPU 7 but CUDA_VISIBLE_DEVICES=0,1"):
+        cuda_index({"CUDA_VISIBLE_DEVICES": "0,1"}, [7], 2)
+
+
+def test_without_ray_the_launchers_local_rank_or_a_clear_error():
+    assert cuda_index({"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16"}, None, 8) == 1
+    assert cuda_index({"RANK": "9", "SLURM_LOCALID": "1", "WORLD_SIZE": "16"}, None, 8) == 1
+    assert cuda_index({"RANK": "3", "WORLD_SIZE": "4"}, None, 8) == 3  # one node: the rank is the local rank
+    assert cuda_index({}, None, 1) == 0
+    # Rank 9 of 16 on 8-GPU nodes without LOCAL_RANK: no guess (cuda:9 does not exist; 9 % 8 may be taken).
+    with pytest.raises(ValueError, match="set LOCAL_RANK"):
+        cuda_index({"RANK": "9", "WORLD_SIZE": "16"}, None, 8)
+    with pytest.raises(ValueError, match="cuda:3 but the process sees 2 CUDA devices"):
+        cuda_index({"LOCAL_RANK": "3"}, None, 2)
+
+
+def test_the_chosen_gpu_is_what_deepspeed_reads(monkeypatch):
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    for k, v in {**TWELVE, "LOCAL_RANK": "2"}.items():
+        monkeypatch.setenv(k, v)
+    device = rank_device(True, [2])
+    assert device == torch.device("cuda", 4) and set_to == [4]
+    assert os.environ["LOCAL_RANK"] == "4"  # DeepSpeed's set_device(LOCAL_RANK) and ZeRO-3 gathers: cuda:4 too
+    assert rank_device(False) == torch.device("cpu")
+
+
+def test_gpu_shares_that_cannot_work_are_refused():
+    RayConfig(use_gpu=True, gpus_per_worker=0.5, num_workers=1)  # one worker sharing a GPU with other jobs
+    RayConfig(use_gpu=True, gpus_per_worker=1, num_workers=8)
+    with pytest.raises(ValueError, match="NCCL refuses.*gpus_per_worker=1"):
+        RayConfig(use_gpu=True, gpus_per_worker=0.5, num_workers=2)
+    with pytest.raises(ValueError, match="uses one GPU; for more GPUs raise num_workers"):
+        RayConfig(use_gpu=True, gpus_per_worker=2, num_workers=2)
+
+
+def test_deepspeeds_accelerator_follows_the_jobs_device(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # as the GPU image once set for every process
+    use_accelerator(torch.device("cpu"))
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    from ddm.parallel import load_deepspeed
+
+    assert load_deepspeed().accelerator.get_accelerator()._name == "cpu"
+    with pytest.raises(ValueError, match="accelerator in this process is 'cpu' but the job runs on cuda:0"):
+        use_accelerator(torch.device("cuda", 0))  # DeepSpeed chose once: a GPU job needs a process of its own
