@@ -215,7 +215,7 @@ def train(
     # Losses add up on the device (float64, as exact as Python floats); read once per log window,
     # since reading a GPU value every step would make the host wait for the device.
     window_loss, window_n, last_log = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
-    stall_s = 0.0  # how long training waited for checkpoint snapshots
+    stall_s, saves = 0.0, 0  # how long training waited for checkpoint snapshots, over how many
     snapshots = set(cfg.checkpoint.snapshot_steps(cfg.steps))
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
@@ -254,6 +254,7 @@ def train(
                 info={"step": step, "reader": reader.state_dict(), "ema_updates": ema.num_updates},
             )
             stall_s += ckpt.save(engine, step, state)
+            saves += 1
             if ps.is_main:
                 run.write_bytes(layout.METRICS, "".join(json.dumps(m) + "\n" for m in metrics).encode())
             # To Ray at checkpoints only, on every rank (Ray Train's report is a collective that
@@ -279,6 +280,7 @@ def train(
         "startup": startup,
         "loop_s": time.perf_counter() - t_loop,
         "checkpoint_stall_s": stall_s,
+        "checkpoints_saved": saves,  # by this run (a resumed run counts its own)
         "device": str(device),
         "bf16": uses_bf16(cfg, on_gpu),
         "compiled": uses_compile(cfg, on_gpu),
