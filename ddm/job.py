@@ -199,6 +199,11 @@ class JobConfig:
                 f"folder={self.folder!r}: only a monolith (job=expert, partition=-1) may name its folder, "
                 "monolith-<name> of letters, digits, '-' or '_' (e.g. monolith-small-batch)"
             )
+        if moe.enabled and self.engine.zero_stage == 3:
+            raise ValueError(
+                "model.moe with engine.zero_stage=3: DeepSpeed does not run its MoE layer under ZeRO-3 "
+                "(0.19: 'Native DeepSpeed MoE is not supported with ZeRO Stage 3'); use engine.zero_stage=1 or 2"
+            )
         if self.job in ("router", "distill") and moe.enabled:
             raise ValueError(f"{self.job} models are dense here: set model.moe.num_experts=0 for a {self.job} job")
 

@@ -70,3 +70,23 @@ def test_deepspeeds_accelerator_follows_the_jobs_device(monkeypatch):
     assert load_deepspeed().accelerator.get_accelerator()._name == "cpu"
     with pytest.raises(ValueError, match="accelerator in this process is 'cpu' but the job runs on cuda:0"):
         use_accelerator(torch.device("cuda", 0))  # DeepSpeed chose once: a GPU job needs a process of its own
+
+
+def test_moe_models_compile_only_when_asked():
+    from ddm.job import EngineConfig, JobConfig
+    from ddm.models.config import ModelConfig, MoEConfig
+    from ddm.train.engine import uses_compile
+
+    dense = JobConfig(store="/s")
+    moe = JobConfig(store="/s", model=ModelConfig(moe=MoEConfig(num_experts=4)))
+    assert uses_compile(dense, on_gpu=True) and not uses_compile(dense, on_gpu=False)
+    assert not uses_compile(moe, on_gpu=True)  # DeepSpeed's gating and aux_loss: never compiled by any test
+    assert uses_compile(JobConfig(store="/s", model=moe.model, engine=EngineConfig(compile=True)), on_gpu=True)
+
+
+def test_moe_under_zero3_is_refused_before_the_job_starts():
+    from ddm.job import EngineConfig, JobConfig
+    from ddm.models.config import ModelConfig, MoEConfig
+
+    with pytest.raises(ValueError, match="use engine.zero_stage=1 or 2"):
+        JobConfig(store="/s", model=ModelConfig(moe=MoEConfig(num_experts=4)), engine=EngineConfig(zero_stage=3))
