@@ -118,8 +118,9 @@ def _pieces(engine, p: torch.nn.Parameter, zero_stage: int, ps: ParallelState):
     return [(0, {k: v.flatten() for k, v in values.items()})]
 
 
-def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_experts: int) -> None:
-    """Write this rank's pieces of the training state to the local file ``path``."""
+def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_experts: int, ema=None) -> None:
+    """Write this rank's pieces of the training state to the local file ``path``; with ``ema`` (a
+    sharded EMA, ZeRO-3) its shards too, as pieces of key ``ema`` at the same offsets."""
     load_deepspeed()
     _link_optimizer_states(engine, zero_stage)
     names = _global_names(engine.module, ps, num_experts)
@@ -128,6 +129,10 @@ def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_exp
         g = names[name]
         shapes[g] = list(p.ds_shape if zero_stage == 3 else p.shape)
         for start, values in _pieces(engine, p, zero_stage, ps):
+            if ema is not None:
+                ema_start, n, _ = ema.spans[name]
+                assert ema_start == start, f"{name}: the EMA's shard starts at {ema_start}, ZeRO's at {start}"
+                values = {**values, "ema": ema.shadow[name][:n]}
             for key, v in values.items():
                 tensors[f"{g}|{key}|{start}"] = v.detach().float().cpu().contiguous()
     meta = {"shapes": json.dumps(shapes), "step": repr(_optimizer_step(engine)), "world_size": str(ps.world_size)}
@@ -152,7 +157,7 @@ def _assemble(paths: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], flo
     out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for g, shape in shapes.items():
         numel = int(torch.Size(shape).numel())
-        for key in KEYS:
+        for key in (*KEYS, "ema") if (g, "ema") in pieces else KEYS:
             flat, covered = torch.zeros(numel), 0
             for start, t in sorted(pieces.get((g, key), []), key=lambda x: x[0]):
                 if start != covered:
@@ -166,10 +171,11 @@ def _assemble(paths: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], flo
 
 
 @torch.no_grad()
-def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, num_experts: int) -> float:
+def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, num_experts: int, ema=None) -> float:
     """Set weights, fp32 masters, moments and step from the portable pieces in ``paths`` (local
-    files of every rank that wrote the checkpoint). The engine must have taken one step (any
-    learning rate 0 step) so that its optimizer state exists. Returns the optimizer step."""
+    files of every rank that wrote the checkpoint), and a sharded ``ema``'s shards where the
+    pieces hold them. The engine must have taken one step (any learning rate 0 step) so that its
+    optimizer state exists. Returns the optimizer step."""
     deepspeed = load_deepspeed()
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -181,8 +187,12 @@ def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, 
     if missing:
         raise ValueError(f"the checkpoint has no state for {len(missing)} parameters, e.g. {missing[:3]}")
     device = next(iter(params.values())).device
+    if ema is not None and all("ema" in state[g] for g in names.values()):
+        for name, g in names.items():
+            ema.load_whole(name, state[g]["ema"])
+        ema.from_portable = True
     for name, p in params.items():
-        whole = {k: v.to(device) for k, v in state[names[name]].items()}
+        whole = {k: v.to(device) for k, v in state[names[name]].items() if k != "ema"}
         if zero_stage in (1, 2, 3):
             safe_set_full_fp32_param(p, whole["fp32"])
             for key in KEYS[1:]:

@@ -182,15 +182,22 @@ def test_an_unreadable_export_counts_as_unfinished_and_is_written_again(two_comm
     assert s["startup"]["resumed_from"] == 8 and is_finished(cfg)  # nothing retrained, the export rewritten
 
 
-def test_zero3_trains_and_resumes(prepared, tmp_path):
-    straight, resumed = fresh(prepared, tmp_path, "a"), fresh(prepared, tmp_path, "b")
-    summary(run_cli(straight, "steps=4", "checkpoint.every=2", "engine.zero_stage=3"))
-    summary(run_cli(resumed, "steps=2", "checkpoint.every=2", "engine.zero_stage=3"))
-    assert (
-        summary(run_cli(resumed, "steps=4", "checkpoint.every=2", "engine.zero_stage=3"))["startup"]["resumed_from"]
-        == 2
-    )
+def test_zero3_shards_the_ema_trains_and_resumes(prepared, tmp_path):
+    """ZeRO-3 on 2 ranks: each rank averages only its half of every parameter (from its own shards,
+    no gather in the step); the export, gathered to rank 0, equals a ZeRO-2 run's, whose EMA is
+    whole on every rank (to float error: the stages reduce in other orders); a run stopped at
+    step 2 resumes to the uninterrupted run's weights exactly."""
+    z3 = ("engine.zero_stage=3", "checkpoint.every=2")
+    straight, resumed, zero2 = (fresh(prepared, tmp_path, name) for name in ("a", "b", "c"))
+    sharded = on_ranks("ddm.train", straight, 2, "steps=4", *z3)
+    on_ranks("ddm.train", resumed, 2, "steps=2", *z3)
+    assert on_ranks("ddm.train", resumed, 2, "steps=4", *z3)["startup"]["resumed_from"] == 2
     assert_same_weights(exported(straight), exported(resumed))
+    whole = on_ranks("ddm.train", zero2, 2, "steps=4", "engine.zero_stage=2", "checkpoint.every=2")
+    a, b = exported(straight), exported(zero2)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # Rank 0 holds ceil(n / 2) elements of each parameter of n: half the model, plus padding.
+    assert whole["ema_elements"] / 2 <= sharded["ema_elements"] <= whole["ema_elements"] / 2 + len(a)
 
 
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):

@@ -44,7 +44,7 @@ from ddm.reshard import load_portable, save_portable
 from ddm.store import Store
 from ddm.train.board import open_board
 from ddm.train.ema import EMA
-from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile, whole_params
+from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
 
 log = logging.getLogger("ddm.train")
@@ -135,8 +135,7 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, objective, export_extra = build_job(cfg, store, device)
     engine = build_engine(model, cfg, on_gpu)
-    with whole_params(engine, cfg.engine.zero_stage):
-        ema = EMA(engine.module, cfg.ema_decay)
+    ema = EMA(engine.module, cfg.ema_decay)  # under ZeRO-3: this rank's shards (ddm.train.ema)
     t_engine = time.perf_counter()
 
     # --- data ---------------------------------------------------------------------------------
@@ -156,7 +155,7 @@ def train(
 
     def reshard(paths: list[str]) -> None:  # a commit of another worker count (ddm.reshard)
         _zero_lr_step(engine, objective, reader, gen, cfg, device)
-        load_portable(engine, paths, zero, ps, num_experts)
+        load_portable(engine, paths, zero, ps, num_experts, ema=ema if ema.sharded else None)
 
     ckpt = CheckpointManager(
         run,
@@ -164,7 +163,7 @@ def train(
         ps.world_size,
         cfg.checkpoint.keep,
         min_format=min_format,
-        portable=lambda path: save_portable(engine, path, zero, ps, num_experts),
+        portable=lambda path: save_portable(engine, path, zero, ps, num_experts, ema=ema if ema.sharded else None),
         reshard=reshard,
         ep_size=ps.ep_size,
     )
@@ -174,9 +173,12 @@ def train(
         step, state = restored
         shadow = {k[4:]: v for k, v in state.tensors.items() if k.startswith("ema.")}
         upgrade = getattr(engine.module, "upgrade_state_dict", None)  # names of older checkpoints
-        ema.load_state_dict(
-            {"shadow": upgrade(shadow) if upgrade else shadow, "num_updates": state.info["ema_updates"]}
-        )
+        if ema.from_portable:  # a ZeRO-3 reshard: the shards came whole with the portable state
+            ema.num_updates = int(state.info["ema_updates"])
+        else:
+            ema.load_state_dict(
+                {"shadow": upgrade(shadow) if upgrade else shadow, "num_updates": state.info["ema_updates"]}
+            )
         if state.resharded_from is None:
             reader.load_state_dict(state.info["reader"])
             _restore_rng(gen, state, device, noise_seed + step)
@@ -228,8 +230,7 @@ def train(
         if os.environ.get("DDM_FAULT", "").startswith("step:"):
             ckpt.wait()  # fault tests crash at a step only after the previous checkpoint is uploaded
         _fault_hook("step", step, ps.rank)
-        with whole_params(engine, cfg.engine.zero_stage):
-            ema.update(engine.module)
+        ema.update(engine.module)  # no collective: under ZeRO-3 each rank averages its own shards
         window_loss += loss.detach().double()
         window_n += 1
 
@@ -286,6 +287,7 @@ def train(
         "compiled": uses_compile(cfg, on_gpu),
         "world_size": ps.world_size,
         "threads": torch.get_num_threads(),
+        "ema_elements": ema.elements(),  # rank 0's: the whole model, or its ZeRO-3 shards
         **replica_check(engine.module, cfg.engine.zero_stage),
         "ended_at": time.time(),  # wall clock, as started_at: a launcher's share after the last step
     }
