@@ -90,3 +90,39 @@ def test_moe_under_zero3_is_refused_before_the_job_starts():
 
     with pytest.raises(ValueError, match="use engine.zero_stage=1 or 2"):
         JobConfig(store="/s", model=ModelConfig(moe=MoEConfig(num_experts=4)), engine=EngineConfig(zero_stage=3))
+
+
+def test_rank0_uploads_run_in_the_background_newest_first_and_flush():
+    import threading
+
+    from ddm.lease import LeaseLost
+    from ddm.train.uploads import Uploads
+
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow(tag):
+        def upload():
+            started.set()
+            release.wait(10)
+            done.append(tag)
+
+        return upload
+
+    uploads = Uploads()
+    uploads.submit("progress.json", slow("step 2"))  # the store is slow: the step goes on at once
+    assert started.wait(10)
+    for step in (4, 6, 8):  # while it uploads, newer windows replace each other: one waits, not three
+        uploads.submit("progress.json", slow(f"step {step}"))
+    assert done == []
+    release.set()
+    uploads.flush()  # at a checkpoint: every view as new as the last window
+    assert done == ["step 2", "step 8"]
+
+    def lost():
+        raise LeaseLost("another writer holds the job folder")
+
+    uploads.submit("progress.json", lost)
+    with pytest.raises(LeaseLost, match="another writer"):  # raised in the training thread, not lost
+        uploads.flush()
+    uploads.submit("events", lambda: 1 / 0)  # any other failure only warns: the next window retries
+    uploads.close()

@@ -17,10 +17,10 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 
 from ddm.layout import TENSORBOARD
-from ddm.lease import LeaseLost
 from ddm.store import Store
 
 log = logging.getLogger("ddm.train")
@@ -41,14 +41,14 @@ def open_board(run: Store, resumed_step: int | None) -> "Board | None":
 
 
 class Board:
-    """The event file of this run of a job (rank 0 only), written synchronously: each upload holds
-    every window logged so far."""
+    """The event file of this run of a job (rank 0 only): each upload holds every window logged so far."""
 
     def __init__(self, run: Store, resumed_step: int | None):
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         from tensorboardX.record_writer import RecordWriter
 
         self.run = run
+        self._lock = threading.Lock()
         self._dir = tempfile.mkdtemp(prefix="ddm-tb-")
         self.name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self._writer = RecordWriter(os.path.join(self._dir, self.name))
@@ -62,23 +62,25 @@ class Board:
         self._writer.write(event.SerializeToString())
 
     def log(self, record: dict) -> None:
-        """Add a log window's scalars and upload the event file (a failed upload only warns: the
-        next window uploads the whole file again)."""
+        """Add a log window's scalars to the local event file (``upload`` sends it to the store)."""
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.proto.summary_pb2 import Summary
 
         wall = float(record.get("time") or time.time())
-        for key in ("loss", "steps_per_s"):
-            if record.get(key) is not None:
-                value = Summary.Value(tag=f"train/{key}", simple_value=float(record[key]))
-                self._write(Event(wall_time=wall, step=int(record["step"]), summary=Summary(value=[value])))
-        self._writer.flush()
-        try:
-            self.run.put_file(os.path.join(self._dir, self.name), f"{TENSORBOARD}/{self.name}")
-        except LeaseLost:
-            raise
-        except Exception as e:  # noqa: BLE001 - the event file is a view; training goes on
-            log.warning("could not upload the TensorBoard events (%s: %s); retried next window", type(e).__name__, e)
+        with self._lock:
+            for key in ("loss", "steps_per_s"):
+                if record.get(key) is not None:
+                    value = Summary.Value(tag=f"train/{key}", simple_value=float(record[key]))
+                    self._write(Event(wall_time=wall, step=int(record["step"]), summary=Summary(value=[value])))
+            self._writer.flush()
+
+    def upload(self) -> None:
+        """The event file as it is now (every window logged so far) to the store; in the
+        background (``ddm.train.uploads``), so it reads a consistent copy."""
+        with self._lock:
+            with open(os.path.join(self._dir, self.name), "rb") as f:
+                data = f.read()
+        self.run.write_bytes(f"{TENSORBOARD}/{self.name}", data)
 
     def close(self) -> None:
         self._writer.close()

@@ -46,6 +46,7 @@ from ddm.train.board import open_board
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
+from ddm.train.uploads import Uploads
 
 log = logging.getLogger("ddm.train")
 
@@ -210,6 +211,7 @@ def train(
         )
 
     board = open_board(run, step if restored else None) if ps.is_main else None
+    uploads = Uploads() if ps.is_main else None  # progress and TensorBoard, off the step's path
 
     # --- loop ---------------------------------------------------------------------------------
     engine.train()
@@ -245,9 +247,11 @@ def train(
                 log.info(
                     "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
                 )
-                run.write_json(layout.PROGRESS, {**record, "steps": cfg.steps})  # cheap, for progress bars and status
+                progress = {**record, "steps": cfg.steps}  # for progress bars and status
+                uploads.submit("progress.json", lambda p=progress: run.write_json(layout.PROGRESS, p))
                 if board is not None:
                     board.log(record)
+                    uploads.submit("the TensorBoard events", board.upload)
 
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
             state = RankState(
@@ -257,6 +261,7 @@ def train(
             stall_s += ckpt.save(engine, step, state)
             saves += 1
             if ps.is_main:
+                uploads.flush()  # the views are as new as the checkpoint
                 run.write_bytes(layout.METRICS, "".join(json.dumps(m) + "\n" for m in metrics).encode())
             # To Ray at checkpoints only, on every rank (Ray Train's report is a collective that
             # costs about 2 s in Ray 2.60); live progress is in progress.json and TensorBoard.
@@ -270,6 +275,8 @@ def train(
             write_export(snapshot, ema.weights(engine.module), cfg, ps, step, export_extra)
 
     ckpt.close()  # the last upload must be committed before the job reports success
+    if uploads is not None:
+        uploads.close()
     if board is not None:
         board.close()
     if report is not None and metrics:  # the final commit, with the last window's figures
