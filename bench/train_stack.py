@@ -6,7 +6,8 @@
 2. steps/s with background checkpointing every few steps (5 and 20 by default) against no
    checkpoints (same stack, without Ray, to isolate the checkpoint cost); target >= 0.95.
 3. time from job start to the first step, broken down: Ray start, worker-group start, DeepSpeed
-   init, data, restore.
+   init, data, restore;
+4. the share of the training loop the steps waited for data (batches read ahead; target < 1%).
 
     .venv/bin/python bench/train_stack.py [--steps 120] [--arch DiT-S/4] [--batch 32]
 
@@ -108,6 +109,8 @@ def main() -> None:
     ray.shutdown()
     figures["stack_steps_per_s"] = stack_rate(os.path.join(ray_store, "experts/00"), args.warmup)
     figures["stack_over_bare"] = figures["stack_steps_per_s"] / figures["bare_steps_per_s"]
+    # The steps' wait for data: batches are read ahead (ddm.train.prefetch); target under 1%.
+    figures["data_wait_share_of_loop"] = s["data_wait_s"] / s["loop_s"]
     st = s["startup"]
     figures["startup_s"] = {
         "ray_init": t_ray,
@@ -129,7 +132,7 @@ def main() -> None:
     for n in args.checkpoint_every:
         figures[f"checkpoint_every_{n}_over_none"] = rates[f"checkpoint_every_{n}"] / rates["no_checkpoints"]
     figures["checkpointing_over_none"] = figures[f"checkpoint_every_{args.checkpoint_every[0]}_over_none"]
-    figures["targets"] = {"stack_over_bare": 0.90, "checkpointing_over_none": 0.95}
+    figures["targets"] = {"stack_over_bare": 0.90, "checkpointing_over_none": 0.95, "data_wait_share_of_loop": 0.01}
     shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"bare {figures['bare_steps_per_s']:.2f} steps/s, stack {figures['stack_steps_per_s']:.2f} steps/s "

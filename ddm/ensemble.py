@@ -88,6 +88,11 @@ def routing_weights(
     return torch.nn.functional.one_hot(choice, k).float()
 
 
+def _rows_of(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t[rows]``, keeping a shared time shared (stride 0: ``TimestepEmbedder`` embeds it once)."""
+    return t[:1].expand(len(rows)) if t.dim() == 1 and t.stride(0) == 0 else t[rows]
+
+
 @dataclass
 class ForwardStats:
     """Counts of network evaluations, in samples (a batch of N counts N).
@@ -173,38 +178,56 @@ class Ensemble:
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """sum_k w_k(x, t, y) v_k(x, t, y), evaluating expert k only where w_k > 0."""
-        w = self.weights(x, t, y, partition, generator)  # (N, K)
-        hard = self.rule.name in ("top1", "sample", "oracle")  # one-hot weights: no multiply needed
+        """sum_k w_k(x, t, y) v_k(x, t, y), evaluating expert k only where w_k > 0.
+
+        The oracle rule with ``partition`` on the host (distillation's teacher: the data reader's
+        partitions) finds each expert's rows there, so a step on a GPU never waits for the device;
+        the other rules read which experts the router chose (one sync per call)."""
         n = x.shape[0]
         cost = 1 if (y is None or guidance_scale == 1.0) else 2
         out = torch.zeros_like(x)
+        if self.rule.name == "oracle" and partition is not None and partition.device.type == "cpu":
+            if len(partition) and (partition.min() < 0 or partition.max() >= self.num_experts):
+                routing_weights(None, self.rule, partition, num_experts=self.num_experts)  # raises its clear error
+            for k in range(self.num_experts):
+                rows = torch.nonzero(partition == k).squeeze(1)  # on the host: no device read
+                if rows.numel():
+                    self._add(out, k, rows.to(x.device, non_blocking=True), rows.numel(), None, x, t, y, guidance_scale)
+                    self.stats.expert_evals[k] += cost * rows.numel()
+            self.stats.velocity_evals += n
+            return out
+        w = self.weights(x, t, y, partition, generator)  # (N, K)
+        hard = self.rule.name in ("top1", "sample", "oracle")  # one-hot weights: no multiply needed
         routed = (w > 0).T  # (K, N)
         counts = routed.sum(dim=1).tolist()  # one sync for all experts
-        for k, expert in enumerate(self.experts):
+        for k in range(self.num_experts):
             if counts[k] == 0:
                 continue  # nobody routed here: no forward
             rows = torch.nonzero(routed[k]).squeeze(1)
-            self.stats.expert_evals[k] += cost * rows.numel()
-            wk = w[rows, k].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-            whole = rows.numel() == n  # the whole batch: skip gather/scatter
-            x_k, t_k = (x, t) if whole else (x[rows], t[rows])
-            y_k = None if y is None else (y if whole else y[rows])
-            v = guided(expert, y_k, guidance_scale)(x_k, t_k)
-            if v.shape != x_k.shape:
-                raise ValueError(
-                    f"expert {k} returned a velocity of shape {tuple(v.shape)} for inputs of shape {tuple(x_k.shape)}; "
-                    "all experts must model the data shape the ensemble samples"
-                )
-            v = v.to(out.dtype)  # under bf16 autocast the experts return bf16; the sum stays in x's dtype
-            if not hard:
-                v = wk * v
-            if whole:
-                out += v
-            else:
-                out.index_add_(0, rows, v)
+            self.stats.expert_evals[k] += cost * counts[k]
+            self._add(out, k, rows, counts[k], None if hard else w[rows, k], x, t, y, guidance_scale)
         self.stats.velocity_evals += n
         return out
+
+    def _add(self, out, k: int, rows, count: int, wk, x, t, y, guidance_scale: float) -> None:
+        """``out[rows] += wk * v_k(x[rows], t[rows], y[rows])`` (``wk`` None: weight one)."""
+        expert, n = self.experts[k], x.shape[0]
+        whole = count == n  # the whole batch: skip gather/scatter
+        x_k, t_k = (x, t) if whole else (x[rows], _rows_of(t, rows))
+        y_k = None if y is None else (y if whole else y[rows])
+        v = guided(expert, y_k, guidance_scale)(x_k, t_k)
+        if v.shape != x_k.shape:
+            raise ValueError(
+                f"expert {k} returned a velocity of shape {tuple(v.shape)} for inputs of shape {tuple(x_k.shape)}; "
+                "all experts must model the data shape the ensemble samples"
+            )
+        v = v.to(out.dtype)  # under bf16 autocast the experts return bf16; the sum stays in x's dtype
+        if wk is not None:
+            v = wk.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * v
+        if whole:
+            out += v
+        else:
+            out.index_add_(0, rows, v)
 
     def velocity_fn(
         self,

@@ -78,7 +78,7 @@ def router_accuracy(
     out = []
     with torch.no_grad():
         for t_val in ts:
-            t = torch.full((len(x),), float(t_val))
+            t = torch.full((1,), float(t_val)).expand(len(x))  # one shared time (TimestepEmbedder)
             x_t = flow.interpolate(x, torch.randn(x.shape, generator=g), t)
             pred = []
             for i in range(0, len(x), 500):
@@ -128,7 +128,7 @@ class Judge:
         ).next_batch()
         self.x_data, self.y_data, self.p_data = data["x"], data["y"], data["partition"]
         if cfg.metric == "fid":
-            self.embedder, self.feature_info = InceptionFeatures(), {"network": "inception-v3 (pytorch-fid)"}
+            self.embedder, self.feature_info = InceptionFeatures(device), {"network": "inception-v3 (pytorch-fid)"}
         else:
             has_labels = store.manifest(layout.DATA_DIR)["num_classes"] > 0
             targets, n_targets, target_name = (

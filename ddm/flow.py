@@ -166,12 +166,12 @@ class FlowMatching(FlowConfig):
         n = x.shape[0]
         for t_cur, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t_cur
-            v = velocity(x, torch.full((n,), t_cur, device=x.device, dtype=x.dtype))
+            v = velocity(x, torch.full((1,), t_cur, device=x.device, dtype=x.dtype).expand(n))
             if method == "euler":
                 x = x + dt * v
             else:
                 x_pred = x + dt * v
-                v_next = velocity(x_pred, torch.full((n,), t_next, device=x.device, dtype=x.dtype))
+                v_next = velocity(x_pred, torch.full((1,), t_next, device=x.device, dtype=x.dtype).expand(n))
                 x = x + 0.5 * dt * (v + v_next)
         return x
 
@@ -195,7 +195,8 @@ def guided(
     y_null = torch.full_like(y, null_label)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
+        tt = t[:1].expand(2 * len(t)) if t.dim() == 1 and t.stride(0) == 0 else torch.cat([t, t])  # keep "shared"
+        out = model(torch.cat([x, x]), tt, torch.cat([y, y_null]))
         v_cond, v_uncond = out.chunk(2)
         return v_uncond + scale * (v_cond - v_uncond)
 

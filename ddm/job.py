@@ -114,12 +114,17 @@ class EngineConfig:
     precision: bf16 runs the forward under bf16 autocast with fp32 weights, fp32 optimizer state and
         an fp32 EMA (DeepSpeed's ``torch_autocast``); losses are computed in fp32. auto: bf16 on GPU,
         fp32 on CPU (whose numbers then match a plain fp32 loop).
-    compile: torch.compile the model through the engine; None (the default): on GPU only.
+    compile: torch.compile the model through the engine; None (the default): on GPU only (and
+        not for MoE models).
+    reduce_dtype: the dtype ZeRO reduces gradients in (and ZeRO-3 gathers weights in) under bf16:
+        fp32 (default: exact sums, twice the traffic) or bf16 (DeepSpeed's torch_autocast default
+        for Linear and Conv weights: half the traffic, gradients rounded before they are summed).
     """
 
     zero_stage: int = 2
     precision: str = "auto"
     compile: bool | None = None
+    reduce_dtype: str = "fp32"
     deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed settings, merged last
 
     def __post_init__(self) -> None:
@@ -127,6 +132,8 @@ class EngineConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.reduce_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"reduce_dtype must be fp32 or bf16, got {self.reduce_dtype!r}")
 
 
 # ddm 0.1 kept every setting at the top level; its config.json files, islands plans and specs

@@ -180,7 +180,8 @@ def load_or_train_classifier(
 class InceptionFeatures:
     """Inception-v3 pool3 features from ``pytorch-fid`` (the pinned FID implementation)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)  # the evaluation's device: a GPU when it samples on one
         try:
             from pytorch_fid.inception import InceptionV3
         except ImportError as e:
@@ -189,7 +190,7 @@ class InceptionFeatures:
                 "works offline)"
             ) from e
         try:
-            self.model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+            self.model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(self.device)
         except Exception as e:  # urllib / socket errors when the weights cannot be downloaded
             raise ValueError(
                 "FID needs the Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth), which pytorch-fid "
@@ -201,8 +202,8 @@ class InceptionFeatures:
     def embed(self, x: torch.Tensor, batch_size: int = 100) -> np.ndarray:
         out = []
         for i in range(0, len(x), batch_size):
-            xb = (x[i : i + batch_size].float().clamp(-1, 1) + 1) / 2  # pytorch-fid wants [0, 1]
+            xb = (x[i : i + batch_size].to(self.device).float().clamp(-1, 1) + 1) / 2  # pytorch-fid wants [0, 1]
             if xb.shape[1] == 1:
                 xb = xb.repeat(1, 3, 1, 1)
             out.append(self.model(xb)[0].flatten(1))
-        return torch.cat(out).numpy()
+        return torch.cat(out).cpu().numpy()

@@ -220,3 +220,17 @@ def test_mismatched_data_shapes_name_the_expert():
     ens = Ensemble(experts, LinearRouter(2), Rule("full"))
     with pytest.raises(ValueError, match="expert 1 returned a velocity of shape"):
         ens.velocity(torch.randn(4, 3), torch.rand(4))
+
+
+def test_oracle_with_partitions_on_the_host_routes_there_and_equals_the_weighted_sum():
+    """Distillation's teacher: the reader's partitions on the host give every expert's rows
+    without computing (and reading back) routing weights on the device."""
+    experts = [LinearExpert(k) for k in range(3)]
+    ens = Ensemble(experts, None, Rule("oracle"))
+    x, t, part = torch.randn(30, 3), torch.rand(30), torch.randint(0, 3, (30,))
+    dense = sum((part == k).float()[:, None] * experts[k](x, t) for k in range(3))
+    ens.weights = lambda *a, **k: (_ for _ in ()).throw(AssertionError("routing weights were computed"))
+    torch.testing.assert_close(ens.velocity(x, t, partition=part), dense)
+    assert ens.stats.expert_evals == [int((part == k).sum()) for k in range(3)]
+    with pytest.raises(ValueError, match=r"oracle partitions must lie in \[0, 2\]"):
+        ens.velocity(x, t, partition=torch.full((30,), 3))

@@ -126,3 +126,46 @@ def test_rank0_uploads_run_in_the_background_newest_first_and_flush():
         uploads.flush()
     uploads.submit("events", lambda: 1 / 0)  # any other failure only warns: the next window retries
     uploads.close()
+
+
+def test_a_shared_time_is_known_by_its_layout_not_its_values():
+    """Samplers pass one time for the batch as an expanded tensor: embedded once, with no read of
+    the values (a host sync on a GPU). Equal times in an ordinary tensor (training) are not read."""
+    from ddm.models.layers import TimestepEmbedder
+
+    emb = TimestepEmbedder(16)
+    shared = torch.full((1,), 0.3).expand(8)
+    assert emb(shared).shape == (1, 16)
+    assert emb(torch.full((8,), 0.3)).shape == (8, 16)  # today's value check would have made this (1, 16)
+    torch.testing.assert_close(emb(shared).expand(8, 16), emb(torch.full((8,), 0.3)))
+
+
+class ListReader:
+    """A reader over batches in memory, with the position PartitionReader's checkpoints hold."""
+
+    def __init__(self, labels):
+        self.labels, self.batch_index = labels, 0
+
+    def next_batch(self):
+        y = torch.tensor(self.labels[self.batch_index % len(self.labels)])
+        self.batch_index += 1
+        return {"x": torch.full((len(y), 2), float(self.batch_index)), "y": y, "partition": y % 2}
+
+    def state_dict(self):
+        return {"batch_index": self.batch_index}
+
+
+def test_prefetched_batches_come_in_order_and_the_position_is_the_steps_not_the_readers():
+    from ddm.train.prefetch import Prefetcher
+
+    batches = Prefetcher(ListReader([[0, 1], [2, 3], [4, 5]]), torch.device("cpu"), num_classes=10, depth=2)
+    for i in range(1, 4):
+        b = batches.next()
+        assert float(b["x"][0, 0]) == i and b["partition_host"].device.type == "cpu"
+        assert batches.state_dict() == {"batch_index": i}  # the reader itself is up to 2 batches ahead
+    batches.close()
+
+    bad = Prefetcher(ListReader([[0, 12]]), torch.device("cpu"), num_classes=10)
+    with pytest.raises(ValueError, match=r"labels lie in \[0, 12\] but the model has num_classes=10"):
+        bad.next()  # checked on the host, raised in the training thread
+    bad.close()

@@ -50,6 +50,15 @@ def test_the_bf16_engine_runs_matmuls_in_bf16_over_fp32_weights():
     out = engine(x, t, y)
     assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
     assert {p.dtype for p in engine.module.parameters()} == {torch.float32}  # the weights stay fp32
+    # ZeRO reduces every gradient in fp32 (engine.reduce_dtype's default), bf16 only when asked.
+    assert set(engine.optimizer.ipg_buckets) == {torch.float32}
+    cfg = JobConfig(
+        model=CFG, global_batch_size=4, engine=EngineConfig(zero_stage=1, precision="bf16", reduce_dtype="bf16")
+    )
+    assert set(build_engine(build_model(CFG), cfg, on_gpu=False).optimizer.ipg_buckets) == {
+        torch.float32,
+        torch.bfloat16,
+    }
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -40,14 +40,15 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """(N,) -> (N, D); or (1, D) when all N times are equal, which broadcasts in every use.
+        """(N,) -> (N, D); or (1, D) when all N times are one shared time, which broadcasts in
+        every use.
 
-        Samplers call with one shared t for the whole batch; keeping a single row lets each
-        block's adaLN/FiLM projection run once instead of N times. The check reads the values, a
-        host sync and a graph break for torch.compile, so compiled models embed every row (the
-        projections cost < 1% of a DiT's FLOPs).
+        Samplers call with one shared t for the whole batch, made with ``expand`` (stride 0);
+        keeping a single row lets each block's adaLN/FiLM projection run once instead of N times.
+        The test reads the tensor's layout, never its values: no host sync in a step, no graph
+        break under torch.compile.
         """
-        if not torch.compiler.is_compiling() and t.numel() > 1 and bool((t == t[0]).all()):
+        if t.dim() == 1 and t.numel() > 1 and t.stride(0) == 0:
             return self._embed(t[:1])
         return self._embed(t)
 
@@ -86,8 +87,11 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # The range check reads the labels (a host sync): eager only, compiled graphs skip it.
-        if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() > self.num_classes):
+        # The range check reads the labels: on the host only (free there). On a GPU it would make
+        # every step wait for the device; training batches are checked on the host by the
+        # prefetcher (ddm.train.prefetch), sampling's labels by the commands that take them.
+        on_host = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+        if on_host and (labels.min() < 0 or labels.max() > self.num_classes):
             raise ValueError(
                 f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
                 f"got range [{int(labels.min())}, {int(labels.max())}]"

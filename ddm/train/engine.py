@@ -44,7 +44,10 @@ def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
-        "torch_autocast": {"enabled": uses_bf16(cfg, on_gpu), "dtype": "bfloat16"},
+        "torch_autocast": {"enabled": uses_bf16(cfg, on_gpu), "dtype": "bfloat16"}
+        # Which modules' gradients ZeRO reduces in bf16 (DeepSpeed's default: Linear and Conv); none
+        # unless engine.reduce_dtype=bf16.
+        | ({} if cfg.engine.reduce_dtype == "bf16" else {"lower_precision_safe_modules": []}),
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,  # ddm logs; DeepSpeed's own prints would interleave
         "wall_clock_breakdown": False,

@@ -62,5 +62,6 @@ class DistillLoss:
             drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)  # the null label
         with torch.no_grad():
-            v_teacher = self.teacher(x_t, t, y, batch["partition"])
+            # The partitions as the reader gave them, on the host: the teacher routes without a device read.
+            v_teacher = self.teacher(x_t, t, y, batch.get("partition_host", batch["partition"]))
         return (model(x_t, t, y).float() - v_teacher.float()).pow(2).mean()

@@ -46,6 +46,7 @@ from ddm.train.board import open_board
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
+from ddm.train.prefetch import Prefetcher
 from ddm.train.uploads import Uploads
 
 log = logging.getLogger("ddm.train")
@@ -210,6 +211,8 @@ def train(
             startup,
         )
 
+    # From here on batches come read ahead (the resume above may have drawn one for its lr-0 step).
+    batches = Prefetcher(reader, device, cfg.model.num_classes)
     board = open_board(run, step if restored else None) if ps.is_main else None
     uploads = Uploads() if ps.is_main else None  # progress and TensorBoard, off the step's path
 
@@ -223,7 +226,7 @@ def train(
     snapshots = set(cfg.checkpoint.snapshot_steps(cfg.steps))
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
-            loss = objective(engine, _next_batch(reader, cfg, device), gen)
+            loss = objective(engine, batches.next(), gen)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step += 1
@@ -256,7 +259,7 @@ def train(
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
             state = RankState(
                 tensors={**{f"ema.{k}": v for k, v in ema.shadow.items()}, **_rng_state(gen, device)},
-                info={"step": step, "reader": reader.state_dict(), "ema_updates": ema.num_updates},
+                info={"step": step, "reader": batches.state_dict(), "ema_updates": ema.num_updates},
             )
             stall_s += ckpt.save(engine, step, state)
             saves += 1
@@ -274,6 +277,7 @@ def train(
             snapshot = run.child(f"{layout.SNAPSHOTS}/{layout.step_dir(step)}")
             write_export(snapshot, ema.weights(engine.module), cfg, ps, step, export_extra)
 
+    batches.close()
     ckpt.close()  # the last upload must be committed before the job reports success
     if uploads is not None:
         uploads.close()
@@ -287,6 +291,7 @@ def train(
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "startup": startup,
         "loop_s": time.perf_counter() - t_loop,
+        "data_wait_s": batches.wait_s,  # how long the steps waited for the reader (prefetched)
         "checkpoint_stall_s": stall_s,
         "checkpoints_saved": saves,  # by this run (a resumed run counts its own)
         "device": str(device),
