@@ -24,7 +24,11 @@ behave by themselves (Ray Train's 2 s poll, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=
 ``DDM_STARTUP_TRIMS=0``: Ray Train's DatasetManager and DeepSpeed's Muon probe kept) and once with
 ddm's settings (0.5 s poll, both trimmed; see ``ddm.ray_runtime``), alternating, twice each.
 
-    .venv/bin/python bench/startup.py [--runtime-only]
+A fourth measure is ``ddm run``'s whole set of jobs (``--run``; a small digits run: 2 experts and the
+router, 60 steps each, 2 jobs at once on 2 cores): the train stage's wall time against the sum of
+the jobs' training loops (``loop_s``), and what each job spent before its loop and after it.
+
+    .venv/bin/python bench/startup.py [--runtime-only | --run]
 
 The last line printed is a JSON object with the figures.
 """
@@ -100,6 +104,39 @@ def ray_head(tmp: str, env: dict):
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=head_env)
 
 
+RUN = [
+    "partition.num_partitions=2", "monolith=false", "budget.small_batch_monolith=false", "budget.curve_points=0",
+    "expert.steps=60", "router.steps=60", "expert.log_every=20", "router.log_every=20",
+    "expert.checkpoint.every=60", "router.checkpoint.every=60", "sample.num_samples=16", "sample.steps=4",
+    "evaluate.num_samples=64", "evaluate.steps=4", "evaluate.rules=[top1]",
+]  # fmt: skip
+
+
+def measure_run(tmp: str, env: dict) -> dict:
+    """``ddm run`` of a small digits spec: its train stage against the jobs' own training time."""
+    from ddm import layout
+    from ddm.report import HISTORY
+    from ddm.store import Store
+
+    store = os.path.join(tmp, "run")
+    cmd = [sys.executable, "-m", "ddm.cli", "run", "launch/digits.yaml", f"store={store}", *RUN]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    if out.returncode:
+        raise SystemExit(f"ddm run failed:\n{out.stderr[-3000:]}")
+    root = Store(store)
+    stages = {s["stage"]: s["seconds"] for s in root.child(layout.REPORT_DIR).read_json(HISTORY)[-1]["stages"]}
+    jobs = [root.child(d).read_json(layout.SUMMARY) for d in ("experts/00", "experts/01", "router")]
+    loops = sum(j["loop_s"] for j in jobs)
+    return {
+        "jobs": len(jobs),
+        "train_stage_s": round(stages["train"], 2),
+        "sum_of_training_loops_s": round(loops, 2),
+        "train_stage_over_loops_at_2_at_once": round(stages["train"] / (loops / 2), 2),
+        "per_job_entry_to_first_step_s": [round(j["startup"]["first_step_s"], 2) for j in jobs],
+        "stages_s": {k: round(v, 1) for k, v in stages.items()},
+    }
+
+
 def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "RAY_ADDRESS")}
     env = {k: v for k, v in env.items() if not k.startswith("RAY_TRAIN_")}
@@ -113,6 +150,11 @@ def main() -> None:
         print(f"{name:>22}: {figures[name]}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="ddm-bench-start-") as tmp:
+        if "--run" in sys.argv:
+            figures["ddm_run"] = measure_run(tmp, env)
+            print(f"{'ddm_run':>22}: {figures['ddm_run']}", flush=True)
+            print(json.dumps(figures))
+            return
         data = prepare(os.path.join(tmp, "data"))
         for machine in () if "--runtime-only" in sys.argv else ("cold", "warm"):
             extra = {"TORCH_EXTENSIONS_DIR": os.path.join(tmp, "ext-empty")} if machine == "cold" else {}
