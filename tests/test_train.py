@@ -246,7 +246,12 @@ def test_deepspeed_config_from_train_config():
     )
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # raw settings merge, not replace
     assert ds["gradient_clipping"] == 1.0 and ds["torch_autocast"]["enabled"] is False
-    assert deepspeed_config(cfg, on_gpu=True)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # auto: GPU
+    # auto: bf16 on a GPU, with every gradient reduced in fp32 (engine.reduce_dtype) ...
+    fp32_sums = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert deepspeed_config(cfg, on_gpu=True)["torch_autocast"] == fp32_sums
+    # ... or Linear/Conv gradients in bf16, DeepSpeed's own default, when asked.
+    bf16_sums = load(JobConfig, None, ["store=/s", "engine.reduce_dtype=bf16"])
+    assert deepspeed_config(bf16_sums, on_gpu=True)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in ds  # never DeepSpeed's bf16 mode: it casts the weights
 
 

@@ -251,7 +251,7 @@ def train(
                     "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
                 )
                 progress = {**record, "steps": cfg.steps}  # for progress bars and status
-                uploads.submit("progress.json", lambda p=progress: run.write_json(layout.PROGRESS, p))
+                uploads.submit(layout.PROGRESS, lambda p=progress: run.write_json(layout.PROGRESS, p))
                 if board is not None:
                     board.log(record)
                     uploads.submit("the TensorBoard events", board.upload)
