@@ -326,8 +326,10 @@ def assemble_if_complete(islands: IslandsConfig, rule: str = "top1") -> dict | N
 
 
 def wait(islands: IslandsConfig, poll_s: float = 10.0, timeout_s: float | None = None) -> dict:
-    """Poll until every job is done (or none is active any more); returns the last status."""
-    t0 = time.time()
+    """Poll until every job is done (or none is active any more); returns the last status. The
+    polls start 1 s apart and back off to ``poll_s``: a short job is seen done within about a
+    second, a long one costs its islands' job servers one query per ``poll_s``."""
+    t0, every = time.time(), min(1.0, poll_s)
     while True:
         s = status(islands)
         active = [r for r in s["jobs"] if not r["done"] and r["state"] in ACTIVE]
@@ -335,4 +337,5 @@ def wait(islands: IslandsConfig, poll_s: float = 10.0, timeout_s: float | None =
             return s
         if timeout_s is not None and time.time() - t0 > timeout_s:
             return s
-        time.sleep(poll_s)
+        time.sleep(every)
+        every = min(poll_s, every * 1.5)
