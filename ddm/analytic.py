@@ -110,6 +110,11 @@ class GaussianMixture:
         e_eps = s / var * resid
         return da * e_x0 + ds * e_eps
 
+    def component_epsilon(self, x: torch.Tensor, t: torch.Tensor, k: int, flow: FlowMatching) -> torch.Tensor:
+        """E[eps | x_t = x, k], what an exact epsilon-prediction (DDPM) expert of component k gives."""
+        a, s, _, _ = self._coeffs(t, flow)
+        return s / (a**2 * self.stds[k] ** 2 + s**2) * (x - a * self.means[k])
+
     def marginal_velocity(self, x: torch.Tensor, t: torch.Tensor, flow: FlowMatching) -> torch.Tensor:
         """u_t(x) of the whole mixture from the score of p_t (autograd), not from the components."""
         a, s, da, ds = self._coeffs(t, flow)
@@ -123,7 +128,9 @@ class GaussianMixture:
 
     # --- as models, for the ensemble --------------------------------------------------------
     def expert(self, k: int, flow: FlowMatching):
-        """Exact expert k as a model(x, t, y)."""
+        """Exact expert k as a model(x, t, y): its velocity, or its noise for an epsilon flow."""
+        if flow.prediction == "epsilon":
+            return lambda x, t, y=None: self.component_epsilon(x.double(), t, k, flow).to(x.dtype)
         return lambda x, t, y=None: self.component_velocity(x.double(), t, k, flow).to(x.dtype)
 
     def router(self, flow: FlowMatching):

@@ -19,7 +19,8 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
 
     Checked: one committed, checksum-verified export per partition and one for the router, whose
     tensors are those its config builds; every expert was trained on its own partition, on the same
-    data shape, classes and flow path; the router predicts as many partitions as there are experts.
+    data shape and classes (its path and prediction may differ: DDPM and flow-matching experts mix);
+    the router predicts as many partitions as there are experts.
     An existing, different ensemble.json is kept (renamed with a timestamp) only with ``replace``;
     otherwise it is an error.
     """
@@ -48,16 +49,13 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
                 raise ValueError(
                     f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}"
                 )
-        if e["config"]["flow"]["path"] != first["flow"]["path"]:
-            raise ValueError(
-                f"{e['dir']} was trained on the {e['config']['flow']['path']!r} path but experts/00 on "
-                f"{first['flow']['path']!r}; velocities of different paths cannot be combined"
-            )
+
     if router_cfg["model"]["data_shape"] != first["model"]["data_shape"]:
         raise ValueError(
             f"the router sees data shape {router_cfg['model']['data_shape']} but the experts "
             f"{first['model']['data_shape']}"
         )
+    flow = ensemble_flow([e["config"]["flow"] for e in experts])
     description = {
         "kind": "ddm.ensemble",
         "format_version": 1,
@@ -65,8 +63,14 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
         "rule": str(parsed),
         "data_shape": first["model"]["data_shape"],
         "num_classes": first["model"]["num_classes"],
-        "flow": first["flow"],
-        "experts": [{key: e[key] for key in ("dir", "step", "sha256")} for e in experts],
+        "flow": flow,
+        # An expert of another path or prediction (DDPM, another flow) names its own: the ensemble
+        # converts its output to the ensemble's velocity at every step (ddm.flow.converted).
+        "experts": [
+            {key: e[key] for key in ("dir", "step", "sha256")}
+            | ({"flow": e["config"]["flow"]} if _kind(e["config"]["flow"]) != _kind(flow) else {})
+            for e in experts
+        ],
         "router": {"dir": layout.ROUTER_DIR, "step": router_cfg["step"], "sha256": weights_sha256(router_manifest)},
     }
     if store.exists(layout.ENSEMBLE_FILE):
@@ -83,6 +87,19 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
     return description
 
 
+def _kind(flow: dict) -> tuple[str, str]:
+    return flow["path"], flow.get("prediction", "velocity")
+
+
+def ensemble_flow(flows: list[dict]) -> dict:
+    """The flow an ensemble samples in: that of its first flow-matching (velocity) expert, or, when
+    every expert is a DDPM one, the linear path."""
+    for f in flows:
+        if f.get("prediction", "velocity") == "velocity":
+            return f
+    return {**flows[0], "path": "linear", "prediction": "velocity"}
+
+
 def load_ensemble(store: Store, rule: str | None = None, device="cpu", cache_dir: str | None = "default") -> Ensemble:
     """The ensemble described by ``ensemble.json``: router loaded now, experts on first use.
 
@@ -94,7 +111,7 @@ def load_ensemble(store: Store, rule: str | None = None, device="cpu", cache_dir
     desc = store.read_json(layout.ENSEMBLE_FILE)
     if cache_dir == "default":
         cache_dir = default_cache_dir(store)
-    experts = [LazyModel(store, e, device=device, cache_dir=cache_dir) for e in desc["experts"]]
+    experts = [LazyModel(store, e, device=device, cache_dir=cache_dir, flow=desc["flow"]) for e in desc["experts"]]
     router = LazyModel(store, desc["router"], device=device, cache_dir=cache_dir)
     router.load()
     ens = Ensemble(experts, router, Rule.parse(rule or desc["rule"]), description=desc)

@@ -198,7 +198,9 @@ def cached_weights(run: Store, sha256: str, cache_dir: str | None) -> bytes:
 class LazyModel:
     """The model of one export, loaded on first call (an ensemble loads only the experts it routes to).
 
-    ``entry`` is {"dir": run dir, "sha256": of model.safetensors}: the weights must be exactly those.
+    ``entry`` is {"dir": run dir, "sha256": of model.safetensors}: the weights must be exactly those;
+    with ``"flow"`` (an expert of another path or prediction than the ensemble's ``flow``) calls
+    return its output converted to the ensemble's velocity.
     """
 
     def __init__(
@@ -208,9 +210,12 @@ class LazyModel:
         build: Callable[[dict], torch.nn.Module] = build_from_export,
         device="cpu",
         cache_dir: str | None = None,
+        flow: dict | None = None,
     ):
         self.store, self.entry, self.build, self.device, self.cache_dir = store, entry, build, device, cache_dir
         self.module: torch.nn.Module | None = None
+        self.flow = flow  # the ensemble's: an entry with a flow of its own is converted to it
+        self._velocity = None
 
     @property
     def loaded(self) -> bool:
@@ -230,7 +235,15 @@ class LazyModel:
         return self.module
 
     def __call__(self, x, t, y=None):
-        return self.load()(x, t, y)
+        if self._velocity is None:
+            from ddm.flow import FlowMatching, converted
+
+            own = self.entry.get("flow")
+            module = self.load()
+            self._velocity = (
+                converted(module, FlowMatching(**own), FlowMatching(**self.flow)) if own and self.flow else module
+            )
+        return self._velocity(x, t, y)
 
     @property
     def null_label(self) -> int:

@@ -46,6 +46,10 @@ class LinearPath:
     def d_sigma(self, t):
         return torch.ones_like(t)
 
+    def time_at_snr(self, r):
+        """The t where alpha / sigma = r (r >= 0; inf at t = 0)."""
+        return 1 / (1 + r)
+
 
 class CosinePath:
     """Variance-preserving trigonometric path: x_t = cos(pi t / 2) x_0 + sin(pi t / 2) eps."""
@@ -62,8 +66,41 @@ class CosinePath:
     def d_sigma(self, t):
         return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
 
+    def time_at_snr(self, r):
+        return (2 / math.pi) * torch.atan2(torch.ones_like(r), r)
 
-PATH_CLASSES: dict[str, type] = {"linear": LinearPath, "cosine": CosinePath}
+
+class VPPath:
+    """DDPM's variance-preserving path in continuous time: the DiT paper's linear betas (1e-4 to
+    0.02 over 1000 steps) are beta(t) = 0.1 + 19.9 t, so alpha_bar(t) = exp(-B(t)) with
+    B(t) = 0.1 t + 9.95 t^2; alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar). At t = 1
+    alpha_bar = 4.3e-5 (DDPM's last step): the path never reaches pure noise."""
+
+    B0, B1 = 0.1, 20.0
+
+    def _b(self, t):
+        return self.B0 * t + 0.5 * (self.B1 - self.B0) * t**2
+
+    def alpha(self, t):
+        return torch.exp(-0.5 * self._b(t))
+
+    def sigma(self, t):
+        return torch.sqrt(-torch.expm1(-self._b(t)))
+
+    def d_alpha(self, t):
+        return -0.5 * (self.B0 + (self.B1 - self.B0) * t) * self.alpha(t)
+
+    def d_sigma(self, t):
+        return 0.5 * (self.B0 + (self.B1 - self.B0) * t) * torch.exp(-self._b(t)) / self.sigma(t)
+
+    def time_at_snr(self, r):
+        """The t where alpha / sigma = r; beyond t = 1 (r below DDPM's last step) it is 1."""
+        b = torch.log1p(r.pow(-2))  # -log alpha_bar, alpha_bar = r^2 / (1 + r^2)
+        k = self.B1 - self.B0
+        return ((torch.sqrt(self.B0**2 + 2 * k * b) - self.B0) / k).clamp(max=1.0)
+
+
+PATH_CLASSES: dict[str, type] = {"linear": LinearPath, "cosine": CosinePath, "vp": VPPath}
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +115,9 @@ class FlowMatching(FlowConfig):
 
     @classmethod
     def of(cls, cfg: FlowConfig) -> "FlowMatching":
-        return cfg if isinstance(cfg, cls) else cls(cfg.path, cfg.time_sampling, cfg.logit_mean, cfg.logit_std)
+        if isinstance(cfg, cls):
+            return cfg
+        return cls(cfg.path, cfg.time_sampling, cfg.logit_mean, cfg.logit_std, cfg.prediction)
 
     @property
     def _path(self) -> Path:
@@ -123,7 +162,8 @@ class FlowMatching(FlowConfig):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample velocity loss |v(x_t, t, y) - d/dt x_t|^2, averaged over data dimensions.
+        """Per-sample loss |f(x_t, t, y) - target|^2, averaged over data dimensions; the target is
+        the velocity d/dt x_t, or the noise eps for ``prediction="epsilon"`` (DDPM's loss).
 
         Returns {"loss": (N,)}, plus "moe_aux" (a scalar) when the model has MoE layers.
         """
@@ -132,7 +172,7 @@ class FlowMatching(FlowConfig):
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.interpolate(x0, noise, t)
-        target = self.target_velocity(x0, noise, t)
+        target = noise if self.prediction == "epsilon" else self.target_velocity(x0, noise, t)
         pred = model(x_t, t, y)
         if pred.shape != x0.shape:
             raise ValueError(f"model returned shape {tuple(pred.shape)} for data of shape {tuple(x0.shape)}")
@@ -174,6 +214,55 @@ class FlowMatching(FlowConfig):
                 v_next = velocity(x_pred, torch.full((1,), t_next, device=x.device, dtype=x.dtype).expand(n))
                 x = x + 0.5 * dt * (v + v_next)
         return x
+
+
+def converted(
+    model: Callable[..., torch.Tensor], own: FlowMatching, target: FlowMatching
+) -> Callable[..., torch.Tensor]:
+    """``model`` (trained on ``own``'s path to predict ``own.prediction``) as a velocity on
+    ``target``'s path: f(x, t, y) -> v_target(x, t, y), exact for exact predictors.
+
+    At the ensemble's (x_t, t) the expert is asked at its own time t' of equal signal-to-noise
+    ratio alpha / sigma, on the rescaled state c x_t (c = (alpha' + sigma') / (alpha + sigma), the
+    primed coefficients the expert's at t'): the same x_0 and eps, so its prediction gives the
+    posterior means E[x_0 | x_t] and E[eps | x_t], and v = alpha'(t) E[x_0] + sigma'(t) E[eps] on
+    the target path. A velocity expert's (x_0, eps) come from its own path's 2 x 2 system. Where
+    the target's SNR is beyond the expert's range (a DDPM expert never saw t = 1's pure noise),
+    t' stops at its end and eps is taken from x_t = alpha x_0 + sigma eps, so the velocity stays
+    consistent with the state. Same path and both velocity: ``model`` itself."""
+    if own.path == target.path and own.prediction == target.prediction:
+        return model
+    if target.prediction != "velocity":
+        raise ValueError("an ensemble samples with velocities: its flow must have prediction velocity")
+    po, pt = own._path, target._path
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        shared = t.dim() == 1 and t.numel() > 1 and t.stride(0) == 0  # keep one shared time shared
+        t64 = (t[:1] if shared else t).to(torch.float64)
+        a, s, da, ds = (c.to(torch.float64) for c in (pt.alpha(t64), pt.sigma(t64), pt.d_alpha(t64), pt.d_sigma(t64)))
+        t_own = po.time_at_snr(a / s).clamp(0.0, 1.0)  # s = 0 (t = 0): r = inf -> t' = 0
+        ak, sk, dak, dsk = po.alpha(t_own), po.sigma(t_own), po.d_alpha(t_own), po.d_sigma(t_own)
+        c = (ak + sk) / (a + s)
+        if shared:
+            a, s, da, ds, ak, sk, dak, dsk, c = (v.expand(len(t)) for v in (a, s, da, ds, ak, sk, dak, dsk, c))
+            t_in = t_own.to(t.dtype).expand(len(t))
+        else:
+            t_in = t_own.to(t.dtype)
+        x64 = x.to(torch.float64)
+        x_own = _bcast(c, x64) * x64
+        out = model(x_own.to(x.dtype), t_in, y).to(torch.float64)
+        if own.prediction == "epsilon":
+            eps = out
+            x0 = (x_own - _bcast(sk, x64) * eps) / _bcast(ak, x64)
+        else:
+            det = ak * dsk - sk * dak  # > 0 on every path here
+            x0 = (_bcast(dsk, x64) * x_own - _bcast(sk, x64) * out) / _bcast(det, x64)
+            eps = (_bcast(ak, x64) * out - _bcast(dak, x64) * x_own) / _bcast(det, x64)
+        on = (s > 0).reshape(-1, *([1] * (x.ndim - 1)))
+        eps = torch.where(on, (x64 - _bcast(a, x64) * x0) / _bcast(s.clamp(min=1e-300), x64), eps)
+        return (_bcast(da, x64) * x0 + _bcast(ds, x64) * eps).to(x.dtype)
+
+    return velocity
 
 
 def guided(

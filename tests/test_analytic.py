@@ -126,3 +126,41 @@ def test_topk_with_all_experts_is_exact_and_top2_between():
     torch.testing.assert_close(exact_ensemble(gm, flow, "top-3").velocity(x, t), u, rtol=0, atol=1e-10)
     err = {r: (exact_ensemble(gm, flow, r).velocity(x, t) - u).norm(dim=1).mean() for r in ("top1", "top2")}
     assert err["top2"] < err["top1"]
+
+
+# --- experts of other kinds: DDPM (epsilon on the VP path) and other flow-matching paths ---------
+
+DDPM = FlowMatching(path="vp", prediction="epsilon", time_sampling="uniform")
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_an_exact_ddpm_expert_converted_is_the_exact_velocity(path):
+    """An exact epsilon-predictor on DDPM's schedule, asked at the time of equal SNR on the
+    rescaled state, gives the component's exact flow-matching velocity on the ensemble's path."""
+    from ddm.flow import converted
+
+    mix, flow = GaussianMixture.ring(3, dim=2), FlowMatching(path=path)
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    for t_val in (0.02, 0.3, 0.5, 0.8, 0.99):  # inside DDPM's SNR range (it ends at alpha_bar = 4.3e-5)
+        t = torch.full((64,), t_val, dtype=torch.float64)
+        for k in range(3):
+            v = converted(mix.expert(k, DDPM), DDPM, flow)(x, t)
+            torch.testing.assert_close(v, mix.component_velocity(x, t, k, flow), rtol=1e-9, atol=1e-9)
+    # The noise-free end (Heun's last evaluation): x_0 = x and E[eps | x_0] = 0, so v = alpha'(0) x.
+    t0 = torch.zeros(64, dtype=torch.float64).expand(64)  # a shared time stays shared through it
+    torch.testing.assert_close(converted(mix.expert(0, DDPM), DDPM, flow)(x, t0), flow.coefficients(t0)[2][0] * x)
+
+
+def test_a_mixed_ensemble_full_rule_equals_the_mixtures_marginal_velocity():
+    """Two DDPM experts and two flow-matching experts on another path (cosine), combined in a
+    linear-path ensemble by the exact router's full rule: the marginal velocity of the mixture."""
+    from ddm.flow import converted
+
+    mix, flow, cosine = GaussianMixture.ring(4, dim=2), FlowMatching(path="linear"), FlowMatching(path="cosine")
+    kinds = [DDPM, cosine, DDPM, flow]
+    experts = [converted(mix.expert(k, own), own, flow) for k, own in enumerate(kinds)]
+    ens = Ensemble(experts, mix.router(flow), Rule("full"))
+    x = torch.randn(128, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    for t_val in (0.1, 0.5, 0.9):
+        t = torch.full((128,), t_val, dtype=torch.float64)
+        torch.testing.assert_close(ens.velocity(x, t), mix.marginal_velocity(x, t, flow), rtol=1e-9, atol=1e-9)

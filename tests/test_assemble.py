@@ -62,10 +62,18 @@ def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # 
     store = Store(store_path)
     with pytest.raises(ValueError, match="experts/01 has no committed export; train it first"):
         assemble(store)
-    summary(run_cli(store_path, "partition=1", "steps=2", "checkpoint.every=2", "flow.path=cosine"))
+    # Expert 1 is a DDPM expert (epsilon-prediction on the VP schedule), trained by the same loop:
+    # it mixes with the flow-matching expert 0, converted to the ensemble's velocity at each step.
+    ddpm = ("flow.path=vp", "flow.prediction=epsilon", "flow.time_sampling=uniform")
+    s = summary(run_cli(store_path, "partition=1", "steps=2", "checkpoint.every=2", *ddpm))
+    assert 0 < s["final_loss"] < 10
     summary(run_cli(store_path, "job=router", "steps=2", "checkpoint.every=2"))
-    with pytest.raises(ValueError, match="trained on the 'cosine' path but experts/00 on 'linear'"):
-        assemble(store)
+    desc = assemble(store)
+    assert desc["flow"]["path"] == "linear" and "flow" not in desc["experts"][0]
+    assert desc["experts"][1]["flow"]["prediction"] == "epsilon"  # converted where it is evaluated
+    ens = load_ensemble(store, "full")
+    v = ens.velocity(torch.randn(4, 1, 8, 8), torch.full((1,), 0.5).expand(4), torch.arange(4))
+    assert v.shape == (4, 1, 8, 8) and torch.isfinite(v).all() and ens.stats.expert_evals[1] == 4
     config = os.path.join(store_path, "router", "export", "config.json")
     with open(config, "a") as f:
         f.write(" ")

@@ -147,7 +147,8 @@ class ModelConfig:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 
 
-PATHS = ("linear", "cosine")
+PATHS = ("linear", "cosine", "vp")
+PREDICTIONS = ("velocity", "epsilon")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun")  # the ODE solvers of ddm.flow.FlowMatching.sample
 
@@ -156,19 +157,32 @@ SAMPLERS = ("euler", "heun")  # the ODE solvers of ddm.flow.FlowMatching.sample
 class FlowConfig:
     """The probability path a model learns the velocity of, and how training draws t.
 
-    path: "linear" (rectified flow, the default of SD3/SiT-style training) or "cosine".
+    path: "linear" (rectified flow, the default of SD3/SiT-style training), "cosine", or "vp":
+        DDPM's variance-preserving schedule (the DiT paper's linear betas, 1e-4 to 0.02 over 1000
+        steps, in continuous time: beta(t) = 0.1 + 19.9 t, alpha_bar(t) = exp(-0.1 t - 9.95 t^2)).
+    prediction: what the network predicts: "velocity" (flow matching) or "epsilon" (the noise,
+        as DDPM: with path "vp" a DDPM expert). An ensemble converts every expert's prediction to
+        its own velocity at each step (``ddm.flow.converted``), so experts of either kind mix.
     time_sampling: "logit_normal" puts more training steps at intermediate t, which SD3 found
-        better for images; "uniform" is the textbook choice.
+        better for images; "uniform" is the textbook choice (and DDPM's).
     """
 
     path: str = "linear"
     time_sampling: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"path {self.path!r} is unknown; choose one of {sorted(PATHS)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {self.prediction!r} is unknown; choose one of {list(PREDICTIONS)}")
+        if (self.path == "vp") != (self.prediction == "epsilon"):
+            raise ValueError(
+                f"path={self.path!r} with prediction={self.prediction!r}: a DDPM expert is path vp with prediction "
+                "epsilon; flow matching is path linear or cosine with prediction velocity"
+            )
         if self.time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"time_sampling {self.time_sampling!r} is unknown; choose one of {list(TIME_SAMPLINGS)}")
         if self.logit_std <= 0:
@@ -275,11 +289,16 @@ def flow_description(flow: FlowConfig) -> dict:
     paths = {
         "linear": {"alpha": "1 - t", "sigma": "t"},
         "cosine": {"alpha": "cos(pi t / 2)", "sigma": "sin(pi t / 2)"},
+        "vp": {"alpha": "sqrt(alpha_bar(t))", "sigma": "sqrt(1 - alpha_bar(t))", "alpha_bar": "exp(-0.1 t - 9.95 t^2)"},
+    }
+    targets = {
+        "velocity": "velocity d/dt x_t = alpha'(t) x_0 + sigma'(t) eps",
+        "epsilon": "the noise eps (DDPM's epsilon-prediction); velocity = alpha' x0_hat + sigma' eps_hat",
     }
     return {
         "path": flow.path,
         "convention": "x_t = alpha(t) x_0 + sigma(t) eps, eps ~ N(0, I); t = 0 is data, t = 1 is noise",
         **paths[flow.path],
-        "target": "velocity d/dt x_t = alpha'(t) x_0 + sigma'(t) eps",
+        "target": targets[flow.prediction],
         "sampling": "integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data)",
     }
