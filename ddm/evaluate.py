@@ -31,7 +31,7 @@ from ddm.cost import (
 )
 from ddm.data.reader import PartitionReader
 from ddm.ensemble import Rule
-from ddm.exports import load_export, read_export
+from ddm.exports import LazyModel, read_export, weights_sha256
 from ddm.flow import FlowMatching, VelocityFn, guided
 from ddm.logs import progress
 from ddm.metrics import InceptionFeatures, frechet_distance, gaussian_stats, load_or_train_classifier
@@ -212,8 +212,11 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     for rule in progress(rules, desc="evaluate", unit="rule"):
         start = time.perf_counter()
         if rule in SINGLE_MODELS:
-            model = load_export(store, single_model_dir(rule, desc), device)
-            model_flops = export_forward_flops(read_export(store, single_model_dir(rule, desc))[0])
+            model_cfg, manifest = read_export(store, single_model_dir(rule, desc))
+            # In the ensemble's velocity, whatever the model predicts (a DDPM monolith is converted).
+            entry = {"dir": single_model_dir(rule, desc), "sha256": weights_sha256(manifest), "flow": model_cfg["flow"]}
+            model = LazyModel(store, entry, device=device, flow=desc["flow"])
+            model_flops = export_forward_flops(model_cfg)
             fd, x = judge.measure(judge.single_model(model))
             cost = single_model_sampling_cost(model_flops, cfg.evals_per_sample, judge.cfg_branches)
             key = rule

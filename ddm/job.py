@@ -211,6 +211,11 @@ class JobConfig:
                 "model.moe with engine.zero_stage=3: DeepSpeed does not run its MoE layer under ZeRO-3 "
                 "(0.19: 'Native DeepSpeed MoE is not supported with ZeRO Stage 3'); use engine.zero_stage=1 or 2"
             )
+        if self.job == "distill" and self.flow.prediction != "velocity":
+            raise ValueError(
+                "a distilled student regresses the ensemble's velocity: give it a flow-matching flow "
+                "(flow.path=linear or cosine, flow.prediction=velocity)"
+            )
         if self.job in ("router", "distill") and moe.enabled:
             raise ValueError(f"{self.job} models are dense here: set model.moe.num_experts=0 for a {self.job} job")
 

@@ -139,3 +139,13 @@ def test_noised_returns_points_on_the_path():
     # With x0 = 0, x_t = sigma(t) eps, so x_t / sigma(t) is standard normal.
     z = x_t / torch.sin(0.5 * math.pi * t)[:, None]
     assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+
+
+def test_a_distilled_student_must_predict_velocity():
+    from ddm.config import load
+    from ddm.job import JobConfig
+
+    ddpm = ["flow.path=vp", "flow.prediction=epsilon"]
+    load(JobConfig, None, ["store=/s", *ddpm])  # a DDPM expert is fine
+    with pytest.raises(ValueError, match="regresses the ensemble's velocity"):
+        load(JobConfig, None, ["store=/s", "job=distill", "teacher=abc", *ddpm])
