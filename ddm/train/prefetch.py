@@ -45,6 +45,8 @@ class Prefetcher:
 
     def _run(self) -> None:
         try:
+            if self._stream is not None:
+                torch.cuda.set_device(self.device)  # a new thread starts on cuda:0
             while not self._stop.is_set():
                 batch = self.reader.next_batch()
                 state = self.reader.state_dict()
