@@ -67,7 +67,7 @@ class NotCommittedError(StoreError):
 class Store(Transfers):
     """Reads and writes below one root URL (files at checkpoint scale: ``ddm.transfer.Transfers``)."""
 
-    def __init__(self, url: str, retries: int = 3, backoff_s: float = 0.5, **storage_options: Any):
+    def __init__(self, url: str, retries: int | None = None, backoff_s: float | None = None, **storage_options: Any):
         if not url:
             raise ValueError("store URL is empty; give a path or a URL such as s3://bucket/run")
         self.url = url.rstrip("/")
@@ -90,8 +90,10 @@ class Store(Transfers):
         self.protocol = protocol
         if protocol in ("s3", "s3a"):
             self.fs.retries = 2  # s3fs's own retry loop (default 5); ours runs on top
-        self.retries = retries
-        self.backoff_s = backoff_s
+        # How long a transient outage is ridden out: retries with exponential backoff (0.5, 1, 2 s by
+        # default); DDM_STORE_RETRIES and DDM_STORE_BACKOFF_S set them for every store of a process.
+        self.retries = int(os.environ.get("DDM_STORE_RETRIES", 3)) if retries is None else retries
+        self.backoff_s = float(os.environ.get("DDM_STORE_BACKOFF_S", 0.5)) if backoff_s is None else backoff_s
         self.fence: Callable[..., None] | None = None
 
     def __repr__(self) -> str:
