@@ -113,6 +113,42 @@ def read_export(store: Store, run_dir: str) -> tuple[dict, dict]:
     return json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)), manifest
 
 
+def init_from_export(model: torch.nn.Module, source: str, store: Store) -> dict:
+    """Load the committed export at ``source`` (a run folder of ``store``, or a URL of one) into
+    ``model``. Every tensor must be there with the shape the model has: a mismatch is a
+    ValueError naming the tensors, raised before anything is trained. Returns what the job
+    records: {"url", "sha256"} of the weights."""
+    if "://" in source or source.startswith("/"):
+        parent, run_dir = source.rstrip("/").rsplit("/", 1)
+        where = Store(parent)
+    else:
+        where, run_dir = store, source.strip("/")
+    _, manifest = read_export(where, run_dir)
+    raw = where.child(run_dir).read_verified(layout.EXPORT, layout.EXPORT_WEIGHTS)
+    tensors = load_safetensors(raw)
+    upgrade = getattr(model, "upgrade_state_dict", None)  # exports of ddm 0.1 use older names
+    tensors = upgrade(tensors) if upgrade else tensors
+    own = model.state_dict()
+    missing = sorted(own.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - own.keys())
+    shapes = [k for k in sorted(own.keys() & tensors.keys()) if tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})"] if missing else []
+        parts += [f"{len(unexpected)} not in this model (e.g. {unexpected[:3]})"] if unexpected else []
+        parts += [
+            f"{len(shapes)} of another shape (e.g. "
+            + ", ".join(f"{k}: {tuple(tensors[k].shape)} there, {tuple(own[k].shape)} here" for k in shapes[:3])
+            + ")"
+        ] if shapes else []  # fmt: skip
+        raise ValueError(
+            f"init_from={source}: its export does not fit this job's model: "
+            + "; ".join(parts)
+            + ". Give the job the source's model settings (its export/config.json)"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+    return {"url": f"{where.url}/{run_dir}", "sha256": weights_sha256(manifest)}
+
+
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,

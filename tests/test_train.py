@@ -200,6 +200,22 @@ def test_zero3_shards_the_ema_trains_and_resumes(prepared, tmp_path):
     assert whole["ema_elements"] / 2 <= sharded["ema_elements"] <= whole["ema_elements"] / 2 + len(a)
 
 
+def test_a_job_starts_from_another_jobs_export(prepared, tmp_path):
+    """init_from: an expert fine-tuned from the monolith starts at the monolith's weights (after one
+    step at a learning rate of 1e-12, its EMA export still equals them), and says where they came
+    from; a model the export does not fit is refused before anything is trained, naming tensors."""
+    store = fresh(prepared, tmp_path)
+    summary(run_cli(store, "partition=-1", "steps=2", "checkpoint.every=2"))  # the monolith
+    s = summary(run_cli(store, "partition=1", "steps=1", "checkpoint.every=1", "lr=1e-12", "init_from=monolith"))
+    assert_same_weights(exported(store, "monolith"), exported(store, "experts/01"))
+    source = Store(store).child("monolith").manifest("export")["files"]["model.safetensors"]["sha256"]
+    config = json.load(open(os.path.join(store, "experts/01/export/config.json")))
+    assert config["init_from"] == s["init_from"] == {"url": f"{store}/monolith", "sha256": source}
+    out = run_cli(store, "partition=0", "steps=1", "model.arch=DiT-Micro/4", "init_from=monolith")
+    assert out.returncode == 2 and "init_from=monolith: its export does not fit this job's model" in out.stderr
+    assert "of another shape (e.g. " in out.stderr and not os.path.exists(os.path.join(store, "experts/00"))
+
+
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
     s = summary(

@@ -34,7 +34,7 @@ from ddm.assemble import load_ensemble
 from ddm.checkpoint import CheckpointManager, RankState, _fault_hook
 from ddm.config import to_dict
 from ddm.data.reader import PartitionReader
-from ddm.exports import write_export
+from ddm.exports import init_from_export, write_export
 from ddm.flow import FlowMatching
 from ddm.job import JobConfig
 from ddm.lease import Token, fenced, holding
@@ -136,6 +136,8 @@ def train(
     # --- model, objective, engine, EMA ------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, objective, export_extra = build_job(cfg, store, device)
+    if cfg.init_from:  # pretrained weights, checked against the model before anything is trained
+        export_extra["init_from"] = init_from_export(model, cfg.init_from, store)
     engine = build_engine(model, cfg, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay)  # under ZeRO-3: this rank's shards (ddm.train.ema)
     t_engine = time.perf_counter()
@@ -300,6 +302,7 @@ def train(
         "world_size": ps.world_size,
         "threads": torch.get_num_threads(),
         "ema_elements": ema.elements(),  # rank 0's: the whole model, or its ZeRO-3 shards
+        **({"init_from": export_extra["init_from"]} if "init_from" in export_extra else {}),
         **replica_check(engine.module, cfg.engine.zero_stage),
         "ended_at": time.time(),  # wall clock, as started_at: a launcher's share after the last step
     }
