@@ -241,6 +241,7 @@ def converted(
         t64 = (t[:1] if shared else t).to(torch.float64)
         a, s, da, ds = (c.to(torch.float64) for c in (pt.alpha(t64), pt.sigma(t64), pt.d_alpha(t64), pt.d_sigma(t64)))
         t_own = po.time_at_snr(a / s).clamp(0.0, 1.0)  # s = 0 (t = 0): r = inf -> t' = 0
+        t_own = t_own.to(t.dtype).to(torch.float64)  # the time the model is given, in its dtype
         ak, sk, dak, dsk = po.alpha(t_own), po.sigma(t_own), po.d_alpha(t_own), po.d_sigma(t_own)
         c = (ak + sk) / (a + s)
         if shared:

@@ -127,6 +127,17 @@ def test_rank0_uploads_run_in_the_background_newest_first_and_flush():
     uploads.submit("events", lambda: 1 / 0)  # any other failure only warns: the next window retries
     uploads.close()
 
+    # A failed job cancels: what is pending is never written (the lease may be gone).
+    started.clear()
+    release.clear()
+    uploads, done[:] = Uploads(), []
+    uploads.submit("progress.json", slow("running"))
+    assert started.wait(10)
+    uploads.submit("progress.json", slow("pending"))
+    threading.Timer(0.2, release.set).start()  # the running upload ends after cancel() dropped the pending one
+    uploads.cancel()
+    assert done == ["running"]
+
 
 def test_a_shared_time_is_known_by_its_layout_not_its_values():
     """Samplers pass one time for the batch as an expanded tensor: embedded once, with no read of

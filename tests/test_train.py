@@ -216,6 +216,16 @@ def test_a_job_starts_from_another_jobs_export(prepared, tmp_path):
     assert "of another shape (e.g. " in out.stderr and not os.path.exists(os.path.join(store, "experts/00"))
 
 
+def test_init_from_is_refused_where_an_export_cannot_map_onto_the_ranks():
+    from ddm.config import load
+    from ddm.job import JobConfig
+
+    moe = ["store=/s", "ray.num_workers=2", "model.moe.num_experts=4", "model.moe.ep_size=2"]
+    load(JobConfig, None, moe)
+    with pytest.raises(ValueError, match="an export holds every expert, a rank only its own"):
+        load(JobConfig, None, [*moe, "init_from=monolith"])
+
+
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
     store = fresh(prepared, tmp_path)
     s = summary(

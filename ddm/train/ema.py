@@ -84,8 +84,10 @@ class EMA:
             else:
                 shadows.append(self.shadow[name])
                 weights.append(p.detach().to(torch.float32))
-        # One fused multi-tensor lerp instead of a Python loop over every parameter.
-        torch._foreach_lerp_(shadows, weights, 1.0 - d)
+        # One fused multi-tensor lerp instead of a Python loop over every parameter (a ZeRO-3 rank
+        # may hold nothing but padding: then there is nothing to average).
+        if shadows:
+            torch._foreach_lerp_(shadows, weights, 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -117,6 +117,8 @@ def train(
         device = rank_device(torch.cuda.is_available())
     use_accelerator(device)
     on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)  # before any collective: NCCL runs on the current device
     owns_group = ensure_process_group("nccl" if on_gpu else "gloo")
     check_one_rank_per_device(device)
     ps = ParallelState.current(cfg.model.moe.ep_size if cfg.model.moe.enabled else 1)
@@ -159,7 +161,7 @@ def train(
 
     def reshard(paths: list[str]) -> None:  # a commit of another worker count (ddm.reshard)
         _zero_lr_step(engine, objective, reader, gen, cfg, device)
-        load_portable(engine, paths, zero, ps, num_experts, ema=ema if ema.sharded else None)
+        load_portable(engine, paths, zero, ps, num_experts, ema=ema)
 
     ckpt = CheckpointManager(
         run,
@@ -226,59 +228,70 @@ def train(
     window_loss, window_n, last_log = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
     stall_s, saves = 0.0, 0  # how long training waited for checkpoint snapshots, over how many
     snapshots = set(cfg.checkpoint.snapshot_steps(cfg.steps))
-    while step < cfg.steps:
-        for _ in range(cfg.grad_accum):
-            loss = objective(engine, batches.next(), gen)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-        step += 1
-        if "first_step_s" not in startup:  # from train() entry to the end of the first step
-            startup["first_step_s"] = time.perf_counter() - t_start
-        if os.environ.get("DDM_FAULT", "").startswith("step:"):
-            ckpt.wait()  # fault tests crash at a step only after the previous checkpoint is uploaded
-        _fault_hook("step", step, ps.rank)
-        ema.update(engine.module)  # no collective: under ZeRO-3 each rank averages its own shards
-        window_loss += loss.detach().double()
-        window_n += 1
+    try:
+        while step < cfg.steps:
+            for _ in range(cfg.grad_accum):
+                loss = objective(engine, batches.next(), gen)
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            step += 1
+            if "first_step_s" not in startup:  # from train() entry to the end of the first step
+                startup["first_step_s"] = time.perf_counter() - t_start
+            if os.environ.get("DDM_FAULT", "").startswith("step:"):
+                ckpt.wait()  # fault tests crash at a step only after the previous checkpoint is uploaded
+            _fault_hook("step", step, ps.rank)
+            ema.update(engine.module)  # no collective: under ZeRO-3 each rank averages its own shards
+            window_loss += loss.detach().double()
+            window_n += 1
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            mean_loss = window_loss.item() / window_n  # the one host sync of the window
-            now = time.perf_counter()
-            record = {"step": step, "loss": mean_loss, "steps_per_s": window_n / (now - last_log), "time": time.time()}
-            metrics.append(record)
-            window_loss.zero_()
-            window_n, last_log = 0, now
-            if ps.is_main:
-                log.info(
-                    "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = window_loss.item() / window_n  # the one host sync of the window
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "loss": mean_loss,
+                    "steps_per_s": window_n / (now - last_log),
+                    "time": time.time(),
+                }
+                metrics.append(record)
+                window_loss.zero_()
+                window_n, last_log = 0, now
+                if ps.is_main:
+                    log.info(
+                        "%s step %d loss %.4f (%.2f steps/s)", cfg.run_dir, step, record["loss"], record["steps_per_s"]
+                    )
+                    progress = {**record, "steps": cfg.steps}  # for progress bars and status
+                    uploads.submit(layout.PROGRESS, lambda p=progress: run.write_json(layout.PROGRESS, p))
+                    if board is not None:
+                        board.log(record)
+                        uploads.submit("the TensorBoard events", board.upload)
+
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+                state = RankState(
+                    tensors={**{f"ema.{k}": v for k, v in ema.shadow.items()}, **_rng_state(gen, device)},
+                    info={"step": step, "reader": batches.state_dict(), "ema_updates": ema.num_updates},
                 )
-                progress = {**record, "steps": cfg.steps}  # for progress bars and status
-                uploads.submit(layout.PROGRESS, lambda p=progress: run.write_json(layout.PROGRESS, p))
-                if board is not None:
-                    board.log(record)
-                    uploads.submit("the TensorBoard events", board.upload)
+                stall_s += ckpt.save(engine, step, state)
+                saves += 1
+                if ps.is_main:
+                    uploads.flush()  # the views are as new as the checkpoint
+                    run.write_bytes(layout.METRICS, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+                # To Ray at checkpoints only, on every rank (Ray Train's report is a collective that
+                # costs about 2 s in Ray 2.60); live progress is in progress.json and TensorBoard.
+                if report is not None and metrics:
+                    last = ckpt.last_committed
+                    report({**metrics[-1], "checkpoint": f"{ckpt.store.url}/{layout.step_dir(last)}" if last else None})
+            if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step != cfg.steps:
+                write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
+            if step in snapshots:  # a learning-curve point: the EMA model at this step, kept for good
+                snapshot = run.child(f"{layout.SNAPSHOTS}/{layout.step_dir(step)}")
+                write_export(snapshot, ema.weights(engine.module), cfg, ps, step, export_extra)
 
-        if step % cfg.checkpoint.every == 0 or step == cfg.steps:
-            state = RankState(
-                tensors={**{f"ema.{k}": v for k, v in ema.shadow.items()}, **_rng_state(gen, device)},
-                info={"step": step, "reader": batches.state_dict(), "ema_updates": ema.num_updates},
-            )
-            stall_s += ckpt.save(engine, step, state)
-            saves += 1
-            if ps.is_main:
-                uploads.flush()  # the views are as new as the checkpoint
-                run.write_bytes(layout.METRICS, "".join(json.dumps(m) + "\n" for m in metrics).encode())
-            # To Ray at checkpoints only, on every rank (Ray Train's report is a collective that
-            # costs about 2 s in Ray 2.60); live progress is in progress.json and TensorBoard.
-            if report is not None and metrics:
-                last = ckpt.last_committed
-                report({**metrics[-1], "checkpoint": f"{ckpt.store.url}/{layout.step_dir(last)}" if last else None})
-        if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step != cfg.steps:
-            write_export(run, ema.weights(engine.module), cfg, ps, step, export_extra)
-        if step in snapshots:  # a learning-curve point: the EMA model at this step, kept for good
-            snapshot = run.child(f"{layout.SNAPSHOTS}/{layout.step_dir(step)}")
-            write_export(snapshot, ema.weights(engine.module), cfg, ps, step, export_extra)
-
+    except BaseException:  # no thread outlives a failed job: no read-ahead, no upload after the lease
+        batches.close()
+        if uploads is not None:
+            uploads.cancel()
+        raise
     batches.close()
     ckpt.close()  # the last upload must be committed before the job reports success
     if uploads is not None:

@@ -25,7 +25,7 @@ class Uploads:
         self._cv = threading.Condition()
         self._busy = False
         self._closed = False
-        self._error: LeaseLost | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ddm-uploads", daemon=True)
         self._thread.start()
 
@@ -49,6 +49,14 @@ class Uploads:
             self._cv.notify_all()
         self._thread.join()
 
+    def cancel(self) -> None:
+        """Drop what is pending and stop (the job failed): nothing more is written."""
+        with self._cv:
+            self._pending.clear()
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
     def _raise(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
@@ -65,11 +73,15 @@ class Uploads:
                 self._busy = True
             try:
                 upload()
-            except LeaseLost as e:
+            except Exception as e:  # noqa: BLE001 - a view; training goes on, the next window uploads again
+                if isinstance(e, LeaseLost):
+                    with self._cv:
+                        self._error = e
+                else:
+                    log.warning("could not upload %s (%s: %s); retried next window", view, type(e).__name__, e)
+            except BaseException as e:  # noqa: BLE001 - e.g. SystemExit in the thread: raised in training
                 with self._cv:
                     self._error = e
-            except Exception as e:  # noqa: BLE001 - a view; training goes on, the next window uploads again
-                log.warning("could not upload %s (%s: %s); retried next window", view, type(e).__name__, e)
             finally:
                 with self._cv:
                     self._busy = False
