@@ -49,7 +49,6 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
                 raise ValueError(
                     f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}"
                 )
-
     if router_cfg["model"]["data_shape"] != first["model"]["data_shape"]:
         raise ValueError(
             f"the router sees data shape {router_cfg['model']['data_shape']} but the experts "

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ddm.flow import VelocityFn, guided
+from ddm.models.layers import is_shared
 from ddm.rules import Rule
 
 Model = Callable[..., torch.Tensor]  # model(x, t, y)
@@ -90,7 +91,7 @@ def routing_weights(
 
 def _rows_of(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``t[rows]``, keeping a shared time shared (stride 0: ``TimestepEmbedder`` embeds it once)."""
-    return t[:1].expand(len(rows)) if t.dim() == 1 and t.stride(0) == 0 else t[rows]
+    return t[:1].expand(len(rows)) if is_shared(t) else t[rows]
 
 
 @dataclass

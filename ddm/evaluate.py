@@ -212,9 +212,10 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     for rule in progress(rules, desc="evaluate", unit="rule"):
         start = time.perf_counter()
         if rule in SINGLE_MODELS:
-            model_cfg, manifest = read_export(store, single_model_dir(rule, desc))
+            run_dir = single_model_dir(rule, desc)
+            model_cfg, manifest = read_export(store, run_dir)
             # In the ensemble's velocity, whatever the model predicts (a DDPM monolith is converted).
-            entry = {"dir": single_model_dir(rule, desc), "sha256": weights_sha256(manifest), "flow": model_cfg["flow"]}
+            entry = {"dir": run_dir, "sha256": weights_sha256(manifest), "flow": model_cfg["flow"]}
             model = LazyModel(store, entry, device=device, flow=desc["flow"])
             model_flops = export_forward_flops(model_cfg)
             fd, x = judge.measure(judge.single_model(model))

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import torch
 
 from ddm.models.config import SAMPLERS, FlowConfig
+from ddm.models.layers import is_shared
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(x, t): x of shape (N, ...) and t of shape (N,) -> velocity of x's shape."""
@@ -237,9 +238,9 @@ def converted(
     po, pt = own._path, target._path
 
     def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        shared = t.dim() == 1 and t.numel() > 1 and t.stride(0) == 0  # keep one shared time shared
+        shared = is_shared(t)  # keep one shared time shared
         t64 = (t[:1] if shared else t).to(torch.float64)
-        a, s, da, ds = (c.to(torch.float64) for c in (pt.alpha(t64), pt.sigma(t64), pt.d_alpha(t64), pt.d_sigma(t64)))
+        a, s, da, ds = pt.alpha(t64), pt.sigma(t64), pt.d_alpha(t64), pt.d_sigma(t64)
         t_own = po.time_at_snr(a / s).clamp(0.0, 1.0)  # s = 0 (t = 0): r = inf -> t' = 0
         t_own = t_own.to(t.dtype).to(torch.float64)  # the time the model is given, in its dtype
         ak, sk, dak, dsk = po.alpha(t_own), po.sigma(t_own), po.d_alpha(t_own), po.d_sigma(t_own)
@@ -285,7 +286,7 @@ def guided(
     y_null = torch.full_like(y, null_label)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tt = t[:1].expand(2 * len(t)) if t.dim() == 1 and t.stride(0) == 0 else torch.cat([t, t])  # keep "shared"
+        tt = t[:1].expand(2 * len(t)) if is_shared(t) else torch.cat([t, t])
         out = model(torch.cat([x, x]), tt, torch.cat([y, y_null]))
         v_cond, v_uncond = out.chunk(2)
         return v_uncond + scale * (v_cond - v_uncond)

@@ -137,7 +137,9 @@ def _answer_zero_check_from_its_list() -> None:
     from deepspeed.runtime import engine
     from deepspeed.runtime.zero import utils
 
-    if os.environ.get("DDM_STARTUP_TRIMS", "1") == "0" or getattr(engine.is_zero_supported_optimizer, "ddm", False):
+    from ddm.ray_runtime import trims
+
+    if not trims() or getattr(engine.is_zero_supported_optimizer, "ddm", False):
         return
     check_of_deepspeed = utils.is_zero_supported_optimizer
 

@@ -119,8 +119,8 @@ def _pieces(engine, p: torch.nn.Parameter, zero_stage: int, ps: ParallelState):
 
 
 def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_experts: int, ema=None) -> None:
-    """Write this rank's pieces of the training state to the local file ``path``; with ``ema`` (a
-    sharded EMA, ZeRO-3) its shards too, as pieces of key ``ema`` at the same offsets."""
+    """Write this rank's pieces of the training state to the local file ``path``; a sharded ``ema``'s
+    shards (ZeRO-3) too, as pieces of key ``ema`` at the same offsets."""
     load_deepspeed()
     _link_optimizer_states(engine, zero_stage)
     names = _global_names(engine.module, ps, num_experts)
@@ -129,7 +129,7 @@ def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_exp
         g = names[name]
         shapes[g] = list(p.ds_shape if zero_stage == 3 else p.shape)
         for start, values in _pieces(engine, p, zero_stage, ps):
-            if ema is not None:
+            if ema is not None and name in ema.spans:
                 ema_start, n, _ = ema.spans[name]
                 assert ema_start == start, f"{name}: the EMA's shard starts at {ema_start}, ZeRO's at {start}"
                 values = {**values, "ema": ema.shadow[name][:n]}

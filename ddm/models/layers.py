@@ -27,6 +27,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def is_shared(t: torch.Tensor) -> bool:
+    """One time for the whole batch: an expanded (N,) tensor, stride 0; known by its layout, so
+    neither a host sync nor a graph break."""
+    return t.dim() == 1 and t.numel() > 1 and t.stride(0) == 0
+
+
 class TimestepEmbedder(nn.Module):
     """Embeds scalar times into vectors: sinusoidal features followed by a 2-layer MLP."""
 
@@ -48,7 +54,7 @@ class TimestepEmbedder(nn.Module):
         The test reads the tensor's layout, never its values: no host sync in a step, no graph
         break under torch.compile.
         """
-        if t.dim() == 1 and t.numel() > 1 and t.stride(0) == 0:
+        if is_shared(t):
             return self._embed(t[:1])
         return self._embed(t)
 

@@ -17,6 +17,25 @@ import time
 import torch
 
 
+def to_device(batch: dict, device: torch.device, num_classes: int) -> dict:
+    """A reader's micro-batch on the job's device (labels only for a class-conditional model), its
+    labels range-checked on the host first (for free there: on a GPU the model's own check would
+    make the step wait), and its partitions also kept on the host (distillation's teacher routes
+    by them without reading the device)."""
+    y = batch["y"]
+    if num_classes and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"the data's class labels lie in [{int(y.min())}, {int(y.max())}] but the model has "
+            f"num_classes={num_classes}: set model.num_classes to the dataset's"
+        )
+    return {
+        "x": batch["x"].to(device, non_blocking=True),
+        "y": y.to(device, non_blocking=True) if num_classes else None,
+        "partition": batch["partition"].to(device, non_blocking=True),
+        "partition_host": batch["partition"],
+    }
+
+
 class Prefetcher:
     def __init__(self, reader, device: torch.device, num_classes: int, depth: int = 2):
         self.reader, self.device, self.num_classes = reader, device, num_classes
@@ -28,21 +47,6 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="ddm-prefetch", daemon=True)
         self._thread.start()
 
-    def _to_device(self, batch: dict) -> dict:
-        y = batch["y"]
-        if self.num_classes and len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            # Checked here, on the host, for free: the model's own check would make the step wait on a GPU.
-            raise ValueError(
-                f"the data's class labels lie in [{int(y.min())}, {int(y.max())}] but the model has "
-                f"num_classes={self.num_classes}: set model.num_classes to the dataset's"
-            )
-        return {
-            "x": batch["x"].to(self.device, non_blocking=True),
-            "y": y.to(self.device, non_blocking=True) if self.num_classes else None,
-            "partition": batch["partition"].to(self.device, non_blocking=True),
-            "partition_host": batch["partition"],  # for routing on the host (distillation's teacher)
-        }
-
     def _run(self) -> None:
         try:
             if self._stream is not None:
@@ -53,11 +57,11 @@ class Prefetcher:
                 ready = None
                 if self._stream is not None:
                     with torch.cuda.stream(self._stream):
-                        batch = self._to_device(batch)
+                        batch = to_device(batch, self.device, self.num_classes)
                         ready = torch.cuda.Event()
                         ready.record(self._stream)
                 else:
-                    batch = self._to_device(batch)
+                    batch = to_device(batch, self.device, self.num_classes)
                 self._put((batch, state, ready))
         except BaseException as e:  # noqa: BLE001 - raised in the training thread by next()
             self._put(e)

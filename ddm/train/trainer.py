@@ -46,7 +46,7 @@ from ddm.train.board import open_board
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
-from ddm.train.prefetch import Prefetcher
+from ddm.train.prefetch import Prefetcher, to_device
 from ddm.train.uploads import Uploads
 
 log = logging.getLogger("ddm.train")
@@ -125,7 +125,6 @@ def train(
     if ps.world_size != cfg.ray.num_workers:
         raise ValueError(f"ray.num_workers={cfg.ray.num_workers} but the job has {ps.world_size} ranks")
     if on_gpu:
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     store = Store(cfg.store)
@@ -169,7 +168,7 @@ def train(
         ps.world_size,
         cfg.checkpoint.keep,
         min_format=min_format,
-        portable=lambda path: save_portable(engine, path, zero, ps, num_experts, ema=ema if ema.sharded else None),
+        portable=lambda path: save_portable(engine, path, zero, ps, num_experts, ema=ema),
         reshard=reshard,
         ep_size=ps.ep_size,
     )
@@ -327,16 +326,6 @@ def train(
     return summary
 
 
-def _next_batch(reader, cfg: JobConfig, device: torch.device) -> dict:
-    """The reader's next micro-batch on the job's device (labels only for a class-conditional model)."""
-    batch = reader.next_batch()
-    return {
-        "x": batch["x"].to(device, non_blocking=True),
-        "y": batch["y"].to(device, non_blocking=True) if cfg.model.num_classes else None,
-        "partition": batch["partition"].to(device, non_blocking=True),
-    }
-
-
 def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.device) -> None:
     """One optimizer step at learning rate 0: every optimizer state then exists in this job's
     layout (ZeRO creates its partitions' states lazily) while the weights stay as they are; the
@@ -346,7 +335,7 @@ def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.
     for g in groups:
         g["lr"] = 0.0
     for _ in range(cfg.grad_accum):
-        engine.backward(objective(engine, _next_batch(reader, cfg, device), gen))
+        engine.backward(objective(engine, to_device(reader.next_batch(), device, cfg.model.num_classes), gen))
         engine.step()
     for g, lr in zip(groups, lrs):
         g["lr"] = lr
