@@ -321,6 +321,7 @@ def test_ray_train_settings_fill_in_and_never_override(monkeypatch):
 def test_ray_train_runs_without_a_dataset_manager_only_when_it_has_no_datasets(monkeypatch):
     from ray.train import ScalingConfig
     from ray.train.v2._internal.callbacks import BackendSetupCallback, DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from ddm.ray_runtime import trainer_class
 
@@ -329,9 +330,10 @@ def test_ray_train_runs_without_a_dataset_manager_only_when_it_has_no_datasets(m
         return {type(c) for c in trainer._create_default_callbacks()}
 
     assert BackendSetupCallback in kinds() and DatasetsCallback not in kinds()
+    assert PlacementGroupCleanerCallback not in kinds() | kinds(x=lambda: None)
     assert DatasetsCallback in kinds(x=lambda: None)  # a run with Ray Datasets keeps its DatasetManager
     monkeypatch.setenv("DDM_STARTUP_TRIMS", "0")
-    assert DatasetsCallback in kinds()
+    assert {DatasetsCallback, PlacementGroupCleanerCallback} <= kinds()
 
 
 def test_zero_check_answers_as_deepspeed_without_compiling_muon():
