@@ -114,10 +114,18 @@ def read_export(store: Store, run_dir: str) -> tuple[dict, dict]:
 
 
 def init_from_export(model: torch.nn.Module, source: str, store: Store) -> dict:
-    """Load the committed export at ``source`` (a run folder of ``store``, or a URL of one) into
-    ``model``. Every tensor must be there with the shape the model has: a mismatch is a
-    ValueError naming the tensors, raised before anything is trained. Returns what the job
-    records: {"url", "sha256"} of the weights."""
+    """Load ``source`` into ``model``: a committed ddm export (a run folder of ``store``, or a URL
+    of one), a facebookresearch/DiT checkpoint or a diffusers DiT folder (``ddm.models.pretrained``).
+    Every tensor must be there with the shape the model has: a mismatch is a ValueError naming the
+    tensors, raised before anything is trained. Returns what the job records: {"url", "sha256"} of
+    the weights, and for outside formats the format and what was dropped."""
+    from ddm.models.pretrained import load_pretrained, source_kind
+
+    if source_kind(source, store) != "ddm":
+        tensors, record = load_pretrained(source, store, model)
+        _load_checked(model, tensors, source, "Give the job the source's sizes (model.arch, model.data_shape, "
+                      "model.num_classes)")  # fmt: skip
+        return record
     if "://" in source or source.startswith("/"):
         parent, run_dir = source.rstrip("/").rsplit("/", 1)
         where = Store(parent)
@@ -128,6 +136,11 @@ def init_from_export(model: torch.nn.Module, source: str, store: Store) -> dict:
     tensors = load_safetensors(raw)
     upgrade = getattr(model, "upgrade_state_dict", None)  # exports of ddm 0.1 use older names
     tensors = upgrade(tensors) if upgrade else tensors
+    _load_checked(model, tensors, source, "Give the job the source's model settings (its export/config.json)")
+    return {"url": f"{where.url}/{run_dir}", "sha256": weights_sha256(manifest)}
+
+
+def _load_checked(model: torch.nn.Module, tensors: dict, source: str, fix: str) -> None:
     own = model.state_dict()
     missing = sorted(own.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - own.keys())
@@ -141,12 +154,9 @@ def init_from_export(model: torch.nn.Module, source: str, store: Store) -> dict:
             + ")"
         ] if shapes else []  # fmt: skip
         raise ValueError(
-            f"init_from={source}: its export does not fit this job's model: "
-            + "; ".join(parts)
-            + ". Give the job the source's model settings (its export/config.json)"
+            f"init_from={source}: its weights do not fit this job's model: " + "; ".join(parts) + f". {fix}"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
-    return {"url": f"{where.url}/{run_dir}", "sha256": weights_sha256(manifest)}
 
 
 _SAFETENSORS_DTYPES = {

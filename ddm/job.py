@@ -161,9 +161,11 @@ class JobConfig:
     partition: int = 0  # the expert's partition; -1 trains on all data (a monolith)
     teacher: str = ""  # distill jobs: the id of the ensemble distilled (empty: the store's current one)
     folder: str = ""  # a monolith's folder when it is not monolith/ (ddm.budget: monolith-small-batch)
-    # Start from a ddm export instead of random weights: a run folder of this store (monolith,
-    # experts/02) or the URL of one in another (s3://bucket/run/monolith). Its weights' sha256 goes
-    # into the export and the summary; a resumed job continues from its checkpoints as always.
+    # Start from pretrained weights instead of random ones: a ddm export (a run folder of this store,
+    # monolith or experts/02, or the URL of one in another: s3://bucket/run/monolith), a
+    # facebookresearch/DiT checkpoint file, a diffusers DiT folder or hf://<repo> (docs/experts.md).
+    # The weights' URL and sha256 go into the export and the summary; a resumed job continues from
+    # its checkpoints as always.
     init_from: str = ""
     model: ModelConfig = field(default_factory=lambda: ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10))
     flow: FlowConfig = field(default_factory=FlowConfig)

@@ -47,7 +47,8 @@ class TimeEmbed(nn.Module):
 
     def forward(self, t):
         half = self.spec["frequencies"] // 2
-        freqs = torch.exp(-math.log(self.spec["max_period"]) * torch.arange(half, dtype=torch.float32) / half)
+        steps = torch.arange(half, dtype=torch.float32) / (half - self.spec.get("freq_shift", 0))
+        freqs = torch.exp(-math.log(self.spec["max_period"]) * steps)
         args = (t.float() * self.spec["time_scale"])[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 

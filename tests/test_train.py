@@ -15,8 +15,11 @@ import torch
 
 from ddm.data.ingest import IngestConfig, ingest
 from ddm.data.partition import PartitionConfig, partition
+from ddm.exports import init_from_export
+from ddm.models.build import build_model
+from ddm.models.config import ModelConfig
 from ddm.store import Store
-from tests.helpers import assert_same_weights, child_env, exported, summary
+from tests.helpers import assert_same_weights, child_env, diffusers_dit, exported, summary
 
 TRAIN = ["partition=0", "global_batch_size=16", "log_every=2", "seed=3", "model.class_dropout_prob=0.1"]
 
@@ -212,8 +215,20 @@ def test_a_job_starts_from_another_jobs_export(prepared, tmp_path):
     config = json.load(open(os.path.join(store, "experts/01/export/config.json")))
     assert config["init_from"] == s["init_from"] == {"url": f"{store}/monolith", "sha256": source}
     out = run_cli(store, "partition=0", "steps=1", "model.arch=DiT-Micro/4", "init_from=monolith")
-    assert out.returncode == 2 and "init_from=monolith: its export does not fit this job's model" in out.stderr
+    assert out.returncode == 2 and "init_from=monolith: its weights do not fit this job's model" in out.stderr
     assert "of another shape (e.g. " in out.stderr and not os.path.exists(os.path.join(store, "experts/00"))
+    # A diffusers DiT (its mapping proven against diffusers in test_pretrained.py) starts a job alike.
+    diffusers_dit(tmp_path / "diffusers-dit")
+    out = run_cli(store, "partition=0", "steps=1", f"init_from={tmp_path}/diffusers-dit")
+    assert out.returncode == 2 and "set model.time_freq_shift=1 for this job" in out.stderr
+    s = summary(run_cli(store, "partition=0", "steps=1", "checkpoint.every=1", "lr=1e-12", "model.time_freq_shift=1",
+                        f"init_from={tmp_path}/diffusers-dit"))  # fmt: skip
+    want = build_model(ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10, time_freq_shift=1))
+    init_from_export(want, f"{tmp_path}/diffusers-dit", Store(store))
+    assert_same_weights(exported(store, "experts/00"), want.state_dict())
+    assert (
+        s["init_from"]["format"] == "diffusers DiTTransformer2DModel" and "learned sigma" in s["init_from"]["notes"][-1]
+    )
 
 
 def test_init_from_is_refused_where_an_export_cannot_map_onto_the_ranks():

@@ -15,7 +15,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.arch in MLP_SIZES:
         return MLPVelocity(MLP_SIZES[cfg.arch], cfg.data_shape[0], cfg.num_classes, cfg.class_dropout_prob)
     c, h, _ = cfg.data_shape
-    return DiT(DIT_SIZES[cfg.arch], h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio, cfg.moe)
+    size = DIT_SIZES[cfg.arch]
+    return DiT(size, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio, cfg.moe, cfg.time_freq_shift)
 
 
 def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
@@ -27,7 +28,10 @@ def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
             MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob
         )
     c, h, _ = cfg.data_shape
-    return DiTRouter(DIT_SIZES[cfg.arch], num_partitions, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio)
+    size = DIT_SIZES[cfg.arch]
+    return DiTRouter(
+        size, num_partitions, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio, cfg.time_freq_shift
+    )
 
 
 def preset_table() -> str:

@@ -115,6 +115,9 @@ class ModelConfig:
     num_classes: 0 for unconditional models; otherwise labels 0..num_classes-1 and a null label.
     class_dropout_prob: label dropout during training, which classifier-free guidance needs
         (the DiT paper uses 0.1).
+    time_freq_shift: the timestep embedding's frequencies are 10000^(-i / (128 - shift)),
+        i < 128: 0 as in the DiT paper and its checkpoints, 1 as diffusers' DiTTransformer2DModel
+        computes them. A DiT started from a diffusers model needs 1 (``init_from`` says so).
     """
 
     arch: str = "DiT-Tiny/2"
@@ -123,9 +126,12 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     mlp_ratio: float = 4.0
     moe: MoEConfig = field(default_factory=MoEConfig)
+    time_freq_shift: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
+        if self.time_freq_shift not in (0, 1):
+            raise ValueError(f"time_freq_shift must be 0 (the DiT paper) or 1 (diffusers), got {self.time_freq_shift}")
         if self.arch in DIT_SIZES:
             if len(self.data_shape) != 3 or self.data_shape[1] != self.data_shape[2]:
                 raise ValueError(f"data_shape must be (C, H, H) for {self.arch}, got {self.data_shape}")
@@ -139,6 +145,8 @@ class ModelConfig:
                 raise ValueError(f"data_shape must be (D,) for {self.arch}, got {self.data_shape}")
             if self.moe.enabled:
                 raise ValueError(f"moe is only supported by DiT models, not {self.arch}")
+            if self.time_freq_shift:
+                raise ValueError(f"time_freq_shift is a DiT setting; {self.arch} has its own time embedding")
         else:
             raise ValueError(f"arch {self.arch!r} is unknown; choose one of {sorted(DIT_SIZES) + sorted(MLP_SIZES)}")
         if self.num_classes < 0:
@@ -252,6 +260,7 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
             "time_scale": TIME_SCALE,
             "frequencies": 256,
             "max_period": 10000.0,
+            "freq_shift": cfg.time_freq_shift,  # frequencies max_period^(-i / (frequencies/2 - freq_shift))
             "layout": "[cos, sin] then Linear-SiLU-Linear",
         },
         "output": "logits over partitions (N, K)" if num_partitions else "velocity, same shape as x",

@@ -95,6 +95,7 @@ class _DiTTrunk(nn.Module):
         class_dropout_prob: float,
         mlp_ratio: float,
         moe: MoEConfig,
+        time_freq_shift: int = 0,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -102,7 +103,7 @@ class _DiTTrunk(nn.Module):
         self.num_classes = num_classes
         hidden = size.hidden_size
         self.x_embedder = PatchEmbed(input_size, size.patch_size, in_channels, hidden)
-        self.t_embedder = TimestepEmbedder(hidden)
+        self.t_embedder = TimestepEmbedder(hidden, freq_shift=time_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden, class_dropout_prob) if num_classes > 0 else None
         # Fixed (not learned) sin-cos positions, as in DiT.
         pos = torch.from_numpy(get_2d_sincos_pos_embed(hidden, self.x_embedder.grid_size)).float()
@@ -185,8 +186,11 @@ class DiT(_DiTTrunk):
         class_dropout_prob: float = 0.1,
         mlp_ratio: float = 4.0,
         moe: MoEConfig = MoEConfig(),
+        time_freq_shift: int = 0,
     ):
-        super().__init__(size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, moe)
+        super().__init__(
+            size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, moe, time_freq_shift
+        )
         self.final_layer = FinalLayer(size.hidden_size, size.patch_size**2 * in_channels)
         self.init_weights()
         self.final_layer.init_zero()  # the initial velocity is 0 everywhere
@@ -218,10 +222,13 @@ class DiTRouter(_DiTTrunk):
         num_classes: int = 0,
         class_dropout_prob: float = 0.1,
         mlp_ratio: float = 4.0,
+        time_freq_shift: int = 0,
     ):
         if num_partitions < 1:
             raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-        super().__init__(size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, MoEConfig())
+        super().__init__(
+            size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, MoEConfig(), time_freq_shift
+        )
         self.num_partitions = num_partitions
         self.cls_token = nn.Parameter(torch.zeros(1, 1, size.hidden_size))
         self.final_layer = FinalLayer(size.hidden_size, num_partitions)

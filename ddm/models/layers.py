@@ -16,10 +16,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (N,) times in [0, 1] -> (N, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding of (N,) times in [0, 1] -> (N, dim): [cos, sin] of the scaled time at
+    frequencies max_period^(-i / (dim/2 - freq_shift)) (0: DiT; 1: diffusers' DiT)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / (half - freq_shift))
     args = (t.float() * TIME_SCALE)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -36,9 +38,10 @@ def is_shared(t: torch.Tensor) -> bool:
 class TimestepEmbedder(nn.Module):
     """Embeds scalar times into vectors: sinusoidal features followed by a 2-layer MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -59,7 +62,7 @@ class TimestepEmbedder(nn.Module):
         return self._embed(t)
 
     def _embed(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t, self.frequency_embedding_size)
+        freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
