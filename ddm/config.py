@@ -65,6 +65,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"config field '{where}' must be a mapping, got {value!r}")
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if key_tp is str:  # YAML reads `2: x` with an int key; the CLI's `field.2=x` with a string one
+            value = {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in value.items()}
         return {
             _convert(k, key_tp, f"{where} key {k!r}"): _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()
         }

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from ddm.assemble import assemble, load_ensemble
+from ddm.cost import ensemble_sampling_cost, forward_flops_of
 from ddm.flow import FlowMatching
 from ddm.layout import ENSEMBLE_FILE, ensemble_id
+from ddm.models.config import ModelConfig, forward_flops
 from ddm.store import ChecksumError, Store
 from tests.helpers import summary
 from tests.test_train import fresh, prepared, run_cli  # noqa: F401 - fixture
@@ -62,9 +64,10 @@ def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # 
     store = Store(store_path)
     with pytest.raises(ValueError, match="experts/01 has no committed export; train it first"):
         assemble(store)
-    # Expert 1 is a DDPM expert (epsilon-prediction on the VP schedule), trained by the same loop:
-    # it mixes with the flow-matching expert 0, converted to the ensemble's velocity at each step.
-    ddpm = ("flow.path=vp", "flow.prediction=epsilon", "flow.time_sampling=uniform")
+    # Expert 1 is a DDPM expert (epsilon-prediction on the VP schedule), trained by the same loop, and
+    # of another size (DiT-Micro/2 beside expert 0's DiT-Tiny/2): it mixes with the flow-matching
+    # expert 0, converted to the ensemble's velocity at each step, and costs its own FLOPs.
+    ddpm = ("flow.path=vp", "flow.prediction=epsilon", "flow.time_sampling=uniform", "model.arch=DiT-Micro/2")
     s = summary(run_cli(store_path, "partition=1", "steps=2", "checkpoint.every=2", *ddpm))
     assert 0 < s["final_loss"] < 10
     summary(run_cli(store_path, "job=router", "steps=2", "checkpoint.every=2"))
@@ -74,6 +77,13 @@ def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # 
     ens = load_ensemble(store, "full")
     v = ens.velocity(torch.randn(4, 1, 8, 8), torch.full((1,), 0.5).expand(4), torch.arange(4))
     assert v.shape == (4, 1, 8, 8) and torch.isfinite(v).all() and ens.stats.expert_evals[1] == 4
+    sizes = [forward_flops(ModelConfig(a, (1, 8, 8), num_classes=10)) for a in ("DiT-Tiny/2", "DiT-Micro/2")]
+    flops = forward_flops_of(store, desc)
+    assert flops["experts"] == sizes and sizes[1] < sizes[0] / 2
+    st = ens.stats  # the full rule: every expert on all 4 rows, once
+    cost = ensemble_sampling_cost(flops["experts"], flops["router"], st.expert_evals, st.router_evals,
+                                  st.velocity_evals, 1)  # fmt: skip
+    assert cost["sampling_flops_per_sample"] == pytest.approx(sum(sizes) + flops["router"])
     config = os.path.join(store_path, "router", "export", "config.json")
     with open(config, "a") as f:
         f.write(" ")

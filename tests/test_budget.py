@@ -124,3 +124,19 @@ def test_every_crossing_of_two_curves_is_found_in_order():
     assert crossings_of(ens[1:3], mono[1:3], "top-1", "monolith") == []
     text = "\n".join(format_curves({"series": {"top-1": ens, "monolith": mono}, "crossings": cs}))
     assert "cross 2 times" in text and "monolith is ahead at the end" in text
+
+
+def test_experts_of_different_sizes_count_their_own_flops():
+    """expert_arch gives some partitions another preset; the monolith (the template's size) matches
+    the sum of every job's own FLOPs; a partition that does not exist is refused."""
+    cfgs = by_dir(jobs(spec(expert_arch={"1": "DiT-Micro/2", "3": "DiT-S/2"}), K))
+    experts = [cfgs[f"experts/{k:02d}"] for k in range(K)]
+    assert [e.model.arch for e in experts] == ["DiT-Tiny/2", "DiT-Micro/2", "DiT-Tiny/2", "DiT-S/2"]
+    assert experts[1].flops_per_step() < experts[0].flops_per_step() < experts[3].flops_per_step()
+    mono = cfgs["monolith"]
+    assert mono.model.arch == "DiT-Tiny/2"
+    assert abs(flops(mono) - sum(flops(c) for c in [*experts, cfgs["router"]])) <= mono.flops_per_step() / 2
+    with pytest.raises(ValueError, match=r"expert_arch names partition '4'; the partitions are 0..3"):
+        jobs(spec(expert_arch={"4": "DiT-S/2"}), K)
+    with pytest.raises(ValueError, match=r"arch 'DiT-Huge' is unknown"):
+        jobs(spec(expert_arch={"0": "DiT-Huge"}), K)

@@ -23,6 +23,10 @@ class RunSpec:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     expert: JobConfig = field(default_factory=JobConfig)  # template for every expert (store, job, partition set here)
+    # Experts of different sizes: partition -> DiT preset of its expert (e.g. {"2": "DiT-S/2"} for an
+    # island with one small GPU); the others use expert.model.arch. Each job's FLOPs are its own, in
+    # the budget (a monolith matches their sum) and the cost tables.
+    expert_arch: dict[str, str] = field(default_factory=dict)
     # The router: a DiT-Micro by default, ~5% of a DiT-Tiny expert's forward (the paper's is ~4%).
     router: JobConfig = field(default_factory=lambda: JobConfig(job="router", model=ModelConfig(arch="DiT-Micro/4")))
     monolith: bool = False  # also train one model on all data with the experts' + router's training FLOPs
@@ -58,7 +62,15 @@ def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = No
     base = {"store": spec.store, "seed": spec.seed}
     expert = dataclasses.replace(spec.expert, **base)
     router = dataclasses.replace(spec.router, **base)
-    return plan(expert, router, num_partitions, spec.budget, spec.monolith, expert_steps)
+    arch = {}
+    for key, name in spec.expert_arch.items():
+        if not key.isdigit() or int(key) >= num_partitions:
+            raise ValueError(
+                f"expert_arch names partition {key!r}; the partitions are 0..{num_partitions - 1} "
+                "(e.g. expert_arch.2=DiT-S/2)"
+            )
+        arch[int(key)] = name
+    return plan(expert, router, num_partitions, spec.budget, spec.monolith, expert_steps, arch)
 
 
 def student(spec: RunSpec) -> JobConfig | None:
