@@ -97,12 +97,13 @@ def plan(
     budget: BudgetConfig,
     monolith: bool,
     expert_steps: list[int] | None = None,
-    expert_arch: dict[int, str] | None = None,
+    own: dict[int, JobConfig] | None = None,
 ) -> list[JobConfig]:
     """The training jobs of one run: K experts, the router and (with ``monolith``) the equal-FLOP
     monoliths, from the template configs (store and seed already set). ``expert_steps``: each
     expert's steps (default the template's; islands may scale them by partition size);
-    ``expert_arch``: another model preset for some experts (the monoliths keep the template's)."""
+    ``own``: another template for some experts (another size, objective or start; the monoliths keep
+    the shared template)."""
     split = budget.resolved_split(monolith)
     if budget.small_batch_monolith and not (monolith and split == "batch"):
         raise ValueError(
@@ -119,13 +120,12 @@ def plan(
             return c
         return dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, snapshots=snapshots))
 
-    def sized(k: int) -> JobConfig:
-        if k not in (expert_arch or {}):
-            return expert
-        return dataclasses.replace(expert, model=dataclasses.replace(expert.model, arch=expert_arch[k]))
-
     experts = [
-        with_snapshots(dataclasses.replace(sized(k), job="expert", partition=k, global_batch_size=b, steps=steps[k]))
+        with_snapshots(
+            dataclasses.replace(
+                (own or {}).get(k, expert), job="expert", partition=k, global_batch_size=b, steps=steps[k]
+            )
+        )
         for k in range(num_experts)
     ]
     router = with_snapshots(dataclasses.replace(router, job="router"))

@@ -127,16 +127,22 @@ def test_every_crossing_of_two_curves_is_found_in_order():
 
 
 def test_experts_of_different_sizes_count_their_own_flops():
-    """expert_arch gives some partitions another preset; the monolith (the template's size) matches
-    the sum of every job's own FLOPs; a partition that does not exist is refused."""
-    cfgs = by_dir(jobs(spec(expert_arch={"1": "DiT-Micro/2", "3": "DiT-S/2"}), K))
+    """expert_overrides give some partitions another preset (or objective); the monolith (the
+    template's size) matches the sum of every job's own FLOPs; a partition that does not exist, a
+    setting the budget owns and a bad value are refused, named."""
+    ddpm = ["flow.path=vp", "flow.prediction=epsilon"]
+    cfgs = by_dir(jobs(spec(expert_overrides={"1": ["model.arch=DiT-Micro/2"], "3": ["model.arch=DiT-S/2", *ddpm]}), K))
     experts = [cfgs[f"experts/{k:02d}"] for k in range(K)]
     assert [e.model.arch for e in experts] == ["DiT-Tiny/2", "DiT-Micro/2", "DiT-Tiny/2", "DiT-S/2"]
     assert experts[1].flops_per_step() < experts[0].flops_per_step() < experts[3].flops_per_step()
     mono = cfgs["monolith"]
     assert mono.model.arch == "DiT-Tiny/2"
     assert abs(flops(mono) - sum(flops(c) for c in [*experts, cfgs["router"]])) <= mono.flops_per_step() / 2
-    with pytest.raises(ValueError, match=r"expert_arch names partition '4'; the partitions are 0..3"):
-        jobs(spec(expert_arch={"4": "DiT-S/2"}), K)
-    with pytest.raises(ValueError, match=r"arch 'DiT-Huge' is unknown"):
-        jobs(spec(expert_arch={"0": "DiT-Huge"}), K)
+    assert experts[3].flow.prediction == "epsilon" and experts[0].flow.prediction == "velocity"
+    assert {e.global_batch_size for e in experts} == {B // K} and {e.steps for e in experts} == {S}
+    with pytest.raises(ValueError, match=r"expert_overrides names partition '4'; the partitions are 0..3"):
+        jobs(spec(expert_overrides={"4": ["model.arch=DiT-S/2"]}), K)
+    with pytest.raises(ValueError, match=r"expert_overrides.0: .*arch 'DiT-Huge' is unknown"):
+        jobs(spec(expert_overrides={"0": ["model.arch=DiT-Huge"]}), K)
+    with pytest.raises(ValueError, match=r"expert_overrides.2 sets steps=10: the run's budget sets"):
+        jobs(spec(expert_overrides={"2": ["steps=10"]}), K)

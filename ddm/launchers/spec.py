@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ddm.budget import BudgetConfig, plan
+from ddm.config import apply_overrides, from_dict, to_dict
 from ddm.data.config import IngestConfig, PartitionConfig
 from ddm.job import JobConfig
 from ddm.models.config import ModelConfig
@@ -23,10 +24,12 @@ class RunSpec:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     expert: JobConfig = field(default_factory=JobConfig)  # template for every expert (store, job, partition set here)
-    # Experts of different sizes: partition -> DiT preset of its expert (e.g. {"2": "DiT-S/2"} for an
-    # island with one small GPU); the others use expert.model.arch. Each job's FLOPs are its own, in
-    # the budget (a monolith matches their sum) and the cost tables.
-    expert_arch: dict[str, str] = field(default_factory=dict)
+    # Experts unlike the others: partition -> overrides of the expert template for that expert alone,
+    # e.g. {"2": ["model.arch=DiT-S/2"]} (an island with one small GPU), {"1": ["flow.path=vp",
+    # "flow.prediction=epsilon"]} (a DDPM expert), {"0": ["init_from=monolith"]}. The budget sets
+    # every expert's batch and steps. Each job's FLOPs are its own, in the budget (a monolith
+    # matches their sum) and the cost tables.
+    expert_overrides: dict[str, list[str]] = field(default_factory=dict)
     # The router: a DiT-Micro by default, ~5% of a DiT-Tiny expert's forward (the paper's is ~4%).
     router: JobConfig = field(default_factory=lambda: JobConfig(job="router", model=ModelConfig(arch="DiT-Micro/4")))
     monolith: bool = False  # also train one model on all data with the experts' + router's training FLOPs
@@ -62,15 +65,27 @@ def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = No
     base = {"store": spec.store, "seed": spec.seed}
     expert = dataclasses.replace(spec.expert, **base)
     router = dataclasses.replace(spec.router, **base)
-    arch = {}
-    for key, name in spec.expert_arch.items():
+    own = {}
+    for key, overrides in spec.expert_overrides.items():
         if not key.isdigit() or int(key) >= num_partitions:
             raise ValueError(
-                f"expert_arch names partition {key!r}; the partitions are 0..{num_partitions - 1} "
-                "(e.g. expert_arch.2=DiT-S/2)"
+                f"expert_overrides names partition {key!r}; the partitions are 0..{num_partitions - 1} "
+                "(e.g. expert_overrides.2=[model.arch=DiT-S/2])"
             )
-        arch[int(key)] = name
-    return plan(expert, router, num_partitions, spec.budget, spec.monolith, expert_steps, arch)
+        fixed = [o for o in overrides if o.split("=", 1)[0] in PLANNED]
+        if fixed:
+            raise ValueError(
+                f"expert_overrides.{key} sets {', '.join(fixed)}: the run's budget sets each expert's "
+                f"{', '.join(PLANNED)}; change them for every expert in the spec"
+            )
+        try:
+            own[int(key)] = from_dict(JobConfig, apply_overrides(to_dict(expert), list(overrides)))
+        except ValueError as e:
+            raise ValueError(f"expert_overrides.{key}: {e}") from e
+    return plan(expert, router, num_partitions, spec.budget, spec.monolith, expert_steps, own)
+
+
+PLANNED = ("store", "seed", "job", "partition", "folder", "global_batch_size", "steps")
 
 
 def student(spec: RunSpec) -> JobConfig | None:
