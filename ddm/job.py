@@ -308,6 +308,10 @@ def check_inputs(cfg: JobConfig) -> dict:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
     if cfg.job == "distill":
         _check_teacher(store, cfg)
+    if cfg.init_from:  # the weights the job starts from are there (read by the job itself)
+        from ddm.models.pretrained import check_source
+
+        check_source(cfg.init_from, store)
     config_path = f"{cfg.run_dir}/{layout.JOB_CONFIG}"
     if store.exists(config_path):  # a re-run resumes: it must train the same thing
         diffs = config_changes(store.read_json(config_path), to_dict(cfg))

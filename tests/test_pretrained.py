@@ -159,3 +159,20 @@ def test_a_checkpoint_with_code_or_other_positions_is_refused(tmp_path):
         init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "pickled.pt"), Store(str(tmp_path)))
     with pytest.raises(ValueError, match=r"no such file"):
         init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "absent.pt"), Store(str(tmp_path)))
+
+
+def test_a_missing_source_is_named_before_any_worker_starts(tmp_path):
+    """``check_inputs`` asks ``check_source``: the file, the diffusers config or the committed ddm
+    export must be there; nothing is read beyond that."""
+    from ddm.models.pretrained import check_source
+
+    store = Store(str(tmp_path))
+    diffusers_dit(tmp_path / "dit")
+    check_source(str(tmp_path / "dit"), store)
+    check_source("dit", store)  # relative: inside the job's store
+    torch.save(LearnedSigmaDiT().state_dict_as_dit(), tmp_path / "dit.pt")
+    check_source("dit.pt", store)
+    with pytest.raises(ValueError, match=r"init_from=absent.pt: no such file .*inside the job's store"):
+        check_source("absent.pt", store)
+    with pytest.raises(ValueError, match=r"init_from=monolith: .*has no committed export.*train the source first"):
+        check_source("monolith", store)

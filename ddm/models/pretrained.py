@@ -54,6 +54,32 @@ def source_kind(source: str, store: Store) -> str:
     return "ddm"
 
 
+def check_source(source: str, store: Store) -> None:
+    """Before any worker starts: ``source`` is there (a file, a diffusers config, a committed ddm
+    export); a hub id is fetched by the job. ValueError naming what is missing."""
+    kind = source_kind(source, store)
+    if kind == "dit":
+        _read_file(source, store, check_only=True)
+    elif kind == "diffusers":
+        where = _folder(source, store)
+        where = where.child("transformer") if where.exists("model_index.json") else where
+        if not where.exists("config.json"):
+            raise ValueError(f"init_from={source}: no config.json in {where.url} (a diffusers model folder)")
+    elif kind == "ddm":
+        from ddm.exports import read_export
+
+        parent, run_dir = (
+            source.rstrip("/").rsplit("/", 1) if ("://" in source or source.startswith("/")) else (None, source)
+        )
+        try:
+            read_export(Store(parent) if parent else store, run_dir.strip("/"))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(
+                f"init_from={source}: {e}. A job in the same `ddm run` as its source starts with it: train the "
+                "source first"
+            ) from e
+
+
 def load_pretrained(source: str, store: Store, model: torch.nn.Module) -> tuple[dict, dict]:
     """The tensors of ``source`` (a facebookresearch/DiT file, a diffusers folder or a hub id) in
     ``model``'s names and shapes, and what the job records of them: {"url", "sha256", "format",
@@ -237,12 +263,14 @@ def _folder(source: str, store: Store) -> Store:
     return store.child(source.strip("/"))
 
 
-def _read_file(source: str, store: Store) -> tuple[bytes, str]:
+def _read_file(source: str, store: Store, check_only: bool = False) -> tuple[bytes, str]:
     parent, name = source.rsplit("/", 1) if "/" in source else ("", source)
     where = Store(parent) if ("://" in source or source.startswith("/")) else store.child(parent) if parent else store
     if not where.exists(name):
-        raise ValueError(f"init_from={source}: no such file ({where.url}/{name})")
-    return where.read_bytes(name), f"{where.url}/{name}"
+        raise ValueError(
+            f"init_from={source}: no such file ({where.url}/{name}); a relative path is inside the job's store"
+        )
+    return (b"" if check_only else where.read_bytes(name)), f"{where.url}/{name}"
 
 
 def _download(source: str) -> str:
