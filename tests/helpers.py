@@ -81,16 +81,17 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def diffusers_dit(folder, norm_eps: float = 1e-5, out_channels: int = 2, same_embeddings: bool = True):
-    """A diffusers DiTTransformer2DModel of DiT-Tiny/2's size on 1x8x8 inputs and 10 classes, random
-    weights (the zero-initialised ones too), saved with save_pretrained to ``folder``; every
-    block's timestep and class embedding a copy of block 0's, as in diffusers' converted DiT
-    checkpoints. Returns the model, in eval mode."""
+def diffusers_dit(folder, norm_eps: float = 1e-5, out_channels: int = 2, same_embeddings: bool = True,
+                  in_channels: int = 1, heads: int = 2, **save):  # fmt: skip
+    """A diffusers DiTTransformer2DModel of DiT-Tiny/2's size (hidden 64) on in_channels x 8 x 8
+    inputs and 10 classes, random weights (the zero-initialised ones too), saved with
+    save_pretrained(``folder``, ``**save``); every block's timestep and class embedding a copy of
+    block 0's, as in diffusers' converted DiT checkpoints. Returns the model, in eval mode."""
     import diffusers
 
     torch.manual_seed(0)
     model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=32, num_layers=2, patch_size=2, in_channels=1,
+        num_attention_heads=heads, attention_head_dim=64 // heads, num_layers=2, patch_size=2, in_channels=in_channels,
         out_channels=out_channels, sample_size=8, num_embeds_ada_norm=10, norm_eps=norm_eps,
     )  # fmt: skip
     with torch.no_grad():
@@ -99,5 +100,5 @@ def diffusers_dit(folder, norm_eps: float = 1e-5, out_channels: int = 2, same_em
         if same_embeddings:
             for block in model.transformer_blocks[1:]:
                 block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), **save)
     return model.eval()

@@ -1,9 +1,12 @@
 """Pretrained weights from outside ddm (``ddm.models.pretrained``): diffusers' DiT, proven against
-diffusers' own model on the same inputs; facebookresearch/DiT checkpoints with their learned sigma;
-the refusals that keep a wrong start from training."""
+diffusers' own model on the same inputs; facebookresearch/DiT checkpoints by their names and
+shapes as the DiT repository's models.py makes them, with their learned sigma; the refusals that
+keep a wrong start from training."""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 
 import pytest
@@ -12,21 +15,34 @@ import torch
 from ddm.exports import init_from_export
 from ddm.models.build import build_model
 from ddm.models.config import ModelConfig
+from ddm.models.pretrained import check_source
 from ddm.store import Store
 from tests.helpers import diffusers_dit
 
 diffusers = pytest.importorskip("diffusers")  # the test extra installs it (ddm[encoders])
 
-
-def ddm_dit(time_freq_shift: int = 1, arch: str = "DiT-Tiny/2"):
-    return build_model(ModelConfig(arch, (1, 8, 8), num_classes=10, time_freq_shift=time_freq_shift)).eval()
+C = 4  # latent channels: with 4, "the first C of every 2C outputs" differs from "every other output"
 
 
-INPUTS = (
-    torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
-    torch.tensor([0, 1, 250, 500, 999]),
-    torch.tensor([0, 3, 7, 9, 10]),
-)  # fmt: skip  (labels: 10 is the null class)
+def ddm_dit(time_freq_shift: int = 1, arch: str = "DiT-Tiny/2", channels: int = C):
+    cfg = ModelConfig(arch, (channels, 8, 8), num_classes=10, time_freq_shift=time_freq_shift)
+    return build_model(cfg).eval()
+
+
+def inputs(channels: int = C):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 3, 7, 9, 10])  # 10: the null class
+    return torch.randn(5, channels, 8, 8, generator=g), torch.tensor([0, 1, 250, 500, 999]), labels
+
+
+def diffusers_out(reference, x, steps, y):
+    with torch.no_grad():
+        return reference(x, timestep=steps, class_labels=y).sample[:, : x.shape[1]]
+
+
+def ddm_out(model, x, steps, y):
+    with torch.no_grad():
+        return model(x, steps.float() / 1000, y)  # ddm's time t in [0, 1] is DiT's step / 1000
 
 
 @pytest.mark.parametrize("norm_eps, tolerance", [(1e-6, 0.0), (1e-5, 2e-5)])
@@ -34,55 +50,73 @@ def test_a_diffusers_dit_computes_what_diffusers_computes(tmp_path, norm_eps, to
     """ddm's DiT loaded from a diffusers folder gives diffusers' outputs on the same inputs (its
     noise half: the learned sigma is dropped): exactly with DiT's norm eps 1e-6, to 1e-6 of the
     output's size with diffusers' default 1e-5 before each feed-forward."""
-    reference = diffusers_dit(tmp_path, norm_eps)
+    reference = diffusers_dit(tmp_path, norm_eps, out_channels=2 * C, in_channels=C)
     model = ddm_dit()
     record = init_from_export(model, str(tmp_path), Store(str(tmp_path)))
-    x, steps, y = INPUTS
-    with torch.no_grad():
-        want = reference(x, timestep=steps, class_labels=y).sample[:, :1]
-        got = model(x, steps.float() / 1000, y)  # ddm's time t in [0, 1] is DiT's step / 1000
+    want, got = diffusers_out(reference, *inputs()), ddm_out(model, *inputs())
     assert want.abs().max() > 0.5  # not a trivially zero output
     assert (got - want).abs().max().item() <= tolerance * want.abs().max().item()
     assert record["format"] == "diffusers DiTTransformer2DModel" and record["url"] == str(tmp_path)
-    assert (
-        record["sha256"]
-        == __import__("hashlib").sha256((tmp_path / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
-    )
+    weights = (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert record["sha256"] == hashlib.sha256(weights).hexdigest()
     assert any("learned sigma" in n for n in record["notes"])
     assert any("normalises" in n for n in record["notes"]) == (norm_eps != 1e-6)
 
 
-def test_a_pipeline_folder_starts_from_its_transformer(tmp_path):
-    reference = diffusers_dit(tmp_path / "transformer", 1e-6)
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
+def test_older_saves_pipelines_shards_and_half_precision_load_alike(tmp_path):
+    """A pipeline folder (its transformer/); the generic class name older saves use (the hub's
+    DiT among them); fp16 weights in shards with their index; a model without learned sigma."""
+    reference = diffusers_dit(tmp_path / "pipe" / "transformer", 1e-6, out_channels=2 * C, in_channels=C)
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
+    config = tmp_path / "pipe" / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "Transformer2DModel"}))
     model = ddm_dit()
-    init_from_export(model, str(tmp_path), Store(str(tmp_path)))
-    x, steps, y = INPUTS
-    with torch.no_grad():
-        assert torch.equal(
-            model(x, steps.float() / 1000, y), reference(x, timestep=steps, class_labels=y).sample[:, :1]
-        )
+    init_from_export(model, str(tmp_path / "pipe"), Store(str(tmp_path)))
+    assert torch.equal(ddm_out(model, *inputs()), diffusers_out(reference, *inputs()))
+
+    half = diffusers_dit(tmp_path / "half", 1e-6, out_channels=C, in_channels=C, max_shard_size="40KB")
+    assert (tmp_path / "half" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    half = half.to(torch.float16)
+    half.save_pretrained(str(tmp_path / "half"), max_shard_size="40KB")
+    model = ddm_dit()
+    record = init_from_export(model, str(tmp_path / "half"), Store(str(tmp_path)))
+    upcast = diffusers.DiTTransformer2DModel.from_pretrained(str(tmp_path / "half"), torch_dtype=torch.float32)
+    assert torch.equal(ddm_out(model, *inputs()), diffusers_out(upcast.eval(), *inputs()))  # the same fp16 values
+    assert not any("learned sigma" in n for n in record["notes"]) and any("sharded" in n for n in record["notes"])
 
 
 def test_what_does_not_map_is_refused_before_anything_loads(tmp_path):
     diffusers_dit(tmp_path / "a")
     store = Store(str(tmp_path))
+    one = dict(channels=1)
     with pytest.raises(ValueError, match=r"set model.time_freq_shift=1 for this job"):
-        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "a"), store)
+        init_from_export(ddm_dit(time_freq_shift=0, **one), str(tmp_path / "a"), store)
     with pytest.raises(ValueError, match=r"do not fit this job's model: .*of another shape"):
-        init_from_export(ddm_dit(arch="DiT-Tiny/4"), str(tmp_path / "a"), store)
+        init_from_export(ddm_dit(arch="DiT-Tiny/4", **one), str(tmp_path / "a"), store)
+    diffusers_dit(tmp_path / "heads", heads=4)  # the same tensor shapes, another split into heads
+    with pytest.raises(ValueError, match=r"4 attention heads, this job's model 2"):
+        init_from_export(ddm_dit(**one), str(tmp_path / "heads"), store)
     diffusers_dit(tmp_path / "b", same_embeddings=False)
     with pytest.raises(ValueError, match=r"blocks 0 and 1 hold different norm1.emb.*shares one timestep"):
-        init_from_export(ddm_dit(), str(tmp_path / "b"), store)
+        init_from_export(ddm_dit(**one), str(tmp_path / "b"), store)
+    with pytest.raises(ValueError, match=r"these are diffusers' parameter names; give the folder"):
+        init_from_export(ddm_dit(**one), str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"), store)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "_class_name": "PixArtTransformer2DModel"}))
-    with pytest.raises(ValueError, match=r"PixArt transformer is text-conditioned"):
-        init_from_export(ddm_dit(), str(tmp_path / "c"), store)
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    refused = {
+        "pixart": ({"_class_name": "PixArtTransformer2DModel"}, r"PixArt transformer is text-conditioned"),
+        "pixart-old": ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_single"}, r"PixArt"),
+        "gelu": ({"activation_fn": "gelu"}, r"activation_fn='gelu': not the DiT"),
+        "old-512": ({"_class_name": "Transformer2DModel", "sample_size": 128}, r"interpolation_scale=2"),
+    }
+    for name, (changes, message) in refused.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(ValueError, match=message):
+            check_source(str(tmp_path / name), store)  # before any worker starts
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"no diffusion_pytorch_model.safetensors .*safetensors only"):
-        init_from_export(ddm_dit(), str(tmp_path / "d"), store)
+        check_source(str(tmp_path / "bin"), store)
 
 
 def test_a_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
@@ -92,41 +126,59 @@ def test_a_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
         init_from_export(ddm_dit(), "hf://facebook/DiT-XL-2-256", Store(str(tmp_path)))
 
 
-class LearnedSigmaDiT(torch.nn.Module):
-    """A DiT as facebookresearch/DiT builds it with learn_sigma=True: 2C output channels (noise,
-    then the variance interpolation), ddm's trunk, the same parameter names, and the fixed
-    positions stored in its state dict."""
+def dit_repository_state(depth=2, hidden=64, patch=2, channels=C, classes=10, tokens=16) -> dict:
+    """Names and shapes of a facebookresearch/DiT state dict (learn_sigma=True, class dropout > 0),
+    written down from that repository's models.py, not from ddm: timm's PatchEmbed and Mlp, its
+    Attention's fused qkv, affine-free LayerNorms, the fixed pos_embed Parameter."""
+    d = hidden
+    shapes = {
+        "pos_embed": (1, tokens, d),
+        "x_embedder.proj.weight": (d, channels, patch, patch), "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (classes + 1, d),
+        "final_layer.linear.weight": (patch**2 * 2 * channels, d),
+        "final_layer.linear.bias": (patch**2 * 2 * channels,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }  # fmt: skip
+    for i in range(depth):
+        shapes |= {
+            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
+            f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
+            f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
+            f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
+        }  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    state = {k: 0.05 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    state["pos_embed"] = ddm_dit(time_freq_shift=0, channels=channels).pos_embed.clone()  # DiT's fixed sin-cos
+    return state
 
-    def __init__(self):
-        super().__init__()
-        from ddm.models.layers import FinalLayer
 
-        self.net = ddm_dit(time_freq_shift=0)
-        self.net.final_layer = FinalLayer(64, 2 * 2 * 2)  # patch 2 x 2, 2C = 2 channels
-        torch.manual_seed(3)
-        with torch.no_grad():
-            for p in self.net.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+def dit_repository_forward(state: dict, x, t, y, channels=C, patch=2):
+    """The noise half of DiT's output, through ddm's trunk loaded with every tensor but the output
+    layer, then DiT's own final layer and unpatchify (models.py: reshape (N, h, w, p, p, 2C),
+    einsum 'nhwpqc->nchpwq'), its first C channels."""
+    from ddm.models.layers import FinalLayer
 
-    def state_dict_as_dit(self) -> dict:
-        return {**self.net.state_dict(), "pos_embed": self.net.pos_embed.clone()}
-
-    def forward(self, x, t, y):
-        n = self.net
-        tokens = n.run_blocks(n.x_embedder(x) + n.pos_embed, n.condition(t, y))
-        out = n.final_layer(tokens, n.condition(t, y))  # (N, T, p*p*2C), channel fastest
+    net = ddm_dit(time_freq_shift=0, channels=channels)
+    net.final_layer = FinalLayer(64, patch * patch * 2 * channels)
+    net.load_state_dict({k: v for k, v in state.items() if k != "pos_embed"})
+    with torch.no_grad():
+        c = net.condition(t, y)
+        out = net.final_layer(net.run_blocks(net.x_embedder(x) + net.pos_embed, c), c)
         h = w = int(out.shape[1] ** 0.5)
-        out = out.reshape(out.shape[0], h, w, 2, 2, 2)
-        return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], 2, h * 2, w * 2)
+        out = out.reshape(out.shape[0], h, w, patch, patch, 2 * channels)
+        out = torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], 2 * channels, h * patch, w * patch)
+    return out[:, :channels]
 
 
 @pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint", "safetensors"])
 def test_a_facebookresearch_dit_checkpoint_keeps_its_noise_prediction(tmp_path, layout):
-    """A DiT checkpoint with learned sigma (2C outputs) loads into ddm's DiT (C outputs): ddm's
-    output is the checkpoint's noise half; a training checkpoint gives its EMA; the stored
-    positions are checked, not loaded."""
-    reference = LearnedSigmaDiT().eval()
-    state = reference.state_dict_as_dit()
+    """A DiT checkpoint with learned sigma (2C outputs) loads into ddm's DiT (C outputs): every name
+    has its place, ddm's output is the checkpoint's noise half; a training checkpoint (with the DiT
+    repository's argparse arguments) gives its EMA; the stored positions are checked, not loaded."""
+    state = dit_repository_state()
     path = tmp_path / ("dit.safetensors" if layout == "safetensors" else "dit.pt")
     if layout == "safetensors":
         from safetensors.torch import save_file
@@ -134,45 +186,47 @@ def test_a_facebookresearch_dit_checkpoint_keeps_its_noise_prediction(tmp_path, 
         save_file(state, str(path))
     elif layout == "training_checkpoint":
         wrong = {k: torch.zeros_like(v) for k, v in state.items()}
-        torch.save({"model": wrong, "ema": state, "opt": {}, "args": None}, path)
+        torch.save({"model": wrong, "ema": state, "opt": {}, "args": argparse.Namespace(model="DiT-XL/2")}, path)
     else:
         torch.save(state, path)
     model = ddm_dit(time_freq_shift=0)
     record = init_from_export(model, str(path), Store(str(tmp_path)))
-    x, steps, y = INPUTS
-    with torch.no_grad():
-        assert torch.equal(model(x, steps.float() / 1000, y), reference(x, steps.float() / 1000, y)[:, :1])
+    x, steps, y = inputs()
+    assert torch.equal(ddm_out(model, x, steps, y), dit_repository_forward(state, x, steps.float() / 1000, y))
     assert record["format"] == "facebookresearch/DiT" and record["url"] == str(path)
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert any("pos_embed" in n for n in record["notes"]) and any("learned sigma" in n for n in record["notes"])
     assert any("EMA" in n for n in record["notes"]) == (layout == "training_checkpoint")
     with pytest.raises(ValueError, match=r"set model.time_freq_shift=0"):
         init_from_export(ddm_dit(time_freq_shift=1), str(path), Store(str(tmp_path)))
 
 
+class Payload:
+    """Not a tensor, not an argparse.Namespace: torch's weights_only unpickler must refuse it."""
+
+
 def test_a_checkpoint_with_code_or_other_positions_is_refused(tmp_path):
-    state = LearnedSigmaDiT().state_dict_as_dit()
+    state = dit_repository_state()
+    store = Store(str(tmp_path))
     torch.save({**state, "pos_embed": state["pos_embed"] + 1}, tmp_path / "moved.pt")
     with pytest.raises(ValueError, match=r"positional embedding .* is not the fixed sin-cos one"):
-        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "moved.pt"), Store(str(tmp_path)))
-    torch.save({"model": state, "args": __import__("argparse").Namespace(x=1)}, tmp_path / "pickled.pt")
+        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "moved.pt"), store)
+    torch.save({"model": state, "args": Payload()}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match=r"not a checkpoint of tensors only"):
-        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "pickled.pt"), Store(str(tmp_path)))
-    with pytest.raises(ValueError, match=r"no such file"):
-        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "absent.pt"), Store(str(tmp_path)))
+        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "pickled.pt"), store)
 
 
 def test_a_missing_source_is_named_before_any_worker_starts(tmp_path):
-    """``check_inputs`` asks ``check_source``: the file, the diffusers config or the committed ddm
-    export must be there; nothing is read beyond that."""
-    from ddm.models.pretrained import check_source
-
+    """``check_inputs`` asks ``check_source``: the file, the diffusers config and weights or the
+    committed ddm export must be there; nothing is read beyond that."""
     store = Store(str(tmp_path))
     diffusers_dit(tmp_path / "dit")
     check_source(str(tmp_path / "dit"), store)
     check_source("dit", store)  # relative: inside the job's store
-    torch.save(LearnedSigmaDiT().state_dict_as_dit(), tmp_path / "dit.pt")
+    torch.save(dit_repository_state(), tmp_path / "dit.pt")
     check_source("dit.pt", store)
+    check_source(f"file://{tmp_path}/dit.pt", store)
     with pytest.raises(ValueError, match=r"init_from=absent.pt: no such file .*inside the job's store"):
         check_source("absent.pt", store)
-    with pytest.raises(ValueError, match=r"init_from=monolith: .*has no committed export.*train the source first"):
+    with pytest.raises(ValueError, match=r"init_from=monolith: neither a checkpoint .*train the source first"):
         check_source("monolith", store)

@@ -8,8 +8,11 @@ Two formats besides ddm's own exports:
   names, so the tensors map one to one. ``.pt`` files are read with ``torch.load(weights_only=True)``:
   tensors only, no code.
 - **diffusers**: a ``DiTTransformer2DModel`` folder (what ``save_pretrained`` writes:
-  ``config.json`` + ``diffusion_pytorch_model.safetensors``, sharded or not) or a pipeline folder
-  with one under ``transformer/``. Its names map as below; q, k and v are concatenated into ddm's
+  ``config.json`` + ``diffusion_pytorch_model.safetensors``, sharded or not; older saves, the
+  hub's ``facebook/DiT-XL-2-256`` among them, call it ``Transformer2DModel`` with
+  ``norm_type: ada_norm_zero``) or a pipeline folder with one under ``transformer/``. Its
+  configuration must be the DiT that ddm's DiT computes (adaLN-Zero, tanh GELU, positions on the
+  patch grid, the job's number of heads). Its names map as below; q, k and v are concatenated into ddm's
   ``qkv``. diffusers keeps a timestep and class embedding in every block (its converted DiT
   checkpoints hold the same copy in each); ddm's DiT shares one, so blocks whose copies differ are
   refused. diffusers embeds time at frequencies 10000^(-i/127) where DiT uses 10000^(-i/128): a
@@ -27,24 +30,26 @@ Face hub: downloaded through huggingface_hub, with a clear error offline.
 
 from __future__ import annotations
 
-import hashlib
-import io
+import argparse
+import contextlib
 import json
+import os
 import re
+import tempfile
 
 import torch
 
 from ddm.store import Store
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-DIFFUSERS_CLASSES = ("DiTTransformer2DModel",)
+CHECKPOINT = r"\.(pt|pth|ckpt|safetensors)$"
 
 
 def source_kind(source: str, store: Store) -> str:
     """ "hub", "dit" (a checkpoint file), "diffusers" (a model or pipeline folder) or "ddm" (an export)."""
     if source.startswith("hf://"):
         return "hub"
-    if re.search(r"\.(pt|pth|ckpt|safetensors)$", source):
+    if re.search(CHECKPOINT, source):
         return "dit"
     where = _folder(source, store)
     if where.exists("model_index.json") or (
@@ -55,27 +60,25 @@ def source_kind(source: str, store: Store) -> str:
 
 
 def check_source(source: str, store: Store) -> None:
-    """Before any worker starts: ``source`` is there (a file, a diffusers config, a committed ddm
-    export); a hub id is fetched by the job. ValueError naming what is missing."""
+    """Before any worker starts: ``source`` is there and of a kind ddm reads (a checkpoint file; a
+    diffusers DiT folder with its config and safetensors weights; a committed ddm export); a hub
+    id is fetched by the job. ValueError naming what is missing or unreadable."""
     kind = source_kind(source, store)
     if kind == "dit":
-        _read_file(source, store, check_only=True)
+        _locate(source, store)
     elif kind == "diffusers":
-        where = _folder(source, store)
-        where = where.child("transformer") if where.exists("model_index.json") else where
-        if not where.exists("config.json"):
-            raise ValueError(f"init_from={source}: no config.json in {where.url} (a diffusers model folder)")
+        where, _ = _diffusers_config(source, store)
+        _weight_files(where, source)
     elif kind == "ddm":
         from ddm.exports import read_export
 
-        parent, run_dir = (
-            source.rstrip("/").rsplit("/", 1) if ("://" in source or source.startswith("/")) else (None, source)
-        )
+        parent, run_dir = _split(source)
         try:
-            read_export(Store(parent) if parent else store, run_dir.strip("/"))
+            read_export(Store(parent) if parent else store, run_dir)
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(
-                f"init_from={source}: {e}. A job in the same `ddm run` as its source starts with it: train the "
+                f"init_from={source}: neither a checkpoint file, a diffusers model folder (config.json) nor a "
+                f"committed ddm export ({e}). A job in the same `ddm run` as its source starts after it: train the "
                 "source first"
             ) from e
 
@@ -86,18 +89,16 @@ def load_pretrained(source: str, store: Store, model: torch.nn.Module) -> tuple[
     "notes"}. Checks that can be made here (time embedding, positions, per-block embeddings) are
     ValueErrors naming the source and the fix; the caller checks every tensor's shape."""
     kind = source_kind(source, store)
+    if not hasattr(model, "x_embedder"):
+        raise ValueError(f"init_from={source}: a pretrained DiT starts DiT models only; this job's is not (model.arch)")
     if kind == "hub":
         source = _download(source)
-        kind = "dit" if re.search(r"\.(pt|pth|ckpt|safetensors)$", source) else "diffusers"
     if kind == "dit":
-        raw, url = _read_file(source, store)
-        state, notes = _dit_state(raw, source)
+        state, sha256, url, notes = _dit_state(source, store)
         freq_shift, fmt = 0, "facebookresearch/DiT"
     else:
-        state, raw, url, notes = _diffusers_state(source, store)
+        state, sha256, url, notes = _diffusers_state(source, store, model)
         freq_shift, fmt = 1, "diffusers DiTTransformer2DModel"
-    if not hasattr(model, "x_embedder"):
-        raise ValueError(f"init_from={source}: a {fmt} checkpoint is a DiT; this job's model is not (model.arch)")
     shift = model.t_embedder.freq_shift
     if shift != freq_shift:
         raise ValueError(
@@ -106,23 +107,48 @@ def load_pretrained(source: str, store: Store, model: torch.nn.Module) -> tuple[
         )
     notes += _drop_fixed_positions(state, model, source)
     notes += _drop_learned_sigma(state, model, source)
-    return state, {"url": url, "sha256": hashlib.sha256(raw).hexdigest(), "format": fmt, "notes": notes}
+    return state, {"url": url, "sha256": sha256, "format": fmt, "notes": notes}
 
 
 # --- facebookresearch/DiT ------------------------------------------------------------------------
-def _dit_state(raw: bytes, source: str) -> tuple[dict, list[str]]:
-    if source.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
+def _dit_state(source: str, store: Store) -> tuple[dict, str, str, list[str]]:
+    """The checkpoint's tensors, its sha256 and URL. Local files are memory-mapped, others fetched
+    to local scratch first (in pieces): an XL training checkpoint (about 11 GB with its optimizer)
+    is never read into memory whole."""
+    where, name = _locate(source, store)
+    url = f"{where.url}/{name}"
+    with _local_copy(where, name) as (path, sha256):
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return dict(load_safetensors(raw)), []
+            state, notes = load_file(path), []
+        else:
+            state, notes = _torch_checkpoint(path, source)
+    if any(k.startswith("transformer_blocks.") for k in state):
+        raise ValueError(
+            f"init_from={source}: these are diffusers' parameter names; give the folder that holds the file and "
+            "its config.json (diffusers' time embedding and layout come from the config)"
+        )
+    return state, sha256, url, notes
+
+
+def _torch_checkpoint(path: str, source: str) -> tuple[dict, list[str]]:
+    # Tensors and the argparse.Namespace of the DiT repository's training arguments: nothing that
+    # runs code (torch's weights_only unpickler refuses every other class).
     try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # an unpickler refusal names what the file holds beyond tensors
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # files of torch's legacy (pre-zip) format cannot be mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusal names what the file holds beyond tensors
         raise ValueError(f"init_from={source}: not a checkpoint of tensors only ({e})") from e
     notes = []
-    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         obj, notes = obj["ema"], ["a training checkpoint: its EMA weights (as the DiT repository samples)"]
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj, notes = obj["model"], ["a training checkpoint without EMA: its model weights"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"init_from={source}: expected a state dict of tensors (a facebookresearch/DiT checkpoint)")
@@ -130,46 +156,86 @@ def _dit_state(raw: bytes, source: str) -> tuple[dict, list[str]]:
 
 
 # --- diffusers -----------------------------------------------------------------------------------
-def _diffusers_state(source: str, store: Store) -> tuple[dict, bytes, str, list[str]]:
+# The class names diffusers gives a DiT: its own, and the generic one of older saves (the hub's
+# facebook/DiT-XL-2-256 among them), which diffusers itself maps by norm_type.
+DIT_NORM = "ada_norm_zero"
+
+
+def _diffusers_config(source: str, store: Store) -> tuple[Store, dict]:
+    """The model folder (a pipeline's ``transformer/``) and its config, checked to be a DiT that ddm's
+    DiT computes exactly."""
     where = _folder(source, store)
     if where.exists("model_index.json"):  # a pipeline: its transformer
         where = where.child("transformer")
+    if not where.exists("config.json"):
+        raise ValueError(f"init_from={source}: no config.json in {where.url} (a diffusers model folder)")
     config = where.read_json("config.json")
-    cls = config.get("_class_name")
+    cls, norm = config.get("_class_name"), config.get("norm_type")
+    if cls == "Transformer2DModel":  # diffusers maps the generic name by norm_type, as here
+        cls = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}.get(norm, cls)
     if cls == "PixArtTransformer2DModel":
         raise ValueError(
             f"init_from={source}: a PixArt transformer is text-conditioned; ddm's experts are class-conditioned "
-            "until its text experts land (cross-attention DiT): start from a DiTTransformer2DModel"
+            "until its text experts land (cross-attention DiT): start from a DiT"
         )
-    if cls not in DIFFUSERS_CLASSES:
-        raise ValueError(f"init_from={source}: a diffusers {cls}; ddm starts from {', '.join(DIFFUSERS_CLASSES)}")
-    if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
-        raise ValueError(f"init_from={source}: norm_type {config['norm_type']!r}; ddm's DiT is adaLN-Zero")
-    raw, files = _diffusers_weights(where, source)
-    from safetensors.torch import load as load_safetensors
+    if cls != "DiTTransformer2DModel":
+        raise ValueError(f"init_from={source}: a diffusers {cls}; ddm starts from DiTTransformer2DModel folders")
+    wrong = {
+        "norm_type": (norm or DIT_NORM, DIT_NORM),
+        "activation_fn": (config.get("activation_fn", "gelu-approximate"), "gelu-approximate"),
+        "norm_elementwise_affine": (config.get("norm_elementwise_affine", False), False),
+        "attention_bias": (config.get("attention_bias", True), True),
+    }
+    wrong = {k: v for k, (v, want) in wrong.items() if v != want}
+    # Older saves scale the positions by max(sample_size // 64, 1); DiTTransformer2DModel by 1.
+    scale = config.get("interpolation_scale") or (
+        max(config.get("sample_size", 32) // 64, 1) if config.get("_class_name") == "Transformer2DModel" else 1
+    )
+    if scale != 1:
+        wrong["interpolation_scale"] = scale
+    if wrong:
+        raise ValueError(
+            f"init_from={source}: {', '.join(f'{k}={v!r}' for k, v in wrong.items())}: not the DiT that ddm's DiT "
+            "computes (adaLN-Zero, tanh GELU, biased attention, positions on the patch grid)"
+        )
+    return where, config
 
-    state = {}
-    for blob in files:
-        state.update(load_safetensors(blob))
+
+def _diffusers_state(source: str, store: Store, model: torch.nn.Module) -> tuple[dict, str, str, list[str]]:
+    where, config = _diffusers_config(source, store)
+    heads = model.blocks[0].attn.num_heads
+    if config.get("num_attention_heads") != heads:
+        raise ValueError(
+            f"init_from={source}: {config.get('num_attention_heads')} attention heads, this job's model {heads} "
+            "(tensor shapes cannot show it): give the job the source's size (model.arch)"
+        )
+    from safetensors.torch import load_file
+
+    files, state, digests = _weight_files(where, source), {}, []
+    for name in files:
+        with _local_copy(where, name) as (path, sha256):
+            state.update(load_file(path))
+            digests.append(sha256)
     notes = [f"diffusers config: {_brief(config)}"]
     if config.get("norm_eps", 1e-5) != 1e-6:  # diffusers' default: 1e-5 before each feed-forward
         notes.append(
             f"norm_eps {config.get('norm_eps', 1e-5)}: diffusers normalises before each feed-forward with it, ddm "
             "with 1e-6 as DiT does (outputs differ by about 1e-6 of their size)"
         )
-    return _from_diffusers(state, source), raw, where.url, notes
+    sha256 = digests[0] if len(digests) == 1 else _sha256_of(json.dumps(dict(zip(files, digests))).encode())
+    if len(digests) > 1:
+        notes.append(f"sharded: sha256 of {{shard: sha256}} over {len(files)} shards")
+    return _from_diffusers(state, source), sha256, where.url, notes
 
 
-def _diffusers_weights(where: Store, source: str) -> tuple[bytes, list[bytes]]:
+def _weight_files(where: Store, source: str) -> list[str]:
+    """The safetensors file, or the shards its index names."""
     for name in WEIGHT_FILES:
         if where.exists(name):
-            raw = where.read_bytes(name)
-            return raw, [raw]
+            return [name]
         index = f"{name}.index.json"
-        if where.exists(index):  # sharded: the index, then each shard once
-            shards = sorted(set(where.read_json(index)["weight_map"].values()))
-            blobs = [where.read_bytes(s) for s in shards]
-            return b"".join([where.read_bytes(index), *blobs]), blobs
+        if where.exists(index):
+            return sorted(set(where.read_json(index)["weight_map"].values()))
     raise ValueError(
         f"init_from={source}: no {WEIGHT_FILES[0]} in {where.url}; ddm reads safetensors only (re-save the "
         "model with save_pretrained(..., safe_serialization=True))"
@@ -257,20 +323,49 @@ def _drop_learned_sigma(state: dict, model: torch.nn.Module, source: str) -> lis
     return [f"learned sigma: output channels {channels}..{2 * channels - 1} dropped (ddm's DiT predicts no variance)"]
 
 
+def _split(source: str) -> tuple[str | None, str]:
+    """(parent URL, last part) of an absolute path or URL; (None, source) for a path in the store."""
+    if "://" in source or source.startswith("/"):
+        parent, name = source.rstrip("/").rsplit("/", 1)
+        return parent or "/", name
+    return None, source.strip("/")
+
+
 def _folder(source: str, store: Store) -> Store:
     if "://" in source or source.startswith("/"):
         return Store(source.rstrip("/"))
     return store.child(source.strip("/"))
 
 
-def _read_file(source: str, store: Store, check_only: bool = False) -> tuple[bytes, str]:
-    parent, name = source.rsplit("/", 1) if "/" in source else ("", source)
-    where = Store(parent) if ("://" in source or source.startswith("/")) else store.child(parent) if parent else store
-    if not where.exists(name):
+def _locate(source: str, store: Store) -> tuple[Store, str]:
+    parent, rel = _split(source)
+    where = Store(parent) if parent else store
+    if not where.exists(rel):
         raise ValueError(
-            f"init_from={source}: no such file ({where.url}/{name}); a relative path is inside the job's store"
+            f"init_from={source}: no such file ({where.url}/{rel}); a relative path is inside the job's store"
         )
-    return (b"" if check_only else where.read_bytes(name)), f"{where.url}/{name}"
+    return where, rel
+
+
+@contextlib.contextmanager
+def _local_copy(where: Store, name: str):
+    """(a local path of ``name``, its sha256): the file itself on a local store, else a copy in local
+    scratch fetched in pieces and removed afterwards."""
+    from ddm.transfer import file_digest
+
+    if where.protocol == "file":
+        path = where.path(name)
+        yield path, file_digest(path)["sha256"]
+        return
+    with tempfile.TemporaryDirectory(prefix="ddm-init-from-") as tmp:
+        local = os.path.join(tmp, os.path.basename(name))
+        yield local, where.get_file(name, local)["sha256"]
+
+
+def _sha256_of(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def _download(source: str) -> str:
@@ -283,7 +378,7 @@ def _download(source: str) -> str:
     try:
         folder = snapshot_download(
             repo, revision=revision or None, allow_patterns=["model_index.json", "transformer/*", "config.json",
-                                                             "*.safetensors", "*.safetensors.index.json"],
+                                                             "diffusion_pytorch_model*.safetensors*"],
         )  # fmt: skip
     except Exception as e:
         raise ValueError(
