@@ -21,7 +21,8 @@ every arm and seed. Stores go under ``--root`` (default a temporary folder).
 
     .venv/bin/python bench/pretrained.py [--seeds 0 1 2] [--steps 1500] [--pretrain 750] [--images 16000]
 
-Prints a markdown table (mean ± standard deviation over seeds) and, last, a JSON object.
+Prints a markdown table (mean ± standard deviation over seeds) and, last, a JSON object. A re-run
+with the same ``--root`` reuses the seeds it finished (``s<seed>.json``).
 """
 
 from __future__ import annotations
@@ -158,7 +159,15 @@ def main() -> None:
         partition(PartitionConfig(num_partitions=K, features="pca"), Store(data))
     per_seed, classifier = {}, None
     for seed in args.seeds:
-        per_seed[seed] = run_seed(data, root, seed, args.steps, args.pretrain, classifier)
+        done = os.path.join(root, f"s{seed}.json")  # a re-run with the same --root reuses finished seeds
+        if os.path.exists(done):
+            per_seed[seed] = json.load(open(done))
+        else:
+            for arm in ("scratch", "init", "init-equal-total", "mixed"):  # an interrupted seed starts over
+                shutil.rmtree(os.path.join(root, f"s{seed}-{arm}"), ignore_errors=True)
+            per_seed[seed] = run_seed(data, root, seed, args.steps, args.pretrain, classifier)
+            with open(done, "w") as f:
+                json.dump(per_seed[seed], f)
         classifier = per_seed[seed]["classifier"]
         print(f"seed {seed}: {per_seed[seed]['distance']} (training {per_seed[seed]['train_s']} s)", flush=True)
     flops = training_flops(args.steps, args.pretrain)

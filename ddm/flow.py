@@ -94,6 +94,35 @@ class VPPath:
     def d_sigma(self, t):
         return 0.5 * (self.B0 + (self.B1 - self.B0) * t) * torch.exp(-self._b(t)) / self.sigma(t)
 
+    def step_kl_bits(self, v, eps_hat, x0, x_t, t) -> torch.Tensor:
+        """Per sample, the KL in bits per dimension between DDPM's true reverse step from t to
+        t - 1/1000 (its posterior q(x_s | x_t, x_0)) and the model's: mean from ``eps_hat`` (the
+        caller detaches it, as improved DDPM does), variance exp(f log beta + (1 - f) log beta~)
+        with f = (v + 1) / 2, beta = 1 - alpha_bar(t) / alpha_bar(s), beta~ = beta (1 - alpha_bar(s))
+        / (1 - alpha_bar(t)). The first step (t < 1.5/1000), whose posterior variance is 0, counts 0."""
+        x0, x_t, v, eps_hat = (a.double() for a in (x0, x_t, v, eps_hat))
+        first = t < 1.5 * DDPM_STEP
+        t = torch.where(first, 2 * DDPM_STEP, t.double())  # finite everywhere; the first step is masked below
+        s = t - DDPM_STEP
+        b_t, b_s = self._b(t), self._b(s)
+        beta = -torch.expm1(b_s - b_t)  # 1 - alpha_bar(t) / alpha_bar(s)
+        one_minus_t, one_minus_s = -torch.expm1(-b_t), -torch.expm1(-b_s)
+        beta_post = beta * one_minus_s / one_minus_t
+        ab_t, ab_s = torch.exp(-b_t), torch.exp(-b_s)
+
+        def mean(x0_):  # the posterior's mean, from x_0 (true or predicted)
+            c0 = ab_s.sqrt() * beta / one_minus_t
+            ct = (1 - beta).sqrt() * one_minus_s / one_minus_t
+            return _bcast(c0, x_t) * x0_ + _bcast(ct, x_t) * x_t
+
+        x0_hat = (x_t - _bcast(one_minus_t.sqrt(), x_t) * eps_hat) / _bcast(ab_t.sqrt(), x_t)
+        log_post, log_beta = _bcast(beta_post.log(), x_t), _bcast(beta.log(), x_t)
+        frac = (v + 1) / 2
+        log_var = frac * log_beta + (1 - frac) * log_post
+        kl = 0.5 * (-1 + log_var - log_post + torch.exp(log_post - log_var) + (mean(x0) - mean(x0_hat)) ** 2
+                    * torch.exp(-log_var))  # fmt: skip
+        return torch.where(first, 0.0, kl.flatten(1).mean(1) / math.log(2.0))
+
     def time_at_snr(self, r):
         """The t where alpha / sigma = r; beyond t = 1 (r below DDPM's last step) it is 1."""
         b = torch.log1p(r.pow(-2))  # -log alpha_bar, alpha_bar = r^2 / (1 + r^2)
@@ -102,6 +131,7 @@ class VPPath:
 
 
 PATH_CLASSES: dict[str, type] = {"linear": LinearPath, "cosine": CosinePath, "vp": VPPath}
+DDPM_STEP = 1e-3  # one of DDPM's 1000 steps, in the continuous time of VPPath
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +196,12 @@ class FlowMatching(FlowConfig):
         """Per-sample loss |f(x_t, t, y) - target|^2, averaged over data dimensions; the target is
         the velocity d/dt x_t, or the noise eps for ``prediction="epsilon"`` (DDPM's loss).
 
-        Returns {"loss": (N,)}, plus "moe_aux" (a scalar) when the model has MoE layers.
+        A model with a learned sigma (``model.learn_sigma``, DDPM experts only) adds improved
+        DDPM's variational bound of the reverse step in bits per dimension (``VPPath.step_kl_bits``,
+        the mean detached so only the variance learns from it), as DiT trains: loss = MSE + bound.
+
+        Returns {"loss": (N,)}, plus "moe_aux" (a scalar) when the model has MoE layers and "vb"
+        (N,) with a learned sigma.
         """
         if t is None:
             t = self.sample_time(x0.shape[0], x0.device, generator)
@@ -174,10 +209,16 @@ class FlowMatching(FlowConfig):
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.interpolate(x0, noise, t)
         target = noise if self.prediction == "epsilon" else self.target_velocity(x0, noise, t)
-        pred = model(x_t, t, y)
+        sigma = getattr(model, "learn_sigma", False)
+        if sigma and (self.path, self.prediction) != ("vp", "epsilon"):
+            raise ValueError("a learned sigma is a DDPM expert's: flow.path=vp, flow.prediction=epsilon")
+        pred, v = model(x_t, t, y, with_sigma=True) if sigma else (model(x_t, t, y), None)
         if pred.shape != x0.shape:
             raise ValueError(f"model returned shape {tuple(pred.shape)} for data of shape {tuple(x0.shape)}")
         out = {"loss": (pred.float() - target.float()).pow(2).flatten(1).mean(1)}
+        if sigma:
+            out["vb"] = self._path.step_kl_bits(v, pred.detach(), x0, x_t, t).to(out["loss"].dtype)
+            out["loss"] = out["loss"] + out["vb"]
         aux = getattr(model, "moe_aux_loss", None)
         if isinstance(aux, torch.Tensor) and aux.requires_grad:
             out["moe_aux"] = aux

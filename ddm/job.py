@@ -222,6 +222,11 @@ class JobConfig:
                 f"init_from with model.moe.ep_size={moe.ep_size}: an export holds every expert, a rank only its "
                 "own; start from it with ep_size=1"
             )
+        if self.model.learn_sigma and (self.job != "expert" or self.flow.prediction != "epsilon"):
+            raise ValueError(
+                "model.learn_sigma is a DDPM expert's variance head: an expert job with flow.path=vp and "
+                f"flow.prediction=epsilon (here job={self.job}, flow.prediction={self.flow.prediction})"
+            )
         if self.job == "distill" and self.flow.prediction != "velocity":
             raise ValueError(
                 "a distilled student regresses the ensemble's velocity: give it a flow-matching flow "

@@ -118,7 +118,7 @@ class PlainDiT(nn.Module):
             self.y_embedder.embedding_table = nn.Embedding(a["num_classes"] + 1, h)  # the last row: null label
         self.register_buffer("pos_embed", sincos_2d(h, a["input_size"] // p)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(h, a["num_heads"], a["mlp_ratio"]) for _ in range(a["depth"]))
-        self.final_layer = Final(h, p * p * c)
+        self.final_layer = Final(h, p * p * (a.get("out_channels") or c))  # 2C: a learned sigma
 
     def forward(self, x, t, y=None):
         a = self.a
@@ -128,10 +128,10 @@ class PlainDiT(nn.Module):
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks:
             tokens = block(tokens, cond)
-        out = self.final_layer(tokens, cond)  # (N, T, p*p*C) -> (N, C, H, W)
-        p, c, g = a["patch_size"], a["in_channels"], a["input_size"] // a["patch_size"]
+        out = self.final_layer(tokens, cond)  # (N, T, p*p*C') -> (N, C', H, W)
+        p, c, g = a["patch_size"], a.get("out_channels") or a["in_channels"], a["input_size"] // a["patch_size"]
         out = torch.einsum("nhwpqc->nchpwq", out.reshape(len(x), g, g, p, p, c))
-        return out.reshape(len(x), c, g * p, g * p)
+        return out.reshape(len(x), c, g * p, g * p)[:, : a["in_channels"]]  # the prediction (a sigma dropped)
 
 
 def load(export_dir: str) -> tuple[PlainDiT, dict]:

@@ -67,7 +67,8 @@ def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # 
     # Expert 1 is a DDPM expert (epsilon-prediction on the VP schedule), trained by the same loop, and
     # of another size (DiT-Micro/2 beside expert 0's DiT-Tiny/2): it mixes with the flow-matching
     # expert 0, converted to the ensemble's velocity at each step, and costs its own FLOPs.
-    ddpm = ("flow.path=vp", "flow.prediction=epsilon", "flow.time_sampling=uniform", "model.arch=DiT-Micro/2")
+    ddpm = ("flow.path=vp", "flow.prediction=epsilon", "flow.time_sampling=uniform", "model.arch=DiT-Micro/2",
+            "model.learn_sigma=true")  # fmt: skip
     s = summary(run_cli(store_path, "partition=1", "steps=2", "checkpoint.every=2", *ddpm))
     assert 0 < s["final_loss"] < 10
     summary(run_cli(store_path, "job=router", "steps=2", "checkpoint.every=2"))
@@ -77,7 +78,8 @@ def test_missing_export_and_corruption_are_clear_errors(prepared, tmp_path):  # 
     ens = load_ensemble(store, "full")
     v = ens.velocity(torch.randn(4, 1, 8, 8), torch.full((1,), 0.5).expand(4), torch.arange(4))
     assert v.shape == (4, 1, 8, 8) and torch.isfinite(v).all() and ens.stats.expert_evals[1] == 4
-    sizes = [forward_flops(ModelConfig(a, (1, 8, 8), num_classes=10)) for a in ("DiT-Tiny/2", "DiT-Micro/2")]
+    sizes = [forward_flops(ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10)),
+             forward_flops(ModelConfig("DiT-Micro/2", (1, 8, 8), num_classes=10, learn_sigma=True))]  # fmt: skip
     flops = forward_flops_of(store, desc)
     assert flops["experts"] == sizes and sizes[1] < sizes[0] / 2
     st = ens.stats  # the full rule: every expert on all 4 rows, once

@@ -149,3 +149,65 @@ def test_a_distilled_student_must_predict_velocity():
     load(JobConfig, None, ["store=/s", *ddpm])  # a DDPM expert is fine
     with pytest.raises(ValueError, match="regresses the ensemble's velocity"):
         load(JobConfig, None, ["store=/s", "job=distill", "teacher=abc", *ddpm])
+    load(JobConfig, None, ["store=/s", *ddpm, "model.learn_sigma=true"])  # a DDPM expert with DiT's variance head
+    for wrong in (["model.learn_sigma=true"], ["job=router", *ddpm, "model.learn_sigma=true"]):
+        with pytest.raises(ValueError, match="model.learn_sigma is a DDPM expert's variance head"):
+            load(JobConfig, None, ["store=/s", *wrong])
+
+
+# --- a learned sigma: improved DDPM's bound of one reverse step, against its discrete closed forms --
+def _ddpm_step(t: torch.Tensor):
+    """(alpha_bar(t), alpha_bar(t - 1/1000)) from the path's alpha, and DDPM's beta and beta~."""
+    from ddm.flow import VPPath
+
+    path = VPPath()
+    ab_t, ab_s = path.alpha(t) ** 2, path.alpha(t - 1e-3) ** 2
+    beta = 1 - ab_t / ab_s
+    return ab_t, ab_s, beta, beta * (1 - ab_s) / (1 - ab_t)
+
+
+def test_the_step_bound_is_zero_for_the_true_step_and_the_closed_form_otherwise():
+    """KL(q(x_s | x_t, x_0) || p(x_s | x_t)) in bits per dimension: 0 with the true noise and
+    variance beta~ (v = -1); 0.5 (beta~/beta - 1 - log(beta~/beta)) / ln 2 with variance beta
+    (v = +1); a noise error d adds c0^2 (1 - ab) / ab d^2 / (2 var) (c0 the posterior mean's
+    x_0 coefficient); the first step counts 0."""
+    from ddm.flow import VPPath
+
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    t = torch.tensor([0.0005, 0.01, 0.2, 0.5, 0.8, 1.0], dtype=torch.float64)
+    x0, eps = (torch.randn(n, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    ab_t, ab_s, beta, beta_post = _ddpm_step(t)
+    x_t = ab_t.sqrt()[:, None, None, None] * x0 + (1 - ab_t).sqrt()[:, None, None, None] * eps
+    kl = VPPath().step_kl_bits
+    ones = torch.ones_like(x0)
+    torch.testing.assert_close(kl(-ones, eps, x0, x_t, t), torch.zeros(n, dtype=torch.float64), atol=1e-9, rtol=0)
+    r = beta_post / beta
+    want = 0.5 * (r - 1 - r.log()) / math.log(2)
+    want[0] = 0.0  # t < 1.5/1000: the first step
+    torch.testing.assert_close(kl(ones, eps, x0, x_t, t), want, atol=1e-9, rtol=1e-6)
+    d = 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    c0 = ab_s.sqrt() * beta / (1 - ab_t)
+    shift = (c0**2 * (1 - ab_t) / ab_t)[:, None, None, None] * d**2
+    want = (shift / (2 * beta_post[:, None, None, None])).flatten(1).mean(1) / math.log(2)
+    want[0] = 0.0
+    torch.testing.assert_close(kl(-ones, eps + d, x0, x_t, t), want, atol=1e-9, rtol=1e-6)
+
+
+def test_a_learned_sigma_trains_its_variance_from_the_bound_and_its_mean_from_the_mse():
+    """training_losses with a learn_sigma DiT: loss = MSE + bound; the bound's gradient reaches
+    the variance half of the output layer only (the mean is detached, as improved DDPM)."""
+    from ddm.models.build import build_model
+    from ddm.models.config import ModelConfig
+
+    model = build_model(ModelConfig("DiT-Micro/2", (2, 4, 4), learn_sigma=True))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    flow = FlowMatching(path="vp", prediction="epsilon", time_sampling="uniform")
+    x0 = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = flow.training_losses(model, x0, generator=torch.Generator().manual_seed(2))
+    assert out["vb"].shape == (4,) and (out["vb"] > 0).all() and torch.isfinite(out["loss"]).all()
+    out["vb"].sum().backward()
+    w = model.final_layer.linear.weight.grad.reshape(2, 2, 4, -1)  # rows: (patch row, patch col, C')
+    assert w[..., :2, :].abs().max() == 0 and w[..., 2:, :].abs().max() > 0  # noise half: no gradient
+    with pytest.raises(ValueError, match=r"a learned sigma is a DDPM expert's"):
+        FlowMatching().training_losses(model, x0)

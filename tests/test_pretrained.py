@@ -63,6 +63,19 @@ def test_a_diffusers_dit_computes_what_diffusers_computes(tmp_path, norm_eps, to
     assert any("normalises" in n for n in record["notes"]) == (norm_eps != 1e-6)
 
 
+def test_a_learned_sigma_is_kept_where_the_model_has_one(tmp_path):
+    """With model.learn_sigma the variance head loads too: both halves equal diffusers' output."""
+    reference = diffusers_dit(tmp_path, 1e-6, out_channels=2 * C, in_channels=C)
+    cfg = ModelConfig("DiT-Tiny/2", (C, 8, 8), num_classes=10, time_freq_shift=1, learn_sigma=True)
+    model = build_model(cfg).eval()
+    record = init_from_export(model, str(tmp_path), Store(str(tmp_path)))
+    x, steps, y = inputs()
+    with torch.no_grad():
+        want = reference(x, timestep=steps, class_labels=y).sample
+        pred, v = model(x, steps.float() / 1000, y, with_sigma=True)
+    assert torch.equal(torch.cat([pred, v], dim=1), want) and "learned sigma: kept" in record["notes"][-1]
+
+
 def test_older_saves_pipelines_shards_and_half_precision_load_alike(tmp_path):
     """A pipeline folder (its transformer/); the generic class name older saves use (the hub's
     DiT among them); fp16 weights in shards with their index; a model without learned sigma."""

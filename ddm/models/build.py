@@ -16,7 +16,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return MLPVelocity(MLP_SIZES[cfg.arch], cfg.data_shape[0], cfg.num_classes, cfg.class_dropout_prob)
     c, h, _ = cfg.data_shape
     size = DIT_SIZES[cfg.arch]
-    return DiT(size, h, c, cfg.num_classes, cfg.class_dropout_prob, cfg.mlp_ratio, cfg.moe, cfg.time_freq_shift)
+    return DiT(
+        size,
+        h,
+        c,
+        cfg.num_classes,
+        cfg.class_dropout_prob,
+        cfg.mlp_ratio,
+        cfg.moe,
+        cfg.time_freq_shift,
+        cfg.learn_sigma,
+    )
 
 
 def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:

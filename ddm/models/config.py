@@ -118,6 +118,11 @@ class ModelConfig:
     time_freq_shift: the timestep embedding's frequencies are 10000^(-i / (128 - shift)),
         i < 128: 0 as in the DiT paper and its checkpoints, 1 as diffusers' DiTTransformer2DModel
         computes them. A DiT started from a diffusers model needs 1 (``init_from`` says so).
+    learn_sigma: a DDPM expert's DiT also outputs, per channel, the interpolation v in [-1, 1]
+        between log beta_t and log beta~_t of its reverse step's variance (improved DDPM, the DiT
+        paper's experts): 2C output channels, trained by the variational bound beside the noise
+        MSE. Sampling integrates the probability-flow ODE, which uses only the noise half; the
+        variance is kept so a pretrained DiT's head is fine-tuned whole and exported as it was.
     """
 
     arch: str = "DiT-Tiny/2"
@@ -127,6 +132,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     moe: MoEConfig = field(default_factory=MoEConfig)
     time_freq_shift: int = 0
+    learn_sigma: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
@@ -145,8 +151,8 @@ class ModelConfig:
                 raise ValueError(f"data_shape must be (D,) for {self.arch}, got {self.data_shape}")
             if self.moe.enabled:
                 raise ValueError(f"moe is only supported by DiT models, not {self.arch}")
-            if self.time_freq_shift:
-                raise ValueError(f"time_freq_shift is a DiT setting; {self.arch} has its own time embedding")
+            if self.time_freq_shift or self.learn_sigma:
+                raise ValueError(f"time_freq_shift and learn_sigma are DiT settings, not {self.arch}'s")
         else:
             raise ValueError(f"arch {self.arch!r} is unknown; choose one of {sorted(DIT_SIZES) + sorted(MLP_SIZES)}")
         if self.num_classes < 0:
@@ -234,7 +240,8 @@ def forward_flops(cfg: ModelConfig, router: bool = False, num_partitions: int = 
         ffn = tokens * d * hidden * 2 * (cfg.moe.top_k if moe_block else 1)
         gate = tokens * d * cfg.moe.num_experts if moe_block else 0
         macs += 6 * d * d + 4 * tokens * d * d + 2 * tokens**2 * d + ffn + gate
-    macs += 2 * d * d + (d * num_partitions if router else patches * d * patch_in)
+    out = d * num_partitions if router else patches * d * patch_in * (2 if cfg.learn_sigma else 1)
+    macs += 2 * d * d + out
     return 2.0 * macs
 
 
@@ -264,6 +271,7 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
             "layout": "[cos, sin] then Linear-SiLU-Linear",
         },
         "output": "logits over partitions (N, K)" if num_partitions else "velocity, same shape as x",
+        "out_channels": None if num_partitions else cfg.data_shape[0] * (2 if cfg.learn_sigma else 1),
     }
     if num_partitions:
         common["num_partitions"] = num_partitions

@@ -187,27 +187,40 @@ class DiT(_DiTTrunk):
         mlp_ratio: float = 4.0,
         moe: MoEConfig = MoEConfig(),
         time_freq_shift: int = 0,
+        learn_sigma: bool = False,
     ):
         super().__init__(
             size, input_size, in_channels, num_classes, class_dropout_prob, mlp_ratio, moe, time_freq_shift
         )
-        self.final_layer = FinalLayer(size.hidden_size, size.patch_size**2 * in_channels)
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * (2 if learn_sigma else 1)
+        self.final_layer = FinalLayer(size.hidden_size, size.patch_size**2 * self.out_channels)
         self.init_weights()
         self.final_layer.init_zero()  # the initial velocity is 0 everywhere
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, p*p*C) -> (N, C, H, W)."""
-        c, p = self.in_channels, self.patch_size
+        """(N, T, p*p*C') -> (N, C', H, W), C' the output channels (C, or 2C with learn_sigma)."""
+        c, p = self.out_channels, self.patch_size
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, with_sigma: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The prediction (N, C, H, W); with ``with_sigma`` (learn_sigma models) also the variance
+        interpolation v (N, C, H, W) of its second C output channels."""
         c = self.condition(t, y)  # (N, D)
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         tokens = self.run_blocks(tokens, c)  # (N, T, D)
-        return self.unpatchify(self.final_layer(tokens, c))  # (N, T, p*p*C) -> (N, C, H, W)
+        out = self.unpatchify(self.final_layer(tokens, c))  # (N, T, p*p*C') -> (N, C', H, W)
+        if not self.learn_sigma:
+            if with_sigma:
+                raise ValueError("this DiT has no learned sigma (model.learn_sigma=false)")
+            return out
+        pred, v = out.split(self.in_channels, dim=1)
+        return (pred, v) if with_sigma else pred
 
 
 class DiTRouter(_DiTTrunk):

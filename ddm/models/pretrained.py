@@ -22,8 +22,9 @@ Two formats besides ddm's own exports:
   refused with that said.
 
 Both formats are DiT's epsilon (and learned-sigma) predictors on DDPM's schedule. Where the source
-has twice the input channels at its output (the learned sigma) and ddm's DiT does not, the sigma
-half is dropped (recorded in the job's export). The fixed sin-cos positions a source stores are
+has twice the input channels at its output (the learned sigma), the job's DiT keeps the variance
+head with ``model.learn_sigma=true`` and otherwise the sigma half is dropped (either is recorded
+in the job's export). The fixed sin-cos positions a source stores are
 checked against ddm's and not loaded. ``hf://<repo>[@<revision>]`` names a model on the Hugging
 Face hub: downloaded through huggingface_hub, with a clear error offline.
 """
@@ -314,6 +315,8 @@ def _drop_learned_sigma(state: dict, model: torch.nn.Module, source: str) -> lis
     model outputs C. The output layer's rows are (patch row, patch column, channel), channel fastest."""
     w = state.get("final_layer.linear.weight")
     own = model.state_dict().get("final_layer.linear.weight")
+    if getattr(model, "learn_sigma", False) and w is not None and own is not None and w.shape == own.shape:
+        return ["learned sigma: kept (model.learn_sigma)"]
     if w is None or own is None or w.shape[0] != 2 * own.shape[0]:
         return []
     channels = model.in_channels
