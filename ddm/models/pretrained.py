@@ -92,7 +92,8 @@ def load_pretrained(source: str, store: Store, model: torch.nn.Module) -> tuple[
     kind = source_kind(source, store)
     if not hasattr(model, "x_embedder"):
         raise ValueError(f"init_from={source}: a pretrained DiT starts DiT models only; this job's is not (model.arch)")
-    if kind == "hub":
+    origin = source
+    if kind == "hub":  # recorded by its hub id; the snapshot's folder names its commit
         source = _download(source)
     if kind == "dit":
         state, sha256, url, notes = _dit_state(source, store)
@@ -108,6 +109,8 @@ def load_pretrained(source: str, store: Store, model: torch.nn.Module) -> tuple[
         )
     notes += _drop_fixed_positions(state, model, source)
     notes += _drop_learned_sigma(state, model, source)
+    if kind == "hub":
+        url, notes = origin, [*notes, f"downloaded to {source}"]
     return state, {"url": url, "sha256": sha256, "format": fmt, "notes": notes}
 
 
