@@ -1,0 +1,75 @@
+"""Where ``init_from``'s outside weights come from: paths in the job's store or any URL, local
+copies to read them from (memory-mapped where they are local), and the Hugging Face hub."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+
+from ddm.store import Store
+
+
+def split(source: str) -> tuple[str | None, str]:
+    """(parent URL, last part) of an absolute path or URL; (None, source) for a path in the store."""
+    if "://" in source or source.startswith("/"):
+        parent, name = source.rstrip("/").rsplit("/", 1)
+        return parent or "/", name
+    return None, source.strip("/")
+
+
+def folder(source: str, store: Store) -> Store:
+    if "://" in source or source.startswith("/"):
+        return Store(source.rstrip("/"))
+    return store.child(source.strip("/"))
+
+
+def locate(source: str, store: Store) -> tuple[Store, str]:
+    parent, rel = split(source)
+    where = Store(parent) if parent else store
+    if not where.exists(rel):
+        raise ValueError(
+            f"init_from={source}: no such file ({where.url}/{rel}); a relative path is inside the job's store"
+        )
+    return where, rel
+
+
+@contextlib.contextmanager
+def local_copy(where: Store, name: str):
+    """(a local path of ``name``, its sha256): the file itself on a local store, else a copy in local
+    scratch fetched in pieces and removed afterwards."""
+    from ddm.transfer import file_digest
+
+    if where.protocol == "file":
+        path = where.path(name)
+        yield path, file_digest(path)["sha256"]
+        return
+    with tempfile.TemporaryDirectory(prefix="ddm-init-from-") as tmp:
+        local = os.path.join(tmp, os.path.basename(name))
+        yield local, where.get_file(name, local)["sha256"]
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def download(source: str) -> str:
+    """A local folder holding ``hf://<repo>[@<revision>]``'s transformer (or DiT checkpoint file)."""
+    repo, _, revision = source.removeprefix("hf://").partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ValueError(f"init_from={source}: the hub needs huggingface_hub (pip install 'ddm[encoders]')") from e
+    try:
+        folder = snapshot_download(
+            repo, revision=revision or None, allow_patterns=["model_index.json", "transformer/*", "config.json",
+                                                             "diffusion_pytorch_model*.safetensors*"],
+        )  # fmt: skip
+    except Exception as e:
+        raise ValueError(
+            f"init_from={source}: could not fetch {repo} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"Offline, download it where there is a network (huggingface-cli download {repo} --local-dir DIR), "
+            "copy DIR here and give init_from=DIR"
+        ) from e
+    return folder
