@@ -146,3 +146,23 @@ def test_experts_of_different_sizes_count_their_own_flops():
         jobs(spec(expert_overrides={"0": ["model.arch=DiT-Huge"]}), K)
     with pytest.raises(ValueError, match=r"expert_overrides.2 sets steps=10: the run's budget sets"):
         jobs(spec(expert_overrides={"2": ["steps=10"]}), K)
+
+
+def test_ddm_run_lanes_share_worker_groups_and_end_together():
+    """``ddm run`` cuts its jobs into lanes (one Ray Train worker group each): per worker shape at
+    most one lane per slot, longest job first into the least loaded lane; MoE jobs alone."""
+    from ddm.launchers.run import lanes
+
+    cfgs = jobs(spec(budget={"small_batch_monolith": True}), K)  # 4 experts, router, 2 monoliths
+    cost = {c.run_dir: c.flops_per_step() * c.steps for c in cfgs}
+    two = lanes(cfgs, 2)
+    assert len(two) == 2 and sorted(c.run_dir for lane in two for c in lane) == sorted(cost)
+    loads = [sum(cost[c.run_dir] for c in lane) for lane in two]
+    assert max(loads) - min(loads) <= max(cost.values())  # LPT: within the largest job of each other
+    assert all([cost[c.run_dir] for c in lane] == sorted((cost[c.run_dir] for c in lane), reverse=True) for lane in two)
+    assert all(len(lane) == 1 for lane in lanes(cfgs, 10)) and len(lanes(cfgs, 10)) == len(cfgs)  # a slot each
+    wide = dataclasses.replace(cfgs[0], ray=dataclasses.replace(cfgs[0].ray, num_workers=2))
+    moe = dataclasses.replace(cfgs[1], model=dataclasses.replace(cfgs[1].model, moe=dataclasses.replace(
+        cfgs[1].model.moe, num_experts=4)))  # fmt: skip
+    mixed = lanes([wide, moe, *cfgs[2:]], 2)
+    assert [wide] in mixed and [moe] in mixed and len(mixed) == 4  # another shape, and MoE, apart

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import ExitStack
 
 from ddm import layout
 from ddm.job import JobConfig
@@ -114,7 +115,7 @@ def run_job(
     with job_lease(cfg, force, lease_wait_s) as token:
         try:
             fit_called_at = time.time()
-            result = _fit(cfg, storage_path, env, token)
+            result = _fit(cfg, storage_path, _worker, {"cfg": cfg, "env": env or {}, "lease": token})
         except Exception:
             fenced(Store(cfg.store), token).fence("the job's summary", always=True)  # lost: say so, not Ray's error
             raise
@@ -132,16 +133,65 @@ def ray_task(cfg: JobConfig) -> dict:
     return run_job(cfg)
 
 
-def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, token):
+def ray_lane(cfgs: list[JobConfig]) -> list[dict]:
+    """Several jobs as one Ray task (``run_lane``)."""
+    setup_logging()
+    return run_lane(cfgs)
+
+
+def run_lane(cfgs: list[JobConfig], storage_path: str | None = None, env: dict[str, str] | None = None) -> list[dict]:
+    """Train checked jobs of one worker shape one after another on one Ray Train worker group (a
+    lane of ``ddm run``): Ray Train's controller, placement group, worker processes, their imports
+    and the process group start once for all of them, not once per job. Each job keeps its own
+    lease (all held for the lane), folder, checkpoints and export; a job finished before a restart
+    of the lane is skipped by the restarted workers. Ray's restarts are the fewest any of the jobs
+    allows. Returns the jobs' summaries; raises as ``run_job`` does when the lane fails (the caller
+    finds which jobs finished in the store)."""
+    import ray
+
+    from ddm.job import is_finished
+    from ddm.train.trainer import job_lease
+
+    if not ray.is_initialized():
+        raise ValueError("not connected to a Ray cluster: run the jobs inside ray_cluster(address)")
+    with ExitStack() as stack:
+        tokens = [stack.enter_context(job_lease(c)) for c in cfgs]
+        try:
+            config = {"cfgs": cfgs, "env": env or {}, "leases": tokens}
+            _fit(cfgs[0], storage_path, _lane_worker, config, min(c.ray.max_failures for c in cfgs), "lane")
+        except Exception:
+            for c, token in zip(cfgs, tokens):
+                if not is_finished(c):  # lost: say so, not Ray's error
+                    fenced(Store(c.store), token).fence("the job's summary", always=True)
+            raise
+    return [Store(c.store).child(c.run_dir).read_json(layout.SUMMARY) for c in cfgs]
+
+
+def _lane_worker(config: dict) -> None:
+    """Runs in every Ray Train worker of a lane: its jobs in order, each as ``_worker`` runs one."""
+    import gc
+
+    from ddm.job import is_finished
+
+    for cfg, lease in zip(config["cfgs"], config["leases"]):
+        if is_finished(cfg):  # trained before Ray restarted this lane
+            continue
+        _worker({"cfg": cfg, "env": config["env"], "lease": lease})
+        gc.collect()  # the job's model, engine and optimizer before the next one's
+
+
+def _fit(cfg: JobConfig, storage_path: str | None, worker, config: dict, max_failures: int | None = None, suffix=""):
+    """One Ray Train run of ``worker`` with ``config``, shaped (workers, resources, restarts) by ``cfg``."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from ddm.ray_runtime import train_env, trainer_class
 
     train_env()  # Ray Train's controller polls its workers every 0.5 s, not 2 (ddm.ray_runtime)
+    name = run_name(cfg) + (f"-{suffix}" if suffix else "")
     trainer = trainer_class()(
-        train_loop_per_worker=_worker,
-        train_loop_config={"cfg": cfg, "env": env or {}, "lease": token},
+        train_loop_per_worker=worker,
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
@@ -149,11 +199,11 @@ def _fit(cfg: JobConfig, storage_path: str | None, env: dict[str, str] | None, t
             | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {}),
         ),
         run_config=RunConfig(
-            name=run_name(cfg),
+            name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures if max_failures is None else max_failures),
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
     )
-    log.info("submitting %s: %d workers%s", run_name(cfg), cfg.ray.num_workers, " with GPUs" if cfg.ray.use_gpu else "")
+    log.info("submitting %s: %d workers%s", name, cfg.ray.num_workers, " with GPUs" if cfg.ray.use_gpu else "")
     return trainer.fit()

@@ -27,7 +27,7 @@ from ddm.data.ingest import ingest
 from ddm.data.partition import partition
 from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
-from ddm.launchers.ray_job import ray_task
+from ddm.launchers.ray_job import ray_lane, ray_task
 from ddm.launchers.spec import RunSpec, jobs, student
 from ddm.lease import holding
 from ddm.logs import progress
@@ -76,7 +76,7 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
     needed = not distill_done or not all(is_finished(c) for c in configs)
     with ray_cluster(address, needed, log_to_driver=False):
         with stage("train"):
-            run_jobs(store, configs, spec.max_concurrent_jobs)
+            run_jobs(store, configs, spec.max_concurrent_jobs, reuse_workers=spec.reuse_workers)
         with stage("assemble"):
             old = store.read_json(layout.ENSEMBLE_FILE) if store.exists(layout.ENSEMBLE_FILE) else None
             if assemble(store, spec.rule, replace=True) != old and old is not None:  # e.g. experts trained longer
@@ -105,10 +105,14 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
     return results
 
 
-def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, poll_s: float = 2.0) -> dict[str, dict]:
+def run_jobs(
+    store: Store, configs: list[JobConfig], max_concurrent: int = 0, poll_s: float = 2.0, reuse_workers: bool = True
+) -> dict[str, dict]:
     """Run checked training jobs on the connected Ray cluster, a bounded number at a time, with one
     progress bar each (read from the jobs' progress.json in the store). Jobs already finished
-    are skipped. Returns {run_dir: summary}; raises after all jobs ended if any failed."""
+    are skipped. With ``reuse_workers``, jobs of one worker shape run in lanes (``lanes``), one
+    Ray Train worker group each, so each slot pays Ray Train's start once. Returns {run_dir:
+    summary}; raises after all jobs ended if any failed."""
     import ray
 
     todo = [c for c in configs if not is_finished(c)]
@@ -139,32 +143,44 @@ def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, po
         gpus,
         _ray_log_dir(),
     )
-    remote = ray.remote(num_cpus=0, max_retries=0)(ray_task)
+    one, several = (ray.remote(num_cpus=0, max_retries=0)(f) for f in (ray_task, ray_lane))
     bars = {
         c.run_dir: progress(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True)
         for i, c in enumerate(todo)
     }
-    # Longest first (by training FLOPs): with fewer slots than jobs this finishes soonest.
-    pending = sorted(todo, key=lambda c: -c.flops_per_step() * c.steps)
+    pending = lanes(todo, slots) if reuse_workers else [[c] for c in sorted(todo, key=_cost, reverse=True)]
     running, summaries, failures = {}, {}, {}
+
+    def finished(c: JobConfig, summary: dict) -> None:
+        summaries[c.run_dir], bar = summary, bars[c.run_dir]
+        bar.update(c.steps - bar.n)
+        bar.set_postfix_str(f"loss {summary.get('final_loss') or float('nan'):.4f} done")
+
     try:
         while pending or running:
             while pending and len(running) < slots:
-                c = pending.pop(0)
-                running[remote.remote(c)] = c
+                lane = pending.pop(0)
+                running[one.remote(lane[0]) if len(lane) == 1 else several.remote(lane)] = lane
             done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
-            for c in running.values():
+            for c in (c for lane in running.values() for c in lane):
                 _update_bar(bars[c.run_dir], store.child(c.run_dir))
             for ref in done:
-                c = running.pop(ref)
-                bar = bars[c.run_dir]
+                lane = running.pop(ref)
                 try:
-                    summaries[c.run_dir] = ray.get(ref)
-                    bar.update(c.steps - bar.n)
-                    bar.set_postfix_str(f"loss {summaries[c.run_dir].get('final_loss') or float('nan'):.4f} done")
+                    out = ray.get(ref)
+                    for c, summary in zip(lane, out if len(lane) > 1 else [out]):
+                        finished(c, summary)
                 except Exception as e:  # a job that used up its restarts: keep the others going
-                    failures[c.run_dir] = e
-                    bar.set_postfix_str("FAILED")
+                    left = [c for c in lane if not is_finished(c)]
+                    for c in lane:
+                        if c not in left:
+                            finished(c, store.child(c.run_dir).read_json(layout.SUMMARY))
+                    if not left:  # every job's export is committed: what failed came after them
+                        log.warning("a lane of %s failed after its last job: %s", lane[0].run_dir, e)
+                        continue
+                    failures[left[0].run_dir] = e  # a lane runs its jobs in order: the first unfinished failed
+                    bars[left[0].run_dir].set_postfix_str("FAILED")
+                    pending.extend([c] for c in left[1:])  # the lane's jobs it never started, on their own
     finally:
         for bar in bars.values():
             bar.close()
@@ -175,6 +191,27 @@ def run_jobs(store: Store, configs: list[JobConfig], max_concurrent: int = 0, po
             f"{first}"
         )
     return summaries
+
+
+def _cost(c: JobConfig) -> float:
+    return c.flops_per_step() * c.steps
+
+
+def lanes(jobs: list[JobConfig], slots: int) -> list[list[JobConfig]]:
+    """The jobs cut into lanes, each run by one Ray Train worker group, one job after another: per
+    worker shape (workers, CPUs, GPUs) at most ``slots`` lanes, filled longest job first into the
+    lane with the least work so far (their training FLOPs), so the lanes end about together. A MoE
+    job runs alone (DeepSpeed keeps its expert-parallel groups per process). Longest lane first."""
+    shape = lambda c: (c.ray.num_workers, c.ray.cpus_per_worker, c.ray.use_gpu, c.ray.gpus_per_worker)  # noqa: E731
+    out = [[c] for c in jobs if c.model.moe.enabled]
+    dense = sorted((c for c in jobs if not c.model.moe.enabled), key=_cost, reverse=True)
+    for key in dict.fromkeys(shape(c) for c in dense):
+        group = [c for c in dense if shape(c) == key]
+        bins: list[list[JobConfig]] = [[] for _ in range(min(slots, len(group)))]
+        for c in group:
+            min(bins, key=lambda b: sum(map(_cost, b))).append(c)
+        out += bins
+    return sorted(out, key=lambda lane: -sum(map(_cost, lane)))
 
 
 def _update_bar(bar, run: Store) -> None:

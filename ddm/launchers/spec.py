@@ -41,6 +41,9 @@ class RunSpec:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     max_concurrent_jobs: int = 0  # 0: as many as the Ray cluster's CPUs hold at once
+    # Jobs of one worker shape share Ray Train worker groups, one lane per slot, one job after
+    # another in each (ddm.launchers.run.lanes): Ray Train's start is paid once per lane, not per job.
+    reuse_workers: bool = True
 
     def __post_init__(self) -> None:
         if self.distill_steps < 0:
