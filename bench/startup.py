@@ -26,7 +26,9 @@ ddm's settings (0.5 s poll, both trimmed; see ``ddm.ray_runtime``), alternating,
 
 A fourth measure is ``ddm run``'s whole set of jobs (``--run``; a small digits run: 2 experts and the
 router, 60 steps each, 2 jobs at once on 2 cores): the train stage's wall time against the sum of
-the jobs' training loops (``loop_s``), and what each job spent before its loop and after it.
+the jobs' training loops (``loop_s``), and what each job spent before its loop and after it; with a
+Ray Train worker group per job (``reuse_workers=false``) and with ddm's lanes (two per run here: one
+worker group per slot), alternating, twice each.
 
     .venv/bin/python bench/startup.py [--runtime-only | --run]
 
@@ -112,14 +114,15 @@ RUN = [
 ]  # fmt: skip
 
 
-def measure_run(tmp: str, env: dict) -> dict:
+def measure_run(tmp: str, env: dict, reuse: bool) -> dict:
     """``ddm run`` of a small digits spec: its train stage against the jobs' own training time."""
     from ddm import layout
     from ddm.report import HISTORY
     from ddm.store import Store
 
-    store = os.path.join(tmp, "run")
-    cmd = [sys.executable, "-m", "ddm.cli", "run", "launch/digits.yaml", f"store={store}", *RUN]
+    store = os.path.join(tmp, f"run-{reuse}")
+    cmd = [sys.executable, "-m", "ddm.cli", "run", "launch/digits.yaml", f"store={store}", *RUN,
+           f"reuse_workers={str(reuse).lower()}"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     if out.returncode:
         raise SystemExit(f"ddm run failed:\n{out.stderr[-3000:]}")
@@ -150,9 +153,12 @@ def main() -> None:
         print(f"{name:>22}: {figures[name]}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="ddm-bench-start-") as tmp:
-        if "--run" in sys.argv:
-            figures["ddm_run"] = measure_run(tmp, env)
-            print(f"{'ddm_run':>22}: {figures['ddm_run']}", flush=True)
+        if "--run" in sys.argv:  # a worker group per job, then lanes (reuse_workers, the default), twice
+            for i in range(2):
+                for reuse in (False, True):
+                    name = f"ddm_run_{'lanes' if reuse else 'per_job'}_{i}"
+                    figures[name] = measure_run(tmp, env, reuse)
+                    print(f"{name:>22}: {figures[name]}", flush=True)
             print(json.dumps(figures))
             return
         data = prepare(os.path.join(tmp, "data"))
