@@ -114,13 +114,13 @@ RUN = [
 ]  # fmt: skip
 
 
-def measure_run(tmp: str, env: dict, reuse: bool) -> dict:
+def measure_run(tmp: str, env: dict, reuse: bool, i: int = 0) -> dict:
     """``ddm run`` of a small digits spec: its train stage against the jobs' own training time."""
     from ddm import layout
     from ddm.report import HISTORY
     from ddm.store import Store
 
-    store = os.path.join(tmp, f"run-{reuse}")
+    store = os.path.join(tmp, f"run-{reuse}-{i}")  # a fresh store each time: a re-run would train nothing
     cmd = [sys.executable, "-m", "ddm.cli", "run", "launch/digits.yaml", f"store={store}", *RUN,
            f"reuse_workers={str(reuse).lower()}"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
@@ -157,7 +157,7 @@ def main() -> None:
             for i in range(2):
                 for reuse in (False, True):
                     name = f"ddm_run_{'lanes' if reuse else 'per_job'}_{i}"
-                    figures[name] = measure_run(tmp, env, reuse)
+                    figures[name] = measure_run(tmp, env, reuse, i)
                     print(f"{name:>22}: {figures[name]}", flush=True)
             print(json.dumps(figures))
             return
