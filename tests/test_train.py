@@ -418,13 +418,32 @@ def test_ray_two_workers_zero2(zero2_run):
 
 
 def test_ray_restarts_a_killed_worker_and_resumes(prepared, tmp_path, zero2_run):
+    """A lane of ``ddm run`` (jobs one after another on one Ray Train worker group): expert 1
+    trains, then expert 0's rank 0 is killed at step 5; Ray restarts the lane, whose workers skip
+    expert 1 (exported) and resume expert 0 from its commit at step 4 to the weights of the same job
+    run alone and uninterrupted (so nothing of expert 1 leaked into it); the monolith, whose lease
+    another holder has, is left out and said so."""
+    from ddm.job import check_inputs, resolve
+    from ddm.launchers.ray_job import run_lane
+    from ddm.lease import holding
 
     store = fresh(prepared, tmp_path)
     env = {"DDM_FAULT": "step:5:0", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}  # kill rank 0 at step 5
-    s = ray_train(ray_cfg(store, "steps=6", "checkpoint.every=2", "engine.zero_stage=2"), env=env)
+    lane = [
+        ray_cfg(store, "partition=1", "steps=2", "checkpoint.every=2"),
+        ray_cfg(store, "steps=6", "checkpoint.every=2", "engine.zero_stage=2"),
+        ray_cfg(store, "partition=-1", "steps=2"),
+    ]
+    lane = [resolve(c) for c in lane]
+    for c in lane:
+        check_inputs(c)
+    with holding(Store(store), "monolith", "another writer"):
+        first, second, third = run_lane(lane, env=env)
     assert os.path.exists(tmp_path / "fault-once")  # the kill happened
-    assert s["startup"]["resumed_from"] == 4 and s["step"] == 6
+    assert first["step"] == 2 and first["startup"]["resumed_from"] is None  # trained once, skipped after
+    assert second["startup"]["resumed_from"] == 4 and second["step"] == 6
     assert_same_weights(exported(zero2_run[0]), exported(store))
+    assert "another writer" in third["refused"] and not os.path.exists(os.path.join(store, "monolith", "export"))
 
 
 MOE = [

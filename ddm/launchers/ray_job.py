@@ -105,11 +105,7 @@ def run_job(
 
     if not ray.is_initialized():
         raise ValueError("not connected to a Ray cluster: run the job inside ray_cluster(address)")
-    if cfg.threads > cfg.ray.cpus_per_worker:
-        raise ValueError(
-            f"threads={cfg.threads} but each worker gets ray.cpus_per_worker={cfg.ray.cpus_per_worker} CPUs: "
-            "raise ray.cpus_per_worker, or leave threads=0 (as many threads as CPUs)"
-        )
+    _check_threads(cfg)
     from ddm.train.trainer import job_lease
 
     with job_lease(cfg, force, lease_wait_s) as token:
@@ -126,11 +122,30 @@ def run_job(
     return {**summary, "ray_reported": result.metrics, "fit_called_at": fit_called_at}
 
 
-def ray_task(cfg: JobConfig) -> dict:
+def _check_threads(cfg: JobConfig) -> None:
+    if cfg.threads > cfg.ray.cpus_per_worker:
+        raise ValueError(
+            f"threads={cfg.threads} but each worker gets ray.cpus_per_worker={cfg.ray.cpus_per_worker} CPUs: "
+            "raise ray.cpus_per_worker, or leave threads=0 (as many threads as CPUs)"
+        )
+
+
+def summary_of(cfg: JobConfig) -> dict:
+    """The job's summary in the store; {} where its export was committed but its summary not (a
+    crash between the two: the export is what counts as finished)."""
+    try:
+        return Store(cfg.store).child(cfg.run_dir).read_json(layout.SUMMARY)
+    except FileNotFoundError:
+        return {}
+
+
+def ray_task(cfg: JobConfig, lease_wait_s: float = 0.0) -> dict:
     """One job as a Ray task (``ddm run`` runs several at once): its own TorchTrainer, workers and
-    restarts. It lives here, in a module that imports no torch, so the task's process starts light."""
+    restarts. It lives here, in a module that imports no torch, so the task's process starts light.
+    ``lease_wait_s``: how long to wait for the job's lease (a job a failed lane held, whose process
+    may have died without releasing it)."""
     setup_logging()
-    return run_job(cfg)
+    return run_job(cfg, lease_wait_s=lease_wait_s)
 
 
 def ray_lane(cfgs: list[JobConfig]) -> list[dict]:
@@ -144,40 +159,66 @@ def run_lane(cfgs: list[JobConfig], storage_path: str | None = None, env: dict[s
     lane of ``ddm run``): Ray Train's controller, placement group, worker processes, their imports
     and the process group start once for all of them, not once per job. Each job keeps its own
     lease (all held for the lane), folder, checkpoints and export; a job finished before a restart
-    of the lane is skipped by the restarted workers. Ray's restarts are the fewest any of the jobs
-    allows. Returns the jobs' summaries; raises as ``run_job`` does when the lane fails (the caller
-    finds which jobs finished in the store)."""
+    of the lane is skipped by the restarted workers. The lane may be restarted as often as its
+    jobs together allow (the sum of their ``ray.max_failures``). Returns the jobs' summaries, in
+    order; a job whose lease another holder has is left out of the lane and given as
+    {"refused": why}. Raises as ``run_job`` does when the lane fails (the caller finds which jobs
+    finished in the store)."""
     import ray
 
     from ddm.job import is_finished
+    from ddm.lease import LeaseHeld
     from ddm.train.trainer import job_lease
 
     if not ray.is_initialized():
         raise ValueError("not connected to a Ray cluster: run the jobs inside ray_cluster(address)")
+    for c in cfgs:
+        _check_threads(c)
+    refused: dict[str, str] = {}
     with ExitStack() as stack:
-        tokens = [stack.enter_context(job_lease(c)) for c in cfgs]
-        try:
-            config = {"cfgs": cfgs, "env": env or {}, "leases": tokens}
-            _fit(cfgs[0], storage_path, _lane_worker, config, min(c.ray.max_failures for c in cfgs), "lane")
-        except Exception:
-            for c, token in zip(cfgs, tokens):
-                if not is_finished(c):  # lost: say so, not Ray's error
-                    fenced(Store(c.store), token).fence("the job's summary", always=True)
-            raise
-    return [Store(c.store).child(c.run_dir).read_json(layout.SUMMARY) for c in cfgs]
+        held, tokens = [], []
+        for c in cfgs:
+            try:
+                tokens.append(stack.enter_context(job_lease(c)))
+                held.append(c)
+            except LeaseHeld as e:  # someone else trains it: the lane goes on without it
+                refused[c.run_dir] = str(e)
+        if held:
+            try:
+                config = {"cfgs": held, "env": env or {}, "leases": tokens}
+                _fit(held[0], storage_path, _lane_worker, config, sum(c.ray.max_failures for c in held), "lane")
+            except Exception:
+                for c, token in zip(held, tokens):
+                    if not is_finished(c):  # lost: say so, not Ray's error
+                        fenced(Store(c.store), token).fence("the job's summary", always=True)
+                raise
+    return [{"refused": refused[c.run_dir]} if c.run_dir in refused else summary_of(c) for c in cfgs]
 
 
 def _lane_worker(config: dict) -> None:
-    """Runs in every Ray Train worker of a lane: its jobs in order, each as ``_worker`` runs one."""
+    """Runs in every Ray Train worker of a lane: its jobs in order, each as ``_worker`` runs one,
+    from the state a fresh process would give it (no compiled graphs of the job before: TorchDynamo
+    keeps them per function, and would make a later job's graphs dynamic)."""
     import gc
+    import sys
+
+    import torch
+    import torch.distributed as dist
 
     from ddm.job import is_finished
 
     for cfg, lease in zip(config["cfgs"], config["leases"]):
-        if is_finished(cfg):  # trained before Ray restarted this lane
+        done = [is_finished(cfg)]  # trained before Ray restarted this lane; rank 0 decides for all
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(done, src=0)
+        if done[0]:
             continue
+        if "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()
         _worker({"cfg": cfg, "env": config["env"], "lease": lease})
         gc.collect()  # the job's model, engine and optimizer before the next one's
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _fit(cfg: JobConfig, storage_path: str | None, worker, config: dict, max_failures: int | None = None, suffix=""):

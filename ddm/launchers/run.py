@@ -27,9 +27,9 @@ from ddm.data.ingest import ingest
 from ddm.data.partition import partition
 from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
-from ddm.launchers.ray_job import ray_lane, ray_task
+from ddm.launchers.ray_job import ray_lane, ray_task, summary_of
 from ddm.launchers.spec import RunSpec, jobs, student
-from ddm.lease import holding
+from ddm.lease import default_ttl, holding
 from ddm.logs import progress
 from ddm.ray_runtime import ray_cluster
 from ddm.report import write_report
@@ -149,7 +149,7 @@ def run_jobs(
         for i, c in enumerate(todo)
     }
     pending = lanes(todo, slots) if reuse_workers else [[c] for c in sorted(todo, key=_cost, reverse=True)]
-    running, summaries, failures = {}, {}, {}
+    running, summaries, failures, requeued = {}, {}, {}, set()
 
     def finished(c: JobConfig, summary: dict) -> None:
         summaries[c.run_dir], bar = summary, bars[c.run_dir]
@@ -160,7 +160,8 @@ def run_jobs(
         while pending or running:
             while pending and len(running) < slots:
                 lane = pending.pop(0)
-                running[one.remote(lane[0]) if len(lane) == 1 else several.remote(lane)] = lane
+                wait = default_ttl() if lane[0].run_dir in requeued else 0.0
+                running[one.remote(lane[0], wait) if len(lane) == 1 else several.remote(lane)] = lane
             done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
             for c in (c for lane in running.values() for c in lane):
                 _update_bar(bars[c.run_dir], store.child(c.run_dir))
@@ -169,18 +170,25 @@ def run_jobs(
                 try:
                     out = ray.get(ref)
                     for c, summary in zip(lane, out if len(lane) > 1 else [out]):
-                        finished(c, summary)
+                        if "refused" in summary:  # its lease was held by another writer
+                            failures[c.run_dir] = RuntimeError(summary["refused"])
+                            bars[c.run_dir].set_postfix_str("FAILED")
+                        else:
+                            finished(c, summary)
                 except Exception as e:  # a job that used up its restarts: keep the others going
                     left = [c for c in lane if not is_finished(c)]
                     for c in lane:
                         if c not in left:
-                            finished(c, store.child(c.run_dir).read_json(layout.SUMMARY))
+                            finished(c, summary_of(c))
                     if not left:  # every job's export is committed: what failed came after them
                         log.warning("a lane of %s failed after its last job: %s", lane[0].run_dir, e)
                         continue
                     failures[left[0].run_dir] = e  # a lane runs its jobs in order: the first unfinished failed
                     bars[left[0].run_dir].set_postfix_str("FAILED")
-                    pending.extend([c] for c in left[1:])  # the lane's jobs it never started, on their own
+                    # The lane's jobs it never started, on their own; their leases may outlive a lane
+                    # whose process died, so each waits for its lease up to the lease's lifetime.
+                    requeued.update(c.run_dir for c in left[1:])
+                    pending.extend([c] for c in left[1:])
     finally:
         for bar in bars.values():
             bar.close()
