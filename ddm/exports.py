@@ -120,17 +120,16 @@ def init_from_export(model: torch.nn.Module, source: str, store: Store) -> dict:
     tensors, raised before anything is trained. Returns what the job records: {"url", "sha256"} of
     the weights, and for outside formats the format and what was dropped."""
     from ddm.models.pretrained import load_pretrained, source_kind
+    from ddm.models.pretrained_io import split
 
-    if source_kind(source, store) != "ddm":
-        tensors, record = load_pretrained(source, store, model)
+    kind = source_kind(source, store)
+    if kind != "ddm":
+        tensors, record = load_pretrained(source, store, model, kind)
         _load_checked(model, tensors, source, "Give the job the source's sizes (model.arch, model.data_shape, "
                       "model.num_classes)")  # fmt: skip
         return record
-    if "://" in source or source.startswith("/"):
-        parent, run_dir = source.rstrip("/").rsplit("/", 1)
-        where = Store(parent)
-    else:
-        where, run_dir = store, source.strip("/")
+    parent, run_dir = split(source)
+    where = Store(parent) if parent else store
     _, manifest = read_export(where, run_dir)
     raw = where.child(run_dir).read_verified(layout.EXPORT, layout.EXPORT_WEIGHTS)
     tensors = load_safetensors(raw)

@@ -6,18 +6,17 @@ beside ddm's on the same inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
 import torch
 
-from ddm.models.pretrained_io import folder, local_copy, sha256_of
+from ddm.models.pretrained_io import folder, local_copy
 from ddm.store import Store
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-# The class names diffusers gives a DiT: its own, and the generic one of older saves (the hub's
-# facebook/DiT-XL-2-256 among them), which diffusers itself maps by norm_type.
-DIT_NORM = "ada_norm_zero"
+DIT_NORM = "ada_norm_zero"  # the norm that makes diffusers' generic Transformer2DModel a DiT
 
 
 def diffusers_config(source: str, store: Store) -> tuple[Store, dict]:
@@ -81,7 +80,8 @@ def diffusers_state(source: str, store: Store, model: torch.nn.Module) -> tuple[
             f"norm_eps {config.get('norm_eps', 1e-5)}: diffusers normalises before each feed-forward with it, ddm "
             "with 1e-6 as DiT does (outputs differ by about 1e-6 of their size)"
         )
-    sha256 = digests[0] if len(digests) == 1 else sha256_of(json.dumps(dict(zip(files, digests))).encode())
+    shards = json.dumps(dict(zip(files, digests))).encode()
+    sha256 = digests[0] if len(digests) == 1 else hashlib.sha256(shards).hexdigest()
     if len(digests) > 1:
         notes.append(f"sharded: sha256 of {{shard: sha256}} over {len(files)} shards")
     return _from_diffusers(state, source), sha256, where.url, notes

@@ -81,12 +81,13 @@ def check_source(source: str, store: Store) -> None:
             ) from e
 
 
-def load_pretrained(source: str, store: Store, model: torch.nn.Module) -> tuple[dict, dict]:
+def load_pretrained(source: str, store: Store, model: torch.nn.Module, kind: str = "") -> tuple[dict, dict]:
     """The tensors of ``source`` (a facebookresearch/DiT file, a diffusers folder or a hub id) in
     ``model``'s names and shapes, and what the job records of them: {"url", "sha256", "format",
     "notes"}. Checks that can be made here (time embedding, positions, per-block embeddings) are
-    ValueErrors naming the source and the fix; the caller checks every tensor's shape."""
-    kind = source_kind(source, store)
+    ValueErrors naming the source and the fix; the caller checks every tensor's shape. ``kind``:
+    ``source_kind``'s answer, where the caller has it."""
+    kind = kind or source_kind(source, store)
     if not hasattr(model, "x_embedder"):
         raise ValueError(f"init_from={source}: a pretrained DiT starts DiT models only; this job's is not (model.arch)")
     origin = source
@@ -174,11 +175,10 @@ def _drop_fixed_positions(state: dict, model: torch.nn.Module, source: str) -> l
 def _drop_learned_sigma(state: dict, model: torch.nn.Module, source: str) -> list[str]:
     """Keep the first C of 2C output channels (DiT's learned sigma is the second half), where the
     model outputs C. The output layer's rows are (patch row, patch column, channel), channel fastest."""
-    w = state.get("final_layer.linear.weight")
-    own = model.state_dict().get("final_layer.linear.weight")
-    if getattr(model, "learn_sigma", False) and w is not None and own is not None and w.shape == own.shape:
+    w, own = state.get("final_layer.linear.weight"), model.final_layer.linear.weight
+    if getattr(model, "learn_sigma", False) and w is not None and w.shape == own.shape:  # a router has none
         return ["learned sigma: kept (model.learn_sigma)"]
-    if w is None or own is None or w.shape[0] != 2 * own.shape[0]:
+    if w is None or w.shape[0] != 2 * own.shape[0]:
         return []
     channels = model.in_channels
     keep = torch.arange(w.shape[0]) % (2 * channels) < channels

@@ -4,7 +4,6 @@ copies to read them from (memory-mapped where they are local), and the Hugging F
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 
@@ -50,12 +49,9 @@ def local_copy(where: Store, name: str):
         yield local, where.get_file(name, local)["sha256"]
 
 
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def download(source: str) -> str:
-    """A local folder holding ``hf://<repo>[@<revision>]``'s transformer (or DiT checkpoint file)."""
+    """A local folder holding ``hf://<repo>[@<revision>]``'s transformer (a diffusers model or
+    pipeline folder)."""
     repo, _, revision = source.removeprefix("hf://").partition("@")
     try:
         from huggingface_hub import snapshot_download
