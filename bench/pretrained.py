@@ -102,8 +102,7 @@ def run_seed(data: str, root: str, seed: int, steps: int, pretrain: int, classif
     calls += [(train, equal, seed, f"partition={k}", f"steps={rest}", mono, *per_expert[:1],
                f"checkpoint.every={rest}") for k in range(K)]  # fmt: skip
     calls += [(train, mixed, seed, "partition=1", f"steps={steps}", *DDPM, *per_expert)]
-    with ThreadPoolExecutor(2) as pool:
-        summaries = [f.result() for f in [pool.submit(*c) for c in calls]]
+    in_parallel(*calls)
     shutil.copytree(os.path.join(scratch, "experts", "00"), os.path.join(mixed, "experts", "00"))
     train_s = time.time() - t0
     out = evaluate(scratch, seed, ["top1", "monolith"], classifier)
@@ -111,7 +110,7 @@ def run_seed(data: str, root: str, seed: int, steps: int, pretrain: int, classif
     dist = {"scratch": out["top-1"], "pretrained_monolith": out["monolith"]}
     for arm, store in (("init", init), ("init_equal_total", equal), ("mixed", mixed)):
         dist[arm] = evaluate(store, seed, ["top1"], classifier)["top-1"]
-    return {"distance": dist, "train_s": round(train_s, 1), "classifier": classifier, "jobs": len(summaries) + 2}
+    return {"distance": dist, "train_s": round(train_s, 1), "classifier": classifier, "jobs": len(calls) + 2}
 
 
 def training_flops(steps: int, pretrain: int) -> dict:
