@@ -112,7 +112,7 @@ def test_parquet_source(tmp_path):
     pq.write_table(pa.table({"image": images, "label": [0, 1, 0, 1, 2]}), path)
     m = ingest(IngestConfig(source=str(path), resolution=8), Store(str(tmp_path / "run")))
     assert m["num_samples"] == 5 and m["num_classes"] == 3 and m["sample_shape"] == [3, 8, 8]
-    with pytest.raises(ValueError, match="has no column 'img'"):
+    with pytest.raises(ValueError, match="has no image column 'img'"):
         ingest(IngestConfig(source=str(path), image_column="img"), Store(str(tmp_path / "run2")))
 
 

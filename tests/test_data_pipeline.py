@@ -82,12 +82,19 @@ def wds(s3_endpoint):
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     root = f"{BUCKET}/wds-{uuid.uuid4().hex[:8]}"
-    make_webdataset(fs, root)
+    make_webdataset(fs, root, extra=captioned)
     return f"s3://{root}"
 
 
+def captioned(key: int, members: dict) -> dict:
+    """A caption in <key>.txt, except for every 50th sample (40 of 2 000 without one)."""
+    if key % 50 == 49:
+        return members
+    return {**members, "txt": f"  sample {key} of class {members['cls'].decode()}\n".encode()}
+
+
 def cfg(source: str, **kw) -> IngestConfig:
-    return IngestConfig(source=source, resolution=16, shard_size=250, **kw)
+    return IngestConfig(source=source, resolution=16, shard_size=250, caption="txt", **kw)
 
 
 def shards(store: Store) -> dict[str, bytes]:
@@ -110,12 +117,14 @@ def test_webdataset_on_two_nodes_equals_the_single_process_ingest(cluster, wds, 
     store = Store(f"s3://{BUCKET}/ray-{uuid.uuid4().hex[:8]}")
     m = ingest(cfg(wds, runner="ray", workers=2), store)
     assert shards(store) == shards(ref_store)  # byte-identical, shard by shard
-    for key in ("num_samples", "shard_rows", "shards", "label_counts", "class_names", "sample_shape"):
+    for key in ("num_samples", "shard_rows", "shards", "label_counts", "class_names", "sample_shape", "captions"):
         assert m[key] == ref[key], key
     assert not store.exists(f"{DATA_DIR}/progress") and not store.exists(f"{DATA_DIR}/plan.json")
-    # The labels are the .cls files, in tar order.
+    # The labels are the .cls files, in tar order; the captions the .txt files, stripped, "" where none.
     first = Dataset(ref_store).read_shard(0)
     assert list(first.ids[:3]) == [0, 1, 2] and first.labels.dtype == np.int32
+    assert first.captions[0] == f"sample 0 of class {first.labels[0]}" and first.captions[49] == ""
+    assert ref["captions"]["empty"] == TARS * PER_TAR // 50 and ref["captions"]["source"] == "txt"
 
 
 def test_a_worker_killed_mid_ingest_and_the_pipeline_completes(cluster, wds, reference):

@@ -29,7 +29,11 @@ class IngestConfig:
     shard_size: int = 4096
     encoder: str = "identity"
     image_column: str = "image"  # Parquet sources
-    label_column: str = "label"
+    label_column: str = "label"  # Parquet column / WebDataset json key; "" for Parquet: unlabeled (class 0)
+    # Captions into the shards (CAPTION_FORMS): "" none; Parquet: a column; WebDataset: a member's
+    # extension (txt) or json:<key>; image folder: txt (a sidecar <image stem>.txt); glyphs:
+    # describe (what the renderer drew); auto: the source's usual place. Partitioning ignores them.
+    caption: str = ""
     seed: int = 0  # synthetic and glyph sources
     fonts: list[str] = field(default_factory=list)  # glyphs: font folders/files (empty: matplotlib's own)
     charset: str = ""  # glyphs: the characters, one class each (empty: 0-9, A-Z, a-z)
@@ -52,6 +56,8 @@ class IngestConfig:
         if self.encoder != "identity" and self.encoder != "vae" and not self.encoder.startswith("vae:"):
             raise ValueError(f"encoder {self.encoder!r} is unknown; use identity, vae or vae:<hub id>")
         check_runner(self.runner)
+        if self.caption.startswith("json:") and not self.caption[5:]:
+            raise ValueError("caption=json: names no key; give caption=json:<key>, e.g. json:caption")
         if self.workers < 0 or self.encode_actors < 0 or self.encode_batch_size < 1 or self.actors_per_gpu < 1:
             raise ValueError("workers and encode_actors must be >= 0, encode_batch_size and actors_per_gpu >= 1")
 

@@ -87,9 +87,18 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
 
 def render(font: str, char: str, resolution: int, rng: np.random.Generator) -> np.ndarray:
     """One augmented glyph as uint8 (resolution, resolution), white on black."""
+    return render_drawn(font, char, resolution, rng)[0]
+
+
+def render_drawn(font: str, char: str, resolution: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """One augmented glyph and what was drawn: ``scale`` (the glyph's size over the image's, 0.55
+    to 0.85), ``thick`` (drawn with a stroke), ``angle`` (degrees) and ``shear``. The random draws
+    are ``render``'s, in its order, so a dataset is the same with or without its captions."""
     big = resolution * SUPERSAMPLE
-    size = int(round(big * rng.uniform(0.55, 0.85)))
-    stroke = int(rng.integers(0, 2)) * max(1, big // 32)  # half the samples drawn bolder
+    scale = rng.uniform(0.55, 0.85)
+    size = int(round(big * scale))
+    thick = int(rng.integers(0, 2))
+    stroke = thick * max(1, big // 32)  # half the samples drawn bolder
     f = _font(font, size)
     canvas = Image.new("L", (2 * big, 2 * big), 0)
     draw = ImageDraw.Draw(canvas)
@@ -109,4 +118,61 @@ def render(font: str, char: str, resolution: int, rng: np.random.Generator) -> n
     out = canvas.transform(
         (big, big), Image.AFFINE, (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1]), Image.BILINEAR
     )
-    return np.asarray(out.reduce(SUPERSAMPLE), dtype=np.uint8)
+    drawn = {"scale": float(scale), "thick": bool(thick), "angle": float(angle), "shear": float(shear)}
+    return np.asarray(out.reduce(SUPERSAMPLE), dtype=np.uint8), drawn
+
+
+def lean(angle: float, shear: float) -> float:
+    """How far the glyph's vertical leans, in degrees (> 0: its top to the right), after the
+    rotation by ``angle`` and the horizontal ``shear`` that ``render`` applies (image y points down)."""
+    a = np.deg2rad(angle)
+    m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    dx, dy = m @ np.array([0.0, -1.0])  # where "up" goes
+    return float(np.degrees(np.arctan2(dx, -dy)))
+
+
+# The terse family names of the Computer Modern faces matplotlib ships, in words.
+_FAMILIES = {
+    "cmr10": "computer modern roman",
+    "cmb10": "computer modern bold",
+    "cmss10": "computer modern sans",
+    "cmtt10": "computer modern typewriter",
+    "cmti10": "computer modern text italic",
+    "cmmi10": "computer modern math italic",
+}
+
+
+@lru_cache(maxsize=256)
+def face_name(path: str) -> tuple[str, str]:
+    """(family, style) of a font file from its name table, lowercase: ("dejavu serif", "bold italic");
+    "regular"/"book"/"roman" styles become ""."""
+    from fontTools.ttLib import TTFont
+
+    with TTFont(path, fontNumber=0, lazy=True) as font:
+        names = font["name"]
+        family = str(names.getDebugName(16) or names.getDebugName(1) or os.path.basename(path).rsplit(".", 1)[0])
+        style = str(names.getDebugName(17) or names.getDebugName(2) or "")
+    style = " ".join(
+        w for w in style.lower().replace("oblique", "italic").split() if w not in ("regular", "book", "roman")
+    )
+    return _FAMILIES.get(family.lower(), family.lower()), style
+
+
+def char_name(char: str) -> str:
+    if char.isdigit():
+        return f"digit {char}"
+    if char.isalpha():
+        return f"{'uppercase' if char.isupper() else 'lowercase'} {char}"
+    return f"the character {char!r}"
+
+
+def describe(font: str, char: str, drawn: dict) -> str:
+    """A caption of what ``render_drawn`` drew, e.g. "uppercase R in bold italic dejavu serif,
+    large, thick strokes, leaning left": the character, the face, the size (small < 0.65 <= medium
+    <= 0.75 < large), the stroke and the lean (beyond 4 degrees)."""
+    family, style = face_name(font)
+    size = "small" if drawn["scale"] < 0.65 else "large" if drawn["scale"] > 0.75 else "medium"
+    tilt = lean(drawn["angle"], drawn["shear"])
+    leaning = "leaning right" if tilt > 4 else "leaning left" if tilt < -4 else "upright"
+    stroke = "thick strokes" if drawn["thick"] else "thin strokes"
+    return f"{char_name(char)} in {f'{style} ' if style else ''}{family}, {size}, {stroke}, {leaning}"

@@ -4,11 +4,19 @@ Sources:
   digits              scikit-learn's bundled 8x8 handwritten digits (1 797 images, 10 classes; offline)
   glyphs:N            N characters rendered from fonts (62 classes, 16x16; offline; ``ddm.data.glyphs``)
   synthetic:N         N procedurally drawn images (class-dependent blobs), for tests and benchmarks
-  <folder>            an image folder with one sub-folder per class (png, jpg, jpeg, bmp, webp, gif)
+  <folder>            an image folder with one sub-folder per class (png, jpg, jpeg, bmp, webp, gif),
+                      or images at its top (unlabeled)
   <file.parquet|dir>  Parquet with an encoded-image column (bytes or the hubs' {bytes, path}) and labels
+                      (label_column="": unlabeled)
   <shards.tar|dir>    WebDataset tar shards (<key>.jpg|png|webp + <key>.cls or .json labels);
                       brace patterns work: s3://bucket/imagenet/train-{0000..1023}.tar
 Folders, Parquet and tars may live in any fsspec store (s3://..., gs://..., local paths).
+
+Captions (``caption``; text-conditioned experts train on them) go into a ``caption`` column of
+the shards: a Parquet column (``caption=TEXT``), a WebDataset member (``caption=txt``, or
+``json:<key>``), a sidecar beside each image of a folder (``caption=txt``: ``cat.png`` ->
+``cat.txt``), what the glyph renderer drew (``caption=describe``), or ``auto`` (the source's usual
+place). A sample without one gets "" (the null caption); the manifest counts them.
 
 How it runs: a Ray Data pipeline (``runner=ray``; ``auto``, the default, picks it for file sources
 of more than one shard) on the local Ray runtime, or on a cluster with ``--address``: read +
@@ -186,7 +194,7 @@ class WriteShard:
         self.commits = ShardCommits(fenced(Store(url), token), DATA_DIR)
 
     def __call__(self, part: dict) -> dict:
-        ids, arrays, labels = part["ids"], part["arrays"], part["labels"]
+        ids, arrays, labels, captions = part["ids"], part["arrays"], part["labels"], part.get("captions")
         record = {
             "rows": len(ids),
             "skipped": part["skipped"],
@@ -194,8 +202,28 @@ class WriteShard:
             "sample_shape": list(arrays.shape[1:]) if len(ids) else None,
             "dtype": str(arrays.dtype),
         }
-        files = {shard_name(part["index"]): encode_shard(ids, arrays, labels)} if len(ids) else {}
+        if captions is not None:
+            record["captions"] = {
+                "empty": sum(not c for c in captions),
+                "max_chars": max(map(len, captions), default=0),
+                "examples": captions[:3],
+            }
+        files = {shard_name(part["index"]): encode_shard(ids, arrays, labels, captions)} if len(ids) else {}
         return self.commits.commit(part["index"], files, record)
+
+
+def _captions(cfg: IngestConfig, source, written: list[dict], n: int) -> dict | None:
+    """The manifest's account of the captions: where from, how many empty, the longest, examples."""
+    if not source.caption:
+        return None
+    per_shard = [r["captions"] for r in written]
+    return {
+        "source": source.caption,  # the setting, with auto resolved (a column, a member, describe)
+        "count": n,
+        "empty": sum(c["empty"] for c in per_shard),
+        "max_chars": max(c["max_chars"] for c in per_shard),
+        "examples": [e for c in per_shard for e in c["examples"]][:5],
+    }
 
 
 def _digest(units: list[dict]) -> str:
@@ -238,6 +266,7 @@ def _commit(
         "class_names": source.class_names,
         "label_counts": {str(k): v for k, v in sorted(label_counts.items())},
         "skipped": {"count": len(skipped), "examples": skipped[:20]},
+        "captions": _captions(cfg, source, written, n),
         "ingest": to_dict(cfg),
         "source_info": getattr(source, "info", {}),
         "resumed_shards": resumed,  # units an interrupted earlier run had committed
@@ -246,6 +275,11 @@ def _commit(
     manifest = commits.finish(ordered, meta)
     if skipped:
         log.warning("%d unreadable samples were skipped (listed in the manifest under 'skipped')", len(skipped))
+    if meta["captions"]:
+        c = meta["captions"]
+        (log.warning if c["empty"] else log.info)(
+            "captions (%s): %d of %d samples have none (they train as the null caption)", c["source"], c["empty"], n
+        )
     log.info(
         "ingested %d samples of shape %s into %d shards at %s/%s",
         n,

@@ -92,13 +92,15 @@ class PartitionReader:
         return self._cache[i]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch: x (B, *shape) float32 (pixels scaled to [-1, 1]), y labels, ids, partition."""
+        """The next batch: x (B, *shape) float32 (pixels scaled to [-1, 1]), y labels, ids, partition;
+        and for a captioned dataset ``caption``, the B captions (a list of str)."""
         order = self._epoch_order()
         pick = order[self.batch_index * self.batch_size : (self.batch_index + 1) * self.batch_size]
         shards, rows = self.shard_idx[pick], self.row_idx[pick]
         x = np.empty((len(pick), *self.dataset.sample_shape), dtype=np.float32)
         y = np.empty(len(pick), dtype=np.int64)
         ids = np.empty(len(pick), dtype=np.int64)
+        captions: list[str] | None = [""] * len(pick) if self.dataset.has_captions else None
         for s in np.unique(shards):
             where = np.nonzero(shards == s)[0]
             shard = self._shard(int(s))
@@ -106,6 +108,9 @@ class PartitionReader:
             x[where] = arr.astype(np.float32) / 127.5 - 1.0 if self.dataset.dtype == "uint8" else arr
             y[where] = shard.labels[rows[where]]
             ids[where] = shard.ids[rows[where]]
+            if captions is not None:
+                for i, r in zip(where, rows[where]):
+                    captions[i] = shard.captions[r]
         batch = {
             "x": torch.from_numpy(x),
             "y": torch.from_numpy(y),
@@ -114,6 +119,8 @@ class PartitionReader:
         }
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}
+        if captions is not None:
+            batch["caption"] = captions
         self.batch_index += 1
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index, self._order = self.epoch + 1, 0, None

@@ -3,6 +3,7 @@
 Layout under the run root::
 
     data/shards/part-00000.parquet   columns: id int64, data binary, label int32, shape list<int32>
+                                     (+ caption string, for a dataset ingested with captions)
     data/MANIFEST.json               dataset facts + size and sha256 of every shard (written last)
 
 ``data`` holds one sample's raw array bytes (C-order) of ``manifest["dtype"]``; every sample of a
@@ -44,15 +45,20 @@ def shard_name(index: int) -> str:
     return f"{SHARDS_DIR}/part-{index:05d}.parquet"
 
 
-def encode_shard(ids: np.ndarray, arrays: np.ndarray, labels: np.ndarray) -> bytes:
-    """One Parquet shard from ids (N,), arrays (N, *shape) and labels (N,)."""
+def encode_shard(ids: np.ndarray, arrays: np.ndarray, labels: np.ndarray, captions: list[str] | None = None) -> bytes:
+    """One Parquet shard from ids (N,), arrays (N, *shape), labels (N,) and, for a captioned
+    dataset, captions (N strings; "" for a sample without one)."""
     n = len(ids)
-    assert arrays.shape[0] == n == len(labels)
+    assert arrays.shape[0] == n == len(labels) and (captions is None or len(captions) == n)
     flat = np.ascontiguousarray(arrays).reshape(n, -1)
     data = pa.array([row.tobytes() for row in flat], type=pa.binary())
     shape = pa.array([list(arrays.shape[1:])] * n, type=pa.list_(pa.int32()))
-    table = pa.Table.from_arrays([pa.array(ids, pa.int64()), data, pa.array(labels, pa.int32()), shape], schema=SCHEMA)
-    return write_parquet_bytes(table)
+    columns = [pa.array(ids, pa.int64()), data, pa.array(labels, pa.int32()), shape]
+    schema = SCHEMA
+    if captions is not None:
+        columns.append(pa.array(captions, pa.string()))
+        schema = SCHEMA.append(pa.field("caption", pa.string()))
+    return write_parquet_bytes(pa.Table.from_arrays(columns, schema=schema))
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Shard:
     ids: np.ndarray  # (N,) int64
     arrays: np.ndarray  # (N, *sample_shape)
     labels: np.ndarray  # (N,) int32
+    captions: list[str] | None = None  # a captioned dataset's N captions
 
 
 def decode_shard(raw: bytes, sample_shape: tuple[int, ...], dtype: str) -> Shard:
@@ -72,6 +79,7 @@ def decode_shard(raw: bytes, sample_shape: tuple[int, ...], dtype: str) -> Shard
         ids=table.column("id").to_numpy(),
         arrays=arrays,
         labels=table.column("label").to_numpy().astype(np.int32),
+        captions=table.column("caption").to_pylist() if "caption" in table.column_names else None,
     )
 
 
@@ -104,6 +112,10 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return int(self.manifest["num_classes"])
+
+    @property
+    def has_captions(self) -> bool:
+        return bool(self.manifest.get("captions"))
 
     def read_shard(self, index: int) -> Shard:
         """Shard ``index``, verified against the manifest's sha256."""

@@ -11,7 +11,8 @@ Two kinds of source:
 - **Generated** (digits, glyphs:N, synthetic:N; ``ddm.data.sources.generated``): made in order by
   one process from one random stream (``generate``), cut into the same units.
 
-Either way a unit becomes ``{"index", "ids", "arrays" (N, C, H, W) uint8, "labels", "skipped"}``.
+Either way a unit becomes ``{"index", "ids", "arrays" (N, C, H, W) uint8, "labels", "skipped"}``, and
+``"captions"`` (N strings) where the ingest reads captions (``caption``).
 """
 
 from __future__ import annotations
@@ -60,17 +61,21 @@ def load_unit(unit: dict, resolution: int, channels: int) -> dict:
 
 
 def generated_units(source: Source, units: list[dict]) -> Iterator[dict]:
-    """A generated source's samples, in order, cut into ``units`` (ids are positions)."""
+    """A generated source's samples, in order, cut into ``units`` (ids are positions); a source
+    with captions yields (label, array, caption)."""
     it = iter(source.generate())
     for unit in units:
         got = [next(it) for _ in range(unit["stop"] - unit["start"])]
-        yield {
+        part = {
             "index": unit["index"],
             "ids": np.arange(unit["start"], unit["stop"], dtype=np.int64),
-            "arrays": np.stack([a for _, a in got]),
-            "labels": np.asarray([label for label, _ in got], dtype=np.int32),
+            "arrays": np.stack([g[1] for g in got]),
+            "labels": np.asarray([g[0] for g in got], dtype=np.int32),
             "skipped": [],
         }
+        if source.caption:
+            part["captions"] = [g[2] for g in got]
+        yield part
 
 
 def open_source(cfg: IngestConfig) -> Source:

@@ -15,7 +15,9 @@ from ddm.data.sources.images import UNREADABLE, decode
 
 log = logging.getLogger("ddm.ingest")
 
-Item = tuple[int, int | None, bytes | None, str]  # (position, label, encoded image or None, where)
+# (position, label, encoded image or None, where, caption: None where the source reads none or
+# the sample has none)
+Item = tuple[int, int | None, bytes | None, str, str | None]
 
 
 class Source(abc.ABC):
@@ -26,6 +28,7 @@ class Source(abc.ABC):
     generated = False  # True: made in order by this process (``generate``), not loaded per unit
     kind = ""  # file sources: the kind of their units, which says who reads them (``items``)
     what = "source"  # how errors name a file source
+    caption = ""  # where this source's captions come from (the ingest setting, ``auto`` resolved)
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -83,8 +86,8 @@ def pieces(files: list[str], counts: list[int], start: int, stop: int) -> list[l
 def load_items(unit: dict, items: Iterator[Item], resolution: int, channels: int) -> dict:
     """Decode, convert and resize one unit's ``items`` (an unreadable or unlabeled one is skipped
     and listed); every sample of a unit must come out with the same shape."""
-    ids, arrays, labels, skipped = [], [], [], []
-    for pos, label, raw, where in items:
+    ids, arrays, labels, captions, skipped = [], [], [], [], []
+    for pos, label, raw, where, caption in items:
         if label is None:
             skipped.append(where)
             log.warning("skipping %s: it has no label", where)
@@ -102,11 +105,33 @@ def load_items(unit: dict, items: Iterator[Item], resolution: int, channels: int
                 f"{where} has shape {arr.shape} but earlier samples have {arrays[0].shape}; "
                 "set resolution=<side> so every image is resized to one size"
             )
-        ids.append(pos), arrays.append(arr), labels.append(int(label))
-    return {
+        ids.append(pos), arrays.append(arr), labels.append(int(label)), captions.append(clean_caption(caption))
+    part = {
         "index": unit["index"],
         "ids": np.asarray(ids, dtype=np.int64),
         "arrays": np.stack(arrays) if arrays else np.zeros((0,), np.uint8),
         "labels": np.asarray(labels, dtype=np.int32),
         "skipped": skipped,
     }
+    if unit.get("caption"):
+        part["captions"] = captions
+    return part
+
+
+def clean_caption(text: str | bytes | None) -> str:
+    """A caption as stored: text with its surrounding whitespace stripped; "" for none."""
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return str(text).strip()
+
+
+def no_captions(cfg: IngestConfig, what: str) -> None:
+    """Refuse ``caption`` for a source that has none."""
+    if cfg.caption:
+        raise ValueError(
+            f"source {cfg.source!r} ({what}) has no captions; leave ingest.caption empty, or ingest a captioned "
+            "source (glyphs:N with caption=describe, Parquet with a text column, WebDataset with .txt members, an "
+            "image folder with .txt sidecars)"
+        )

@@ -1,4 +1,5 @@
-"""File sources: an image folder (one sub-folder per class) and Parquet with an encoded-image column,
+"""File sources: an image folder (one sub-folder per class, or images at its top for an unlabeled
+dataset; captions in sidecar files) and Parquet with an encoded-image column (and a caption column),
 from any fsspec URL. The driver lists them; ``items`` reads one unit's files or rows anywhere."""
 
 from __future__ import annotations
@@ -25,13 +26,56 @@ def _read(url: str) -> bytes:
         return f.read()
 
 
+def text_member(spec: str, read) -> str | None:
+    """A caption from a sample's text member: ``spec`` is an extension (its whole text) or
+    ``json:<key>`` (a key of its .json member); ``read(ext)`` returns a member's bytes or None."""
+    ext, key = ("json", spec[5:]) if spec.startswith("json:") else (spec, None)
+    raw = read(ext)
+    if raw is None:
+        return None
+    if key is None:
+        return raw.decode("utf-8", errors="replace")
+    try:
+        value = json.loads(raw).get(key)
+    except (ValueError, AttributeError):
+        return None
+    return None if value is None else str(value)
+
+
+def _sidecar(path: str, spec: str) -> str | None:
+    stem = path.rsplit(".", 1)[0]
+
+    def read(ext: str) -> bytes | None:
+        try:
+            return _read(f"{stem}.{ext}")
+        except (OSError, FileNotFoundError):
+            return None
+
+    return text_member(spec, read)
+
+
+def check_member_caption(cfg: IngestConfig, what: str, where: str) -> str:
+    """``cfg.caption`` for a source whose captions are member or sidecar files: ``auto`` -> txt."""
+    spec = "txt" if cfg.caption == "auto" else cfg.caption
+    ext = "json" if spec.startswith("json:") else spec
+    if spec and not (ext.isalnum() and ext.lower() == ext):
+        raise ValueError(
+            f"caption={cfg.caption!r} does not name {where} for a {what}: use txt (the text of <key>.txt), another "
+            "lowercase extension, json:<key> (a key of <key>.json) or auto"
+        )
+    return spec
+
+
 class FolderSource(Source):
-    """root/<class name>/<image files>; classes sorted by name, files sorted within a class."""
+    """root/<class name>/<image files>; classes sorted by name, files sorted within a class. A
+    folder with images at its top and no class folders is one unlabeled class. Captions (``caption=txt``
+    or ``json:<key>``) come from a sidecar file beside each image: ``cat.png`` -> ``cat.txt``."""
 
     kind = "files"
     what = "image folder"
 
     def __init__(self, cfg: IngestConfig, root: str):
+        self.caption = check_member_caption(cfg, self.what, "a sidecar file")
         fs, path = fsspec.core.url_to_fs(root)
         local = is_local(fs)
         path = path.rstrip("/")
@@ -42,15 +86,22 @@ class FolderSource(Source):
                     return [(e.name, e.is_dir()) for e in it]
             return [(os.path.basename(e["name"].rstrip("/")), e["type"] == "directory") for e in fs.ls(folder)]
 
+        def images(folder: str) -> list[str]:
+            return sorted(f for f, is_dir in listing(folder) if not is_dir and f.lower().endswith(IMAGE_EXTENSIONS))
+
         classes = sorted(name for name, is_dir in listing(path) if is_dir and not name.startswith("."))
-        if not classes:
-            raise ValueError(f"image folder {root!r} has no class sub-folders; expected {root}/<class>/<images>")
         self.files: list[tuple[str, int]] = []
+        if not classes:
+            self.files = [(url_of(fs, f"{path}/{f}"), 0) for f in images(path)]
+            if not self.files:
+                raise ValueError(
+                    f"image folder {root!r} has no class sub-folders and no images; expected {root}/<class>/<images> "
+                    f"or, unlabeled, {root}/<images> ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            self.class_names = ["unlabeled"]
+            return
         for idx, name in enumerate(classes):
-            found = sorted(
-                f for f, is_dir in listing(f"{path}/{name}") if not is_dir and f.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            self.files += [(url_of(fs, f"{path}/{name}/{f}"), idx) for f in found]
+            self.files += [(url_of(fs, f"{path}/{name}/{f}"), idx) for f in images(f"{path}/{name}")]
         if not self.files:
             raise ValueError(f"image folder {root!r} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.class_names = classes
@@ -59,7 +110,7 @@ class FolderSource(Source):
         return len(self.files)
 
     def _unit(self, start: int, stop: int) -> dict:
-        return {"kind": self.kind, "files": self.files[start:stop]}
+        return {"kind": self.kind, "files": self.files[start:stop], "caption": self.caption}
 
     @staticmethod
     def items(unit: dict) -> Iterator[Item]:
@@ -69,13 +120,16 @@ class FolderSource(Source):
                 raw = _read(path)
             except OSError:
                 raw = None
-            yield pos, label, raw, path
+            yield pos, label, raw, path, _sidecar(path, unit["caption"]) if unit["caption"] else None
             pos += 1
 
 
 class ParquetSource(Source):
     """Parquet file(s) with an encoded image column (bytes, or the dataset hubs' {bytes, path}
-    struct) and an integer label column; class names from the hub's metadata when it has them."""
+    struct), an integer label column (``label_column=""``: unlabeled, every sample class 0) and, with
+    ``caption=<column>``, a text column; class names from the hub's metadata when it has them."""
+
+    CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt")  # what caption=auto looks for, in this order
 
     kind = "parquet"
     what = "Parquet source"
@@ -94,11 +148,28 @@ class ParquetSource(Source):
             with fs.open(f, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 schema = pf.schema_arrow
-                for col in (cfg.image_column, cfg.label_column):
-                    if col not in schema.names:
+                if cfg.caption == "auto" and not self.caption:
+                    found = [c for c in self.CAPTION_COLUMNS if c in schema.names]
+                    if not found:
                         raise ValueError(
-                            f"Parquet source {url_of(fs, f)!r} has no column {col!r}; its columns are {schema.names}"
+                            f"Parquet source {url_of(fs, f)!r} has none of the caption columns caption=auto looks for "
+                            f"({', '.join(self.CAPTION_COLUMNS)}); its columns are {schema.names}: set "
+                            "caption=<the text column>"
                         )
+                    self.caption = found[0]
+                elif cfg.caption != "auto":
+                    self.caption = cfg.caption
+                wanted = {"image": cfg.image_column, "label": cfg.label_column, "caption": self.caption}
+                for what, col in wanted.items():
+                    if col and col not in schema.names:
+                        raise ValueError(
+                            f"Parquet source {url_of(fs, f)!r} has no {what} column {col!r}; its columns are "
+                            f"{schema.names}: set {'caption' if what == 'caption' else what + '_column'}=<column>"
+                        )
+                if not cfg.label_column:
+                    self.files.append(url_of(fs, f))
+                    self.rows.append(pf.metadata.num_rows)
+                    continue
                 labels = pf.read(columns=[cfg.label_column], use_threads=False).column(0)
                 if not (labels.type.id in range(2, 10) or str(labels.type).startswith(("int", "uint"))):
                     raise ValueError(
@@ -113,31 +184,43 @@ class ParquetSource(Source):
         self.n = sum(self.rows)
         if self.n == 0:
             raise ValueError(f"Parquet source {url!r} has no rows")
-        self.class_names = names if names and len(names) > label_max else [str(i) for i in range(label_max + 1)]
-        self.columns = [cfg.image_column, cfg.label_column]
+        if not cfg.label_column:
+            self.class_names = ["unlabeled"]
+        else:
+            self.class_names = names if names and len(names) > label_max else [str(i) for i in range(label_max + 1)]
+        self.columns = [cfg.image_column, cfg.label_column, self.caption]
 
     def __len__(self) -> int:
         return self.n
 
     def _unit(self, start: int, stop: int) -> dict:
-        return {"kind": self.kind, "columns": self.columns, "pieces": pieces(self.files, self.rows, start, stop)}
+        return {
+            "kind": self.kind,
+            "columns": self.columns,
+            "caption": self.caption,
+            "pieces": pieces(self.files, self.rows, start, stop),
+        }
 
     @staticmethod
     def items(unit: dict) -> Iterator[Item]:
         pos = unit["start"]
-        image_col, label_col = unit["columns"]
+        image_col, label_col, caption_col = unit["columns"]
+        columns = [c for c in (image_col, label_col, caption_col) if c]
         for url, lo, hi in unit["pieces"]:
             with fsspec.open(url, "rb") as f:
                 pf = pq.ParquetFile(f)
                 starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
                 groups = [g for g in range(pf.num_row_groups) if starts[g] < hi and starts[g + 1] > lo]
                 # use_threads=False: see ddm.data.shards.read_parquet_bytes (pyarrow exit aborts).
-                table = pf.read_row_groups(groups, columns=[image_col, label_col], use_threads=False)
+                table = pf.read_row_groups(groups, columns=columns, use_threads=False)
                 table = table.slice(lo - starts[groups[0]], hi - lo)
-            images, labels = table.column(0).to_pylist(), table.column(1).to_pylist()
-            for r, (img, label) in enumerate(zip(images, labels)):
+            n = table.num_rows
+            images = table.column(image_col).to_pylist()
+            labels = table.column(label_col).to_pylist() if label_col else [0] * n
+            captions = table.column(caption_col).to_pylist() if caption_col else [None] * n
+            for r, (img, label, caption) in enumerate(zip(images, labels, captions)):
                 raw = img.get("bytes") if isinstance(img, dict) else img
-                yield pos, label, raw, f"{url} row {lo + r}"
+                yield pos, label, raw, f"{url} row {lo + r}", caption
                 pos += 1
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ddm.data.config import IngestConfig
-from ddm.data.sources.base import Source
+from ddm.data.sources.base import Source, no_captions
 from ddm.data.sources.images import to_chw
 
 log = logging.getLogger("ddm.ingest")
@@ -25,6 +25,7 @@ class DigitsSource(Source):
     def __init__(self, cfg: IngestConfig):
         from sklearn.datasets import load_digits  # scikit-learn takes 1.5 s to import: only where used
 
+        no_captions(cfg, "scikit-learn's handwritten digits")
         digits = load_digits()
         self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
         self.labels = digits.target.astype(np.int64)
@@ -51,6 +52,7 @@ class SyntheticSource(Source):
     def __init__(self, cfg: IngestConfig, n: int, num_classes: int = 10):
         if n < 1:
             raise ValueError(f"synthetic source needs N >= 1, got {n}")
+        no_captions(cfg, "Gaussian blobs")
         self.n, self.cfg, self.num_classes = n, cfg, num_classes
         self.class_names = [f"blob{i}" for i in range(num_classes)]
 
@@ -77,7 +79,9 @@ class SyntheticSource(Source):
 
 class GlyphSource(Source):
     """``glyphs:N``: N characters rendered from fonts with random size, position, rotation, shear and
-    weight (``ddm.data.glyphs``); classes are the characters of ``charset``; deterministic in ``seed``."""
+    weight (``ddm.data.glyphs``); classes are the characters of ``charset``; deterministic in ``seed``.
+    With ``caption=describe`` (or auto) each image carries a caption of what was drawn
+    (``glyphs.describe``); the images are the same with or without."""
 
     generated = True
 
@@ -91,6 +95,11 @@ class GlyphSource(Source):
             raise ValueError(f"ingest.charset {self.charset!r} repeats a character; each character is one class")
         self.font_digests = glyphs.find_fonts(list(cfg.fonts), self.charset)
         self.fonts = list(self.font_digests)
+        if cfg.caption not in ("", "auto", "describe"):
+            raise ValueError(
+                f"caption={cfg.caption!r}: glyph captions are made from what was drawn; use caption=describe (or auto)"
+            )
+        self.caption = "describe" if cfg.caption else ""
         self.n, self.cfg = n, cfg
         self.class_names = list(self.charset)
         log.info("glyphs: %d samples of %d characters from %d font faces", n, len(self.charset), len(self.fonts))
@@ -104,11 +113,13 @@ class GlyphSource(Source):
         return self.n
 
     def generate(self):
-        from ddm.data.glyphs import render
+        from ddm.data.glyphs import describe, render_drawn
 
         res, ch = self.cfg.resolution or 16, self.cfg.channels or 1
         rng = np.random.default_rng(self.cfg.seed)
         for _ in range(self.n):
             label = int(rng.integers(len(self.charset)))
-            img = render(self.fonts[int(rng.integers(len(self.fonts)))], self.charset[label], res, rng)
-            yield label, np.repeat(img[None], ch, axis=0)
+            font, char = self.fonts[int(rng.integers(len(self.fonts)))], self.charset[label]
+            img, drawn = render_drawn(font, char, res, rng)
+            sample = (label, np.repeat(img[None], ch, axis=0))
+            yield (*sample, describe(font, char, drawn)) if self.caption else sample

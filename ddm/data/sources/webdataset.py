@@ -15,6 +15,7 @@ import fsspec
 
 from ddm.data.config import IngestConfig
 from ddm.data.sources.base import Item, Source, pieces, url_of
+from ddm.data.sources.files import check_member_caption, text_member
 
 log = logging.getLogger("ddm.ingest")
 
@@ -83,8 +84,10 @@ def expand_braces(pattern: str) -> list[str]:
 
 class WebDatasetSource(Source):
     """WebDataset tar shards: samples of ``<key>.jpg|png|webp|...`` with a ``<key>.cls`` label (an
-    integer) or a ``<key>.json`` holding one under ``label_column``; other files (captions) are
-    ignored. Without any label in the whole dataset every sample is class 0 (unconditional)."""
+    integer) or a ``<key>.json`` holding one under ``label_column``. Captions, with ``caption=txt``
+    (or another extension) or ``json:<key>``, come from that member of each sample (``auto``: txt);
+    a sample without one gets "" (counted). Without any label in the whole dataset every sample is
+    class 0 (unconditional)."""
 
     kind = "tar"
     what = "WebDataset source"
@@ -101,6 +104,7 @@ class WebDatasetSource(Source):
         if not tars:
             raise ValueError(f"WebDataset source {spec!r} holds no .tar shards")
         self.label_key = cfg.label_column
+        self.caption = check_member_caption(cfg, self.what, "a sample's member")
         self._check_first_tar(tars[0])
         with ThreadPoolExecutor(16) as pool:  # headers and labels only: I/O bound
             scans = list(pool.map(lambda t: _scan_tar(t, self.label_key), tars))
@@ -142,6 +146,7 @@ class WebDatasetSource(Source):
             "kind": self.kind,
             "label_key": self.label_key,
             "labeled": self.labeled,
+            "caption": self.caption,
             "pieces": pieces(self.tars, self.counts, start, stop),
         }
 
@@ -162,5 +167,10 @@ class WebDatasetSource(Source):
                         label = _wds_label(tf, members, unit["label_key"]) if unit["labeled"] else 0
                     except (ValueError, UnicodeDecodeError):
                         label = None
-                    yield pos, label, raw, where
+                    caption = None
+                    if unit["caption"]:
+                        caption = text_member(
+                            unit["caption"], lambda e: tf.extractfile(members[e]).read() if e in members else None
+                        )
+                    yield pos, label, raw, where, caption
                     pos += 1
