@@ -1,0 +1,231 @@
+"""Frozen text encoders for text-conditioned experts: CLIP's or T5's text transformer (through
+transformers), named by hub id and revision or by a folder that holds a saved one, and a tiny one
+made from a dataset's own captions, for offline work and tests.
+
+    enc = TextEncoder.load("openai/clip-vit-large-patch14@<revision>")  # the hub (HF_HOME caches it)
+    enc = TextEncoder.load("/models/t5-v1_1-xl")                         # a save_pretrained folder
+    emb = enc.encode(["bold serif R", ""])  # tokens (N, L, D), mask (N, L) bool, pooled (N, D)
+
+The encoder is frozen (eval mode, no gradients). Every caption is padded to ``max_length`` and
+encoded on its own: its embedding does not depend on the other captions of its batch, so embeddings
+computed once at ingest equal those computed inside a training job. The pooled vector is CLIP's
+(the end-of-text token after the final norm) or, for T5, the mean of the caption's tokens.
+``describe()`` is what an export records so that a user can rebuild the encoder and sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+KINDS = {"clip_text_model": "clip", "clip": "clip", "t5": "t5"}  # config.json's model_type -> kind
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class TextEmbedding:
+    tokens: torch.Tensor  # (N, L, D) the last hidden states
+    mask: torch.Tensor  # (N, L) bool: True on the caption's tokens
+    pooled: torch.Tensor  # (N, D)
+
+
+def parse(spec: str) -> tuple[str, str | None, bool]:
+    """(where, revision, on the hub) of ``spec``: a folder or URL, or ``[hf://]<org>/<name>[@<revision>]``."""
+    if spec.startswith("hf://"):
+        repo, _, rev = spec[5:].partition("@")
+        return repo, rev or None, True
+    if "://" in spec or spec.startswith(("/", ".", "~")) or os.path.exists(spec):
+        return os.path.expanduser(spec), None, False
+    repo, _, rev = spec.partition("@")
+    if repo.count("/") != 1:
+        raise ValueError(
+            f"text encoder {spec!r} is neither a folder that exists nor a hub id (<org>/<name>[@<revision>], e.g. "
+            "openai/clip-vit-large-patch14 or google/t5-v1_1-xl)"
+        )
+    return repo, rev or None, True
+
+
+class TextEncoder:
+    def __init__(self, model, tokenizer, kind: str, spec: str, max_length: int, source: dict):
+        self.model, self.tokenizer, self.kind, self.spec = model.eval().requires_grad_(False), tokenizer, kind, spec
+        self.max_length, self.source = max_length, source
+        self.hidden_size = int(model.config.hidden_size if kind == "clip" else model.config.d_model)
+
+    @classmethod
+    def load(cls, spec: str, max_length: int = 0, device: str | torch.device = "cpu") -> "TextEncoder":
+        """The encoder and tokenizer ``spec`` names (see ``parse``); ``max_length`` 0: the model's own
+        (CLIP: its positions, 77; T5: 120, PixArt-alpha's)."""
+        where, revision, hub = parse(spec)
+        folder = _hub_folder(spec, where, revision) if hub else _local_folder(where)
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                config = json.load(f)
+        except FileNotFoundError as e:
+            raise ValueError(f"text encoder {spec!r}: {folder} has no config.json (a transformers save)") from e
+        kind = KINDS.get(config.get("model_type", ""))
+        if kind is None:
+            raise ValueError(
+                f"text encoder {spec!r} is a {config.get('model_type')!r} model; ddm reads CLIP and T5 text "
+                "encoders (model_type clip, clip_text_model or t5)"
+            )
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per load of a tiny model is noise in the job's log
+        model = (CLIPTextModel if kind == "clip" else T5EncoderModel).from_pretrained(folder, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if not max_length:  # CLIP: its positions (77); T5: the tokenizer's limit below 512, else PixArt's 120
+            own = int(getattr(tokenizer, "model_max_length", 0) or 0)
+            max_length = int(model.config.max_position_embeddings) if kind == "clip" else own if 0 < own < 512 else 120
+        source = {"spec": spec, "revision": revision or getattr(model.config, "_commit_hash", None)}
+        if not hub:
+            source["sha256"] = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
+        return cls(model.to(device), tokenizer, kind, spec, max_length, source)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = self.model(input_ids=ids, attention_mask=mask)
+        tokens = out.last_hidden_state
+        if self.kind == "clip":
+            pooled = out.pooler_output
+        else:
+            weights = mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return TextEmbedding(tokens.float(), mask.bool(), pooled.float())
+
+    def describe(self) -> dict:
+        """What a text model's export records: which encoder, its sizes and where it came from."""
+        return {"kind": self.kind, "hidden_size": self.hidden_size, "max_length": self.max_length, **self.source}
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _local_folder(where: str) -> str:
+    if "://" in where and not where.startswith("file://"):
+        import tempfile
+
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(where)
+        if not fs.isdir(path):
+            raise ValueError(f"text encoder {where!r} is not a folder")
+        local = tempfile.mkdtemp(prefix="ddm-text-encoder-")
+        fs.get(path.rstrip("/") + "/", local, recursive=True)
+        return local
+    path = where.removeprefix("file://")
+    if not os.path.isdir(path):
+        raise ValueError(f"text encoder {where!r} is not a folder (a save_pretrained text model and its tokenizer)")
+    return path
+
+
+def _hub_folder(spec: str, repo: str, revision: str | None) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ValueError(f"text encoder {spec!r} comes from the hub: pip install 'ddm[encoders]'") from e
+    patterns = ["config.json", "*.safetensors", "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt",
+                "spiece.model", "text_encoder/*", "tokenizer/*"]  # fmt: skip
+    try:
+        folder = snapshot_download(repo, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
+        rev = f" --revision {revision}" if revision else ""
+        raise ValueError(
+            f"text encoder {spec!r}: could not fetch {repo} from the Hugging Face hub ({type(e).__name__}). Offline, "
+            f"download it where there is a network (huggingface-cli download {repo}{rev} --local-dir DIR), copy DIR "
+            "here and name the folder instead of the hub id"
+        ) from e
+    # A diffusers pipeline keeps its text encoder and tokenizer in sub-folders.
+    if os.path.isdir(os.path.join(folder, "text_encoder")):
+        raise ValueError(
+            f"text encoder {spec!r} is a pipeline: name its text encoder's folder ({folder}/text_encoder, with the "
+            "tokenizer copied beside it), or the encoder's own hub id"
+        )
+    return folder
+
+
+# --- a tiny encoder made from a dataset's captions (offline; tests and the glyphs main job) ----------
+
+
+def make_tiny(
+    folder: str,
+    captions: list[str],
+    kind: str = "clip",
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_length: int = 32,
+    seed: int = 0,
+) -> str:
+    """Write a randomly initialised ``kind`` text encoder and a word-level tokenizer trained on
+    ``captions`` (lowercased words and punctuation; unknown words map to [UNK]) into ``folder``,
+    as transformers saves them: ``TextEncoder.load(folder)`` reads it like any other."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from tokenizers.trainers import WordLevelTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    tok = Tokenizer(WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.train_from_iterator(captions, WordLevelTrainer(special_tokens=specials))
+    ids = {s: tok.token_to_id(s) for s in specials}
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", ids["[BOS]"]), ("[EOS]", ids["[EOS]"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_max_length=max_length,
+    )
+    torch.manual_seed(seed)
+    if kind == "clip":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        config = CLIPTextConfig(
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_length,
+            pad_token_id=ids["[PAD]"],
+            bos_token_id=ids["[BOS]"],
+            eos_token_id=ids["[EOS]"],
+        )
+        model = CLIPTextModel(config)
+    elif kind == "t5":
+        from transformers import T5Config, T5EncoderModel
+
+        config = T5Config(
+            vocab_size=tok.get_vocab_size(),
+            d_model=hidden_size,
+            d_kv=hidden_size // heads,
+            d_ff=4 * hidden_size,
+            num_layers=layers,
+            num_heads=heads,
+            pad_token_id=ids["[PAD]"],
+            eos_token_id=ids["[EOS]"],
+        )
+        model = T5EncoderModel(config)
+    else:
+        raise ValueError(f"kind must be clip or t5, got {kind!r}")
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder

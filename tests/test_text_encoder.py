@@ -1,0 +1,64 @@
+"""Frozen text encoders: a tiny CLIP and T5 text model made from a dataset's captions (a word-level
+tokenizer trained on them with the tokenizers library, random weights), saved as transformers saves
+them and loaded back like any folder; hub ids fail offline with the way out."""
+
+import json
+
+import pytest
+import torch
+
+from ddm.models.text_encoder import TextEncoder, make_tiny, parse
+
+CAPTIONS = [
+    "uppercase R in bold dejavu serif, large, thick strokes, leaning left",
+    "digit 3 in computer modern roman, small, thin strokes, upright",
+    "lowercase q in italic stixgeneral, medium, thin strokes, leaning right",
+]
+
+
+@pytest.fixture(scope="module", params=["clip", "t5"])
+def tiny(request, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp(f"tiny-{request.param}"))
+    make_tiny(folder, CAPTIONS, kind=request.param, max_length=24)
+    return request.param, folder
+
+
+def test_a_tiny_encoder_loads_like_any_folder_and_encodes_each_caption_on_its_own(tiny):
+    kind, folder = tiny
+    enc = TextEncoder.load(folder)
+    assert enc.kind == kind and enc.max_length == 24 and enc.hidden_size == 64
+    emb = enc.encode([*CAPTIONS, ""])
+    assert emb.tokens.shape == (4, 24, 64) and emb.pooled.shape == (4, 64) and emb.mask.dtype == torch.bool
+    words = [len(c.replace(",", " ,").split()) for c in CAPTIONS]
+    assert emb.mask.sum(1).tolist() == [w + 2 for w in words] + [2]  # [BOS] words [EOS]; "" is [BOS] [EOS]
+    # A caption's embedding does not depend on its batch (ingest-time and in-job embeddings agree).
+    alone = enc.encode([CAPTIONS[1]])
+    assert torch.equal(alone.tokens[0], emb.tokens[1]) and torch.equal(alone.pooled[0], emb.pooled[1])
+    assert not torch.allclose(emb.pooled[0], emb.pooled[1])  # different captions, different embeddings
+    # Frozen: no gradients, eval mode; the same folder gives the same embeddings; unknown words -> [UNK].
+    assert not any(p.requires_grad for p in enc.model.parameters()) and not enc.model.training
+    assert torch.equal(TextEncoder.load(folder).encode(CAPTIONS).tokens, emb.tokens[:3])
+    assert "[UNK]" in enc.tokenizer.convert_ids_to_tokens(enc.tokenizer("digit 3 zebra")["input_ids"])
+    d = enc.describe()
+    assert d["kind"] == kind and d["spec"] == folder and len(d["sha256"]["model.safetensors"]) == 64
+
+
+def test_the_same_captions_and_seed_make_the_same_encoder(tiny, tmp_path):
+    kind, folder = tiny
+    again = make_tiny(str(tmp_path / "again"), CAPTIONS, kind=kind, max_length=24)
+    assert TextEncoder.load(again).describe()["sha256"] == TextEncoder.load(folder).describe()["sha256"]
+
+
+def test_hub_ids_fail_offline_with_the_way_out_and_bad_folders_are_named(tmp_path):
+    assert parse("openai/clip-vit-large-patch14@abc123") == ("openai/clip-vit-large-patch14", "abc123", True)
+    assert parse("hf://google/t5-v1_1-xl") == ("google/t5-v1_1-xl", None, True)
+    with pytest.raises(ValueError, match=r"huggingface-cli download google/t5-v1_1-xl --revision main --local-dir"):
+        TextEncoder.load("google/t5-v1_1-xl@main")  # the tests run with HF_HUB_OFFLINE=1
+    with pytest.raises(ValueError, match="neither a folder that exists nor a hub id"):
+        TextEncoder.load("clip-large")
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ValueError, match="is a 'vit' model; ddm reads CLIP and T5 text encoders"):
+        TextEncoder.load(str(tmp_path / "vit"))
+    with pytest.raises(ValueError, match="is not a folder"):
+        TextEncoder.load(str(tmp_path / "missing"))
