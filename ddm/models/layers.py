@@ -129,11 +129,11 @@ class PatchEmbed(nn.Module):
 class Mlp(nn.Module):
     """The transformer feed-forward block (GELU, tanh approximation as in DiT)."""
 
-    def __init__(self, hidden_size: int, mlp_hidden: int):
+    def __init__(self, hidden_size: int, mlp_hidden: int, out_features: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, mlp_hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+        self.fc2 = nn.Linear(mlp_hidden, out_features or hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -1,0 +1,221 @@
+"""A text-conditioned DiT (PixArt-alpha's design, the paper's LAION experts and Paris's): every block
+cross-attends to the caption's tokens, and time enters through AdaLN-Single.
+
+- **AdaLN-Single**: one shared MLP maps the conditioning vector c to 6 D modulation values
+  (``t_block``); each block adds its own learned offsets (``scale_shift_table``, 6 x D) instead of
+  owning a 6 D x D projection. On XL/2 that is 28 x 8M parameters fewer than DiT's adaLN-Zero.
+- **Caption path**: the frozen encoder's tokens (N, L, E) go through a 2-layer MLP to width D
+  (``y_embedder``) and are the keys and values of each block's cross-attention (padding masked).
+- **Pooled path**: the encoder's pooled vector, through its own 2-layer MLP, is added to the
+  timestep embedding: c = t_emb + pooled_emb.
+- **Caption dropout** (classifier-free guidance): in training a caption is replaced, with
+  probability ``caption_dropout_prob``, by the learned null caption (``null_tokens`` L x E, all
+  attended, and ``null_pooled``); sampling's unconditional branch uses the same (``null_text``).
+
+    block:  x += gate_msa * SelfAttn(norm1(x) * (1 + scale_msa) + shift_msa)
+            x += CrossAttn(x, captions)
+            x += gate_mlp * MLP(norm2(x) * (1 + scale_mlp) + shift_mlp)
+            (shift, scale, gate)_{msa, mlp} = scale_shift_table + t_block(c)
+
+The output layer is zero-initialised (the initial velocity is 0) and so is each cross-attention's
+output projection (each block starts as the unconditional DiT block).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddm.models.config import DiTSize, MoEConfig
+from ddm.models.dit import Attention
+from ddm.models.layers import Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from ddm.models.moe import MoEFeedForward
+from ddm.models.text_encoder import TextEmbedding
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (N, T, D) attends to y (N, L, D) where ``mask`` (N, L) is True."""
+        n, t, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)
+        k, v = self.kv(y).reshape(n, y.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class TextDiTBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, moe: MoEConfig | None = None):
+        super().__init__()
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MoEFeedForward(hidden_size, mlp_hidden, moe) if moe is not None else Mlp(hidden_size, mlp_hidden)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``mod`` (N or 1, 6, D): the shared t_block output."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + mod).chunk(
+            6, dim=1
+        )  # each (N, 1, D)
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa)
+        x = x + self.cross_attn(x, y, mask)
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+
+
+class TextDiT(nn.Module):
+    """Velocity model v(x_t, t, caption): (N, C, H, W) -> (N, C, H, W)."""
+
+    def __init__(
+        self,
+        size: DiTSize,
+        input_size: int,
+        in_channels: int,
+        text_dim: int,
+        text_len: int,
+        caption_dropout_prob: float = 0.1,
+        mlp_ratio: float = 4.0,
+        moe: MoEConfig = MoEConfig(),
+        pooled: bool = True,
+    ):
+        super().__init__()
+        d = size.hidden_size
+        self.in_channels, self.out_channels, self.patch_size = in_channels, in_channels, size.patch_size
+        self.text_dim, self.text_len, self.caption_dropout_prob = text_dim, text_len, caption_dropout_prob
+        self.x_embedder = PatchEmbed(input_size, size.patch_size, in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.y_embedder = Mlp(text_dim, d, out_features=d)
+        self.pooled_embedder = Mlp(text_dim, d, out_features=d) if pooled else None
+        self.null_tokens = nn.Parameter(torch.randn(text_len, text_dim) / text_dim**0.5)
+        self.null_pooled = nn.Parameter(torch.randn(text_dim) / text_dim**0.5) if pooled else None
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(d, self.x_embedder.grid_size)).float()
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(
+            TextDiTBlock(
+                d, size.num_heads, mlp_ratio, moe if moe.enabled and (size.depth - 1 - i) % moe.every == 0 else None
+            )
+            for i in range(size.depth)
+        )
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.final_linear = nn.Linear(d, size.patch_size**2 * in_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for mlp in (self.y_embedder, self.pooled_embedder):
+            if mlp is not None:
+                nn.init.normal_(mlp.fc1.weight, std=0.02)
+                nn.init.normal_(mlp.fc2.weight, std=0.02)
+        for block in self.blocks:  # each block starts as the unconditional one
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_linear.weight)
+        nn.init.zeros_(self.final_linear.bias)
+
+    def null_text(self, n: int) -> TextEmbedding:
+        """The null caption (classifier-free guidance's unconditional branch) for n samples."""
+        tokens = self.null_tokens[None].expand(n, -1, -1)
+        mask = torch.ones(n, self.text_len, dtype=torch.bool, device=tokens.device)
+        pooled = self.null_pooled[None].expand(n, -1) if self.null_pooled is not None else tokens[:, 0] * 0
+        return TextEmbedding(tokens, mask, pooled)
+
+    def drop_captions(self, text: TextEmbedding, drop: torch.Tensor) -> TextEmbedding:
+        """``text`` with the captions where ``drop`` (N,) bool is True replaced by the null caption."""
+        null = self.null_text(drop.shape[0])
+        w = drop[:, None]
+        return TextEmbedding(
+            torch.where(w[..., None], null.tokens.to(text.tokens.dtype), text.tokens),
+            torch.where(w, null.mask, text.mask),
+            torch.where(w, null.pooled.to(text.pooled.dtype), text.pooled),
+        )
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``text``: the captions' embeddings (tokens (N, L, E) with L = text_len, mask, pooled).
+        In training, captions are dropped at ``caption_dropout_prob`` (or where ``drop`` says)."""
+        if text.tokens.shape[1:] != (self.text_len, self.text_dim):
+            raise ValueError(
+                f"caption embeddings of shape {tuple(text.tokens.shape[1:])}, but this model takes "
+                f"({self.text_len}, {self.text_dim}): the text encoder or its max_length differs from the model's"
+            )
+        if drop is None and self.training and self.caption_dropout_prob > 0:
+            drop = torch.rand(x.shape[0], device=x.device) < self.caption_dropout_prob
+        if drop is not None:
+            text = self.drop_captions(text, drop)
+        c = self.t_embedder(t)  # (N or 1, D)
+        if self.pooled_embedder is not None:
+            c = c + self.pooled_embedder(text.pooled)
+        mod = self.t_block(c).unflatten(-1, (6, -1))  # (N, 6, D)
+        y = self.y_embedder(text.tokens)  # (N, L, D)
+        tokens = self.x_embedder(x) + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens, mod, y, text.mask)
+        shift, scale = (self.final_table[None] + c[:, None]).chunk(2, dim=1)
+        out = self.final_linear(self.norm_final(tokens) * (1 + scale) + shift)
+        return self.unpatchify(out)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    @property
+    def moe_aux_loss(self) -> torch.Tensor:
+        losses = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoEFeedForward)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def text_dit_params(size: DiTSize, input_size: int, in_channels: int, text_dim: int, text_len: int,
+                    mlp_ratio: float = 4.0, pooled: bool = True) -> int:  # fmt: skip
+    """The parameter count of ``TextDiT`` (dense), from its layout."""
+    d, p = size.hidden_size, size.patch_size
+    hid = int(d * mlp_ratio)
+    embed = p * p * in_channels * d + d  # patch embedding
+    time = 256 * d + d + d * d + d + d * 6 * d + 6 * d  # timestep MLP + t_block
+    text = (text_dim * d + d + d * d + d) * (2 if pooled else 1) + text_len * text_dim + (text_dim if pooled else 0)
+    block = (
+        (3 * d * d + 3 * d) + (d * d + d) + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d)
+    )  # qkv, proj, q, kv, proj
+    block += d * hid + hid + hid * d + d + 6 * d  # MLP, scale_shift_table
+    final = 2 * d + d * p * p * in_channels + p * p * in_channels
+    return embed + time + text + size.depth * block + final
+
+
+def text_dit_forward_flops(size: DiTSize, input_size: int, in_channels: int, text_dim: int, text_len: int,
+                           mlp_ratio: float = 4.0, pooled: bool = True) -> float:  # fmt: skip
+    """Forward FLOPs of one sample (2 per multiply-add), every matrix product: with T patch tokens
+    and L caption tokens, the patch embedding (T p^2 C D), the timestep MLP (256 D + D^2) and
+    t_block (6 D^2), the caption MLP (L (E D + D^2)) and the pooled one (E D + D^2), per block
+    self-attention (4 T D^2 + 2 T^2 D), cross-attention (2 T D^2 + 2 L D^2 + 2 T L D) and the
+    MLP (2 T D H), and the output linear (T D p^2 C)."""
+    d, p = size.hidden_size, size.patch_size
+    tokens, hid, L = (input_size // p) ** 2, int(d * mlp_ratio), text_len
+    macs = tokens * p * p * in_channels * d + 256 * d + d * d + 6 * d * d
+    macs += L * (text_dim * d + d * d) + ((text_dim * d + d * d) if pooled else 0)
+    per_block = 4 * tokens * d * d + 2 * tokens**2 * d + 2 * tokens * d * d + 2 * L * d * d + 2 * tokens * L * d
+    per_block += 2 * tokens * d * hid
+    macs += size.depth * per_block + tokens * d * p * p * in_channels
+    return 2.0 * macs

@@ -1,0 +1,90 @@
+"""The text-conditioned DiT (cross-attention, AdaLN-Single, pooled text, caption dropout): shapes,
+what starts at zero, that the caption is used, dropout to the null caption, and parameter and
+FLOP counts from its layout against torch's own (numel, FlopCounterMode)."""
+
+import pytest
+import torch
+
+from ddm.models.config import DIT_SIZES, DiTSize
+from ddm.models.text_dit import TextDiT, text_dit_forward_flops, text_dit_params
+from ddm.models.text_encoder import TextEmbedding
+
+TINY = DIT_SIZES["DiT-Tiny/2"]
+
+
+def captions(n: int, length: int = 6, dim: int = 16, seed: int = 0) -> TextEmbedding:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(length)[None] < torch.randint(2, length + 1, (n,), generator=g)[:, None]
+    return TextEmbedding(torch.randn(n, length, dim, generator=g), mask, torch.randn(n, dim, generator=g))
+
+
+def model(**kw) -> TextDiT:
+    torch.manual_seed(0)
+    return TextDiT(TINY, input_size=8, in_channels=1, text_dim=16, text_len=6, **kw)
+
+
+def trained_a_little(m: TextDiT) -> TextDiT:
+    """Zero-initialised outputs hide everything: give every parameter a nudge."""
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def test_starts_at_zero_and_uses_the_caption():
+    m = model().eval()
+    x, t, text = torch.randn(3, 1, 8, 8), torch.rand(3), captions(3)
+    assert torch.equal(m(x, t, text), torch.zeros(3, 1, 8, 8))  # zero output layer: velocity 0
+    m = trained_a_little(m)
+    out = m(x, t, text)
+    assert out.shape == (3, 1, 8, 8)
+    other = captions(3, seed=1)
+    assert not torch.allclose(m(x, t, other), out)  # the caption matters
+    # Padding is masked: what lies beyond a caption's mask changes nothing.
+    padded = TextEmbedding(torch.where(text.mask[..., None], text.tokens, torch.randn_like(text.tokens)), text.mask,
+                           text.pooled)  # fmt: skip
+    torch.testing.assert_close(m(x, t, padded), out)
+    # Each sample is computed on its own: a batch of one gives its row of the batch.
+    one = TextEmbedding(text.tokens[1:2], text.mask[1:2], text.pooled[1:2])
+    torch.testing.assert_close(m(x[1:2], t[1:2], one), out[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_caption_dropout_is_the_null_caption():
+    m = trained_a_little(model(caption_dropout_prob=0.5))
+    x, t, text = torch.randn(4, 1, 8, 8), torch.rand(4), captions(4)
+    drop = torch.tensor([True, False, True, False])
+    dropped = m(x, t, text, drop=drop)
+    null = m(x, t, m.null_text(4))
+    torch.testing.assert_close(dropped[drop], null[drop])
+    torch.testing.assert_close(dropped[~drop], m(x, t, text)[~drop])
+    # In training about caption_dropout_prob of the captions are dropped, and the null caption learns.
+    m.train()
+    torch.manual_seed(1)
+    loss = m(x.repeat(64, 1, 1, 1), t.repeat(64), TextEmbedding(*(v.repeat(64, *[1] * (v.dim() - 1)) for v in
+                                                                  (text.tokens, text.mask, text.pooled)))).square().mean()  # fmt: skip
+    loss.backward()
+    assert m.null_tokens.grad is not None and m.null_tokens.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"caption embeddings of shape \(7, 16\).*takes \(6, 16\)"):
+        m(x, t, captions(4, length=7))
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_parameter_and_flop_counts_match_torch(pooled):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = DiTSize(depth=2, hidden_size=32, num_heads=2, patch_size=2)
+    m = TextDiT(size, input_size=8, in_channels=3, text_dim=24, text_len=5, pooled=pooled).eval()
+    assert sum(p.numel() for p in m.parameters()) == text_dit_params(size, 8, 3, 24, 5, pooled=pooled)
+    text = TextEmbedding(torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 24))
+    # The math attention kernel is made of matmuls the counter sees (the fused CPU kernel is not counted).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        m(torch.randn(2, 3, 8, 8), torch.rand(2), text)
+    assert counter.get_total_flops() == 2 * text_dit_forward_flops(size, 8, 3, 24, 5, pooled=pooled)
+
+
+def test_a_paris_sized_xl2_has_about_605m_parameters():
+    """Paris's experts: DiT-XL/2 with AdaLN-Single and CLIP ViT-L/14 text (768 wide, 77 tokens) on
+    32x32x4 latents: about 605M parameters (DiT-XL/2 with adaLN-Zero has 675M)."""
+    n = text_dit_params(DIT_SIZES["DiT-XL/2"], 32, 4, text_dim=768, text_len=77)
+    assert 600e6 < n < 610e6, n
