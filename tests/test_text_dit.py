@@ -60,8 +60,8 @@ def test_caption_dropout_is_the_null_caption():
     # In training about caption_dropout_prob of the captions are dropped, and the null caption learns.
     m.train()
     torch.manual_seed(1)
-    loss = m(x.repeat(64, 1, 1, 1), t.repeat(64), TextEmbedding(*(v.repeat(64, *[1] * (v.dim() - 1)) for v in
-                                                                  (text.tokens, text.mask, text.pooled)))).square().mean()  # fmt: skip
+    many = TextEmbedding(*(v.repeat(64, *[1] * (v.dim() - 1)) for v in (text.tokens, text.mask, text.pooled)))
+    loss = m(x.repeat(64, 1, 1, 1), t.repeat(64), many).square().mean()
     loss.backward()
     assert m.null_tokens.grad is not None and m.null_tokens.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"caption embeddings of shape \(7, 16\).*takes \(6, 16\)"):
