@@ -24,7 +24,7 @@ from ddm import layout
 from ddm.config import to_dict
 from ddm.job import JobConfig
 from ddm.models.build import build_model, build_router
-from ddm.models.config import ModelConfig, MoEConfig, architecture, flow_description
+from ddm.models.config import ModelConfig, MoEConfig, TextConfig, architecture, flow_description
 from ddm.parallel import ParallelState
 from ddm.store import NotCommittedError, Store
 
@@ -201,7 +201,8 @@ def model_config(export_config: dict) -> ModelConfig:
     """The ModelConfig of an export's config.json, for one process (MoE experts all local)."""
     m = dict(export_config["model"])
     moe = dict(m.pop("moe"), ep_size=1)  # one process holds every MoE expert at sampling time
-    return ModelConfig(**{**m, "data_shape": tuple(m["data_shape"]), "moe": MoEConfig(**moe)})
+    text = TextConfig(**m.pop("text", {}))  # exports before text models have none
+    return ModelConfig(**{**m, "data_shape": tuple(m["data_shape"]), "moe": MoEConfig(**moe), "text": text})
 
 
 def build_from_export(export_config: dict) -> torch.nn.Module:

@@ -311,6 +311,16 @@ def check_inputs(cfg: JobConfig) -> dict:
         )
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
+    if cfg.model.text.enabled:
+        if not dataset.has_captions:
+            raise ValueError(
+                f"model.text.encoder is set but the dataset in {cfg.store} has no captions: ingest it with caption=... "
+                "(e.g. caption=describe for glyphs, caption=TEXT for a Parquet column)"
+            )
+        from ddm.models.text_encoder import check as check_text_encoder
+
+        t = cfg.model.text
+        check_text_encoder(t.encoder, t.dim, t.length)
     if cfg.job == "distill":
         _check_teacher(store, cfg)
     if cfg.init_from:  # the weights the job starts from are there (read by the job itself)

@@ -5,8 +5,8 @@ FLOP counts from its layout against torch's own (numel, FlopCounterMode)."""
 import pytest
 import torch
 
-from ddm.models.config import DIT_SIZES, DiTSize
-from ddm.models.text_dit import TextDiT, text_dit_forward_flops, text_dit_params
+from ddm.models.config import DIT_SIZES, DiTSize, TextConfig, text_dit_forward_flops, text_dit_params
+from ddm.models.text_dit import TextDiT
 from ddm.models.text_encoder import TextEmbedding
 
 TINY = DIT_SIZES["DiT-Tiny/2"]
@@ -75,16 +75,17 @@ def test_parameter_and_flop_counts_match_torch(pooled):
 
     size = DiTSize(depth=2, hidden_size=32, num_heads=2, patch_size=2)
     m = TextDiT(size, input_size=8, in_channels=3, text_dim=24, text_len=5, pooled=pooled).eval()
-    assert sum(p.numel() for p in m.parameters()) == text_dit_params(size, 8, 3, 24, 5, pooled=pooled)
+    text_cfg = TextConfig(encoder="tiny", dim=24, length=5, pooled=pooled)
+    assert sum(p.numel() for p in m.parameters()) == text_dit_params(size, 8, 3, text_cfg)
     text = TextEmbedding(torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 24))
     # The math attention kernel is made of matmuls the counter sees (the fused CPU kernel is not counted).
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         m(torch.randn(2, 3, 8, 8), torch.rand(2), text)
-    assert counter.get_total_flops() == 2 * text_dit_forward_flops(size, 8, 3, 24, 5, pooled=pooled)
+    assert counter.get_total_flops() == 2 * text_dit_forward_flops(size, 8, 3, text_cfg)
 
 
 def test_a_paris_sized_xl2_has_about_605m_parameters():
     """Paris's experts: DiT-XL/2 with AdaLN-Single and CLIP ViT-L/14 text (768 wide, 77 tokens) on
     32x32x4 latents: about 605M parameters (DiT-XL/2 with adaLN-Zero has 675M)."""
-    n = text_dit_params(DIT_SIZES["DiT-XL/2"], 32, 4, text_dim=768, text_len=77)
+    n = text_dit_params(DIT_SIZES["DiT-XL/2"], 32, 4, TextConfig(encoder="clip-l", dim=768, length=77))
     assert 600e6 < n < 610e6, n

@@ -16,6 +16,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return MLPVelocity(MLP_SIZES[cfg.arch], cfg.data_shape[0], cfg.num_classes, cfg.class_dropout_prob)
     c, h, _ = cfg.data_shape
     size = DIT_SIZES[cfg.arch]
+    if cfg.text.enabled:
+        from ddm.models.text_dit import TextDiT
+
+        t = cfg.text
+        return TextDiT(size, h, c, t.dim, t.length, t.caption_dropout_prob, cfg.mlp_ratio, cfg.moe, t.pooled)
     return DiT(
         size,
         h,
@@ -33,6 +38,11 @@ def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
     """The router producing logits of p(k | x_t, t, y) over ``num_partitions`` partitions."""
     if cfg.moe.enabled:
         raise ValueError("routers are dense: set moe.num_experts=0 in the router model config")
+    if cfg.text.enabled:
+        raise ValueError(
+            "routers on captions are not built yet (#24): train the router as a DiT on the images alone "
+            "(router.model.text.encoder empty)"
+        )
     if cfg.arch in MLP_SIZES:
         return MLPRouter(
             MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions, cfg.num_classes, cfg.class_dropout_prob

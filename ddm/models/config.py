@@ -107,6 +107,41 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class TextConfig:
+    """The caption conditioning of a text-conditioned DiT (``ddm.models.text_dit``); off while
+    ``encoder`` is empty.
+
+    encoder: the frozen text encoder, a hub id with its revision (``openai/clip-vit-large-patch14@<rev>``)
+        or a folder holding a saved one (``ddm.models.text_encoder``).
+    dim, length: the width of its token embeddings and the tokens per caption (its max_length);
+        the model's input size, checked against the encoder before any worker starts (CLIP-L:
+        768 and 77; T5-XL: 2048 and 120).
+    pooled: add the encoder's pooled vector to the timestep embedding.
+    caption_dropout_prob: captions replaced by the learned null caption in training (classifier-free
+        guidance needs it; PixArt-alpha uses 0.1).
+    """
+
+    encoder: str = ""
+    dim: int = 0
+    length: int = 0
+    pooled: bool = True
+    caption_dropout_prob: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.encoder)
+
+    def __post_init__(self) -> None:
+        if self.encoder and (self.dim < 1 or self.length < 1):
+            raise ValueError(
+                f"model.text.encoder={self.encoder!r} needs model.text.dim and model.text.length (its embedding "
+                "width and tokens per caption; CLIP-L: 768 and 77)"
+            )
+        if not 0.0 <= self.caption_dropout_prob < 1.0:
+            raise ValueError(f"caption_dropout_prob must be in [0, 1), got {self.caption_dropout_prob}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which network and for what data.
 
@@ -133,9 +168,18 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     time_freq_shift: int = 0
     learn_sigma: bool = False
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
+        if self.text.enabled:
+            if self.arch not in DIT_SIZES:
+                raise ValueError(f"a text-conditioned model is a DiT; {self.arch} is not")
+            if self.num_classes or self.learn_sigma or self.time_freq_shift:
+                raise ValueError(
+                    "a text-conditioned DiT takes captions instead of class labels: set num_classes=0; it has no "
+                    "learn_sigma or time_freq_shift"
+                )
         if self.time_freq_shift not in (0, 1):
             raise ValueError(f"time_freq_shift must be 0 (the DiT paper) or 1 (diffusers), got {self.time_freq_shift}")
         if self.arch in DIT_SIZES:
@@ -230,6 +274,8 @@ def forward_flops(cfg: ModelConfig, router: bool = False, num_partitions: int = 
         return 2.0 * _mlp_linear_weights(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions if router else None)
     size = DIT_SIZES[cfg.arch]
     c, h, _ = cfg.data_shape
+    if cfg.text.enabled and not router:
+        return text_dit_forward_flops(size, h, c, cfg.text, cfg.mlp_ratio, cfg.moe)
     patch_in = size.patch_size**2 * c
     patches = (h // size.patch_size) ** 2
     tokens = patches + (1 if router else 0)
@@ -242,6 +288,41 @@ def forward_flops(cfg: ModelConfig, router: bool = False, num_partitions: int = 
         macs += 6 * d * d + 4 * tokens * d * d + 2 * tokens**2 * d + ffn + gate
     out = d * num_partitions if router else patches * d * patch_in * (2 if cfg.learn_sigma else 1)
     macs += 2 * d * d + out
+    return 2.0 * macs
+
+
+def text_dit_params(size: DiTSize, input_size: int, in_channels: int, text: TextConfig, mlp_ratio: float = 4.0) -> int:
+    """The parameter count of ``ddm.models.text_dit.TextDiT`` (dense), from its layout."""
+    d, p, e, pooled = size.hidden_size, size.patch_size, text.dim, text.pooled
+    hid = int(d * mlp_ratio)
+    embed = p * p * in_channels * d + d  # patch embedding
+    time = 256 * d + d + d * d + d + d * 6 * d + 6 * d  # timestep MLP + t_block
+    captions = (e * d + d + d * d + d) * (2 if pooled else 1) + text.length * e + (e if pooled else 0)
+    # self-attention's qkv and proj, cross-attention's q, kv and proj
+    block = (3 * d * d + 3 * d) + (d * d + d) + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d)
+    block += d * hid + hid + hid * d + d + 6 * d  # MLP, scale_shift_table
+    final = 2 * d + d * p * p * in_channels + p * p * in_channels
+    return embed + time + captions + size.depth * block + final
+
+
+def text_dit_forward_flops(size: DiTSize, input_size: int, in_channels: int, text: TextConfig,
+                           mlp_ratio: float = 4.0, moe: MoEConfig | None = None) -> float:  # fmt: skip
+    """Forward FLOPs of one sample of a text DiT (2 per multiply-add), every matrix product: with T
+    patch tokens and L caption tokens of width E, the patch embedding (T p^2 C D), the timestep MLP
+    (256 D + D^2) and t_block (6 D^2), the caption MLP (L (E D + D^2)) and the pooled one
+    (E D + D^2), per block self-attention (4 T D^2 + 2 T^2 D), cross-attention (2 T D^2 + 2 L D^2
+    + 2 T L D) and the feed-forward (2 T D H; MoE blocks: top_k times that plus the gate's T D E),
+    and the output linear (T D p^2 C)."""
+    d, p, L, e = size.hidden_size, size.patch_size, text.length, text.dim
+    tokens, hid = (input_size // p) ** 2, int(d * mlp_ratio)
+    macs = tokens * p * p * in_channels * d + 256 * d + d * d + 6 * d * d
+    macs += L * (e * d + d * d) + ((e * d + d * d) if text.pooled else 0)
+    for i in range(size.depth):
+        moe_block = moe is not None and moe.enabled and (size.depth - 1 - i) % moe.every == 0
+        macs += 4 * tokens * d * d + 2 * tokens**2 * d + 2 * tokens * d * d + 2 * L * d * d + 2 * tokens * L * d
+        macs += 2 * tokens * d * hid * (moe.top_k if moe_block else 1)
+        macs += tokens * d * moe.num_experts if moe_block else 0  # the gate
+    macs += tokens * d * p * p * in_channels
     return 2.0 * macs
 
 
@@ -281,8 +362,18 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
                 "hidden_size": size.hidden_size, "depth": size.depth, **common}  # fmt: skip
     size = DIT_SIZES[cfg.arch]
     moe = cfg.moe
+    if cfg.text.enabled and not num_partitions:
+        common["text"] = {
+            "encoder": cfg.text.encoder,  # rebuild it with ddm.models.text_encoder.TextEncoder.load
+            "dim": cfg.text.dim,
+            "length": cfg.text.length,
+            "padding": "every caption padded to length; padding masked out of the cross-attention",
+            "pooled": cfg.text.pooled,
+            "null_caption": "the learned null_tokens (length x dim, all attended) and null_pooled",
+            "caption_dropout_prob": cfg.text.caption_dropout_prob,
+        }
     return {
-        "family": "dit-router" if num_partitions else "dit",
+        "family": "dit-router" if num_partitions else ("text-dit" if cfg.text.enabled else "dit"),
         "preset": cfg.arch,
         "in_channels": cfg.data_shape[0],
         "input_size": cfg.data_shape[1],

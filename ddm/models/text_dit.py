@@ -18,7 +18,8 @@ cross-attends to the caption's tokens, and time enters through AdaLN-Single.
             (shift, scale, gate)_{msa, mlp} = scale_shift_table + t_block(c)
 
 The output layer is zero-initialised (the initial velocity is 0) and so is each cross-attention's
-output projection (each block starts as the unconditional DiT block).
+output projection (each block starts as the unconditional DiT block). Parameter and FLOP counts:
+``ddm.models.config.text_dit_params`` and ``text_dit_forward_flops``.
 """
 
 from __future__ import annotations
@@ -186,36 +187,3 @@ class TextDiT(nn.Module):
     def moe_aux_loss(self) -> torch.Tensor:
         losses = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoEFeedForward)]
         return torch.stack(losses).sum() if losses else torch.zeros(())
-
-
-def text_dit_params(size: DiTSize, input_size: int, in_channels: int, text_dim: int, text_len: int,
-                    mlp_ratio: float = 4.0, pooled: bool = True) -> int:  # fmt: skip
-    """The parameter count of ``TextDiT`` (dense), from its layout."""
-    d, p = size.hidden_size, size.patch_size
-    hid = int(d * mlp_ratio)
-    embed = p * p * in_channels * d + d  # patch embedding
-    time = 256 * d + d + d * d + d + d * 6 * d + 6 * d  # timestep MLP + t_block
-    text = (text_dim * d + d + d * d + d) * (2 if pooled else 1) + text_len * text_dim + (text_dim if pooled else 0)
-    block = (
-        (3 * d * d + 3 * d) + (d * d + d) + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d)
-    )  # qkv, proj, q, kv, proj
-    block += d * hid + hid + hid * d + d + 6 * d  # MLP, scale_shift_table
-    final = 2 * d + d * p * p * in_channels + p * p * in_channels
-    return embed + time + text + size.depth * block + final
-
-
-def text_dit_forward_flops(size: DiTSize, input_size: int, in_channels: int, text_dim: int, text_len: int,
-                           mlp_ratio: float = 4.0, pooled: bool = True) -> float:  # fmt: skip
-    """Forward FLOPs of one sample (2 per multiply-add), every matrix product: with T patch tokens
-    and L caption tokens, the patch embedding (T p^2 C D), the timestep MLP (256 D + D^2) and
-    t_block (6 D^2), the caption MLP (L (E D + D^2)) and the pooled one (E D + D^2), per block
-    self-attention (4 T D^2 + 2 T^2 D), cross-attention (2 T D^2 + 2 L D^2 + 2 T L D) and the
-    MLP (2 T D H), and the output linear (T D p^2 C)."""
-    d, p = size.hidden_size, size.patch_size
-    tokens, hid, L = (input_size // p) ** 2, int(d * mlp_ratio), text_len
-    macs = tokens * p * p * in_channels * d + 256 * d + d * d + 6 * d * d
-    macs += L * (text_dim * d + d * d) + ((text_dim * d + d * d) if pooled else 0)
-    per_block = 4 * tokens * d * d + 2 * tokens**2 * d + 2 * tokens * d * d + 2 * L * d * d + 2 * tokens * L * d
-    per_block += 2 * tokens * d * hid
-    macs += size.depth * per_block + tokens * d * p * p * in_channels
-    return 2.0 * macs

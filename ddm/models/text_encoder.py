@@ -107,6 +107,41 @@ class TextEncoder:
         return {"kind": self.kind, "hidden_size": self.hidden_size, "max_length": self.max_length, **self.source}
 
 
+def check(encoder: str, dim: int, length: int) -> dict:
+    """Before any worker starts: the encoder ``encoder`` names exists (a folder, or the hub: only its
+    config.json is fetched) and gives ``dim``-wide embeddings of at least ``length`` positions (CLIP);
+    returns its config. Errors say what to set."""
+    where, revision, hub = parse(encoder)
+    if hub:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(where, "config.json", revision=revision)
+        except Exception as e:  # noqa: BLE001 - one message with the way out
+            _hub_folder(encoder, where, revision)  # raises the message with the download line
+            raise ValueError(f"text encoder {encoder!r}: no config.json on the hub ({type(e).__name__})") from e
+    else:
+        path = os.path.join(_local_folder(where), "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError as e:
+        raise ValueError(f"text encoder {encoder!r}: {os.path.dirname(path)} has no config.json") from e
+    kind = KINDS.get(config.get("model_type", ""))
+    if kind is None:
+        raise ValueError(f"text encoder {encoder!r} is a {config.get('model_type')!r} model, not a CLIP or T5 one")
+    text = config.get("text_config", config) if config.get("model_type") == "clip" else config
+    width = int(text.get("hidden_size" if kind == "clip" else "d_model", 0))
+    if width != dim:
+        raise ValueError(f"text encoder {encoder!r} makes {width}-wide embeddings: set model.text.dim={width}")
+    positions = int(text.get("max_position_embeddings", 0)) if kind == "clip" else 0
+    if positions and length > positions:
+        raise ValueError(
+            f"model.text.length={length} but {encoder!r} has {positions} positions: set model.text.length<={positions}"
+        )
+    return config
+
+
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

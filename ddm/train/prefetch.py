@@ -17,11 +17,21 @@ import time
 import torch
 
 
-def to_device(batch: dict, device: torch.device, num_classes: int) -> dict:
+def to_device(batch: dict, device: torch.device, num_classes: int, text_encoder=None) -> dict:
     """A reader's micro-batch on the job's device (labels only for a class-conditional model), its
     labels range-checked on the host first (for free there: on a GPU the model's own check would
     make the step wait), and its partitions also kept on the host (distillation's teacher routes
-    by them without reading the device)."""
+    by them without reading the device). A text-conditioned job passes its frozen ``text_encoder``
+    (on the device): ``y`` is then the captions' embeddings (``TextEmbedding``)."""
+    if text_encoder is not None:
+        if "caption" not in batch:
+            raise ValueError("a text-conditioned job needs captions: ingest the dataset with caption=...")
+        return {
+            "x": batch["x"].to(device, non_blocking=True),
+            "y": text_encoder.encode(batch["caption"]),
+            "partition": batch["partition"].to(device, non_blocking=True),
+            "partition_host": batch["partition"],
+        }
     y = batch["y"]
     if num_classes and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(
@@ -36,9 +46,18 @@ def to_device(batch: dict, device: torch.device, num_classes: int) -> dict:
     }
 
 
+def tensors(batch: dict):
+    """Every tensor of a micro-batch (a caption embedding's fields too)."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif value is not None and hasattr(value, "__dataclass_fields__"):
+            yield from (getattr(value, f) for f in value.__dataclass_fields__)
+
+
 class Prefetcher:
-    def __init__(self, reader, device: torch.device, num_classes: int, depth: int = 2):
-        self.reader, self.device, self.num_classes = reader, device, num_classes
+    def __init__(self, reader, device: torch.device, num_classes: int, depth: int = 2, text_encoder=None):
+        self.reader, self.device, self.num_classes, self.text_encoder = reader, device, num_classes, text_encoder
         self.wait_s = 0.0
         self._state = reader.state_dict()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -57,11 +76,11 @@ class Prefetcher:
                 ready = None
                 if self._stream is not None:
                     with torch.cuda.stream(self._stream):
-                        batch = to_device(batch, self.device, self.num_classes)
+                        batch = to_device(batch, self.device, self.num_classes, self.text_encoder)
                         ready = torch.cuda.Event()
                         ready.record(self._stream)
                 else:
-                    batch = to_device(batch, self.device, self.num_classes)
+                    batch = to_device(batch, self.device, self.num_classes, self.text_encoder)
                 self._put((batch, state, ready))
         except BaseException as e:  # noqa: BLE001 - raised in the training thread by next()
             self._put(e)
@@ -85,8 +104,8 @@ class Prefetcher:
         if ready is not None:  # the copy ran on the prefetch stream: the step's stream waits for it
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(ready)
-            for t in batch.values():
-                if t is not None and t.device.type == "cuda":
+            for t in tensors(batch):
+                if t.device.type == "cuda":
                     t.record_stream(stream)
         return batch
 

@@ -137,6 +137,14 @@ def train(
     # --- model, objective, engine, EMA ------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, objective, export_extra = build_job(cfg, store, device)
+    text_encoder = None
+    if cfg.model.text.enabled:  # frozen, on this rank's device; its embeddings are the captions' y
+        from ddm.models.text_encoder import TextEncoder
+
+        text_encoder = TextEncoder.load(cfg.model.text.encoder, cfg.model.text.length, device)
+        if text_encoder.hidden_size != cfg.model.text.dim:
+            raise ValueError(f"model.text.dim={cfg.model.text.dim} but the encoder is {text_encoder.hidden_size} wide")
+        export_extra["text_encoder"] = text_encoder.describe()
     if cfg.init_from:  # pretrained weights, checked against the model before anything is trained
         export_extra["init_from"] = init_from_export(model, cfg.init_from, store)
     engine = build_engine(model, cfg, on_gpu)
@@ -159,7 +167,7 @@ def train(
     zero = cfg.engine.zero_stage
 
     def reshard(paths: list[str]) -> None:  # a commit of another worker count (ddm.reshard)
-        _zero_lr_step(engine, objective, reader, gen, cfg, device)
+        _zero_lr_step(engine, objective, reader, gen, cfg, device, text_encoder)
         load_portable(engine, paths, zero, ps, num_experts, ema=ema)
 
     ckpt = CheckpointManager(
@@ -215,7 +223,7 @@ def train(
         )
 
     # From here on batches come read ahead (the resume above may have drawn one for its lr-0 step).
-    batches = Prefetcher(reader, device, cfg.model.num_classes)
+    batches = Prefetcher(reader, device, cfg.model.num_classes, text_encoder=text_encoder)
     board = open_board(run, step if restored else None) if ps.is_main else None
     uploads = Uploads() if ps.is_main else None  # progress and TensorBoard, off the step's path
 
@@ -326,7 +334,7 @@ def train(
     return summary
 
 
-def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.device) -> None:
+def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.device, text_encoder=None) -> None:
     """One optimizer step at learning rate 0: every optimizer state then exists in this job's
     layout (ZeRO creates its partitions' states lazily) while the weights stay as they are; the
     reshard overwrites the states it made."""
@@ -335,7 +343,8 @@ def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.
     for g in groups:
         g["lr"] = 0.0
     for _ in range(cfg.grad_accum):
-        engine.backward(objective(engine, to_device(reader.next_batch(), device, cfg.model.num_classes), gen))
+        batch = to_device(reader.next_batch(), device, cfg.model.num_classes, text_encoder)
+        engine.backward(objective(engine, batch, gen))
         engine.step()
     for g, lr in zip(groups, lrs):
         g["lr"] = lr

@@ -1,0 +1,97 @@
+"""A text-conditioned expert trains like any other: a DiT with cross-attention on glyph captions
+(what the renderer drew), a tiny frozen CLIP text encoder made from those captions, one process
+(``python -m ddm.train``); killed after a commit, it resumes to the uninterrupted run's weights.
+Bad text settings fail before any training, saying what to set."""
+
+import os
+
+import pytest
+import torch
+
+from ddm.data.ingest import IngestConfig, ingest
+from ddm.data.partition import PartitionConfig, partition
+from ddm.data.shards import Dataset
+from ddm.store import Store
+from tests.helpers import assert_same_weights, exported, summary
+from tests.test_train import fresh, run_cli
+
+TEXT = ["model.arch=DiT-Tiny/4", "model.data_shape=[1,16,16]", "model.num_classes=0", "model.text.dim=32",
+        "model.text.length=24"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    """Glyphs with their captions in 2 partitions, and a tiny CLIP text encoder made from the captions."""
+    from ddm.models.text_encoder import make_tiny
+
+    root = tmp_path_factory.mktemp("text")
+    store = Store(str(root / "store"))
+    ingest(IngestConfig(source="glyphs:384", shard_size=192, caption="describe"), store)
+    partition(PartitionConfig(num_partitions=2, num_fine=16), store)
+    ds = Dataset(store)
+    captions = [c for i in range(ds.num_shards) for c in ds.read_shard(i).captions]
+    encoder = make_tiny(str(root / "encoder"), captions, kind="clip", hidden_size=32, layers=1, max_length=24)
+    return root / "store", encoder
+
+
+def test_a_text_expert_trains_and_resumes_to_the_uninterrupted_weights(captioned, tmp_path):
+    prepared, encoder = captioned
+    args = [*TEXT, f"model.text.encoder={encoder}", "steps=8", "checkpoint.every=4"]
+    straight = fresh(prepared, tmp_path, "straight")
+    s = summary(run_cli(straight, *args))
+    assert s["step"] == 8 and s["final_loss"] > 0
+    crashed = fresh(prepared, tmp_path, "crashed")
+    out = run_cli(crashed, *args, env={"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "once")})
+    assert out.returncode == -9
+    s2 = summary(run_cli(crashed, *args))
+    assert s2["startup"]["resumed_from"] == 4
+    assert_same_weights(exported(straight), exported(crashed))
+
+    # The export says which encoder it expects, and rebuilds into a model that reads captions.
+    import json
+
+    from ddm.exports import build_from_export
+    from ddm.models.text_encoder import TextEncoder
+
+    config = json.load(open(os.path.join(straight, "experts/00/export/config.json")))
+    assert config["architecture"]["family"] == "text-dit"
+    assert config["architecture"]["text"]["encoder"] == encoder and config["architecture"]["text"]["length"] == 24
+    assert config["text_encoder"]["kind"] == "clip" and len(config["text_encoder"]["sha256"]["model.safetensors"]) == 64
+    model = build_from_export(config)
+    model.load_state_dict(exported(straight))
+    enc = TextEncoder.load(config["architecture"]["text"]["encoder"], config["architecture"]["text"]["length"])
+    v = model.eval()(torch.randn(2, 1, 16, 16), torch.full((2,), 0.5), enc.encode(["digit 3 in cmr10", ""]))
+    assert v.shape == (2, 1, 16, 16) and v.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (["model.text.dim=48"], "makes 32-wide embeddings: set model.text.dim=32"),
+        (["model.text.length=40"], "has 24 positions: set model.text.length<=24"),
+        (["model.num_classes=62"], "takes captions instead of class labels: set num_classes=0"),
+        (["model.text.dim=0"], "needs model.text.dim and model.text.length"),
+    ],
+)
+def test_bad_text_settings_fail_before_training(captioned, change, match):
+    from ddm.config import load
+    from ddm.job import JobConfig, check_inputs
+
+    prepared, encoder = captioned
+    with pytest.raises(ValueError, match=match):
+        check_inputs(load(JobConfig, None, [f"store={prepared}", "partition=0", *TEXT, f"model.text.encoder={encoder}",
+                                            *change]))  # fmt: skip
+
+
+def test_a_text_job_on_a_dataset_without_captions_is_refused(captioned, tmp_path):
+    from ddm.config import load
+    from ddm.job import JobConfig, check_inputs
+
+    _, encoder = captioned
+    store = Store(str(tmp_path / "plain"))
+    ingest(IngestConfig(source="glyphs:64", shard_size=64), store)
+    partition(PartitionConfig(num_partitions=2, num_fine=8), store)
+    with pytest.raises(ValueError, match="has no captions: ingest it with caption="):
+        check_inputs(
+            load(JobConfig, None, [f"store={store.url}", "partition=0", *TEXT, f"model.text.encoder={encoder}"])
+        )
