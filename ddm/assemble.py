@@ -49,6 +49,7 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
                 raise ValueError(
                     f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}"
                 )
+    text = _text_of(experts)
     if router_cfg["model"]["data_shape"] != first["model"]["data_shape"]:
         raise ValueError(
             f"the router sees data shape {router_cfg['model']['data_shape']} but the experts "
@@ -63,6 +64,7 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
         "data_shape": first["model"]["data_shape"],
         "num_classes": first["model"]["num_classes"],
         "flow": flow,
+        **({"text": text} if text else {}),
         # An expert of another path or prediction (DDPM, another flow) names its own: the ensemble
         # converts its output to the ensemble's velocity at every step (ddm.flow.converted).
         "experts": [
@@ -84,6 +86,28 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
         store.write_json(layout.ensemble_copy(old), old)
     store.write_json(layout.ENSEMBLE_FILE, description)
     return description
+
+
+def _text_of(experts: list[dict]) -> dict | None:
+    """The caption conditioning every expert shares (one encoder, one length), or None when none is
+    text-conditioned; experts that disagree are an error (one prompt is encoded once for all)."""
+    texts = [e["config"]["architecture"].get("text") for e in experts]
+    if not any(texts):
+        return None
+    keys = ("encoder", "dim", "length")
+    ref, ref_dir = next((t, e["dir"]) for e, t in zip(experts, texts) if t)
+    for e, t in zip(experts, texts):
+        if not t:
+            raise ValueError(
+                f"{e['dir']} is not text-conditioned but {ref_dir} is; an ensemble's experts are all or none"
+            )
+        if {k: t[k] for k in keys} != {k: ref[k] for k in keys}:
+            raise ValueError(
+                f"{e['dir']} reads captions with {t['encoder']!r} (dim {t['dim']}, length {t['length']}) but {ref_dir} "
+                f"with {ref['encoder']!r} (dim {ref['dim']}, length {ref['length']}); the experts of one ensemble "
+                "share their text encoder"
+            )
+    return {k: ref[k] for k in keys}
 
 
 def _kind(flow: dict) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ddm.flow import VelocityFn, guided
+from ddm.flow import VelocityFn, guided, unguided
 from ddm.models.layers import is_shared
 from ddm.rules import Rule
 
@@ -176,7 +176,7 @@ class Ensemble:
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         partition: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | torch.Tensor = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """sum_k w_k(x, t, y) v_k(x, t, y), evaluating expert k only where w_k > 0.
@@ -185,7 +185,7 @@ class Ensemble:
         partitions) finds each expert's rows there, so a step on a GPU never waits for the device;
         the other rules read which experts the router chose (one sync per call)."""
         n = x.shape[0]
-        cost = 1 if (y is None or guidance_scale == 1.0) else 2
+        cost = 1 if (y is None or unguided(guidance_scale)) else 2
         out = torch.zeros_like(x)
         if self.rule.name == "oracle" and partition is not None and partition.device.type == "cpu":
             if len(partition) and (partition.min() < 0 or partition.max() >= self.num_experts):
@@ -210,13 +210,16 @@ class Ensemble:
         self.stats.velocity_evals += n
         return out
 
-    def _add(self, out, k: int, rows, count: int, wk, x, t, y, guidance_scale: float) -> None:
+    def _add(self, out, k: int, rows, count: int, wk, x, t, y, guidance_scale) -> None:
         """``out[rows] += wk * v_k(x[rows], t[rows], y[rows])`` (``wk`` None: weight one)."""
         expert, n = self.experts[k], x.shape[0]
         whole = count == n  # the whole batch: skip gather/scatter
         x_k, t_k = (x, t) if whole else (x[rows], _rows_of(t, rows))
         y_k = None if y is None else (y if whole else y[rows])
-        v = guided(expert, y_k, guidance_scale)(x_k, t_k)
+        scale = guidance_scale
+        if isinstance(scale, torch.Tensor) and not whole:  # one scale per sample: those of the rows
+            scale = scale[rows]
+        v = guided(expert, y_k, scale)(x_k, t_k)
         if v.shape != x_k.shape:
             raise ValueError(
                 f"expert {k} returned a velocity of shape {tuple(v.shape)} for inputs of shape {tuple(x_k.shape)}; "
@@ -234,7 +237,7 @@ class Ensemble:
         self,
         y: torch.Tensor | None = None,
         partition: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | torch.Tensor = 1.0,
         generator: torch.Generator | None = None,
     ) -> VelocityFn:
         """Bind labels/partitions: a v(x, t) for ``FlowMatching.sample``."""

@@ -295,6 +295,10 @@ class LazyModel:
     def null_label(self) -> int:
         return self.load().null_label
 
+    def null_text(self, n: int):
+        """A text expert's null caption (classifier-free guidance's unconditional branch)."""
+        return self.load().null_text(n)
+
 
 def load_export(store: Store, run_dir: str, device="cpu") -> torch.nn.Module:
     """The model of the committed export in ``run_dir`` (the monolith, a distilled student)."""

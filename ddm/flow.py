@@ -308,28 +308,45 @@ def converted(
     return velocity
 
 
-def guided(
-    model: Callable[..., torch.Tensor], y: torch.Tensor | None, scale: float = 1.0, null_label: int | None = None
-) -> VelocityFn:
-    """A velocity function v(x, t) for labels y, with classifier-free guidance.
+def unguided(scale: float | torch.Tensor) -> bool:
+    """Whether ``scale`` (a number, or one per sample) asks for no guidance: one branch suffices."""
+    return bool((scale == 1.0).all()) if isinstance(scale, torch.Tensor) else scale == 1.0
 
-    v = v(x, t, null) + scale * (v(x, t, y) - v(x, t, null)). scale=1 is the plain conditional
-    model (one forward); otherwise the conditional and unconditional branches run as one batch.
+
+def guided(
+    model: Callable[..., torch.Tensor],
+    y,
+    scale: float | torch.Tensor = 1.0,
+    null_label: int | None = None,
+) -> VelocityFn:
+    """A velocity function v(x, t) for labels or captions y, with classifier-free guidance.
+
+    v = v(x, t, null) + scale * (v(x, t, y) - v(x, t, null)), the null being the null label or, for
+    captions (a ``TextEmbedding``), the model's null caption. ``scale`` is one number or one per
+    sample (N,) (guidance per prompt). A scale of 1 everywhere is the plain conditional model (one
+    forward); otherwise the conditional and unconditional branches run as one batch.
     """
     if y is None:
-        if scale != 1.0:
-            raise ValueError(f"classifier-free guidance (scale={scale}) needs class labels y; got y=None")
+        if not unguided(scale):
+            raise ValueError(f"classifier-free guidance (scale={scale}) needs class labels or captions y; got y=None")
         return lambda x, t: model(x, t, None)
-    if scale == 1.0:
+    if unguided(scale):
         return lambda x, t: model(x, t, y)
-    if null_label is None:
-        null_label = model.null_label
-    y_null = torch.full_like(y, null_label)
+    from ddm.models.text_encoder import TextEmbedding
+
+    if isinstance(y, TextEmbedding):
+        null = model.null_text(len(y))
+        both = TextEmbedding.cat(
+            [y, TextEmbedding(null.tokens.to(y.tokens.dtype), null.mask, null.pooled.to(y.pooled.dtype))]
+        )
+    else:
+        both = torch.cat([y, torch.full_like(y, model.null_label if null_label is None else null_label)])
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = t[:1].expand(2 * len(t)) if is_shared(t) else torch.cat([t, t])
-        out = model(torch.cat([x, x]), tt, torch.cat([y, y_null]))
+        out = model(torch.cat([x, x]), tt, both)
         v_cond, v_uncond = out.chunk(2)
-        return v_uncond + scale * (v_cond - v_uncond)
+        s = scale.to(out.dtype).reshape(-1, *[1] * (out.ndim - 1)) if isinstance(scale, torch.Tensor) else scale
+        return v_uncond + s * (v_cond - v_uncond)
 
     return velocity

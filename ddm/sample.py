@@ -106,6 +106,57 @@ def image_grid(images: np.ndarray, columns: int = 8) -> bytes:
     return buf.getvalue()
 
 
+def read_prompts(cfg: SampleConfig) -> list[tuple[str, float]]:
+    """(prompt, guidance) pairs: ``cfg.prompts`` at ``cfg.guidance``, then ``cfg.prompts_file``'s
+    lines (blank ones skipped; "<guidance><TAB><prompt>" sets that prompt's guidance)."""
+    pairs = [(p, cfg.guidance) for p in cfg.prompts]
+    if cfg.prompts_file:
+        import fsspec
+
+        try:
+            with fsspec.open(cfg.prompts_file, "r", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError as e:
+            raise ValueError(f"prompts_file {cfg.prompts_file!r} does not exist") from e
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            head, tab, tail = line.partition("\t")
+            try:
+                pairs.append((tail.strip(), float(head)) if tab else (line.strip(), cfg.guidance))
+            except ValueError as e:
+                raise ValueError(
+                    f"{cfg.prompts_file} line {n}: {head!r} before the tab is not a guidance scale; write "
+                    "'<guidance><TAB><prompt>' or the prompt alone"
+                ) from e
+    return pairs
+
+
+def prompted(desc: dict, cfg: SampleConfig, device) -> tuple[list[tuple[str, float]], object, float | torch.Tensor]:
+    """For a text-conditioned ensemble: each sample's (prompt, guidance) (the prompts cycled over
+    ``num_samples``), their embeddings by the experts' encoder and the guidance per sample; for a
+    class-conditional one, nothing (prompts are refused)."""
+    pairs = read_prompts(cfg)
+    text = desc.get("text")
+    if not text:
+        if pairs:
+            raise ValueError("this ensemble is not text-conditioned: it takes no prompts (it samples its classes)")
+        return [], None, cfg.guidance
+    if not pairs:
+        raise ValueError(
+            f"this ensemble is text-conditioned ({text['encoder']}): give prompts=[...] or prompts_file=<one per line>"
+        )
+    from ddm.models.text_encoder import TextEncoder
+
+    per_sample = [pairs[i % len(pairs)] for i in range(cfg.num_samples)]
+    encoder = TextEncoder.load(text["encoder"], text["length"], device)
+    unique = sorted({p for p, _ in per_sample})
+    emb = encoder.encode(unique)
+    captions = emb[torch.tensor([unique.index(p) for p, _ in per_sample], device=emb.tokens.device)]
+    scales = torch.tensor([g for _, g in per_sample], device=device)
+    return per_sample, captions, scales if len({g for _, g in per_sample}) > 1 else per_sample[0][1]
+
+
 def sample(store: Store, cfg: SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images with the store's ensemble; returns the meta dict."""
     cfg = cfg.seeded()
@@ -126,8 +177,12 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     rule_draws = stream(cfg.seed, RULE_DRAWS)
     num_classes = int(desc["num_classes"])
     labels = (torch.arange(cfg.num_samples) % num_classes).to(device) if num_classes else None
+    prompts, captions, guidance = prompted(desc, cfg, device)
 
     def velocity(rows: slice) -> VelocityFn:
+        if captions is not None:
+            scale = guidance[rows] if isinstance(guidance, torch.Tensor) else guidance
+            return ens.velocity_fn(y=captions[rows], guidance_scale=scale, generator=rule_draws)
         y = None if labels is None else labels[rows]
         return ens.velocity_fn(y=y, guidance_scale=cfg.guidance, generator=rule_draws)
 
@@ -145,6 +200,9 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
             buf = io.BytesIO()
             np.save(buf, array, allow_pickle=False)
             store.write_bytes(f"{out}/{fname}", buf.getvalue())
+    if prompts:  # each sample's prompt and guidance, in sample order
+        rows = [{"prompt": p, "guidance": g} for p, g in prompts]
+        store.write_bytes(f"{out}/prompts.json", json.dumps(rows, indent=1).encode())
     if x.shape[1] in (1, 3):
         store.write_bytes(f"{out}/grid.png", image_grid(x[:64]))
     store.write_bytes(f"{out}/meta.json", json.dumps(meta, indent=2).encode())  # last: marks the set complete

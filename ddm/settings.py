@@ -53,6 +53,10 @@ C = TypeVar("C", bound=SamplingConfig)
 class SampleConfig(SamplingConfig):
     rule: str = ""  # empty: the ensemble's default rule (top-1 unless assembled otherwise)
     name: str = ""  # output folder under samples/; empty: <rule>-s<seed>-<ensemble id>-<settings digest>
+    # A text-conditioned ensemble samples from prompts, cycled over num_samples: listed here, or one
+    # per line of prompts_file (a line "<guidance><TAB><prompt>" gives that prompt its own guidance).
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str = ""
 
 
 @dataclass(frozen=True)

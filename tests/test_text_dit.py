@@ -89,3 +89,51 @@ def test_a_paris_sized_xl2_has_about_605m_parameters():
     32x32x4 latents: about 605M parameters (DiT-XL/2 with adaLN-Zero has 675M)."""
     n = text_dit_params(DIT_SIZES["DiT-XL/2"], 32, 4, TextConfig(encoder="clip-l", dim=768, length=77))
     assert 600e6 < n < 610e6, n
+
+
+def test_guidance_with_the_null_caption_per_sample():
+    """v = v(null) + s (v(c) - v(null)), the null being the model's null caption, with one scale per sample."""
+    from ddm.flow import guided
+
+    m = trained_a_little(model())
+    x, t, text = torch.randn(3, 1, 8, 8), torch.rand(3), captions(3)
+    scale = torch.tensor([1.0, 2.0, 4.5])
+    v = guided(m, text, scale)(x, t)
+    cond, null = m(x, t, text), m(x, t, m.null_text(3))
+    torch.testing.assert_close(v, null + scale.reshape(-1, 1, 1, 1) * (cond - null))
+    torch.testing.assert_close(guided(m, text, 1.0)(x, t), cond)
+
+
+def test_an_ensemble_of_text_experts_routes_rows_with_their_captions():
+    """Top-1 and full over two text experts: each row gets its own caption and guidance, exactly
+    as the experts give them one by one."""
+    from ddm.ensemble import Ensemble
+    from ddm.rules import Rule
+
+    experts = [trained_a_little(model()), trained_a_little(model())]
+    torch.manual_seed(5)
+    logits = torch.randn(4, 2)
+
+    class FixedRouter(torch.nn.Module):
+        num_partitions = 2
+
+        def forward(self, x, t, y=None):
+            return logits[: x.shape[0]]
+
+    x, t, text = torch.randn(4, 1, 8, 8), torch.rand(4), captions(4)
+    scale = torch.tensor([1.0, 3.0, 3.0, 1.5])
+    one = [torch.cat([guided_row(e, x, t, text, scale, i) for i in range(4)]) for e in experts]
+    top = logits.argmax(1)
+    ens = Ensemble(experts, FixedRouter(), Rule.parse("top1"))
+    expected = torch.stack([one[int(top[i])][i] for i in range(4)])
+    torch.testing.assert_close(ens.velocity(x, t, text, guidance_scale=scale), expected, rtol=1e-5, atol=1e-6)
+    p = logits.softmax(1)
+    ens = Ensemble(experts, FixedRouter(), Rule.parse("full"))
+    expected = p[:, :1, None, None] * one[0] + p[:, 1:, None, None] * one[1]
+    torch.testing.assert_close(ens.velocity(x, t, text, guidance_scale=scale), expected, rtol=1e-5, atol=1e-6)
+
+
+def guided_row(m, x, t, text, scale, i):
+    from ddm.flow import guided
+
+    return guided(m, text[i : i + 1], float(scale[i]))(x[i : i + 1], t[i : i + 1])

@@ -3,8 +3,10 @@
 (``python -m ddm.train``); killed after a commit, it resumes to the uninterrupted run's weights.
 Bad text settings fail before any training, saying what to set."""
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,8 +50,6 @@ def test_a_text_expert_trains_and_resumes_to_the_uninterrupted_weights(captioned
     assert_same_weights(exported(straight), exported(crashed))
 
     # The export says which encoder it expects, and rebuilds into a model that reads captions.
-    import json
-
     from ddm.exports import build_from_export
     from ddm.models.text_encoder import TextEncoder
 
@@ -95,3 +95,55 @@ def test_a_text_job_on_a_dataset_without_captions_is_refused(captioned, tmp_path
         check_inputs(
             load(JobConfig, None, [f"store={store.url}", "partition=0", *TEXT, f"model.text.encoder={encoder}"])
         )
+
+
+@pytest.fixture(scope="module")
+def text_ensemble(captioned, tmp_path_factory):
+    """Two text experts and an image-only router (p(k | x_t, t)) on the captioned glyphs, assembled."""
+    from ddm.assemble import assemble
+
+    prepared, encoder = captioned
+    root = tmp_path_factory.mktemp("text-ensemble")
+    store = fresh(prepared, root, "store")
+    for k in (0, 1):
+        summary(run_cli(store, *TEXT, f"model.text.encoder={encoder}", f"partition={k}", "steps=4"))
+    router = ["job=router", "model.arch=DiT-Micro/4", "model.data_shape=[1,16,16]", "model.num_classes=0", "steps=4"]
+    summary(run_cli(store, *router))
+    return store, assemble(Store(store), "top1")
+
+
+def test_a_text_ensemble_samples_from_prompts_with_guidance_per_prompt(text_ensemble, tmp_path):
+    from ddm.sample import sample
+    from ddm.settings import SampleConfig
+
+    store, desc = text_ensemble
+    assert desc["text"]["dim"] == 32 and desc["text"]["length"] == 24 and desc["num_classes"] == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "uppercase R in dejavu serif, large, thick strokes, upright\n\n4.0\tdigit 3 in dejavu sans, small\n"
+    )
+    cfg = dict(num_samples=6, steps=3, batch_size=4, guidance=2.0, seed=7, sampler="euler")
+    meta = sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="p"))
+    rows = json.loads(Store(store).read_bytes("samples/p/prompts.json"))
+    assert [r["guidance"] for r in rows] == [2.0, 4.0] * 3 and rows[1]["prompt"] == "digit 3 in dejavu sans, small"
+    x = np.load(os.path.join(store, "samples/p/samples.npy"))
+    assert x.shape == (6, 1, 16, 16) and np.isfinite(x).all()
+    assert meta["expert_forwards_per_sample"] == 2 * 3  # guided: two branches per step, one expert (top-1)
+    # The same prompts and seed give the same images; another prompt gives others.
+    again = sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="p2"))
+    assert again["dir"] != meta["dir"] and np.array_equal(np.load(os.path.join(store, "samples/p2/samples.npy")), x)
+    sample(Store(store), SampleConfig(**cfg, prompts=["lowercase q in stixgeneral"], name="q"))
+    assert not np.allclose(np.load(os.path.join(store, "samples/q/samples.npy")), x)
+    with pytest.raises(ValueError, match=r"text-conditioned .*: give prompts=\[...\] or prompts_file="):
+        sample(Store(store), SampleConfig(**cfg, name="none"))
+    prompts.write_text("strong\tdigit 3\n")
+    with pytest.raises(ValueError, match="line 1: 'strong' before the tab is not a guidance scale"):
+        sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="bad"))
+
+
+def test_prompts_for_a_class_ensemble_are_refused():
+    from ddm.sample import prompted
+    from ddm.settings import SampleConfig
+
+    with pytest.raises(ValueError, match="not text-conditioned: it takes no prompts"):
+        prompted({"num_classes": 10}, SampleConfig(prompts=["a cat"]), "cpu")

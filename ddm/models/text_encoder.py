@@ -28,9 +28,24 @@ WEIGHTS = "model.safetensors"
 
 @dataclass
 class TextEmbedding:
+    """Captions as a text DiT takes them; indexed, moved and joined like a batch tensor."""
+
     tokens: torch.Tensor  # (N, L, D) the last hidden states
     mask: torch.Tensor  # (N, L) bool: True on the caption's tokens
     pooled: torch.Tensor  # (N, D)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, rows) -> "TextEmbedding":
+        return TextEmbedding(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+    def to(self, device) -> "TextEmbedding":
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+    @staticmethod
+    def cat(parts: list["TextEmbedding"]) -> "TextEmbedding":
+        return TextEmbedding(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "mask", "pooled")))
 
 
 def parse(spec: str) -> tuple[str, str | None, bool]:
