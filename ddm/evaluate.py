@@ -177,6 +177,11 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     ens = load_ensemble(store, device=device)
     desc = ens.description
+    if desc.get("text"):
+        raise ValueError(
+            "this ensemble is text-conditioned: its evaluation from held-out prompts (distance and prompt adherence) "
+            "is not built yet (#24); sample it from prompts with `ddm sample <store> prompts_file=...`"
+        )
     rules = list(cfg.rules)
     for rule in rules:
         if rule in SINGLE_MODELS and not store.is_committed(f"{single_model_dir(rule, desc)}/{layout.EXPORT}"):

@@ -147,3 +147,20 @@ def test_prompts_for_a_class_ensemble_are_refused():
 
     with pytest.raises(ValueError, match="not text-conditioned: it takes no prompts"):
         prompted({"num_classes": 10}, SampleConfig(prompts=["a cat"]), "cpu")
+
+
+def test_what_text_ensembles_cannot_do_yet_says_so(text_ensemble, captioned):
+    from ddm.config import from_dict
+    from ddm.evaluate import evaluate
+    from ddm.launchers.spec import RunSpec
+    from ddm.settings import EvalConfig
+
+    store, _ = text_ensemble
+    with pytest.raises(ValueError, match="text-conditioned: its evaluation from held-out prompts .* is not built yet"):
+        evaluate(Store(store), EvalConfig(num_samples=4, steps=2))
+    _, encoder = captioned
+    text = {"encoder": encoder, "dim": 32, "length": 24}
+    spec = {"store": "x", "expert": {"model": {"arch": "DiT-Tiny/4", "data_shape": [1, 16, 16], "num_classes": 0}}}
+    spec["expert"]["model"]["text"] = text
+    with pytest.raises(ValueError, match="ddm run trains class-conditional experts for now"):
+        from_dict(RunSpec, spec)

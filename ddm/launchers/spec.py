@@ -46,6 +46,12 @@ class RunSpec:
     reuse_workers: bool = True
 
     def __post_init__(self) -> None:
+        if self.expert.model.text.enabled:
+            raise ValueError(
+                "ddm run trains class-conditional experts for now: text-conditioned ones (expert.model.text) train "
+                "with `ddm train expert`, assemble with `ddm assemble` and sample with `ddm sample prompts_file=...` "
+                "(their router, evaluation and the run itself come next, #24)"
+            )
         if self.distill_steps < 0:
             raise ValueError(f"distill_steps must be >= 0, got {self.distill_steps}")
         if self.max_concurrent_jobs < 0:
