@@ -36,12 +36,28 @@ def captioned(tmp_path_factory):
     return root / "store", encoder
 
 
-def test_a_text_expert_trains_and_resumes_to_the_uninterrupted_weights(captioned, tmp_path):
+@pytest.fixture(scope="module")
+def text_ensemble(captioned, tmp_path_factory):
+    """Two text experts and an image-only router (p(k | x_t, t)) on the captioned glyphs, assembled."""
+    from ddm.assemble import assemble
+
+    prepared, encoder = captioned
+    root = tmp_path_factory.mktemp("text-ensemble")
+    store = fresh(prepared, root, "store")
+    for k in (0, 1):
+        args = [*TEXT, f"model.text.encoder={encoder}", f"partition={k}", "steps=8", "checkpoint.every=4"]
+        summary(run_cli(store, *args))
+    router = ["job=router", "model.arch=DiT-Micro/4", "model.data_shape=[1,16,16]", "model.num_classes=0", "steps=4"]
+    summary(run_cli(store, *router))
+    return store, assemble(Store(store), "top1")
+
+
+def test_a_text_expert_trains_and_resumes_to_the_uninterrupted_weights(captioned, text_ensemble, tmp_path):
     prepared, encoder = captioned
     args = [*TEXT, f"model.text.encoder={encoder}", "steps=8", "checkpoint.every=4"]
-    straight = fresh(prepared, tmp_path, "straight")
-    s = summary(run_cli(straight, *args))
-    assert s["step"] == 8 and s["final_loss"] > 0
+    straight = text_ensemble[0]  # its expert 0 trained with args, uninterrupted
+    s = json.load(open(os.path.join(straight, "experts/00/summary.json")))
+    assert s["step"] == 8 and s["final_loss"] > 0 and s["startup"]["resumed_from"] is None
     crashed = fresh(prepared, tmp_path, "crashed")
     out = run_cli(crashed, *args, env={"DDM_FAULT": "step:6", "DDM_FAULT_ONCE": str(tmp_path / "once")})
     assert out.returncode == -9
@@ -95,21 +111,6 @@ def test_a_text_job_on_a_dataset_without_captions_is_refused(captioned, tmp_path
         check_inputs(
             load(JobConfig, None, [f"store={store.url}", "partition=0", *TEXT, f"model.text.encoder={encoder}"])
         )
-
-
-@pytest.fixture(scope="module")
-def text_ensemble(captioned, tmp_path_factory):
-    """Two text experts and an image-only router (p(k | x_t, t)) on the captioned glyphs, assembled."""
-    from ddm.assemble import assemble
-
-    prepared, encoder = captioned
-    root = tmp_path_factory.mktemp("text-ensemble")
-    store = fresh(prepared, root, "store")
-    for k in (0, 1):
-        summary(run_cli(store, *TEXT, f"model.text.encoder={encoder}", f"partition={k}", "steps=4"))
-    router = ["job=router", "model.arch=DiT-Micro/4", "model.data_shape=[1,16,16]", "model.num_classes=0", "steps=4"]
-    summary(run_cli(store, *router))
-    return store, assemble(Store(store), "top1")
 
 
 def test_a_text_ensemble_samples_from_prompts_with_guidance_per_prompt(text_ensemble, tmp_path):
