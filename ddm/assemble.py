@@ -50,6 +50,13 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
                     f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}"
                 )
     text = _text_of(experts)
+    router_text = router_cfg["architecture"].get("text")
+    if router_text and {k: router_text[k] for k in ("encoder", "dim", "length")} != text:
+        raise ValueError(
+            f"the router reads captions with {router_text['encoder']!r} (dim {router_text['dim']}, length "
+            f"{router_text['length']}) but the experts {'with ' + repr(text) if text else 'read none'}; train the "
+            "router with the experts' text encoder, or on the images alone"
+        )
     if router_cfg["model"]["data_shape"] != first["model"]["data_shape"]:
         raise ValueError(
             f"the router sees data shape {router_cfg['model']['data_shape']} but the experts "

@@ -137,3 +137,22 @@ def guided_row(m, x, t, text, scale, i):
     from ddm.flow import guided
 
     return guided(m, text[i : i + 1], float(scale[i]))(x[i : i + 1], t[i : i + 1])
+
+
+def test_the_text_router_starts_uniform_reads_the_caption_and_counts_its_flops():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddm.models.build import build_router
+    from ddm.models.config import ModelConfig, forward_flops
+
+    cfg = ModelConfig("DiT-Tiny/2", (1, 8, 8), text=TextConfig(encoder="tiny", dim=16, length=6))
+    router = build_router(cfg, 3).eval()
+    x, t, text = torch.randn(4, 1, 8, 8), torch.rand(4), captions(4)
+    assert torch.equal(router(x, t, text), torch.zeros(4, 3))  # uniform posterior at the start
+    router = trained_a_little(router)
+    logits = router(x, t, text)
+    assert logits.shape == (4, 3) and not torch.allclose(router(x, t, captions(4, seed=2)), logits)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        router(x, t, text)
+    assert counter.get_total_flops() == 4 * forward_flops(cfg, router=True, num_partitions=3)

@@ -38,7 +38,7 @@ def captioned(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_ensemble(captioned, tmp_path_factory):
-    """Two text experts and an image-only router (p(k | x_t, t)) on the captioned glyphs, assembled."""
+    """Two text experts and a router that reads the caption too, on the captioned glyphs, assembled."""
     from ddm.assemble import assemble
 
     prepared, encoder = captioned
@@ -47,8 +47,9 @@ def text_ensemble(captioned, tmp_path_factory):
     for k in (0, 1):
         args = [*TEXT, f"model.text.encoder={encoder}", f"partition={k}", "steps=8", "checkpoint.every=4"]
         summary(run_cli(store, *args))
+    text = [f"model.text.{k}={v}" for k, v in (("encoder", encoder), ("dim", 32), ("length", 24))]
     router = ["job=router", "model.arch=DiT-Micro/4", "model.data_shape=[1,16,16]", "model.num_classes=0", "steps=4"]
-    summary(run_cli(store, *router))
+    summary(run_cli(store, *router, *text))  # p(k | x_t, t, caption)
     return store, assemble(Store(store), "top1")
 
 
@@ -119,6 +120,8 @@ def test_a_text_ensemble_samples_from_prompts_with_guidance_per_prompt(text_ense
 
     store, desc = text_ensemble
     assert desc["text"]["dim"] == 32 and desc["text"]["length"] == 24 and desc["num_classes"] == 0
+    router = json.load(open(os.path.join(store, "router/export/config.json")))
+    assert router["architecture"]["family"] == "text-dit-router" and router["architecture"]["text"]["dim"] == 32
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(
         "uppercase R in dejavu serif, large, thick strokes, upright\n\n4.0\tdigit 3 in dejavu sans, small\n"
@@ -140,6 +143,23 @@ def test_a_text_ensemble_samples_from_prompts_with_guidance_per_prompt(text_ense
     prompts.write_text("strong\tdigit 3\n")
     with pytest.raises(ValueError, match="line 1: 'strong' before the tab is not a guidance scale"):
         sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="bad"))
+
+
+def test_experts_of_one_ensemble_share_their_text_encoder():
+    from ddm.assemble import _text_of
+
+    def expert(d, text):
+        return {"dir": d, "config": {"architecture": {"text": text} if text else {}}}
+
+    clip = {"encoder": "/m/clip", "dim": 32, "length": 24, "pooled": True}
+    assert _text_of([expert("experts/00", clip), expert("experts/01", clip)]) == {
+        k: clip[k] for k in ("encoder", "dim", "length")
+    }
+    assert _text_of([expert("experts/00", None), expert("experts/01", None)]) is None
+    with pytest.raises(ValueError, match="experts/00 is not text-conditioned but experts/01 is"):
+        _text_of([expert("experts/00", None), expert("experts/01", clip)])
+    with pytest.raises(ValueError, match="experts/01 reads captions with '/m/t5' .* share their text encoder"):
+        _text_of([expert("experts/00", clip), expert("experts/01", {**clip, "encoder": "/m/t5"})])
 
 
 def test_prompts_for_a_class_ensemble_are_refused():

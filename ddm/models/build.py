@@ -39,9 +39,13 @@ def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
     if cfg.moe.enabled:
         raise ValueError("routers are dense: set moe.num_experts=0 in the router model config")
     if cfg.text.enabled:
-        raise ValueError(
-            "routers on captions are not built yet (#24): train the router as a DiT on the images alone "
-            "(router.model.text.encoder empty)"
+        from ddm.models.text_dit import TextDiTRouter
+
+        c, h, _ = cfg.data_shape
+        t = cfg.text
+        size = DIT_SIZES[cfg.arch]
+        return TextDiTRouter(
+            size, num_partitions, h, c, t.dim, t.length, t.caption_dropout_prob, cfg.mlp_ratio, t.pooled
         )
     if cfg.arch in MLP_SIZES:
         return MLPRouter(

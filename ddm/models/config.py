@@ -274,8 +274,9 @@ def forward_flops(cfg: ModelConfig, router: bool = False, num_partitions: int = 
         return 2.0 * _mlp_linear_weights(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions if router else None)
     size = DIT_SIZES[cfg.arch]
     c, h, _ = cfg.data_shape
-    if cfg.text.enabled and not router:
-        return text_dit_forward_flops(size, h, c, cfg.text, cfg.mlp_ratio, cfg.moe)
+    if cfg.text.enabled:
+        moe = None if router else cfg.moe
+        return text_dit_forward_flops(size, h, c, cfg.text, cfg.mlp_ratio, moe, num_partitions if router else None)
     patch_in = size.patch_size**2 * c
     patches = (h // size.patch_size) ** 2
     tokens = patches + (1 if router else 0)
@@ -305,24 +306,26 @@ def text_dit_params(size: DiTSize, input_size: int, in_channels: int, text: Text
     return embed + time + captions + size.depth * block + final
 
 
-def text_dit_forward_flops(size: DiTSize, input_size: int, in_channels: int, text: TextConfig,
-                           mlp_ratio: float = 4.0, moe: MoEConfig | None = None) -> float:  # fmt: skip
+def text_dit_forward_flops(size: DiTSize, input_size: int, in_channels: int, text: TextConfig, mlp_ratio: float = 4.0,
+                           moe: MoEConfig | None = None, num_partitions: int | None = None) -> float:  # fmt: skip
     """Forward FLOPs of one sample of a text DiT (2 per multiply-add), every matrix product: with T
     patch tokens and L caption tokens of width E, the patch embedding (T p^2 C D), the timestep MLP
     (256 D + D^2) and t_block (6 D^2), the caption MLP (L (E D + D^2)) and the pooled one
     (E D + D^2), per block self-attention (4 T D^2 + 2 T^2 D), cross-attention (2 T D^2 + 2 L D^2
     + 2 T L D) and the feed-forward (2 T D H; MoE blocks: top_k times that plus the gate's T D E),
-    and the output linear (T D p^2 C)."""
+    and the output linear (T D p^2 C). A router (``num_partitions`` K) has T + 1 tokens (its CLS)
+    and a head of D K on the CLS token instead."""
     d, p, L, e = size.hidden_size, size.patch_size, text.length, text.dim
-    tokens, hid = (input_size // p) ** 2, int(d * mlp_ratio)
-    macs = tokens * p * p * in_channels * d + 256 * d + d * d + 6 * d * d
+    patches, hid = (input_size // p) ** 2, int(d * mlp_ratio)
+    tokens = patches + (1 if num_partitions else 0)
+    macs = patches * p * p * in_channels * d + 256 * d + d * d + 6 * d * d
     macs += L * (e * d + d * d) + ((e * d + d * d) if text.pooled else 0)
     for i in range(size.depth):
         moe_block = moe is not None and moe.enabled and (size.depth - 1 - i) % moe.every == 0
         macs += 4 * tokens * d * d + 2 * tokens**2 * d + 2 * tokens * d * d + 2 * L * d * d + 2 * tokens * L * d
         macs += 2 * tokens * d * hid * (moe.top_k if moe_block else 1)
         macs += tokens * d * moe.num_experts if moe_block else 0  # the gate
-    macs += tokens * d * p * p * in_channels
+    macs += d * num_partitions if num_partitions else patches * d * p * p * in_channels
     return 2.0 * macs
 
 
@@ -362,7 +365,7 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
                 "hidden_size": size.hidden_size, "depth": size.depth, **common}  # fmt: skip
     size = DIT_SIZES[cfg.arch]
     moe = cfg.moe
-    if cfg.text.enabled and not num_partitions:
+    if cfg.text.enabled:
         common["text"] = {
             "encoder": cfg.text.encoder,  # rebuild it with ddm.models.text_encoder.TextEncoder.load
             "dim": cfg.text.dim,
@@ -373,7 +376,7 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
             "caption_dropout_prob": cfg.text.caption_dropout_prob,
         }
     return {
-        "family": "dit-router" if num_partitions else ("text-dit" if cfg.text.enabled else "dit"),
+        "family": ("text-" if cfg.text.enabled else "") + ("dit-router" if num_partitions else "dit"),
         "preset": cfg.arch,
         "in_channels": cfg.data_shape[0],
         "input_size": cfg.data_shape[1],

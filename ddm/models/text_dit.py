@@ -88,7 +88,9 @@ class TextDiT(nn.Module):
         mlp_ratio: float = 4.0,
         moe: MoEConfig = MoEConfig(),
         pooled: bool = True,
+        out_features: int | None = None,
     ):
+        """``out_features``: the output layer's width (default: a patch's values, p^2 C)."""
         super().__init__()
         d = size.hidden_size
         self.in_channels, self.out_channels, self.patch_size = in_channels, in_channels, size.patch_size
@@ -110,7 +112,7 @@ class TextDiT(nn.Module):
         )
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
-        self.final_linear = nn.Linear(d, size.patch_size**2 * in_channels)
+        self.final_linear = nn.Linear(d, out_features or size.patch_size**2 * in_channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -156,6 +158,24 @@ class TextDiT(nn.Module):
     ) -> torch.Tensor:
         """``text``: the captions' embeddings (tokens (N, L, E) with L = text_len, mask, pooled).
         In training, captions are dropped at ``caption_dropout_prob`` (or where ``drop`` says)."""
+        tokens, c = self.trunk(x, t, text, drop)
+        return self.unpatchify(self.head(tokens, c))
+
+    def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The output layer: norm, modulated by c (its own learned offsets), then linear."""
+        shift, scale = (self.final_table[None] + c[:, None]).chunk(2, dim=1)
+        return self.final_linear(self.norm_final(tokens) * (1 + scale) + shift)
+
+    def trunk(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: TextEmbedding,
+        drop: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens after the blocks, the conditioning vector c); ``prefix`` (1, P, D) tokens go
+        before the patches (a router's CLS token)."""
         if text.tokens.shape[1:] != (self.text_len, self.text_dim):
             raise ValueError(
                 f"caption embeddings of shape {tuple(text.tokens.shape[1:])}, but this model takes "
@@ -171,11 +191,11 @@ class TextDiT(nn.Module):
         mod = self.t_block(c).unflatten(-1, (6, -1))  # (N, 6, D)
         y = self.y_embedder(text.tokens)  # (N, L, D)
         tokens = self.x_embedder(x) + self.pos_embed
+        if prefix is not None:
+            tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             tokens = block(tokens, mod, y, text.mask)
-        shift, scale = (self.final_table[None] + c[:, None]).chunk(2, dim=1)
-        out = self.final_linear(self.norm_final(tokens) * (1 + scale) + shift)
-        return self.unpatchify(out)
+        return tokens, c
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         c, p = self.out_channels, self.patch_size
@@ -187,3 +207,36 @@ class TextDiT(nn.Module):
     def moe_aux_loss(self) -> torch.Tensor:
         losses = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoEFeedForward)]
         return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+class TextDiTRouter(TextDiT):
+    """Router p(k | x_t, t, caption): the text DiT's trunk with a learned CLS token and a K-way
+    head on it (zero-initialised: the router starts at the uniform posterior 1/K)."""
+
+    def __init__(
+        self,
+        size: DiTSize,
+        num_partitions: int,
+        input_size: int,
+        in_channels: int,
+        text_dim: int,
+        text_len: int,
+        caption_dropout_prob: float = 0.1,
+        mlp_ratio: float = 4.0,
+        pooled: bool = True,
+    ):
+        if num_partitions < 1:
+            raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+        super().__init__(
+            size, input_size, in_channels, text_dim, text_len, caption_dropout_prob, mlp_ratio, MoEConfig(), pooled,
+            out_features=num_partitions,
+        )  # fmt: skip
+        self.num_partitions = num_partitions
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, size.hidden_size))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        tokens, c = self.trunk(x, t, text, drop, prefix=self.cls_token)
+        return self.head(tokens[:, :1], c)[:, 0]  # (N, K) logits of the CLS token
