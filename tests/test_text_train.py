@@ -185,3 +185,41 @@ def test_what_text_ensembles_cannot_do_yet_says_so(text_ensemble, captioned):
     spec["expert"]["model"]["text"] = text
     with pytest.raises(ValueError, match="ddm run trains class-conditional experts for now"):
         from_dict(RunSpec, spec)
+
+
+def test_embeddings_computed_at_ingest_train_the_same_expert(captioned, text_ensemble, tmp_path):
+    """model.text.embeddings=store on a dataset ingested with the encoder (float32) trains the same
+    weights as the job encoding its captions itself; float16 storage costs what the manifest says."""
+    from ddm.models.text_encoder import TextEncoder
+
+    _, encoder = captioned
+    store = Store(str(tmp_path / "embedded"))
+    ingest(IngestConfig(source="glyphs:384", shard_size=192, caption="describe", text_encoder=encoder,
+                        text_dtype="float32"), store)  # fmt: skip
+    partition(PartitionConfig(num_partitions=2, num_fine=16), store)
+    m = store.manifest("data")["text_embeddings"]
+    assert (m["dim"], m["length"], m["dtype"]) == (32, 24, "float32") and m["encoder"]["spec"] == encoder
+    assert m["bytes_per_sample"] == 24 * 32 * 4 + 32 * 4 + 2
+    shard = Dataset(store).read_shard(0)
+    emb = TextEncoder.load(encoder, 24).encode(shard.captions)
+    assert np.array_equal(shard.text["text_tokens"], emb.tokens.numpy())
+    assert np.array_equal(shard.text["text_lengths"], emb.mask.sum(1).numpy())
+
+    args = [*TEXT, f"model.text.encoder={encoder}", "steps=8", "checkpoint.every=4", "model.text.embeddings=store"]
+    summary(run_cli(store.url, *args))
+    assert_same_weights(exported(text_ensemble[0]), exported(store.url))  # the job-encoded expert 0
+    half = Store(str(tmp_path / "half"))
+    ingest(IngestConfig(source="glyphs:64", shard_size=64, caption="describe", text_encoder=encoder), half)
+    assert half.manifest("data")["text_embeddings"]["bytes_per_sample"] == 24 * 32 * 2 + 32 * 2 + 2
+
+
+def test_stored_embeddings_must_match_the_job(captioned, tmp_path):
+    from ddm.config import load
+    from ddm.job import JobConfig, check_inputs
+
+    prepared, encoder = captioned
+    base = [f"store={prepared}", "partition=0", *TEXT, f"model.text.encoder={encoder}", "model.text.embeddings=store"]
+    with pytest.raises(ValueError, match="has no stored caption embeddings: ingest it with text_encoder="):
+        check_inputs(load(JobConfig, None, base))
+    with pytest.raises(ValueError, match="text_encoder embeds captions: set caption="):
+        IngestConfig(source="glyphs:8", text_encoder=encoder)

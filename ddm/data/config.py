@@ -34,6 +34,12 @@ class IngestConfig:
     # extension (txt) or json:<key>; image folder: txt (a sidecar <image stem>.txt); glyphs:
     # describe (what the renderer drew); auto: the source's usual place. Partitioning ignores them.
     caption: str = ""
+    # Caption embeddings computed once here and stored in the shards (a text job with
+    # model.text.embeddings=store reads them instead of running the encoder each step): the frozen
+    # encoder (as model.text.encoder), tokens per caption (0: the encoder's own) and the stored dtype.
+    text_encoder: str = ""
+    text_length: int = 0
+    text_dtype: str = "float16"
     seed: int = 0  # synthetic and glyph sources
     fonts: list[str] = field(default_factory=list)  # glyphs: font folders/files (empty: matplotlib's own)
     charset: str = ""  # glyphs: the characters, one class each (empty: 0-9, A-Z, a-z)
@@ -56,6 +62,10 @@ class IngestConfig:
         if self.encoder != "identity" and self.encoder != "vae" and not self.encoder.startswith("vae:"):
             raise ValueError(f"encoder {self.encoder!r} is unknown; use identity, vae or vae:<hub id>")
         check_runner(self.runner)
+        if self.text_encoder and not self.caption:
+            raise ValueError("text_encoder embeds captions: set caption=... too (where the captions come from)")
+        if self.text_dtype not in ("float16", "float32") or self.text_length < 0:
+            raise ValueError(f"text_dtype must be float16 or float32 (got {self.text_dtype!r}), text_length >= 0")
         if self.caption.startswith("json:") and not self.caption[5:]:
             raise ValueError("caption=json: names no key; give caption=json:<key>, e.g. json:caption")
         if self.workers < 0 or self.encode_actors < 0 or self.encode_batch_size < 1 or self.actors_per_gpu < 1:

@@ -115,6 +115,7 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     source = open_source(cfg)
     source.validate(cfg)  # the first samples decode, before anything is written or started
     encoder = EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed) if cfg.encoder != "identity" else None
+    text = EmbedCaptions(cfg) if cfg.text_encoder else None
     units = source.units(cfg.shard_size)
     commits = ShardCommits(store, DATA_DIR)
     plan = {
@@ -140,6 +141,9 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
         stages = [] if source.generated else [Stage("read", lambda: ReadUnit(cfg), concurrency=cfg.workers or None)]
         if encoder is not None:  # it loaded here (a missing package or weights failed before any write)
             stages.append(_encode_stage(cfg, runner, encoder))
+        if text is not None:  # likewise
+            make = (lambda: text) if runner == "local" else (lambda: EmbedCaptions(cfg))
+            stages.append(model_stage("embed captions", make, runner, cfg.encode_actors, cfg.actors_per_gpu))
         stages.append(write)
         if source.generated:  # made here, in order; committed shards are made again but not rewritten
             steps = [s.make() for s in stages]
@@ -187,6 +191,33 @@ class EncodeUnit:
         return part
 
 
+class EmbedCaptions:
+    """A unit's captions -> the frozen text encoder's embeddings, stored beside its images: tokens
+    (N, L, E) and pooled (N, E) in ``text_dtype``, the number of attended tokens (N,) (an actor: the
+    encoder loads once, on this worker's GPU if it has one)."""
+
+    def __init__(self, cfg: IngestConfig):
+        from ddm.data.encoders import device
+        from ddm.models.text_encoder import TextEncoder
+
+        self.encoder = TextEncoder.load(cfg.text_encoder, cfg.text_length, device())
+        self.dtype, self.batch_size = np.dtype(cfg.text_dtype), cfg.encode_batch_size
+
+    def __call__(self, part: dict) -> dict:
+        captions = part["captions"]
+        tokens, lengths, pooled = [], [], []
+        for i in range(0, len(captions), self.batch_size):
+            emb = self.encoder.encode(captions[i : i + self.batch_size])
+            tokens.append(emb.tokens.cpu().numpy().astype(self.dtype))
+            lengths.append(emb.mask.sum(1).cpu().numpy().astype(np.int16))
+            pooled.append(emb.pooled.cpu().numpy().astype(self.dtype))
+        if tokens:
+            part["text_tokens"], part["text_lengths"] = np.concatenate(tokens), np.concatenate(lengths)
+            part["text_pooled"] = np.concatenate(pooled)
+        part["text_encoder"] = self.encoder.describe()
+        return part
+
+
 class WriteShard:
     """Write one unit's shard and commit it (its progress record); returns the record."""
 
@@ -208,7 +239,10 @@ class WriteShard:
                 "max_chars": max(map(len, captions), default=0),
                 "examples": captions[:3],
             }
-        files = {shard_name(part["index"]): encode_shard(ids, arrays, labels, captions)} if len(ids) else {}
+        text = {k: part[k] for k in ("text_tokens", "text_lengths", "text_pooled") if k in part} or None
+        if "text_encoder" in part:
+            record["text_encoder"] = part["text_encoder"]
+        files = {shard_name(part["index"]): encode_shard(ids, arrays, labels, captions, text)} if len(ids) else {}
         return self.commits.commit(part["index"], files, record)
 
 
@@ -223,6 +257,22 @@ def _captions(cfg: IngestConfig, source, written: list[dict], n: int) -> dict | 
         "empty": sum(c["empty"] for c in per_shard),
         "max_chars": max(c["max_chars"] for c in per_shard),
         "examples": [e for c in per_shard for e in c["examples"]][:5],
+    }
+
+
+def _text_embeddings(cfg: IngestConfig, written: list[dict]) -> dict | None:
+    """What the stored caption embeddings are: the encoder (as it describes itself), their shape,
+    dtype and bytes per sample."""
+    if not cfg.text_encoder:
+        return None
+    enc = written[0]["text_encoder"]
+    per = np.dtype(cfg.text_dtype).itemsize
+    return {
+        "encoder": enc,
+        "dim": enc["hidden_size"],
+        "length": enc["max_length"],
+        "dtype": cfg.text_dtype,
+        "bytes_per_sample": enc["max_length"] * enc["hidden_size"] * per + enc["hidden_size"] * per + 2,
     }
 
 
@@ -267,6 +317,7 @@ def _commit(
         "label_counts": {str(k): v for k, v in sorted(label_counts.items())},
         "skipped": {"count": len(skipped), "examples": skipped[:20]},
         "captions": _captions(cfg, source, written, n),
+        "text_embeddings": _text_embeddings(cfg, written),
         "ingest": to_dict(cfg),
         "source_info": getattr(source, "info", {}),
         "resumed_shards": resumed,  # units an interrupted earlier run had committed

@@ -87,13 +87,14 @@ class PartitionReader:
             self._cache.move_to_end(i)
         else:
             self._cache[i] = self.dataset.read_shard(i)
-            while len(self._cache) > 1 and sum(s.arrays.nbytes for s in self._cache.values()) > self._cache_bytes:
+            while len(self._cache) > 1 and sum(s.nbytes for s in self._cache.values()) > self._cache_bytes:
                 self._cache.popitem(last=False)
         return self._cache[i]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next batch: x (B, *shape) float32 (pixels scaled to [-1, 1]), y labels, ids, partition;
-        and for a captioned dataset ``caption``, the B captions (a list of str)."""
+        and for a captioned dataset ``caption``, the B captions (a list of str); for embeddings stored
+        at ingest ``text_tokens`` (B, L, E), ``text_mask`` (B, L) and ``text_pooled`` (B, E), float32."""
         order = self._epoch_order()
         pick = order[self.batch_index * self.batch_size : (self.batch_index + 1) * self.batch_size]
         shards, rows = self.shard_idx[pick], self.row_idx[pick]
@@ -101,6 +102,14 @@ class PartitionReader:
         y = np.empty(len(pick), dtype=np.int64)
         ids = np.empty(len(pick), dtype=np.int64)
         captions: list[str] | None = [""] * len(pick) if self.dataset.has_captions else None
+        stored = self.dataset.manifest.get("text_embeddings")
+        if stored:  # caption embeddings computed at ingest
+            length, dim = stored["length"], stored["dim"]
+            text = {
+                "text_tokens": np.empty((len(pick), length, dim), np.float32),
+                "text_lengths": np.empty(len(pick), np.int64),
+                "text_pooled": np.empty((len(pick), dim), np.float32),
+            }
         for s in np.unique(shards):
             where = np.nonzero(shards == s)[0]
             shard = self._shard(int(s))
@@ -111,12 +120,20 @@ class PartitionReader:
             if captions is not None:
                 for i, r in zip(where, rows[where]):
                     captions[i] = shard.captions[r]
+            if stored:
+                for name, out in text.items():
+                    out[where] = shard.text[name][rows[where]]
         batch = {
             "x": torch.from_numpy(x),
             "y": torch.from_numpy(y),
             "id": torch.from_numpy(ids),
             "partition": torch.from_numpy(self.partitions[pick].astype(np.int64)),
         }
+        if stored:
+            length = text["text_tokens"].shape[1]
+            batch["text_tokens"] = torch.from_numpy(text["text_tokens"])
+            batch["text_mask"] = torch.arange(length)[None] < torch.from_numpy(text["text_lengths"])[:, None]
+            batch["text_pooled"] = torch.from_numpy(text["text_pooled"])
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         if captions is not None:

@@ -45,9 +45,17 @@ def shard_name(index: int) -> str:
     return f"{SHARDS_DIR}/part-{index:05d}.parquet"
 
 
-def encode_shard(ids: np.ndarray, arrays: np.ndarray, labels: np.ndarray, captions: list[str] | None = None) -> bytes:
+def encode_shard(
+    ids: np.ndarray,
+    arrays: np.ndarray,
+    labels: np.ndarray,
+    captions: list[str] | None = None,
+    text: dict[str, np.ndarray] | None = None,
+) -> bytes:
     """One Parquet shard from ids (N,), arrays (N, *shape), labels (N,) and, for a captioned
-    dataset, captions (N strings; "" for a sample without one)."""
+    dataset, captions (N strings; "" for a sample without one) and their stored embeddings
+    ``text`` ({"text_tokens" (N, L, E), "text_lengths" (N,), "text_pooled" (N, E)}: raw bytes per
+    sample, like ``data``)."""
     n = len(ids)
     assert arrays.shape[0] == n == len(labels) and (captions is None or len(captions) == n)
     flat = np.ascontiguousarray(arrays).reshape(n, -1)
@@ -57,7 +65,11 @@ def encode_shard(ids: np.ndarray, arrays: np.ndarray, labels: np.ndarray, captio
     schema = SCHEMA
     if captions is not None:
         columns.append(pa.array(captions, pa.string()))
-        schema = SCHEMA.append(pa.field("caption", pa.string()))
+        schema = schema.append(pa.field("caption", pa.string()))
+    for name, values in (text or {}).items():
+        flat = np.ascontiguousarray(values).reshape(n, -1)
+        columns.append(pa.array([row.tobytes() for row in flat], type=pa.binary()))
+        schema = schema.append(pa.field(name, pa.binary()))
     return write_parquet_bytes(pa.Table.from_arrays(columns, schema=schema))
 
 
@@ -67,19 +79,38 @@ class Shard:
     arrays: np.ndarray  # (N, *sample_shape)
     labels: np.ndarray  # (N,) int32
     captions: list[str] | None = None  # a captioned dataset's N captions
+    text: dict[str, np.ndarray] | None = None  # stored caption embeddings (``encode_shard``'s ``text``)
+
+    @property
+    def nbytes(self) -> int:
+        return self.arrays.nbytes + sum(a.nbytes for a in (self.text or {}).values())
 
 
-def decode_shard(raw: bytes, sample_shape: tuple[int, ...], dtype: str) -> Shard:
-    table = read_parquet_bytes(raw)
-    col = table.column("data").combine_chunks()
+def _fixed(table: pa.Table, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A binary column of same-size rows as one (N, *shape) array, without a copy per row."""
+    col = table.column(name).combine_chunks()
     offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
     values = np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    arrays = values.view(np.dtype(dtype)).reshape(len(col), *sample_shape)
+    return values.view(np.dtype(dtype)).reshape(len(col), *shape)
+
+
+def decode_shard(raw: bytes, sample_shape: tuple[int, ...], dtype: str, text: dict | None = None) -> Shard:
+    """``text``: the manifest's ``text_embeddings`` (their dim, length and dtype), for stored embeddings."""
+    table = read_parquet_bytes(raw)
+    embedded = None
+    if text and "text_tokens" in table.column_names:
+        d, length, dt = text["dim"], text["length"], text["dtype"]
+        embedded = {
+            "text_tokens": _fixed(table, "text_tokens", dt, (length, d)),
+            "text_lengths": _fixed(table, "text_lengths", np.int16, ()),
+            "text_pooled": _fixed(table, "text_pooled", dt, (d,)),
+        }
     return Shard(
         ids=table.column("id").to_numpy(),
-        arrays=arrays,
+        arrays=_fixed(table, "data", dtype, sample_shape),
         labels=table.column("label").to_numpy().astype(np.int32),
         captions=table.column("caption").to_pylist() if "caption" in table.column_names else None,
+        text=embedded,
     )
 
 
@@ -120,7 +151,7 @@ class Dataset:
     def read_shard(self, index: int) -> Shard:
         """Shard ``index``, verified against the manifest's sha256."""
         raw = self.store.read_verified(DATA_DIR, self.shard_names[index])
-        return decode_shard(raw, self.sample_shape, self.dtype)
+        return decode_shard(raw, self.sample_shape, self.dtype, self.manifest.get("text_embeddings"))
 
     def iter_shards(self):
         for i in range(self.num_shards):

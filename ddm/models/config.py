@@ -119,6 +119,9 @@ class TextConfig:
     pooled: add the encoder's pooled vector to the timestep embedding.
     caption_dropout_prob: captions replaced by the learned null caption in training (classifier-free
         guidance needs it; PixArt-alpha uses 0.1).
+    embeddings: where the caption embeddings come from: ``job`` (each rank runs the frozen encoder
+        on its micro-batches) or ``store`` (computed once at ingest with ``text_encoder=``, read
+        with the images; no encoder in the job).
     """
 
     encoder: str = ""
@@ -126,6 +129,7 @@ class TextConfig:
     length: int = 0
     pooled: bool = True
     caption_dropout_prob: float = 0.1
+    embeddings: str = "job"  # job: encoded in the training job; store: computed at ingest (text_encoder=)
 
     @property
     def enabled(self) -> bool:
@@ -139,6 +143,8 @@ class TextConfig:
             )
         if not 0.0 <= self.caption_dropout_prob < 1.0:
             raise ValueError(f"caption_dropout_prob must be in [0, 1), got {self.caption_dropout_prob}")
+        if self.embeddings not in ("job", "store"):
+            raise ValueError(f"model.text.embeddings must be job or store, got {self.embeddings!r}")
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,22 @@ def to_device(batch: dict, device: torch.device, num_classes: int, text_encoder=
     labels range-checked on the host first (for free there: on a GPU the model's own check would
     make the step wait), and its partitions also kept on the host (distillation's teacher routes
     by them without reading the device). A text-conditioned job passes its frozen ``text_encoder``
-    (on the device): ``y`` is then the captions' embeddings (``TextEmbedding``)."""
+    (on the device), or "store" for embeddings computed at ingest: ``y`` is then the captions'
+    embeddings (``TextEmbedding``)."""
     if text_encoder is not None:
-        if "caption" not in batch:
+        if text_encoder == "store":  # computed at ingest
+            from ddm.models.text_encoder import TextEmbedding
+
+            y = TextEmbedding(
+                *(batch[k].to(device, non_blocking=True) for k in ("text_tokens", "text_mask", "text_pooled"))
+            )
+        elif "caption" not in batch:
             raise ValueError("a text-conditioned job needs captions: ingest the dataset with caption=...")
+        else:
+            y = text_encoder.encode(batch["caption"])
         return {
             "x": batch["x"].to(device, non_blocking=True),
-            "y": text_encoder.encode(batch["caption"]),
+            "y": y,
             "partition": batch["partition"].to(device, non_blocking=True),
             "partition_host": batch["partition"],
         }

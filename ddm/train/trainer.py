@@ -138,7 +138,10 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, objective, export_extra = build_job(cfg, store, device)
     text_encoder = None
-    if cfg.model.text.enabled:  # frozen, on this rank's device; its embeddings are the captions' y
+    if cfg.model.text.embeddings == "store":  # computed at ingest: read with the images
+        text_encoder = "store"
+        export_extra["text_encoder"] = store.manifest(layout.DATA_DIR)["text_embeddings"]["encoder"]
+    elif cfg.model.text.enabled:  # frozen, on this rank's device; its embeddings are the captions' y
         from ddm.models.text_encoder import TextEncoder
 
         text_encoder = TextEncoder.load(cfg.model.text.encoder, cfg.model.text.length, device)
