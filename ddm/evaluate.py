@@ -127,10 +127,10 @@ class Judge:
             store, None, batch_size=int(sum(store.manifest(layout.PARTITIONS_DIR)["counts"]))
         ).next_batch()
         self.x_data, self.y_data, self.p_data = data["x"], data["y"], data["partition"]
+        has_labels = store.manifest(layout.DATA_DIR)["num_classes"] > 1
         if cfg.metric == "fid":
             self.embedder, self.feature_info = InceptionFeatures(device), {"network": "inception-v3 (pytorch-fid)"}
         else:
-            has_labels = store.manifest(layout.DATA_DIR)["num_classes"] > 0
             targets, n_targets, target_name = (
                 (self.y_data, self.num_classes or int(self.y_data.max()) + 1, "labels")
                 if has_labels
@@ -148,7 +148,52 @@ class Judge:
         pick = torch.randint(len(self.x_data), (cfg.num_samples,), generator=stream(cfg.seed, LABELS))
         self.labels = self.y_data[pick].to(device) if self.num_classes else None
         self.parts = self.p_data[pick].to(device)
+        # A text ensemble samples the captions of the same draw (the prompts), and its prompt
+        # adherence is the classifier's accuracy on the classes of the prompts' images.
+        self.text, self.prompts, self.prompt_classes = desc.get("text"), None, None
+        if self.text:
+            if "caption" not in data:
+                raise ValueError(f"the ensemble is text-conditioned but the dataset in {store.url} has no captions")
+            from ddm.models.text_encoder import TextEncoder
+
+            self.encoder = TextEncoder.load(self.text["encoder"], self.text["length"], device)
+            self.captions = data["caption"]
+            self.prompts = [self.captions[int(i)] for i in pick]
+            self.labels = self.encode(self.prompts)
+            classifier = isinstance(self.embedder, torch.nn.Module)
+            self.prompt_classes = self.y_data[pick] if has_labels and classifier else None
         self.cfg_branches = 2 if cfg.guidance != 1.0 and self.labels is not None else 1  # CFG: cond + uncond
+
+    def encode(self, captions: list[str]):
+        from ddm.models.text_encoder import TextEmbedding
+
+        return TextEmbedding.cat([self.encoder.encode(captions[i : i + 256]) for i in range(0, len(captions), 256)])
+
+    def adherence(self, x: torch.Tensor) -> dict | None:
+        """Prompt adherence: how often the classifier (trained on the data's labels) finds in each
+        sample the class of the image its prompt describes; a model that ignores its prompts scores
+        at chance, the share of the most common class among the prompts."""
+        if self.prompt_classes is None:
+            return None
+        with torch.no_grad():
+            pred = torch.cat([self.embedder(x[i : i + 512].float()).argmax(1) for i in range(0, len(x), 512)])
+        return {"accuracy": float((pred == self.prompt_classes).float().mean()), "chance": self.chance}
+
+    @property
+    def chance(self) -> float | None:
+        if self.prompt_classes is None:
+            return None
+        return float(torch.bincount(self.prompt_classes).max()) / len(self.prompt_classes)
+
+    def prompt_info(self) -> dict:
+        return {
+            "source": "the captions of the data images drawn for the samples (the labels' draw)",
+            "examples": self.prompts[:8],
+            "adherence": "the FD-classifier's accuracy on the class of each prompt's image"
+            if self.prompt_classes is not None
+            else None,
+            "adherence_chance": self.chance,
+        }
 
     def single_model(self, model) -> Callable[[slice], VelocityFn]:
         return lambda rows: guided(model, None if self.labels is None else self.labels[rows], self.cfg.guidance)
@@ -177,11 +222,6 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     ens = load_ensemble(store, device=device)
     desc = ens.description
-    if desc.get("text"):
-        raise ValueError(
-            "this ensemble is text-conditioned: its evaluation from held-out prompts (distance and prompt adherence) "
-            "is not built yet (#24); sample it from prompts with `ddm sample <store> prompts_file=...`"
-        )
     rules = list(cfg.rules)
     for rule in rules:
         if rule in SINGLE_MODELS and not store.is_committed(f"{single_model_dir(rule, desc)}/{layout.EXPORT}"):
@@ -238,6 +278,9 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
             key = str(ens.rule)
         seconds = time.perf_counter() - start
         results.append({"rule": key, "distance": fd, **cost, "seconds": seconds})
+        adherence = judge.adherence(x)
+        if adherence is not None:
+            results[-1]["prompt_adherence"] = adherence["accuracy"]
         if x.shape[1] in (1, 3):
             grids[key] = image_grid(x[:64].numpy())
         log.info(
@@ -252,6 +295,8 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     y_ref = y_data if num_classes else None
     sub = torch.randperm(len(x_data), generator=stream(cfg.seed, LABELS, 1))[: cfg.router_samples]
     y_sub = None if y_ref is None else y_ref[sub]
+    if judge.text:  # the router reads the captions of its samples (an image-only one ignores them)
+        y_sub = judge.encode([judge.captions[int(i)] for i in sub]).to("cpu")
     acc = router_accuracy(ens.router, flow, x_data[sub], y_sub, p_data[sub], cfg.router_t, cfg.seed, device)
     prior_max = float(torch.bincount(p_data, minlength=k).max()) / len(p_data)
     report = {
@@ -267,6 +312,7 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         "training_flops": training_flops(store, desc, baselines),
         "arms": training_arms(store, desc, baselines),
         "router_accuracy": {"t": list(cfg.router_t), "accuracy": acc, "largest_partition_share": prior_max},
+        **({"prompts": judge.prompt_info()} if judge.text else {}),
         "seconds": time.perf_counter() - t0,
     }
     for key, png in grids.items():
@@ -314,6 +360,11 @@ def format_report(r: dict) -> str:
             if name != "ensemble" and v["total"]:
                 text += f"; {name} {v['total']:.3g} ({v['ratio_to_ensemble']:.3f}x the ensemble's)"
         lines += ["", text + "."]
+    adherent = [v for v in r["rules"] if "prompt_adherence" in v]
+    if adherent:
+        chance = r["prompts"]["adherence_chance"]
+        lines += ["", f"Prompt adherence (classifier accuracy on the prompts' classes; chance {chance:.3f}): "
+                  + ", ".join(f"{v['rule']} {v['prompt_adherence']:.3f}" for v in adherent) + "."]  # fmt: skip
     ra = r["router_accuracy"]
     lines += [
         "",

@@ -170,15 +170,37 @@ def test_prompts_for_a_class_ensemble_are_refused():
         prompted({"num_classes": 10}, SampleConfig(prompts=["a cat"]), "cpu")
 
 
-def test_what_text_ensembles_cannot_do_yet_says_so(text_ensemble, captioned):
-    from ddm.config import from_dict
-    from ddm.evaluate import evaluate
-    from ddm.launchers.spec import RunSpec
+def test_a_text_ensemble_is_evaluated_on_prompts_with_their_adherence(text_ensemble):
+    """``ddm evaluate`` samples the captions of a draw of data images as prompts and reports, per
+    rule, the distance and the prompt adherence; the adherence measure itself finds the prompts'
+    classes in the images they describe and is at chance on images of other prompts."""
+    from ddm.evaluate import Judge, evaluate
+    from ddm.parallel import resolve_device
+    from ddm.sample import LABELS, stream
     from ddm.settings import EvalConfig
 
-    store, _ = text_ensemble
-    with pytest.raises(ValueError, match="text-conditioned: its evaluation from held-out prompts .* is not built yet"):
-        evaluate(Store(store), EvalConfig(num_samples=4, steps=2))
+    store, desc = text_ensemble
+    rules = ["top1", "full", "oracle"]
+    cfg = EvalConfig(num_samples=64, steps=2, batch_size=64, rules=rules, guidance=2.0, sampler="euler", router_t=[0.5],
+                     router_samples=64)  # fmt: skip
+    r = evaluate(Store(store), cfg)
+    assert [v["rule"] for v in r["rules"]] == ["top-1", "full", "oracle"]
+    assert all(0.0 <= v["prompt_adherence"] <= 1.0 for v in r["rules"]) and r["prompts"]["adherence_chance"] < 0.1
+    assert all(v["expert_forwards_per_sample"] in (4, 8) for v in r["rules"])  # 2 steps x 2 branches (x 2: full)
+    assert "Prompt adherence" in Store(store).read_bytes(f"{r['dir']}/report.md").decode()
+    seeded = cfg.seeded()
+    judge = Judge(Store(store), seeded, desc, resolve_device("cpu"))
+    pick = torch.randint(len(judge.x_data), (64,), generator=stream(seeded.seed, LABELS))  # the Judge's draw
+    assert judge.prompts == [judge.captions[int(i)] for i in pick]  # the prompts describe these images
+    right = judge.adherence(judge.x_data[pick])["accuracy"]
+    wrong = judge.adherence(judge.x_data[pick.roll(1)])["accuracy"]
+    assert right > 0.5 and wrong < right / 2, (right, wrong)
+
+
+def test_ddm_run_refuses_text_experts_for_now(captioned):
+    from ddm.config import from_dict
+    from ddm.launchers.spec import RunSpec
+
     _, encoder = captioned
     text = {"encoder": encoder, "dim": 32, "length": 24}
     spec = {"store": "x", "expert": {"model": {"arch": "DiT-Tiny/4", "data_shape": [1, 16, 16], "num_classes": 0}}}
