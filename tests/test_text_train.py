@@ -17,46 +17,56 @@ from ddm.store import Store
 from tests.helpers import assert_same_weights, exported, summary
 from tests.test_train import fresh, run_cli
 
+STORED = "model.text.embeddings=store"
 TEXT = ["model.arch=DiT-Tiny/4", "model.data_shape=[1,16,16]", "model.num_classes=0", "model.text.dim=32",
         "model.text.length=24"]  # fmt: skip
 
 
+GLYPHS = dict(source="glyphs:384", shard_size=192, caption="describe")
+
+
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
-    """Glyphs with their captions in 2 partitions, and a tiny CLIP text encoder made from the captions."""
+    """A tiny CLIP text encoder made from glyph captions, and those glyphs with their captions and
+    the encoder's embeddings of them (float32) in a store, in 2 partitions: jobs can read the
+    embeddings (model.text.embeddings=store) or encode the captions themselves (job)."""
+    from ddm.data.sources import open_source
     from ddm.models.text_encoder import make_tiny
 
     root = tmp_path_factory.mktemp("text")
-    store = Store(str(root / "store"))
-    ingest(IngestConfig(source="glyphs:384", shard_size=192, caption="describe"), store)
-    partition(PartitionConfig(num_partitions=2, num_fine=16), store)
-    ds = Dataset(store)
-    captions = [c for i in range(ds.num_shards) for c in ds.read_shard(i).captions]
+    captions = [caption for _, _, caption in open_source(IngestConfig(**GLYPHS)).generate()]
     encoder = make_tiny(str(root / "encoder"), captions, kind="clip", hidden_size=32, layers=1, max_length=24)
+    store = Store(str(root / "store"))
+    ingest(IngestConfig(**GLYPHS, text_encoder=encoder, text_dtype="float32"), store)
+    partition(PartitionConfig(num_partitions=2, num_fine=16), store)
     return root / "store", encoder
 
 
 @pytest.fixture(scope="module")
 def text_ensemble(captioned, tmp_path_factory):
-    """Two text experts and a router that reads the caption too, on the captioned glyphs, assembled."""
+    """Two text experts and a router that reads the caption too, on the captioned glyphs (their
+    embeddings read from the store), assembled."""
     from ddm.assemble import assemble
 
     prepared, encoder = captioned
     root = tmp_path_factory.mktemp("text-ensemble")
     store = fresh(prepared, root, "store")
     for k in (0, 1):
-        args = [*TEXT, f"model.text.encoder={encoder}", f"partition={k}", "steps=8", "checkpoint.every=4"]
+        args = [*TEXT, f"model.text.encoder={encoder}", f"partition={k}", "steps=8", "checkpoint.every=4", STORED]
         summary(run_cli(store, *args))
-    text = [f"model.text.{k}={v}" for k, v in (("encoder", encoder), ("dim", 32), ("length", 24))]
+    text = [f"model.text.{k}={v}" for k, v in (("encoder", encoder), ("dim", 32), ("length", 24))] + [STORED]
     router = ["job=router", "model.arch=DiT-Micro/4", "model.data_shape=[1,16,16]", "model.num_classes=0", "steps=4"]
     summary(run_cli(store, *router, *text))  # p(k | x_t, t, caption)
     return store, assemble(Store(store), "top1")
 
 
 def test_a_text_expert_trains_and_resumes_to_the_uninterrupted_weights(captioned, text_ensemble, tmp_path):
+    """A job encoding its captions itself, killed after a commit and resumed, ends with the weights
+    of the ensemble's expert 0: trained uninterrupted on the embeddings stored at ingest (the two
+    placements train the same weights, and the resume is exact)."""
     prepared, encoder = captioned
-    args = [*TEXT, f"model.text.encoder={encoder}", "steps=8", "checkpoint.every=4"]
-    straight = text_ensemble[0]  # its expert 0 trained with args, uninterrupted
+    args = [*TEXT, f"model.text.encoder={encoder}", "steps=8", "checkpoint.every=4"]  # embeddings: job
+    straight = text_ensemble[0]  # its expert 0: the same job, uninterrupted, on the stored embeddings
     s = json.load(open(os.path.join(straight, "experts/00/summary.json")))
     assert s["step"] == 8 and s["final_loss"] > 0 and s["startup"]["resumed_from"] is None
     crashed = fresh(prepared, tmp_path, "crashed")
@@ -209,16 +219,13 @@ def test_ddm_run_refuses_text_experts_for_now(captioned):
         from_dict(RunSpec, spec)
 
 
-def test_embeddings_computed_at_ingest_train_the_same_expert(captioned, text_ensemble, tmp_path):
-    """model.text.embeddings=store on a dataset ingested with the encoder (float32) trains the same
-    weights as the job encoding its captions itself; float16 storage costs what the manifest says."""
+def test_embeddings_computed_at_ingest_are_the_encoders(captioned, tmp_path):
+    """The stored embeddings (float32) are exactly what the encoder gives the job (the placements
+    train the same weights: the resume test above); float16 storage costs what the manifest says."""
     from ddm.models.text_encoder import TextEncoder
 
-    _, encoder = captioned
-    store = Store(str(tmp_path / "embedded"))
-    ingest(IngestConfig(source="glyphs:384", shard_size=192, caption="describe", text_encoder=encoder,
-                        text_dtype="float32"), store)  # fmt: skip
-    partition(PartitionConfig(num_partitions=2, num_fine=16), store)
+    prepared, encoder = captioned
+    store = Store(str(prepared))
     m = store.manifest("data")["text_embeddings"]
     assert (m["dim"], m["length"], m["dtype"]) == (32, 24, "float32") and m["encoder"]["spec"] == encoder
     assert m["bytes_per_sample"] == 24 * 32 * 4 + 32 * 4 + 2
@@ -226,10 +233,7 @@ def test_embeddings_computed_at_ingest_train_the_same_expert(captioned, text_ens
     emb = TextEncoder.load(encoder, 24).encode(shard.captions)
     assert np.array_equal(shard.text["text_tokens"], emb.tokens.numpy())
     assert np.array_equal(shard.text["text_lengths"], emb.mask.sum(1).numpy())
-
-    args = [*TEXT, f"model.text.encoder={encoder}", "steps=8", "checkpoint.every=4", "model.text.embeddings=store"]
-    summary(run_cli(store.url, *args))
-    assert_same_weights(exported(text_ensemble[0]), exported(store.url))  # the job-encoded expert 0
+    assert np.array_equal(shard.text["text_pooled"], emb.pooled.numpy())
     half = Store(str(tmp_path / "half"))
     ingest(IngestConfig(source="glyphs:64", shard_size=64, caption="describe", text_encoder=encoder), half)
     assert half.manifest("data")["text_embeddings"]["bytes_per_sample"] == 24 * 32 * 2 + 32 * 2 + 2
@@ -240,8 +244,15 @@ def test_stored_embeddings_must_match_the_job(captioned, tmp_path):
     from ddm.job import JobConfig, check_inputs
 
     prepared, encoder = captioned
-    base = [f"store={prepared}", "partition=0", *TEXT, f"model.text.encoder={encoder}", "model.text.embeddings=store"]
+    base = [f"store={prepared}", "partition=0", *TEXT, f"model.text.encoder={encoder}", STORED]
+    check_inputs(load(JobConfig, None, base))  # as made
+    other = base[:-1] + [f"model.text.encoder={prepared}/../encoder/"]  # the same folder, named otherwise
+    with pytest.raises(ValueError, match=r"were made by .*encoder' \(dim 32, length 24\).*use the same"):
+        check_inputs(load(JobConfig, None, [*other, STORED]))
+    bare = Store(str(tmp_path / "bare"))
+    ingest(IngestConfig(source="glyphs:64", shard_size=64, caption="describe"), bare)
+    partition(PartitionConfig(num_partitions=2, num_fine=8), bare)
     with pytest.raises(ValueError, match="has no stored caption embeddings: ingest it with text_encoder="):
-        check_inputs(load(JobConfig, None, base))
+        check_inputs(load(JobConfig, None, [f"store={bare.url}", *base[1:]]))
     with pytest.raises(ValueError, match="text_encoder embeds captions: set caption="):
         IngestConfig(source="glyphs:8", text_encoder=encoder)
