@@ -393,6 +393,11 @@ def with_teacher(cfg: JobConfig) -> JobConfig:
 def _check_teacher(store: Store, cfg: JobConfig) -> None:
     """Distillation reads the assembled ensemble; the student must model the same data."""
     desc = _teacher_description(store, cfg)
+    if desc.get("text") or cfg.model.text.enabled:
+        raise ValueError(
+            "distilling a text-conditioned ensemble is not built yet (#24: each expert's null caption must reach the "
+            "teacher where the student's caption is dropped)"
+        )
     if cfg.teacher != layout.ensemble_id(desc):
         raise ValueError(
             f"teacher={cfg.teacher!r} is not the store's ensemble ({layout.ensemble_id(desc)}, assembled from other "

@@ -252,3 +252,25 @@ def test_forward_flops_equal_torchs_flop_counter(arch, shape, router):
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         net(torch.randn(n, *shape), torch.rand(n), torch.randint(0, 10, (n,)))
     assert counter.get_total_flops() == n * forward_flops(cfg, router=router, num_partitions=5)
+
+
+def test_moe_text_dit_in_a_world_of_one_process():
+    """The text DiT's feed-forwards are DeepSpeed MoE layers like the DiT's: they train and report
+    their load-balancing loss; DeepSpeed splits their parameters into its MoE groups."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    from ddm.models.config import TextConfig
+    from ddm.models.text_encoder import TextEmbedding
+
+    text = TextConfig(encoder="tiny", dim=16, length=5)
+    cfg = ModelConfig("DiT-Tiny/2", (3, 8, 8), text=text, moe=MoEConfig(num_experts=4, every=1, ep_size=1))
+    model = build_model(cfg)
+    assert len([n for n, p in model.named_parameters() if is_moe_param(p)]) == 2 * 4 * 2 * 2
+    perturb(model)
+    captions = TextEmbedding(torch.randn(6, 5, 16), torch.ones(6, 5, dtype=torch.bool), torch.randn(6, 16))
+    losses = FlowMatching().training_losses(model, torch.randn(6, 3, 8, 8), captions)
+    assert losses["moe_aux"].ndim == 0 and losses["moe_aux"] > 0
+    (losses["loss"].mean() + 0.01 * losses["moe_aux"]).backward()
+    assert sum(p.grad.abs().sum() for p in model.parameters() if is_moe_param(p) and p.grad is not None) > 0
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
+    assert any(g.get("moe") for g in groups)

@@ -207,6 +207,17 @@ def test_a_text_ensemble_is_evaluated_on_prompts_with_their_adherence(text_ensem
     assert right > 0.5 and wrong < right / 2, (right, wrong)
 
 
+def test_distilling_a_text_ensemble_is_refused_for_now(text_ensemble):
+    from ddm.config import load
+    from ddm.job import JobConfig, check_inputs
+
+    store, _ = text_ensemble
+    student = load(JobConfig, None, [f"store={store}", "job=distill", "model.arch=DiT-Tiny/4", "model.num_classes=0",
+                                     "model.data_shape=[1,16,16]"])  # fmt: skip
+    with pytest.raises(ValueError, match="distilling a text-conditioned ensemble is not built yet"):
+        check_inputs(student)
+
+
 def test_ddm_run_refuses_text_experts_for_now(captioned):
     from ddm.config import from_dict
     from ddm.launchers.spec import RunSpec
