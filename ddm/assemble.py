@@ -50,7 +50,7 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
                     f"{e['dir']} has {what} {e['config']['model'][key]} but experts/00 has {first['model'][key]}"
                 )
     text = _text_of(experts)
-    router_text = router_cfg["architecture"].get("text")
+    router_text = router_cfg.get("architecture", {}).get("text")  # exports of ddm 0.1 have no architecture
     if router_text and {k: router_text[k] for k in ("encoder", "dim", "length")} != text:
         raise ValueError(
             f"the router reads captions with {router_text['encoder']!r} (dim {router_text['dim']}, length "
@@ -98,7 +98,7 @@ def assemble(store: Store, rule: str = "top1", replace: bool = False) -> dict:
 def _text_of(experts: list[dict]) -> dict | None:
     """The caption conditioning every expert shares (one encoder, one length), or None when none is
     text-conditioned; experts that disagree are an error (one prompt is encoded once for all)."""
-    texts = [e["config"]["architecture"].get("text") for e in experts]
+    texts = [e["config"].get("architecture", {}).get("text") for e in experts]
     if not any(texts):
         return None
     keys = ("encoder", "dim", "length")

@@ -312,29 +312,9 @@ def check_inputs(cfg: JobConfig) -> dict:
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
     if cfg.model.text.enabled:
-        if not dataset.has_captions:
-            raise ValueError(
-                f"model.text.encoder is set but the dataset in {cfg.store} has no captions: ingest it with caption=... "
-                "(e.g. caption=describe for glyphs, caption=TEXT for a Parquet column)"
-            )
-        from ddm.models.text_encoder import check as check_text_encoder
+        from ddm.models.text_encoder import check_job
 
-        t = cfg.model.text
-        check_text_encoder(t.encoder, t.dim, t.length)
-        stored = dataset.manifest.get("text_embeddings")
-        if t.embeddings == "store":
-            if not stored:
-                raise ValueError(
-                    f"model.text.embeddings=store but the dataset in {cfg.store} has no stored caption embeddings: "
-                    f"ingest it with text_encoder={t.encoder} (or use model.text.embeddings=job)"
-                )
-            made = (stored["encoder"]["spec"], stored["dim"], stored["length"])
-            if made != (t.encoder, t.dim, t.length):
-                raise ValueError(
-                    f"the stored caption embeddings were made by {made[0]!r} (dim {made[1]}, length {made[2]}), but "
-                    f"the job's model.text is {t.encoder!r} (dim {t.dim}, length {t.length}): use the same, or "
-                    "model.text.embeddings=job"
-                )
+        check_job(cfg.model.text, dataset, cfg.store)
     if cfg.job == "distill":
         _check_teacher(store, cfg)
     if cfg.init_from:  # the weights the job starts from are there (read by the job itself)

@@ -163,10 +163,12 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     device = resolve_device(cfg.device)
     ens = load_ensemble(store, rule=cfg.rule or None, device=device)
     desc = ens.description
-    digest = layout.short_digest({**asdict(cfg), "streams": STREAMS})
+    # A prompts file's content counts, not only its path: the same name with other prompts is an error.
+    listed = {"prompts": [[p, g] for p, g in read_prompts(cfg)]} if cfg.prompts_file else {}
+    digest = layout.short_digest({**asdict(cfg), "streams": STREAMS, **listed})
     name = cfg.name or f"{str(ens.rule).replace(':', '_')}-s{cfg.seed}-{layout.ensemble_id(desc)}-{digest}"
     out = layout.samples_dir(name)
-    meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out, "streams": STREAMS}
+    meta = {"config": asdict(cfg), "rule": str(ens.rule), "ensemble": desc, "dir": out, "streams": STREAMS, **listed}
     if store.exists(f"{out}/meta.json"):
         old = store.read_json(f"{out}/meta.json")
         if {k: old.get(k) for k in meta} != meta:

@@ -144,12 +144,16 @@ def test_a_text_ensemble_samples_from_prompts_with_guidance_per_prompt(text_ense
     assert x.shape == (6, 1, 16, 16) and np.isfinite(x).all()
     assert meta["expert_forwards_per_sample"] == 2 * 3  # guided: two branches per step, one expert (top-1)
     # The same prompts and seed give the same images; another prompt gives others.
+    assert sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="p")) == meta  # done: kept
     again = sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="p2"))
     assert again["dir"] != meta["dir"] and np.array_equal(np.load(os.path.join(store, "samples/p2/samples.npy")), x)
     sample(Store(store), SampleConfig(**cfg, prompts=["lowercase q in stixgeneral"], name="q"))
     assert not np.allclose(np.load(os.path.join(store, "samples/q/samples.npy")), x)
     with pytest.raises(ValueError, match=r"text-conditioned .*: give prompts=\[...\] or prompts_file="):
         sample(Store(store), SampleConfig(**cfg, name="none"))
+    prompts.write_text("digit 3 in dejavu sans, small\n")  # the same name, other prompts: refused
+    with pytest.raises(ValueError, match="holds samples made with other settings"):
+        sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="p"))
     prompts.write_text("strong\tdigit 3\n")
     with pytest.raises(ValueError, match="line 1: 'strong' before the tab is not a guidance scale"):
         sample(Store(store), SampleConfig(**cfg, prompts_file=str(prompts), name="bad"))

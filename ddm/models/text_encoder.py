@@ -157,6 +157,33 @@ def check(encoder: str, dim: int, length: int) -> dict:
     return config
 
 
+def check_job(t, dataset, store_url: str) -> None:
+    """A text job's inputs, before any worker starts: captions in the dataset, the encoder (``check``)
+    and, for ``embeddings=store``, embeddings stored at ingest by that encoder. ``t``: the job's
+    ``model.text`` (a ``TextConfig``); ``dataset``: a ``ddm.data.shards.Dataset``."""
+    if not dataset.has_captions:
+        raise ValueError(
+            f"model.text.encoder is set but the dataset in {store_url} has no captions: ingest it with caption=... "
+            "(e.g. caption=describe for glyphs, caption=TEXT for a Parquet column)"
+        )
+    check(t.encoder, t.dim, t.length)
+    stored = dataset.manifest.get("text_embeddings")
+    if t.embeddings != "store":
+        return
+    if not stored:
+        raise ValueError(
+            f"model.text.embeddings=store but the dataset in {store_url} has no stored caption embeddings: "
+            f"ingest it with text_encoder={t.encoder} (or use model.text.embeddings=job)"
+        )
+    made = (stored["encoder"]["spec"], stored["dim"], stored["length"])
+    if made != (t.encoder, t.dim, t.length):
+        raise ValueError(
+            f"the stored caption embeddings were made by {made[0]!r} (dim {made[1]}, length {made[2]}), but the "
+            f"job's model.text is {t.encoder!r} (dim {t.dim}, length {t.length}): use the same, or "
+            "model.text.embeddings=job"
+        )
+
+
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
