@@ -156,3 +156,10 @@ def test_the_text_router_starts_uniform_reads_the_caption_and_counts_its_flops()
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         router(x, t, text)
     assert counter.get_total_flops() == 4 * forward_flops(cfg, router=True, num_partitions=3)
+
+
+def test_text_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="embeddings=store needs model.text.encoder"):
+        TextConfig(embeddings="store")
+    with pytest.raises(ValueError, match="must be job or store"):
+        TextConfig(encoder="x", dim=4, length=4, embeddings="disk")

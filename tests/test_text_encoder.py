@@ -62,3 +62,22 @@ def test_hub_ids_fail_offline_with_the_way_out_and_bad_folders_are_named(tmp_pat
         TextEncoder.load(str(tmp_path / "vit"))
     with pytest.raises(ValueError, match="is not a folder"):
         TextEncoder.load(str(tmp_path / "missing"))
+
+
+def test_a_downloaded_folder_with_a_cache_folder_loads(tiny, tmp_path):
+    """``huggingface-cli download --local-dir DIR`` leaves DIR/.cache/: the folder still loads, and
+    only its own files are hashed."""
+    import shutil
+
+    _, folder = tiny
+    copy = tmp_path / "downloaded"
+    shutil.copytree(folder, copy)
+    (copy / ".cache" / "huggingface").mkdir(parents=True)
+    enc = TextEncoder.load(str(copy))
+    assert set(enc.describe()["sha256"]) == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    assert next(enc.model.parameters()).dtype == torch.float32

@@ -16,7 +16,8 @@ Captions (``caption``; text-conditioned experts train on them) go into a ``capti
 the shards: a Parquet column (``caption=TEXT``), a WebDataset member (``caption=txt``, or
 ``json:<key>``), a sidecar beside each image of a folder (``caption=txt``: ``cat.png`` ->
 ``cat.txt``), what the glyph renderer drew (``caption=describe``), or ``auto`` (the source's usual
-place). A sample without one gets "" (the null caption); the manifest counts them.
+place). A sample without one gets "" (encoded as the empty caption, not the model's learned null
+caption); the manifest counts them.
 
 How it runs: a Ray Data pipeline (``runner=ray``; ``auto``, the default, picks it for file sources
 of more than one shard) on the local Ray runtime, or on a cluster with ``--address``: read +
@@ -329,7 +330,7 @@ def _commit(
     if meta["captions"]:
         c = meta["captions"]
         (log.warning if c["empty"] else log.info)(
-            "captions (%s): %d of %d samples have none (they train as the null caption)", c["source"], c["empty"], n
+            "captions (%s): %d of %d samples have none (the empty caption)", c["source"], c["empty"], n
         )
     log.info(
         "ingested %d samples of shape %s into %d shards at %s/%s",

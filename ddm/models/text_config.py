@@ -62,6 +62,8 @@ class TextConfig:
             raise ValueError(f"caption_dropout_prob must be in [0, 1), got {self.caption_dropout_prob}")
         if self.embeddings not in ("job", "store"):
             raise ValueError(f"model.text.embeddings must be job or store, got {self.embeddings!r}")
+        if self.embeddings == "store" and not self.encoder:
+            raise ValueError("model.text.embeddings=store needs model.text.encoder (the encoder that made them)")
 
 
 def text_dit_params(size: DiTSize, input_size: int, in_channels: int, text: TextConfig, mlp_ratio: float = 4.0) -> int:

@@ -92,13 +92,17 @@ class TextEncoder:
 
         hf_logging.disable_progress_bar()  # a bar per load of a tiny model is noise in the job's log
         model = (CLIPTextModel if kind == "clip" else T5EncoderModel).from_pretrained(folder, use_safetensors=True)
+        model = model.float()  # whatever dtype it was saved in: fp16 T5 overflows, and ingest and job must agree
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if not max_length:  # CLIP: its positions (77); T5: the tokenizer's limit below 512, else PixArt's 120
             own = int(getattr(tokenizer, "model_max_length", 0) or 0)
             max_length = int(model.config.max_position_embeddings) if kind == "clip" else own if 0 < own < 512 else 120
         source = {"spec": spec, "revision": revision or getattr(model.config, "_commit_hash", None)}
         if not hub:
-            source["sha256"] = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
+            files = [n for n in sorted(os.listdir(folder)) if not n.startswith(".")]  # not a download's .cache/
+            source["sha256"] = {
+                n: _sha256(os.path.join(folder, n)) for n in files if os.path.isfile(os.path.join(folder, n))
+            }
         return cls(model.to(device), tokenizer, kind, spec, max_length, source)
 
     @torch.no_grad()
@@ -212,7 +216,8 @@ def _hub_folder(spec: str, repo: str, revision: str | None) -> str:
         from huggingface_hub import snapshot_download
     except ImportError as e:
         raise ValueError(f"text encoder {spec!r} comes from the hub: pip install 'ddm[encoders]'") from e
-    patterns = ["config.json", "*.safetensors", "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt",
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "vocab*", "merges.txt",
                 "spiece.model", "text_encoder/*", "tokenizer/*"]  # fmt: skip
     try:
         folder = snapshot_download(repo, revision=revision, allow_patterns=patterns)
