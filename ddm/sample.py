@@ -150,9 +150,9 @@ def prompted(desc: dict, cfg: SampleConfig, device) -> tuple[list[tuple[str, flo
 
     per_sample = [pairs[i % len(pairs)] for i in range(cfg.num_samples)]
     encoder = TextEncoder.load(text["encoder"], text["length"], device)
-    unique = sorted({p for p, _ in per_sample})
-    emb = encoder.encode(unique)
-    captions = emb[torch.tensor([unique.index(p) for p, _ in per_sample], device=emb.tokens.device)]
+    unique = {p: i for i, p in enumerate(sorted({p for p, _ in per_sample}))}
+    emb = encoder.encode(list(unique))  # each prompt once
+    captions = emb[torch.tensor([unique[p] for p, _ in per_sample], device=emb.tokens.device)]
     scales = torch.tensor([g for _, g in per_sample], device=device)
     return per_sample, captions, scales if len({g for _, g in per_sample}) > 1 else per_sample[0][1]
 

@@ -136,9 +136,8 @@ def check(encoder: str, dim: int, length: int) -> dict:
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(where, "config.json", revision=revision)
-        except Exception as e:  # noqa: BLE001 - one message with the way out
-            _hub_folder(encoder, where, revision)  # raises the message with the download line
-            raise ValueError(f"text encoder {encoder!r}: no config.json on the hub ({type(e).__name__})") from e
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
+            raise _hub_error(encoder, where, revision, e) from e
     else:
         path = os.path.join(_local_folder(where), "config.json")
     try:
@@ -211,6 +210,15 @@ def _local_folder(where: str) -> str:
     return path
 
 
+def _hub_error(spec: str, repo: str, revision: str | None, e: Exception) -> ValueError:
+    rev = f" --revision {revision}" if revision else ""
+    return ValueError(
+        f"text encoder {spec!r}: could not fetch {repo} from the Hugging Face hub ({type(e).__name__}). Offline, "
+        f"download it where there is a network (huggingface-cli download {repo}{rev} --local-dir DIR), copy DIR "
+        "here and name the folder instead of the hub id"
+    )
+
+
 def _hub_folder(spec: str, repo: str, revision: str | None) -> str:
     try:
         from huggingface_hub import snapshot_download
@@ -222,12 +230,7 @@ def _hub_folder(spec: str, repo: str, revision: str | None) -> str:
     try:
         folder = snapshot_download(repo, revision=revision, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
-        rev = f" --revision {revision}" if revision else ""
-        raise ValueError(
-            f"text encoder {spec!r}: could not fetch {repo} from the Hugging Face hub ({type(e).__name__}). Offline, "
-            f"download it where there is a network (huggingface-cli download {repo}{rev} --local-dir DIR), copy DIR "
-            "here and name the folder instead of the hub id"
-        ) from e
+        raise _hub_error(spec, repo, revision, e) from e
     # A diffusers pipeline keeps its text encoder and tokenizer in sub-folders.
     if os.path.isdir(os.path.join(folder, "text_encoder")):
         raise ValueError(

@@ -48,7 +48,7 @@ def _sidecar(path: str, spec: str) -> str | None:
     def read(ext: str) -> bytes | None:
         try:
             return _read(f"{stem}.{ext}")
-        except (OSError, FileNotFoundError):
+        except OSError:  # no sidecar (FileNotFoundError is one)
             return None
 
     return text_member(spec, read)
