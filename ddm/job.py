@@ -373,10 +373,17 @@ def with_teacher(cfg: JobConfig) -> JobConfig:
 def _check_teacher(store: Store, cfg: JobConfig) -> None:
     """Distillation reads the assembled ensemble; the student must model the same data."""
     desc = _teacher_description(store, cfg)
-    if desc.get("text") or cfg.model.text.enabled:
+    text, t = desc.get("text"), cfg.model.text
+    mine = {"encoder": t.encoder, "dim": t.dim, "length": t.length} if t.enabled else None
+    if text != mine:
         raise ValueError(
-            "distilling a text-conditioned ensemble is not built yet (#24: each expert's null caption must reach the "
-            "teacher where the student's caption is dropped)"
+            f"the ensemble reads captions with {text} but the student {'with ' + str(mine) if mine else 'reads none'}: "
+            + (
+                f"set model.text.encoder={text['encoder']} model.text.dim={text['dim']} "
+                f"model.text.length={text['length']}"
+                if text
+                else "leave model.text.encoder empty (the ensemble is class-conditional)"
+            )
         )
     if cfg.teacher != layout.ensemble_id(desc):
         raise ValueError(

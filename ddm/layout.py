@@ -8,6 +8,8 @@ here, so a name is spelled once::
                                     (one per data shard): partition features, computed once per
                                     dataset and extractor settings, reused by every partitioning
     partitions/                     MANIFEST.json, assignments.parquet, centroids.safetensors
+    text_encoder/                   a tiny text encoder made from the data's captions (``ddm run``,
+                                    tiny_text_encoder), loaded by the text jobs from here
     experts/03/                     one training job's folder (see below)
     router/                         the router job
     monolith/                       the equal-FLOP baseline trained on all data (``ddm.budget``)
@@ -46,6 +48,7 @@ REPORT_DIR = "report"
 CLASSIFIER_DIR = "eval/classifier"
 PLAN_DIR = "islands"
 PLAN_FILE = f"{PLAN_DIR}/plan.json"
+TEXT_ENCODER_DIR = "text_encoder"  # a tiny text encoder made by `ddm run` (RunSpec.tiny_text_encoder)
 
 # Inside a training job's folder.
 JOB_CONFIG = "config.json"

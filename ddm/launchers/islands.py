@@ -32,7 +32,7 @@ from ddm.launchers.plan import (
     relocated,
     submission_id,
 )
-from ddm.launchers.spec import RunSpec
+from ddm.launchers.spec import RunSpec, make_text_encoder
 from ddm.lease import holding
 from ddm.store import Store, absolute_url
 
@@ -141,7 +141,9 @@ def submit(
     else:
         if spec.store not in ("", islands.store) and absolute_url(spec.store) != islands.store:
             log.info("the islands file's store %s is used (the spec says %s)", islands.store, spec.store)
-        ingest(spec.ingest, store)  # both idempotent: nothing happens when the store already holds them
+        spec = spec.resolved(store.url)
+        make_text_encoder(spec, store)
+        ingest(spec.ingest, store)  # all idempotent: nothing happens when the store already holds them
         partition(spec.partition, store)
         sizes = [int(n) for n in store.manifest(layout.PARTITIONS_DIR)["counts"]]
         jobs = plan_jobs(spec, islands, sizes)

@@ -28,7 +28,7 @@ from ddm.data.partition import partition
 from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
 from ddm.launchers.ray_job import ray_lane, ray_task, summary_of
-from ddm.launchers.spec import RunSpec, jobs, student
+from ddm.launchers.spec import RunSpec, jobs, make_text_encoder, student
 from ddm.lease import default_ttl, holding
 from ddm.logs import progress
 from ddm.ray_runtime import ray_cluster
@@ -63,6 +63,7 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
         timings[name] = time.perf_counter() - t0
 
     with stage("ingest"):
+        make_text_encoder(spec, store)
         data = ingest(spec.ingest, store, address)
     with stage("partition"):
         parts = partition(spec.partition, store, address)

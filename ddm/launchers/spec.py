@@ -9,9 +9,42 @@ from ddm.budget import BudgetConfig, plan
 from ddm.config import apply_overrides, from_dict, to_dict
 from ddm.data.config import IngestConfig, PartitionConfig
 from ddm.job import JobConfig
+from ddm.layout import TEXT_ENCODER_DIR
 from ddm.models.config import ModelConfig
 from ddm.settings import EvalConfig, SampleConfig
-from ddm.store import absolute_url
+from ddm.store import Store, absolute_url
+
+
+@dataclass(frozen=True)
+class TinyTextEncoder:
+    """A small randomly initialised text encoder that ``ddm run`` makes from the source's captions
+    (a word-level tokenizer trained on them) and keeps in the store (``text_encoder/``): text
+    experts offline, where no hub encoder can be fetched. Off while ``kind`` is empty; set, every
+    job's ``model.text.encoder``, ``dim`` and ``length`` (and ingest's ``text_encoder``, for
+    ``model.text.embeddings=store``) come from it."""
+
+    kind: str = ""  # clip | t5
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 32  # tokens per caption (the experts' model.text.length)
+    captions: int = 4096  # the source's first captions, read to build the vocabulary
+    # The experts' model.text.embeddings: store (computed once at ingest) or job (in each step).
+    embeddings: str = "store"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("", "clip", "t5"):
+            raise ValueError(f"tiny_text_encoder.kind must be clip or t5 (or empty: off), got {self.kind!r}")
+        if self.embeddings not in ("store", "job"):
+            raise ValueError(f"tiny_text_encoder.embeddings must be store or job, got {self.embeddings!r}")
+        if min(self.hidden_size, self.layers, self.heads, self.max_length, self.captions) < 1:
+            raise ValueError("tiny_text_encoder: hidden_size, layers, heads, max_length and captions must be >= 1")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"tiny_text_encoder: hidden_size {self.hidden_size} is not a multiple of heads")
+
+    def identity(self) -> dict:
+        """What the encoder is made from (a store's encoder must match the spec's)."""
+        return {k: v for k, v in to_dict(self).items() if k != "embeddings"}
 
 
 @dataclass(frozen=True)
@@ -44,28 +77,62 @@ class RunSpec:
     # Jobs of one worker shape share Ray Train worker groups, one lane per slot, one job after
     # another in each (ddm.launchers.run.lanes): Ray Train's start is paid once per lane, not per job.
     reuse_workers: bool = True
+    # Text-conditioned experts (expert.model.text) without a hub encoder: one made from the data's captions.
+    tiny_text_encoder: TinyTextEncoder = field(default_factory=TinyTextEncoder)
 
     def __post_init__(self) -> None:
-        if self.expert.model.text.enabled:
+        made = ("", f"{self.store}/{TEXT_ENCODER_DIR}")  # none, or the tiny one (a resolved spec)
+        if self.tiny_text_encoder.kind and self.expert.model.text.encoder not in made:
             raise ValueError(
-                "ddm run trains class-conditional experts for now: text-conditioned ones (expert.model.text) train "
-                "with `ddm train expert`, assemble with `ddm assemble` and sample with `ddm sample prompts_file=...` "
-                "(their router, evaluation and the run itself come next, #24)"
+                f"expert.model.text.encoder={self.expert.model.text.encoder!r} and tiny_text_encoder.kind="
+                f"{self.tiny_text_encoder.kind} both name the experts' text encoder: keep one"
+            )
+        if self.texts and not self.ingest.caption:
+            raise ValueError(
+                "the experts are text-conditioned but ingest reads no captions: set ingest.caption (describe for "
+                "glyphs, a column for Parquet, txt or json:<key> for WebDataset)"
+            )
+        if self.texts and not (self.sample.prompts or self.sample.prompts_file):
+            raise ValueError(
+                "the experts are text-conditioned: give the sample stage its prompts (sample.prompts=[...] or "
+                "sample.prompts_file=<one per line>)"
             )
         if self.distill_steps < 0:
             raise ValueError(f"distill_steps must be >= 0, got {self.distill_steps}")
         if self.max_concurrent_jobs < 0:
             raise ValueError(f"max_concurrent_jobs must be >= 0, got {self.max_concurrent_jobs}")
 
+    @property
+    def texts(self) -> bool:
+        """Whether the experts are text-conditioned."""
+        return self.expert.model.text.enabled or bool(self.tiny_text_encoder.kind)
+
     def resolved(self, store: str | None = None) -> "RunSpec":
-        """The spec with an absolute store URL (``store`` replaces the spec's own) and the run's seed
-        in sampling and evaluation where they do not set their own."""
-        return dataclasses.replace(
-            self,
-            store=absolute_url(store or self.store),
-            sample=self.sample.seeded(self.seed),
-            evaluate=self.evaluate.seeded(self.seed),
+        """The spec with an absolute store URL (``store`` replaces the spec's own), the run's seed
+        in sampling and evaluation where they do not set their own and, for text experts, one text
+        encoder for every job (``text_encoder_of``)."""
+        url = absolute_url(store or self.store)
+        spec = dataclasses.replace(
+            self, store=url, sample=self.sample.seeded(self.seed), evaluate=self.evaluate.seeded(self.seed)
         )
+        return spec._with_text() if spec.texts else spec
+
+    def _with_text(self) -> "RunSpec":
+        """The tiny encoder's folder in every job's ``model.text``; a router without text of its own
+        reads the experts' captions (p(k | x_t, t, c)); ingest stores the embeddings the experts read
+        from the store."""
+        tiny, text = self.tiny_text_encoder, self.expert.model.text
+        if tiny.kind:
+            encoder = f"{self.store}/{TEXT_ENCODER_DIR}"
+            text = dataclasses.replace(
+                text, encoder=encoder, dim=tiny.hidden_size, length=tiny.max_length, embeddings=tiny.embeddings
+            )
+        with_text = lambda job, t: dataclasses.replace(job, model=dataclasses.replace(job.model, text=t))  # noqa: E731
+        router = self.router if self.router.model.text.enabled else with_text(self.router, text)
+        ingest = self.ingest
+        if text.embeddings == "store" and not ingest.text_encoder:
+            ingest = dataclasses.replace(ingest, text_encoder=text.encoder, text_length=text.length)
+        return dataclasses.replace(self, expert=with_text(self.expert, text), router=router, ingest=ingest)
 
 
 def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = None) -> list[JobConfig]:
@@ -104,3 +171,36 @@ def student(spec: RunSpec) -> JobConfig | None:
     return dataclasses.replace(
         spec.expert, store=spec.store, seed=spec.seed, job="distill", partition=-1, steps=spec.distill_steps
     )
+
+
+def make_text_encoder(spec: RunSpec, store: Store) -> None:
+    """The spec's tiny text encoder in the store (``text_encoder/``, committed), made from the
+    first ``captions`` captions of the ingest source unless the store holds it already; one made
+    with other settings is an error (the shards' stored embeddings and the exports name it)."""
+    tiny = spec.tiny_text_encoder
+    if not tiny.kind:
+        return
+    if store.is_committed(TEXT_ENCODER_DIR):
+        made = store.manifest(TEXT_ENCODER_DIR).get("tiny_text_encoder")
+        if made != tiny.identity():
+            raise ValueError(
+                f"{store.url}/{TEXT_ENCODER_DIR} holds a text encoder made with {made}, but the spec's "
+                f"tiny_text_encoder is {tiny.identity()}: use the store's settings or another store"
+            )
+        return
+    import logging
+    import os
+    import tempfile
+
+    from ddm.data.sources import first_captions
+    from ddm.models.text_encoder import make_tiny
+
+    logging.getLogger("ddm.run").info("making a tiny %s text encoder from %d captions", tiny.kind, tiny.captions)
+    captions = first_captions(spec.ingest, tiny.captions)
+    with tempfile.TemporaryDirectory(prefix="ddm-tiny-encoder-") as tmp:
+        make_tiny(tmp, captions, tiny.kind, tiny.hidden_size, tiny.layers, tiny.heads, tiny.max_length, spec.seed)
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as f:
+                store.write_bytes(f"{TEXT_ENCODER_DIR}/{name}", f.read())
+    store.commit(TEXT_ENCODER_DIR, names, {"tiny_text_encoder": tiny.identity()})

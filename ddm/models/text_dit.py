@@ -157,7 +157,8 @@ class TextDiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding, drop: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``text``: the captions' embeddings (tokens (N, L, E) with L = text_len, mask, pooled).
-        In training, captions are dropped at ``caption_dropout_prob`` (or where ``drop`` says)."""
+        Captions are dropped where ``drop`` says, else where ``text.drop`` does, else (in training)
+        at ``caption_dropout_prob``."""
         tokens, c = self.trunk(x, t, text, drop)
         return self.unpatchify(self.head(tokens, c))
 
@@ -181,6 +182,8 @@ class TextDiT(nn.Module):
                 f"caption embeddings of shape {tuple(text.tokens.shape[1:])}, but this model takes "
                 f"({self.text_len}, {self.text_dim}): the text encoder or its max_length differs from the model's"
             )
+        if drop is None:
+            drop = text.drop
         if drop is None and self.training and self.caption_dropout_prob > 0:
             drop = torch.rand(x.shape[0], device=x.device) < self.caption_dropout_prob
         if drop is not None:

@@ -28,24 +28,34 @@ WEIGHTS = "model.safetensors"
 
 @dataclass
 class TextEmbedding:
-    """Captions as a text DiT takes them; indexed, moved and joined like a batch tensor."""
+    """Captions as a text DiT takes them; indexed, moved and joined like a batch tensor. ``drop``
+    (N,) bool, when set, marks captions each model replaces by its own learned null caption
+    (distillation drops a caption once for the student and every expert of its teacher alike)."""
 
     tokens: torch.Tensor  # (N, L, D) the last hidden states
     mask: torch.Tensor  # (N, L) bool: True on the caption's tokens
     pooled: torch.Tensor  # (N, D)
+    drop: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def __getitem__(self, rows) -> "TextEmbedding":
-        return TextEmbedding(self.tokens[rows], self.mask[rows], self.pooled[rows])
+        drop = None if self.drop is None else self.drop[rows]
+        return TextEmbedding(self.tokens[rows], self.mask[rows], self.pooled[rows], drop)
 
     def to(self, device) -> "TextEmbedding":
-        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+        drop = None if self.drop is None else self.drop.to(device)
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device), drop)
 
     @staticmethod
     def cat(parts: list["TextEmbedding"]) -> "TextEmbedding":
-        return TextEmbedding(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "mask", "pooled")))
+        fields = (torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "mask", "pooled"))
+        drop = None
+        if any(p.drop is not None for p in parts):
+            none = lambda p: torch.zeros(len(p), dtype=torch.bool, device=p.tokens.device)  # noqa: E731
+            drop = torch.cat([none(p) if p.drop is None else p.drop for p in parts])
+        return TextEmbedding(*fields, drop)
 
 
 def parse(spec: str) -> tuple[str, str | None, bool]:

@@ -15,6 +15,7 @@ branch on it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -49,18 +50,23 @@ class RouterLoss:
 class DistillLoss:
     """``teacher(x_t, t, y, partition)`` gives the teacher's velocity. Labels are dropped to the
     null label here, once for teacher and student alike, so the student keeps classifier-free
-    guidance; the student's own label dropout must be off (``class_dropout_prob`` is read here)."""
+    guidance; the student's own label dropout must be off (``dropout_prob`` is read here: the
+    class or the caption dropout). A dropped caption is marked (``TextEmbedding.drop``), not
+    replaced: the student and each expert of the teacher put their own learned null caption there."""
 
-    def __init__(self, flow: FlowMatching, teacher: Callable, num_classes: int, class_dropout_prob: float):
+    def __init__(self, flow: FlowMatching, teacher: Callable, num_classes: int, dropout_prob: float):
         self.flow, self.teacher = flow, teacher
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def __call__(self, model: Callable, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         x_t, t = self.flow.noised(batch["x"], generator)
         y = batch["y"]
-        if y is not None and self.class_dropout_prob > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)  # the null label
+        if y is not None and self.dropout_prob > 0:
+            drop = torch.rand(len(y), device=x_t.device) < self.dropout_prob
+            if isinstance(y, torch.Tensor):
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)  # the null label
+            else:  # captions (TextEmbedding)
+                y = dataclasses.replace(y, drop=drop)
         with torch.no_grad():
             # The partitions as the reader gave them, on the host: the teacher routes without a device read.
             v_teacher = self.teacher(x_t, t, y, batch.get("partition_host", batch["partition"]))

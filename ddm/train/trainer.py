@@ -61,13 +61,17 @@ def build_job(cfg: JobConfig, store: Store, device: torch.device) -> tuple[torch
     model = build_model(cfg.model)
     if cfg.job == "distill":
         teacher = load_ensemble(store, rule="oracle", device=device)  # the expert of each sample's partition
-        if getattr(model, "y_embedder", None) is not None:
-            model.y_embedder.dropout_prob = 0.0  # the objective drops labels, once for teacher and student
+        # The objective drops labels or captions, once for teacher and student: the student's own dropout is off.
+        text = cfg.model.text.enabled
+        if text:
+            model.caption_dropout_prob = 0.0
+        elif getattr(model, "y_embedder", None) is not None:
+            model.y_embedder.dropout_prob = 0.0
         distill = DistillLoss(
             flow,
             lambda x, t, y, partition: teacher.velocity(x, t, y, partition=partition),
             cfg.model.num_classes,
-            cfg.model.class_dropout_prob,
+            cfg.model.text.caption_dropout_prob if text else cfg.model.class_dropout_prob,
         )
         return model, distill, {"teacher": cfg.teacher}
     return model, VelocityLoss(flow, cfg.model.moe.aux_loss_coef), {}

@@ -17,13 +17,14 @@ Either way a unit becomes ``{"index", "ids", "arrays" (N, C, H, W) uint8, "label
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import fsspec
 import numpy as np
 
 from ddm.data.config import IngestConfig
-from ddm.data.sources.base import Source, load_items
+from ddm.data.sources.base import Source, clean_caption, load_items
 from ddm.data.sources.files import FolderSource, ParquetSource
 from ddm.data.sources.generated import DigitsSource, GlyphSource, SyntheticSource
 from ddm.data.sources.images import IMAGE_EXTENSIONS, UNREADABLE, decode, to_8bit
@@ -42,6 +43,7 @@ __all__ = [
     "WebDatasetSource",
     "decode",
     "expand_braces",
+    "first_captions",
     "generated_units",
     "load_unit",
     "open_source",
@@ -107,3 +109,15 @@ def open_source(cfg: IngestConfig) -> Source:
             return ParquetSource(cfg, src)
         return FolderSource(cfg, src)
     raise ValueError(f"source {src!r} is a file that is not .parquet or .tar; point at the folder or shards")
+
+
+def first_captions(cfg: IngestConfig, n: int) -> list[str]:
+    """The first ``n`` captions of the source ``cfg`` names, as ingest stores them (cleaned; an
+    unlabeled item's too), without decoding an image."""
+    source = open_source(cfg)
+    if not source.caption:
+        raise ValueError(f"source {cfg.source!r} gives no captions: set caption=... (e.g. describe for glyphs)")
+    if source.generated:
+        return [g[2] for g in itertools.islice(source.generate(), n)]
+    items = (item for unit in source.units(cfg.shard_size) for item in source.items(unit))
+    return [clean_caption(item[4]) for item in itertools.islice(items, n)]

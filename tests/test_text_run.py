@@ -1,0 +1,91 @@
+"""``ddm run`` on text-conditioned experts: the run makes a tiny text encoder from the glyphs'
+captions and keeps it in the store, stores the caption embeddings at ingest, trains the experts, a
+router that reads the captions too and a distilled text student (real Ray Train + DeepSpeed jobs),
+samples the spec's prompts and evaluates prompt adherence; and the spec errors a text run needs."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from ddm.config import from_dict
+from ddm.launchers.spec import RunSpec
+from ddm.store import Store
+from tests.test_pipeline import ddm
+
+PROMPTS = ["uppercase R in dejavu serif, large", "digit 3 in dejavu sans, small"]
+TEXT_RUN = {
+    "seed": 0,
+    "ingest": {"source": "glyphs:512", "shard_size": 256, "caption": "describe"},
+    "partition": {"num_partitions": 2, "num_fine": 16},
+    "tiny_text_encoder": {"kind": "clip", "hidden_size": 32, "layers": 1, "heads": 2, "max_length": 24,
+                          "captions": 512, "embeddings": "store"},
+    "expert": {
+        "model": {"arch": "DiT-Tiny/4", "data_shape": [1, 16, 16], "num_classes": 0},
+        "steps": 4, "global_batch_size": 16, "log_every": 2, "checkpoint": {"every": 4},
+    },
+    "router": {
+        "job": "router", "model": {"arch": "DiT-Micro/4", "data_shape": [1, 16, 16], "num_classes": 0},
+        "steps": 2, "global_batch_size": 16, "checkpoint": {"every": 2}, "log_every": 1,
+    },
+    "distill_steps": 2,
+    "sample": {"num_samples": 4, "steps": 2, "batch_size": 4, "guidance": 2.0, "prompts": PROMPTS},
+    "evaluate": {"rules": ["top1", "full"], "num_samples": 32, "steps": 2, "batch_size": 32, "router_t": [0.5],
+                 "router_samples": 64, "guidance": 2.0},
+}  # fmt: skip
+
+
+def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
+    store = str(tmp_path / "store")
+    spec = tmp_path / "text.yaml"
+    spec.write_text(yaml.safe_dump({**TEXT_RUN, "store": store}))
+    out = ddm("run", str(spec))
+    assert out.returncode == 0, out.stderr[-4000:]
+    s = Store(store)
+    encoder = f"{store}/text_encoder"
+    assert s.manifest("text_encoder")["tiny_text_encoder"]["hidden_size"] == 32
+    assert s.manifest("data")["text_embeddings"]["encoder"]["spec"] == encoder  # stored at ingest
+    desc = s.read_json("ensemble.json")
+    assert desc["text"] == {"encoder": encoder, "dim": 32, "length": 24}
+    router = json.loads(s.child("router").read_verified("export", "config.json"))
+    assert router["architecture"]["family"] == "text-dit-router"  # p(k | x_t, t, caption)
+    (student,) = s.list("distilled")
+    cfg = json.loads(s.child(f"distilled/{student}").read_verified("export", "config.json"))
+    assert cfg["architecture"]["family"] == "text-dit" and cfg["architecture"]["text"]["encoder"] == encoder
+    (samples,) = s.list("samples")
+    rows = json.loads(s.read_bytes(f"samples/{samples}/prompts.json"))
+    assert [r["prompt"] for r in rows] == PROMPTS * 2 and all(r["guidance"] == 2.0 for r in rows)
+    (name,) = [n for n in s.list("eval") if n != "classifier"]
+    report = s.read_json(f"eval/{name}/results.json")
+    by_rule = {r["rule"]: r for r in report["rules"]}
+    assert set(by_rule) == {"top-1", "full", "distilled"}
+    assert all(0.0 <= r["prompt_adherence"] <= 1.0 for r in by_rule.values())
+    assert os.path.exists(os.path.join(store, "report", "README.md"))
+    again = ddm("run", str(spec))  # everything is done: nothing trains again
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "finished earlier" in again.stderr and "making a tiny" not in again.stderr
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"ingest": {"source": "glyphs:64"}}, "ingest reads no captions: set ingest.caption"),
+        ({"sample": {"num_samples": 4}}, r"give the sample stage its prompts \(sample.prompts"),
+        ({"expert": {**TEXT_RUN["expert"], "model": {**TEXT_RUN["expert"]["model"], "text": {"encoder": "/m", "dim": 8,
+                                                                                              "length": 8}}}},
+         "both name the experts' text encoder: keep one"),
+        ({"tiny_text_encoder": {"kind": "bert"}}, "kind must be clip or t5"),
+    ],
+)  # fmt: skip
+def test_text_run_specs_say_what_is_missing(change, match):
+    with pytest.raises(ValueError, match=match):
+        from_dict(RunSpec, {**TEXT_RUN, "store": "x", **change})
+
+
+def test_the_router_reads_the_experts_captions_and_ingest_stores_them():
+    spec = from_dict(RunSpec, {**TEXT_RUN, "store": "/runs/t"}).resolved()
+    text = spec.expert.model.text
+    assert (text.encoder, text.dim, text.length) == ("/runs/t/text_encoder", 32, 24)
+    assert spec.router.model.text == text
+    assert (spec.ingest.text_encoder, spec.ingest.text_length) == ("/runs/t/text_encoder", 24)
