@@ -79,6 +79,11 @@ def write_report(
         rep.write_bytes("sample-grid.png", store.read_bytes(f"{samples['dir']}/grid.png"))
         seed = samples["config"]["seed"]
         lines.append(f"`ddm sample` output ({samples['rule']}, seed {seed}):\n\n![samples](sample-grid.png)\n")
+        if store.exists(f"{samples['dir']}/prompts.json"):  # a text ensemble's: the grid's prompts, in order
+            rows = json.loads(store.read_bytes(f"{samples['dir']}/prompts.json"))
+            prompts = dict.fromkeys((r["prompt"], r["guidance"]) for r in rows)
+            lines += ["Prompts (cycled over the grid, row by row):", ""]
+            lines += [f"{i}. {p} (guidance {g:g})" for i, (p, g) in enumerate(prompts, 1)] + [""]
     lines += ["## Stage times (seconds, every invocation of `ddm run` on this store)", "", *_history_table(history)]
     lines += ["", "Spec:", "", "```json", json.dumps(to_dict(spec), indent=1), "```", ""]
     rep.write_json(HISTORY, history)

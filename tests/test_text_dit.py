@@ -133,6 +133,49 @@ def test_an_ensemble_of_text_experts_routes_rows_with_their_captions():
     torch.testing.assert_close(ens.velocity(x, t, text, guidance_scale=scale), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_distillation_drops_a_caption_once_for_student_and_teacher_each_with_its_own_null():
+    """The distillation loss marks dropped captions (``TextEmbedding.drop``); the oracle teacher
+    runs each row's expert, which puts its own null caption in a dropped row: the loss is the
+    closed form |v_s(x_t, t, c_s) - v_{k(i)}(x_t, t, c_{k(i)})|^2, c = the null of each model where
+    dropped. A mark survives indexing and joining, and a model in training does not drop again."""
+    from ddm.ensemble import Ensemble
+    from ddm.flow import FlowMatching
+    from ddm.models.config import FlowConfig
+    from ddm.rules import Rule
+    from ddm.train.objectives import DistillLoss
+
+    def nudged(seed: int, **kw) -> TextDiT:
+        m = model(**kw)
+        torch.manual_seed(seed)  # three different models
+        return trained_a_little(m)
+
+    experts = [nudged(1), nudged(2)]
+    student = nudged(3, caption_dropout_prob=0.0).train()
+    teacher = Ensemble(experts, None, Rule.parse("oracle"))
+    x, text, part = torch.randn(6, 1, 8, 8), captions(6), torch.tensor([0, 1, 1, 0, 1, 0])
+    flow = FlowMatching.of(FlowConfig())
+    loss = DistillLoss(flow, lambda x, t, y, partition: teacher.velocity(x, t, y, partition=partition), 0, 0.5)
+    x_t, t = flow.noised(x, torch.Generator().manual_seed(3))  # the loss's draws: x_t and t, then the drop
+    torch.manual_seed(0)
+    drop = torch.rand(6) < 0.5
+    assert 0 < int(drop.sum()) < 6
+
+    def own(m, i):  # row i's caption for model m: its null where dropped
+        return m.null_text(1) if drop[i] else text[i : i + 1]
+
+    rows = range(6)
+    v_s = torch.cat([student(x_t[i : i + 1], t[i : i + 1], own(student, i)) for i in rows])
+    v_t = torch.cat([experts[int(part[i])](x_t[i : i + 1], t[i : i + 1], own(experts[int(part[i])], i)) for i in rows])
+    torch.manual_seed(0)
+    got = loss(student, {"x": x, "y": text, "partition": part}, torch.Generator().manual_seed(3))
+    assert got > 0
+    torch.testing.assert_close(got, (v_s - v_t).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    marked = TextEmbedding(text.tokens, text.mask, text.pooled, drop)
+    assert torch.equal(marked[[1, 4]].drop, drop[[1, 4]]) and marked.to("cpu").drop is not None
+    joined = TextEmbedding.cat([marked, text])
+    assert torch.equal(joined.drop, torch.cat([drop, torch.zeros(6, dtype=torch.bool)]))
+
+
 def guided_row(m, x, t, text, scale, i):
     from ddm.flow import guided
 

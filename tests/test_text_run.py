@@ -61,7 +61,8 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     by_rule = {r["rule"]: r for r in report["rules"]}
     assert set(by_rule) == {"top-1", "full", "distilled"}
     assert all(0.0 <= r["prompt_adherence"] <= 1.0 for r in by_rule.values())
-    assert os.path.exists(os.path.join(store, "report", "README.md"))
+    readme = open(os.path.join(store, "report", "README.md")).read()
+    assert f"1. {PROMPTS[0]} (guidance 2)" in readme and "Prompt adherence" in readme
     again = ddm("run", str(spec))  # everything is done: nothing trains again
     assert again.returncode == 0, again.stderr[-4000:]
     assert "finished earlier" in again.stderr and "making a tiny" not in again.stderr

@@ -211,27 +211,21 @@ def test_a_text_ensemble_is_evaluated_on_prompts_with_their_adherence(text_ensem
     assert right > 0.5 and wrong < right / 2, (right, wrong)
 
 
-def test_distilling_a_text_ensemble_is_refused_for_now(text_ensemble):
+def test_a_text_student_must_read_the_ensembles_captions(text_ensemble):
+    """A distilled student of a text ensemble reads captions with the experts' encoder (``ddm run``
+    distils one: tests/test_text_run.py); a student without text, or with another length, is refused."""
     from ddm.config import load
-    from ddm.job import JobConfig, check_inputs
+    from ddm.job import JobConfig, check_inputs, with_teacher
 
-    store, _ = text_ensemble
-    student = load(JobConfig, None, [f"store={store}", "job=distill", "model.arch=DiT-Tiny/4", "model.num_classes=0",
-                                     "model.data_shape=[1,16,16]"])  # fmt: skip
-    with pytest.raises(ValueError, match="distilling a text-conditioned ensemble is not built yet"):
-        check_inputs(student)
-
-
-def test_ddm_run_refuses_text_experts_for_now(captioned):
-    from ddm.config import from_dict
-    from ddm.launchers.spec import RunSpec
-
-    _, encoder = captioned
-    text = {"encoder": encoder, "dim": 32, "length": 24}
-    spec = {"store": "x", "expert": {"model": {"arch": "DiT-Tiny/4", "data_shape": [1, 16, 16], "num_classes": 0}}}
-    spec["expert"]["model"]["text"] = text
-    with pytest.raises(ValueError, match="ddm run trains class-conditional experts for now"):
-        from_dict(RunSpec, spec)
+    store, desc = text_ensemble
+    student = [f"store={store}", "job=distill", "model.arch=DiT-Tiny/4", "model.num_classes=0",
+               "model.data_shape=[1,16,16]"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"but the student reads none: set model.text.encoder=.* model.text.dim=32"):
+        check_inputs(load(JobConfig, None, student))
+    text = [f"model.text.encoder={desc['text']['encoder']}", "model.text.dim=32"]  # embeddings: job
+    with pytest.raises(ValueError, match="set model.text.encoder=.* model.text.length=24"):
+        check_inputs(load(JobConfig, None, [*student, *text, "model.text.length=16"]))
+    check_inputs(with_teacher(load(JobConfig, None, [*student, *text, "model.text.length=24", STORED])))
 
 
 def test_embeddings_computed_at_ingest_are_the_encoders(captioned, tmp_path):
