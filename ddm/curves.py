@@ -29,6 +29,7 @@ from ddm.store import Store
 
 log = logging.getLogger("ddm.curves")
 KEYS = ("point", "training_flops", "distance")  # of each point in curves.json (the point files add the models)
+ADHERENCE = ("prompt_adherence", "adherence_chance")  # of a text model's points
 
 
 def snapshot(store: Store, run_dir: str, point: int, points: int) -> tuple[dict, float] | None:
@@ -84,13 +85,16 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
                 judge = Judge(store, cfg, desc, device)
             if arm in baselines:
                 model = LazyModel(store, models[0], device=device).load()
-                distance, _ = judge.measure(judge.single_model(model))
+                distance, x = judge.measure(judge.single_model(model))
             else:
                 experts = [LazyModel(store, m, device=device) for m in models[:-1]]
                 router = LazyModel(store, models[-1], device=device)
                 router.load()
-                distance, _ = judge.measure(judge.ensemble(Ensemble(experts, router, Rule.parse(arm))))
+                distance, x = judge.measure(judge.ensemble(Ensemble(experts, router, Rule.parse(arm))))
             point["distance"] = distance
+            adherence = judge.adherence(x)  # text models: how often a sample shows its prompt's class
+            if adherence is not None:
+                point["prompt_adherence"], point["adherence_chance"] = adherence["accuracy"], adherence["chance"]
             out.write_json(fname, point)
             series[arm].append(point)
             measured += 1
@@ -104,7 +108,7 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
         **settings,
         "dir": layout.curves_dir(name),
         "metric": cfg.metric,
-        "series": {a: [{k: p[k] for k in KEYS} for p in s] for a, s in series.items()},
+        "series": {a: [{k: p[k] for k in (*KEYS, *ADHERENCE) if k in p} for p in s] for a, s in series.items()},
         "crossings": crossings,
         "points_reused": reused,
         "points_measured": measured,
@@ -170,9 +174,13 @@ def format_curves(result: dict) -> list[str]:
     for i in points:
         cells = []
         for a in arms:
-            d = next((p["distance"] for p in result["series"][a] if p["point"] == i), None)
-            cells.append("" if d is None else f"{d:.3f}")
+            p = next((p for p in result["series"][a] if p["point"] == i), None)
+            adherence = "" if p is None or "prompt_adherence" not in p else f" ({p['prompt_adherence']:.2f})"
+            cells.append("" if p is None else f"{p['distance']:.3f}{adherence}")
         lines.append(f"| {i} | {flops.get(i, float('nan')):.3g} | " + " | ".join(cells) + " |")
+    chance = next((p["adherence_chance"] for a in arms for p in result["series"][a] if "adherence_chance" in p), None)
+    if chance is not None:
+        lines += ["", f"In brackets: prompt adherence (chance {chance:.3f})."]
     lines.append("")
     for rule in (a for a in arms if not a.startswith("monolith")):
         for base in (a for a in arms if a.startswith("monolith")):

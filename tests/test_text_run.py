@@ -29,6 +29,8 @@ TEXT_RUN = {
         "job": "router", "model": {"arch": "DiT-Micro/4", "data_shape": [1, 16, 16], "num_classes": 0},
         "steps": 2, "global_batch_size": 16, "checkpoint": {"every": 2}, "log_every": 1,
     },
+    "monolith": True,  # the paper's split: experts at 16 / 2, the monolith at 16
+    "budget": {"curve_points": 2},
     "distill_steps": 2,
     "sample": {"num_samples": 4, "steps": 2, "batch_size": 4, "guidance": 2.0, "prompts": PROMPTS},
     "evaluate": {"rules": ["top1", "full"], "num_samples": 32, "steps": 2, "batch_size": 32, "router_t": [0.5],
@@ -50,19 +52,26 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     assert desc["text"] == {"encoder": encoder, "dim": 32, "length": 24}
     router = json.loads(s.child("router").read_verified("export", "config.json"))
     assert router["architecture"]["family"] == "text-dit-router"  # p(k | x_t, t, caption)
+    monolith = json.loads(s.child("monolith").read_verified("export", "config.json"))
+    assert monolith["architecture"]["text"]["encoder"] == encoder and s.read_json("monolith/config.json")[
+        "global_batch_size"] == 16  # fmt: skip
     (student,) = s.list("distilled")
     cfg = json.loads(s.child(f"distilled/{student}").read_verified("export", "config.json"))
     assert cfg["architecture"]["family"] == "text-dit" and cfg["architecture"]["text"]["encoder"] == encoder
     (samples,) = s.list("samples")
     rows = json.loads(s.read_bytes(f"samples/{samples}/prompts.json"))
     assert [r["prompt"] for r in rows] == PROMPTS * 2 and all(r["guidance"] == 2.0 for r in rows)
-    (name,) = [n for n in s.list("eval") if n != "classifier"]
+    (name,) = [n for n in s.list("eval") if n not in ("classifier", "curves")]
     report = s.read_json(f"eval/{name}/results.json")
     by_rule = {r["rule"]: r for r in report["rules"]}
-    assert set(by_rule) == {"top-1", "full", "distilled"}
+    assert set(by_rule) == {"top-1", "full", "monolith", "distilled"}
     assert all(0.0 <= r["prompt_adherence"] <= 1.0 for r in by_rule.values())
+    curves = s.read_json("report/results.json")["curves"]["series"]
+    assert set(curves) == {"top-1", "monolith"} and all(len(points) == 2 for points in curves.values())
+    assert all(0 <= p["prompt_adherence"] <= 1 and p["adherence_chance"] > 0 for ps in curves.values() for p in ps)
     readme = open(os.path.join(store, "report", "README.md")).read()
     assert f"1. {PROMPTS[0]} (guidance 2)" in readme and "Prompt adherence" in readme
+    assert "In brackets: prompt adherence" in readme
     again = ddm("run", str(spec))  # everything is done: nothing trains again
     assert again.returncode == 0, again.stderr[-4000:]
     assert "finished earlier" in again.stderr and "making a tiny" not in again.stderr
