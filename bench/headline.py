@@ -2,7 +2,8 @@
 training FLOPs (router included), over several seeds, with learning curves and what each costs.
 
 Each seed is one ``ddm run`` of the spec (default ``launch/digits.yaml``; ``launch/glyphs.yaml`` is
-the richer dataset) into its own store ``<root>/s<seed>``, with the equal-FLOP monoliths of the
+the richer dataset, ``launch/glyphs_text.yaml`` its text-to-image form, whose tables add the prompt
+adherence) into its own store ``<root>/s<seed>``, with the equal-FLOP monoliths of the
 spec's budget (``ddm.budget``: by default the paper's split, experts at B/K for S steps against a
 monolith at B for S steps and one at B/K for K*S steps); the seed drives training, sampling and
 evaluation. The tables average over seeds: the evaluation (FD-classifier by default) per rule with
@@ -56,6 +57,8 @@ def summarize_curves(per_seed: dict[int, dict]) -> dict:
                 "std": statistics.stdev(ds) if len(ds) > 1 else 0.0,
                 "per_seed": ds,
             })  # fmt: skip
+            if all("prompt_adherence" in q for q in same):  # text models
+                rows[-1]["prompt_adherence"] = statistics.mean(q["prompt_adherence"] for q in same)
         out["series"][arm] = rows
     return out
 
@@ -79,7 +82,8 @@ def curve_table(curves: dict) -> list[str]:
         cells = []
         for a in arms:
             q = next((q for q in curves["series"][a] if q["point"] == p["point"]), None)
-            cells.append("" if q is None else f"{q['mean']:.3f} ± {q['std']:.3f}")
+            adherence = "" if q is None or "prompt_adherence" not in q else f" ({q['prompt_adherence']:.2f})"
+            cells.append("" if q is None else f"{q['mean']:.3f} ± {q['std']:.3f}{adherence}")
         lines.append(f"| {p['point']} | {p['training_flops']:.3g} | " + " | ".join(cells) + " |")
     return lines
 
@@ -113,20 +117,32 @@ def summarize(per_seed: dict[int, dict]) -> dict:
             "sampling_flops_per_sample": cost.get("sampling_flops_per_sample"),
             "router_share": cost.get("router_share"),
         }
+        adherence = [next(r.get("prompt_adherence") for r in res["rules"] if r["rule"] == rule)
+                     for res in per_seed.values()]  # fmt: skip
+        if None not in adherence:  # text models: the share of samples that show their prompt's class
+            rows[rule]["prompt_adherence"] = {
+                "mean": statistics.mean(adherence),
+                "std": statistics.stdev(adherence) if len(adherence) > 1 else 0.0,
+                "per_seed": adherence,
+            }
     return rows
 
 
 def table(rows: dict) -> list[str]:
+    text = all("prompt_adherence" in r for r in rows.values())
     lines = [
-        "| rule | distance (mean ± std) | per seed | expert + router forwards / sample | sampling MFLOPs / sample |",
-        "|---|---:|---|---:|---:|",
+        "| rule | distance (mean ± std) | per seed | expert + router forwards / sample | sampling MFLOPs / sample |"
+        + (" prompt adherence (mean ± std) |" if text else ""),
+        "|---|---:|---|---:|---:|" + ("---:|" if text else ""),
     ]
     for rule, r in rows.items():
         flops = r["sampling_flops_per_sample"]
+        a = r.get("prompt_adherence")
         lines.append(
             f"| {rule} | {r['mean']:.3f} ± {r['std']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | "
             f"{r['expert_forwards_per_sample']:.0f} + {r['router_forwards_per_sample'] or 0:.0f} | "
             f"{'' if flops is None else f'{flops / 1e6:.1f}'} |"
+            + (f" {a['mean']:.3f} ± {a['std']:.3f} |" if text else "")
         )
     return lines
 
@@ -166,6 +182,9 @@ def main() -> None:
             print(f"seed {seed}: {text or 'no crossing'}")
         plot_mean_curves(curves, first["metric"], f"{args.root}/curves.png")
         print(f"mean learning curves: {args.root}/curves.png")
+    chance = [res["prompts"]["adherence_chance"] for res in per_seed.values() if res.get("prompts")]
+    if chance:
+        print(f"\nPrompt adherence (in brackets in the curves): chance {statistics.mean(chance):.3f}")
     best_ens = min((r for r in rows if not r.startswith("monolith")), key=lambda r: rows[r]["mean"])
     out = {
         "spec": args.spec,
@@ -185,6 +204,7 @@ def main() -> None:
         if "monolith-small-batch" in rows and "top-1" in rows
         else None,
         "best_ensemble_rule": best_ens,
+        "adherence_chance": statistics.mean(chance) if chance else None,
         "seconds": time.perf_counter() - t0,
     }
     print(json.dumps(out))

@@ -158,10 +158,18 @@ class Judge:
 
             self.encoder = TextEncoder.load(self.text["encoder"], self.text["length"], device)
             self.captions = data["caption"]
-            self.prompts = [self.captions[int(i)] for i in pick]
+            if cfg.held_out:  # prompts (and their classes) from data no model trained on
+                from ddm.data.sources import held_out_prompts
+
+                manifest = store.manifest(layout.DATA_DIR)
+                self.prompts, labels = held_out_prompts(manifest, cfg.held_out, cfg.held_out_seed, cfg.num_samples)
+                classes = torch.tensor(labels)
+                self.parts = None  # no partitions: the oracle rule is refused (EvalConfig)
+            else:
+                self.prompts, classes = [self.captions[int(i)] for i in pick], self.y_data[pick]
             self.labels = self.encode(self.prompts)
             classifier = isinstance(self.embedder, torch.nn.Module)
-            self.prompt_classes = self.y_data[pick] if has_labels and classifier else None
+            self.prompt_classes = classes if has_labels and classifier else None
         self.cfg_branches = 2 if cfg.guidance != 1.0 and self.labels is not None else 1  # CFG: cond + uncond
 
     def encode(self, captions: list[str]):
@@ -187,7 +195,9 @@ class Judge:
 
     def prompt_info(self) -> dict:
         return {
-            "source": "the captions of the data images drawn for the samples (the labels' draw)",
+            "source": f"held out: {self.cfg.held_out} (seed {self.cfg.held_out_seed} if generated)"
+            if self.cfg.held_out
+            else "the captions of the data images drawn for the samples (the labels' draw)",
             "examples": self.prompts[:8],
             "adherence": "the FD-classifier's accuracy on the class of each prompt's image"
             if self.prompt_classes is not None
@@ -204,9 +214,8 @@ class Judge:
 
         def velocity(rows: slice) -> VelocityFn:
             y = None if self.labels is None else self.labels[rows]
-            return ens.velocity_fn(
-                y=y, partition=self.parts[rows], guidance_scale=self.cfg.guidance, generator=rule_draws
-            )
+            parts = None if self.parts is None else self.parts[rows]
+            return ens.velocity_fn(y=y, partition=parts, guidance_scale=self.cfg.guidance, generator=rule_draws)
 
         return velocity
 

@@ -69,9 +69,21 @@ class EvalConfig(SamplingConfig):
     router_t: list[float] = field(default_factory=lambda: [round(0.05 + 0.1 * i, 2) for i in range(10)])
     router_samples: int = 10000  # data samples the router's accuracy against t is measured on (at most)
     name: str = ""  # output folder under eval/; empty: s<seed>-<ensemble id>-<settings digest>
+    # Text ensembles: prompts from held-out data instead of the captions of a draw of the training
+    # images: a source ddm ingests (glyphs:N, Parquet, WebDataset, a folder), read with the data's
+    # caption, label and glyph settings (a generated source drawn with held_out_seed). Its captions
+    # are the prompts, its labels what prompt adherence checks; the oracle rule needs partitions
+    # and is refused with it.
+    held_out: str = ""
+    held_out_seed: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.held_out and any(r.startswith("oracle") for r in self.rules):
+            raise ValueError(
+                "the oracle rule routes each sample to its image's partition, and held-out prompts have none: drop "
+                "oracle from rules, or leave held_out empty (prompts from the training data's captions)"
+            )
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 (a Fréchet distance needs two samples), got {self.num_samples}")
         if self.metric not in ("fd_classifier", "fid"):

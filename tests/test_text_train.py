@@ -211,6 +211,30 @@ def test_a_text_ensemble_is_evaluated_on_prompts_with_their_adherence(text_ensem
     assert right > 0.5 and wrong < right / 2, (right, wrong)
 
 
+def test_held_out_prompts_come_from_data_no_model_trained_on(text_ensemble):
+    """``evaluate.held_out``: the prompts are the captions of other glyphs (another seed), and prompt
+    adherence checks their classes; the training data itself and the oracle rule are refused."""
+    from ddm.data.sources import held_out_prompts
+    from ddm.evaluate import evaluate
+    from ddm.settings import EvalConfig
+
+    store, _ = text_ensemble
+    cfg = dict(num_samples=32, steps=2, batch_size=32, rules=["top1"], sampler="euler", router_t=[0.5],
+               router_samples=32, held_out="glyphs:16")  # fmt: skip
+    r = evaluate(Store(store), EvalConfig(**cfg))
+    manifest = Store(store).manifest("data")
+    prompts, labels = held_out_prompts(manifest, "glyphs:16", 1, 32)
+    assert prompts[:16] == prompts[16:] and len(set(prompts)) == 16  # 16 items, cycled
+    training = set(Dataset(Store(store)).read_shard(0).captions) | set(Dataset(Store(store)).read_shard(1).captions)
+    assert not set(prompts) & training and r["prompts"]["examples"] == prompts[:8]
+    assert r["prompts"]["source"].startswith("held out: glyphs:16") and 0 <= r["rules"][0]["prompt_adherence"] <= 1
+    assert r["prompts"]["adherence_chance"] == max(labels.count(y) for y in labels) / 32
+    with pytest.raises(ValueError, match="draws the training data's own images .* choose another held_out_seed"):
+        held_out_prompts(manifest, "glyphs:16", 0, 32)
+    with pytest.raises(ValueError, match="the oracle rule routes each sample to its image's partition"):
+        EvalConfig(**{**cfg, "rules": ["top1", "oracle"]})
+
+
 def test_a_text_student_must_read_the_ensembles_captions(text_ensemble):
     """A distilled student of a text ensemble reads captions with the experts' encoder (``ddm run``
     distils one: tests/test_text_run.py); a student without text, or with another length, is refused."""

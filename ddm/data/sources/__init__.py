@@ -17,6 +17,7 @@ Either way a unit becomes ``{"index", "ids", "arrays" (N, C, H, W) uint8, "label
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Iterator
 
@@ -43,7 +44,9 @@ __all__ = [
     "WebDatasetSource",
     "decode",
     "expand_braces",
+    "captions_and_labels",
     "first_captions",
+    "held_out_prompts",
     "generated_units",
     "load_unit",
     "open_source",
@@ -114,10 +117,50 @@ def open_source(cfg: IngestConfig) -> Source:
 def first_captions(cfg: IngestConfig, n: int) -> list[str]:
     """The first ``n`` captions of the source ``cfg`` names, as ingest stores them (cleaned; an
     unlabeled item's too), without decoding an image."""
+    return [caption for caption, _ in _captioned(cfg, n, labeled=False)]
+
+
+def captions_and_labels(cfg: IngestConfig, n: int) -> tuple[list[str], list[int], list[str]]:
+    """The captions and labels of the first ``n`` labeled items of the source ``cfg`` names (held-out
+    prompts), and its class names (what the labels mean)."""
+    pairs = _captioned(cfg, n, labeled=True)
+    return [c for c, _ in pairs], [int(y) for _, y in pairs], list(open_source(cfg).class_names)
+
+
+def _captioned(cfg: IngestConfig, n: int, labeled: bool) -> list[tuple[str, int | None]]:
     source = open_source(cfg)
     if not source.caption:
         raise ValueError(f"source {cfg.source!r} gives no captions: set caption=... (e.g. describe for glyphs)")
     if source.generated:
-        return [g[2] for g in itertools.islice(source.generate(), n)]
+        return [(g[2], g[0]) for g in itertools.islice(source.generate(), n)]
     items = (item for unit in source.units(cfg.shard_size) for item in source.items(unit))
-    return [clean_caption(item[4]) for item in itertools.islice(items, n)]
+    if labeled:
+        items = (item for item in items if item[1] is not None)
+    return [(clean_caption(item[4]), item[1]) for item in itertools.islice(items, n)]
+
+
+def held_out_prompts(manifest: dict, source: str, seed: int, n: int) -> tuple[list[str], list[int]]:
+    """``n`` prompts from a held-out ``source`` (its items in order, cycled) and the class of each
+    one's image, read with the ingest settings of the dataset whose ``manifest`` is given (a generated
+    source drawn with ``seed``); the training data itself, or other classes, are refused."""
+    made = manifest["ingest"]
+    names = {f.name for f in dataclasses.fields(IngestConfig)}
+    cfg = IngestConfig(**{
+        **{k: v for k, v in made.items() if k in names}, "source": source, "seed": seed, "text_encoder": "",
+        "runner": "local",
+    })  # fmt: skip
+    if source.split(":")[0] in ("glyphs", "synthetic", "digits") and (source == "digits" or seed == made.get("seed")):
+        raise ValueError(
+            f"held_out={source} with held_out_seed={seed} draws the training data's own images (the dataset is "
+            f"{made['source']}, seed {made.get('seed')}): choose another held_out_seed"
+        )
+    captions, labels, classes = captions_and_labels(cfg, n)
+    if not captions:
+        raise ValueError(f"held_out={source!r} has no labeled, captioned items")
+    if classes != manifest["class_names"]:
+        raise ValueError(
+            f"held_out={source!r} has the classes {classes[:8]}... but the dataset {manifest['class_names'][:8]}...: "
+            "held-out prompts need the dataset's classes (the same names, in the same order)"
+        )
+    order = [i % len(captions) for i in range(n)]
+    return [captions[i] for i in order], [labels[i] for i in order]
