@@ -68,6 +68,22 @@ def test_caption_dropout_is_the_null_caption():
         m(x, t, captions(4, length=7))
 
 
+def test_a_caption_with_no_token_attends_to_nothing():
+    """An all-False mask row (a softmax over no key is NaN) gives a finite velocity that does not
+    depend on that row's token values; the other rows are unchanged."""
+    m = trained_a_little(model())
+    x, t, text = torch.randn(3, 1, 8, 8), torch.rand(3), captions(3)
+    out = m(x, t, text)
+    mask = text.mask.clone()
+    mask[1] = False
+    empty = m(x, t, TextEmbedding(text.tokens, mask, text.pooled))
+    other = m(x, t, TextEmbedding(text.tokens * 3, mask, text.pooled))
+    assert torch.isfinite(empty).all()
+    torch.testing.assert_close(empty[1], m(x, t, TextEmbedding(torch.zeros_like(text.tokens), mask, text.pooled))[1])
+    torch.testing.assert_close(other[1], empty[1])
+    torch.testing.assert_close(empty[[0, 2]], out[[0, 2]], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("pooled", [True, False])
 def test_parameter_and_flop_counts_match_torch(pooled):
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -66,10 +66,11 @@ def encode_shard(
     if captions is not None:
         columns.append(pa.array(captions, pa.string()))
         schema = schema.append(pa.field("caption", pa.string()))
-    for name, values in (text or {}).items():
-        flat = np.ascontiguousarray(values).reshape(n, -1)
-        columns.append(pa.array([row.tobytes() for row in flat], type=pa.binary()))
-        schema = schema.append(pa.field(name, pa.binary()))
+    for name, values in (text or {}).items():  # fixed-size rows: no 32-bit offsets to overflow (T5-XL: 1 MB a row)
+        flat = np.ascontiguousarray(values).reshape(n, -1).view(np.uint8)
+        kind = pa.binary(flat.shape[1])
+        columns.append(pa.FixedSizeBinaryArray.from_buffers(kind, n, [None, pa.py_buffer(flat)]))
+        schema = schema.append(pa.field(name, kind))
     return write_parquet_bytes(pa.Table.from_arrays(columns, schema=schema))
 
 
@@ -87,9 +88,15 @@ class Shard:
 
 
 def _fixed(table: pa.Table, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A binary column of same-size rows as one (N, *shape) array, without a copy per row."""
+    """A binary column of same-size rows (binary, large_binary or fixed_size_binary) as one (N, *shape)
+    array, without a copy per row."""
     col = table.column(name).combine_chunks()
-    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    if pa.types.is_fixed_size_binary(col.type):
+        width = col.type.byte_width
+        values = np.frombuffer(col.buffers()[1], dtype=np.uint8)[col.offset * width : (col.offset + len(col)) * width]
+        return values.view(np.dtype(dtype)).reshape(len(col), *shape)
+    wide = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+    offsets = np.frombuffer(col.buffers()[1], dtype=wide)[col.offset : col.offset + len(col) + 1]
     values = np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return values.view(np.dtype(dtype)).reshape(len(col), *shape)
 

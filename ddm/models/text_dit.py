@@ -44,12 +44,15 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (N, T, D) attends to y (N, L, D) where ``mask`` (N, L) is True."""
+        """x (N, T, D) attends to y (N, L, D) where ``mask`` (N, L) is True; a caption with no token
+        (an all-False row: a softmax over nothing, NaN) contributes nothing (no device sync)."""
         n, t, d = x.shape
         h = self.num_heads
         q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)
         k, v = self.kv(y).reshape(n, y.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        empty = ~mask.any(dim=1)[:, None, None, None]  # (N, 1, 1, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask[:, None, None, :] | empty))
+        out = out.masked_fill(empty, 0.0)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
