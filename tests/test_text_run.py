@@ -1,6 +1,7 @@
 """``ddm run`` on text-conditioned experts: the run makes a tiny text encoder from the glyphs'
-captions and keeps it in the store, stores the caption embeddings at ingest, trains the experts, a
-router that reads the captions too and a distilled text student (real Ray Train + DeepSpeed jobs),
+captions and keeps it in the store, stores the caption embeddings at ingest, trains the experts (a
+cross-attention DiT and an MMDiT), a router that reads the captions too, the paper-split monolith
+and a distilled text student (real Ray Train + DeepSpeed jobs),
 samples the spec's prompts and evaluates prompt adherence; and the spec errors a text run needs."""
 
 import json
@@ -29,6 +30,7 @@ TEXT_RUN = {
         "job": "router", "model": {"arch": "DiT-Micro/4", "data_shape": [1, 16, 16], "num_classes": 0},
         "steps": 2, "global_batch_size": 16, "checkpoint": {"every": 2}, "log_every": 1,
     },
+    "expert_overrides": {"1": ["model.arch=MMDiT-Tiny/4"]},  # an MMDiT beside a cross-attention DiT
     "monolith": True,  # the paper's split: experts at 16 / 2, the monolith at 16
     "budget": {"curve_points": 2},
     "distill_steps": 2,
@@ -55,6 +57,8 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     monolith = json.loads(s.child("monolith").read_verified("export", "config.json"))
     assert monolith["architecture"]["text"]["encoder"] == encoder and s.read_json("monolith/config.json")[
         "global_batch_size"] == 16  # fmt: skip
+    mmdit = json.loads(s.child("experts/01").read_verified("export", "config.json"))
+    assert mmdit["architecture"]["family"] == "text-mmdit" and desc["experts"][1]["dir"] == "experts/01"
     (student,) = s.list("distilled")
     cfg = json.loads(s.child(f"distilled/{student}").read_verified("export", "config.json"))
     assert cfg["architecture"]["family"] == "text-dit" and cfg["architecture"]["text"]["encoder"] == encoder

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ddm.models.text_config import TextConfig, text_dit_forward_flops, text_dit_params  # noqa: F401 (public here)
+from ddm.models.text_config import (  # noqa: F401 (public here)
+    MMDIT_SIZES,
+    MMDiTSize,
+    TextConfig,
+    mmdit_forward_flops,
+    mmdit_params,
+    text_dit_forward_flops,
+    text_dit_params,
+)
 
 # Models see t in [0, 1]; the sinusoidal embedding is tuned for integer-like timesteps
 # (DiT uses 0..999), so t is scaled by this factor before embedding.
@@ -141,9 +149,13 @@ class ModelConfig:
         object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
         if isinstance(self.text, dict):  # as an export's config.json holds it
             object.__setattr__(self, "text", TextConfig(**self.text))
+        if self.arch in MMDIT_SIZES and not self.text.enabled:
+            raise ValueError(f"{self.arch} reads captions: set model.text (encoder, dim, length)")
+        if self.arch in MMDIT_SIZES and self.moe.enabled:
+            raise ValueError(f"{self.arch} has no MoE feed-forward yet: set moe.num_experts=0, or use a DiT")
         if self.text.enabled:
-            if self.arch not in DIT_SIZES:
-                raise ValueError(f"a text-conditioned model is a DiT; {self.arch} is not")
+            if self.arch not in DIT_SIZES and self.arch not in MMDIT_SIZES:
+                raise ValueError(f"a text-conditioned model is a DiT or an MMDiT; {self.arch} is not")
             if self.num_classes or self.learn_sigma or self.time_freq_shift:
                 raise ValueError(
                     "a text-conditioned DiT takes captions instead of class labels: set num_classes=0; it has no "
@@ -151,10 +163,10 @@ class ModelConfig:
                 )
         if self.time_freq_shift not in (0, 1):
             raise ValueError(f"time_freq_shift must be 0 (the DiT paper) or 1 (diffusers), got {self.time_freq_shift}")
-        if self.arch in DIT_SIZES:
+        if self.arch in DIT_SIZES or self.arch in MMDIT_SIZES:
             if len(self.data_shape) != 3 or self.data_shape[1] != self.data_shape[2]:
                 raise ValueError(f"data_shape must be (C, H, H) for {self.arch}, got {self.data_shape}")
-            patch = DIT_SIZES[self.arch].patch_size
+            patch = dit_size(self.arch).patch_size
             if self.data_shape[1] % patch:
                 raise ValueError(
                     f"data_shape side {self.data_shape[1]} is not divisible by the patch size {patch} of {self.arch}"
@@ -167,7 +179,8 @@ class ModelConfig:
             if self.time_freq_shift or self.learn_sigma:
                 raise ValueError(f"time_freq_shift and learn_sigma are DiT settings, not {self.arch}'s")
         else:
-            raise ValueError(f"arch {self.arch!r} is unknown; choose one of {sorted(DIT_SIZES) + sorted(MLP_SIZES)}")
+            known = sorted(DIT_SIZES) + sorted(MMDIT_SIZES) + sorted(MLP_SIZES)
+            raise ValueError(f"arch {self.arch!r} is unknown; choose one of {known}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
@@ -216,6 +229,11 @@ class FlowConfig:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
 
 
+def dit_size(arch: str) -> DiTSize | MMDiTSize:
+    """The size of a DiT or MMDiT preset."""
+    return DIT_SIZES[arch] if arch in DIT_SIZES else MMDIT_SIZES[arch]
+
+
 def dit_forward_flops(size: DiTSize, input_size: int, in_channels: int) -> float:
     """Forward FLOPs of one sample (2 per multiply-add): per block and token 24 D^2 for the
     qkv/proj/MLP matmuls plus 4 T D for attention; DiT-B/2 at 32x32 latents is 46 GFLOPs
@@ -241,8 +259,12 @@ def forward_flops(cfg: ModelConfig, router: bool = False, num_partitions: int = 
     """
     if cfg.arch in MLP_SIZES:
         return 2.0 * _mlp_linear_weights(MLP_SIZES[cfg.arch], cfg.data_shape[0], num_partitions if router else None)
-    size = DIT_SIZES[cfg.arch]
     c, h, _ = cfg.data_shape
+    if cfg.arch in MMDIT_SIZES:
+        return mmdit_forward_flops(
+            MMDIT_SIZES[cfg.arch], h, c, cfg.text, cfg.mlp_ratio, num_partitions if router else None
+        )
+    size = DIT_SIZES[cfg.arch]
     if cfg.text.enabled:
         moe = None if router else cfg.moe
         return text_dit_forward_flops(size, h, c, cfg.text, cfg.mlp_ratio, moe, num_partitions if router else None)
@@ -295,7 +317,7 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
         size = MLP_SIZES[cfg.arch]
         return {"family": "mlp-router" if num_partitions else "mlp", "preset": cfg.arch, "dim": cfg.data_shape[0],
                 "hidden_size": size.hidden_size, "depth": size.depth, **common}  # fmt: skip
-    size = DIT_SIZES[cfg.arch]
+    size = dit_size(cfg.arch)
     moe = cfg.moe
     if cfg.text.enabled:
         common["text"] = {
@@ -307,8 +329,17 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
             "null_caption": "the learned null_tokens (length x dim, all attended) and null_pooled",
             "caption_dropout_prob": cfg.text.caption_dropout_prob,
         }
+    mmdit = cfg.arch in MMDIT_SIZES
+    if mmdit:
+        common["blocks"] = {
+            "double": size.double,  # per-stream weights, joint attention over [caption; image]
+            "single": size.single,  # FLUX's single-stream blocks over [caption; image], after the double ones
+            "modulation": "AdaLN-Single: a shared t_block, per-stream learned offsets (table_x, table_c; table)",
+        }
     return {
-        "family": ("text-" if cfg.text.enabled else "") + ("dit-router" if num_partitions else "dit"),
+        "family": ("text-" if cfg.text.enabled else "")
+        + ("mmdit" if mmdit else "dit")
+        + ("-router" if num_partitions else ""),
         "preset": cfg.arch,
         "in_channels": cfg.data_shape[0],
         "input_size": cfg.data_shape[1],

@@ -101,3 +101,62 @@ def text_dit_forward_flops(size: DiTSize, input_size: int, in_channels: int, tex
         macs += tokens * d * moe.num_experts if moe_block else 0  # the gate
     macs += d * num_partitions if num_partitions else patches * d * p * p * in_channels
     return 2.0 * macs
+
+
+@dataclass(frozen=True)
+class MMDiTSize:
+    """An MMDiT (``ddm.models.mmdit``): ``double`` double-stream blocks, then ``single`` single-stream ones."""
+
+    double: int
+    single: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+
+    @property
+    def depth(self) -> int:
+        return self.double + self.single
+
+
+# Text-to-image only. MMDiT-3B/2: the paper's scale-up experts (hidden 2560, depth 30; the paper gives
+# no split between double- and single-stream blocks: 8 + 22 here, FLUX's proportion of about 1 : 2.5)
+# at 3.06B parameters with T5-XL text on 32x32x4 latents; the tiny sizes train on 2 CPU cores.
+MMDIT_SIZES: dict[str, MMDiTSize] = {
+    "MMDiT-Tiny/2": MMDiTSize(double=1, single=1, hidden_size=64, num_heads=2, patch_size=2),
+    "MMDiT-Tiny/4": MMDiTSize(double=1, single=1, hidden_size=64, num_heads=2, patch_size=4),
+    "MMDiT-3B/2": MMDiTSize(double=8, single=22, hidden_size=2560, num_heads=20, patch_size=2),
+}
+
+
+def mmdit_params(size: MMDiTSize, input_size: int, in_channels: int, text: TextConfig, mlp_ratio: float = 4.0,
+                 num_partitions: int | None = None) -> int:  # fmt: skip
+    """The parameter count of ``ddm.models.mmdit.MMDiT`` (or its router, ``num_partitions`` K), from its layout."""
+    d, p, e, pooled = size.hidden_size, size.patch_size, text.dim, text.pooled
+    hid, out = int(d * mlp_ratio), p * p * in_channels
+    embed = out * d + d  # patch embedding
+    time = 256 * d + d + d * d + d + d * 6 * d + 6 * d  # timestep MLP + t_block
+    captions = (e * d + d + d * d + d) * (2 if pooled else 1) + text.length * e + (e if pooled else 0)
+    stream = (3 * d * d + 3 * d) + (d * d + d) + (d * hid + hid + hid * d + d) + 6 * d  # qkv, proj, MLP, table
+    single = d * (3 * d + hid) + 3 * d + hid + (d + hid) * d + d + 3 * d  # linear1, linear2, table
+    head = d * num_partitions + num_partitions + d if num_partitions else d * out + out  # (+ the router's CLS)
+    return embed + time + captions + size.double * 2 * stream + size.single * single + 2 * d + head
+
+
+def mmdit_forward_flops(size: MMDiTSize, input_size: int, in_channels: int, text: TextConfig, mlp_ratio: float = 4.0,
+                        num_partitions: int | None = None) -> float:  # fmt: skip
+    """Forward FLOPs of one sample of an MMDiT (2 per multiply-add), every matrix product: with T
+    image tokens (T + 1 with a router's CLS) and L caption tokens, S = T + L, the inputs as the text
+    DiT's (patch embedding, timestep MLP and t_block, caption and pooled MLPs), per double block
+    each stream's qkv and output projection (4 D^2 per token) and MLP (2 D H per token) plus joint
+    attention (2 S^2 D), per single block its input (D (3 D + H)) and output ((D + H) D) projections
+    per token plus attention (2 S^2 D), and the output linear (T D p^2 C; a router: D K)."""
+    d, p, L, e = size.hidden_size, size.patch_size, text.length, text.dim
+    patches, hid = (input_size // p) ** 2, int(d * mlp_ratio)
+    tokens = patches + (1 if num_partitions else 0)
+    s = tokens + L
+    macs = patches * p * p * in_channels * d + 256 * d + d * d + 6 * d * d
+    macs += L * (e * d + d * d) + ((e * d + d * d) if text.pooled else 0)
+    macs += size.double * (s * (4 * d * d + 2 * d * hid) + 2 * s * s * d)
+    macs += size.single * (s * (d * (3 * d + hid) + (d + hid) * d) + 2 * s * s * d)
+    macs += d * num_partitions if num_partitions else patches * d * p * p * in_channels
+    return 2.0 * macs

@@ -107,16 +107,25 @@ class TextDiT(nn.Module):
         self.null_pooled = nn.Parameter(torch.randn(text_dim) / text_dim**0.5) if pooled else None
         pos = torch.from_numpy(get_2d_sincos_pos_embed(d, self.x_embedder.grid_size)).float()
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(
+        self.blocks = self.make_blocks(size, mlp_ratio, moe)
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.final_linear = nn.Linear(d, out_features or size.patch_size**2 * in_channels)
+        self._init_weights()
+
+    def make_blocks(self, size: DiTSize, mlp_ratio: float, moe: MoEConfig) -> nn.ModuleList:
+        d = size.hidden_size
+        return nn.ModuleList(
             TextDiTBlock(
                 d, size.num_heads, mlp_ratio, moe if moe.enabled and (size.depth - 1 - i) % moe.every == 0 else None
             )
             for i in range(size.depth)
         )
-        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
-        self.final_linear = nn.Linear(d, out_features or size.patch_size**2 * in_channels)
-        self._init_weights()
+
+    def zero_init_blocks(self) -> None:
+        for block in self.blocks:  # each block starts as the unconditional one
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -133,9 +142,7 @@ class TextDiT(nn.Module):
             if mlp is not None:
                 nn.init.normal_(mlp.fc1.weight, std=0.02)
                 nn.init.normal_(mlp.fc2.weight, std=0.02)
-        for block in self.blocks:  # each block starts as the unconditional one
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
+        self.zero_init_blocks()
         nn.init.zeros_(self.final_linear.weight)
         nn.init.zeros_(self.final_linear.bias)
 
@@ -180,6 +187,21 @@ class TextDiT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens after the blocks, the conditioning vector c); ``prefix`` (1, P, D) tokens go
         before the patches (a router's CLS token)."""
+        tokens, c, mod, y, mask = self.inputs(x, t, text, drop, prefix)
+        for block in self.blocks:
+            tokens = block(tokens, mod, y, mask)
+        return tokens, c
+
+    def inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: TextEmbedding,
+        drop: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """What the blocks take: the image tokens (``prefix`` first), the conditioning vector c, the
+        shared AdaLN-Single modulations (N, 6, D), the caption tokens at width D and their mask."""
         if text.tokens.shape[1:] != (self.text_len, self.text_dim):
             raise ValueError(
                 f"caption embeddings of shape {tuple(text.tokens.shape[1:])}, but this model takes "
@@ -199,9 +221,7 @@ class TextDiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed
         if prefix is not None:
             tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        for block in self.blocks:
-            tokens = block(tokens, mod, y, text.mask)
-        return tokens, c
+        return tokens, c, mod, y, text.mask
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         c, p = self.out_channels, self.patch_size
