@@ -123,8 +123,8 @@ class Judge:
         self.cfg, self.flow, self.data_shape = cfg, FlowMatching(**desc["flow"]), tuple(desc["data_shape"])
         self.num_classes, k = int(desc["num_classes"]), int(desc["num_experts"])
         # Reference data: the whole dataset (its labels and partitions also drive the samples' labels).
-        data = PartitionReader(
-            store, None, batch_size=int(sum(store.manifest(layout.PARTITIONS_DIR)["counts"]))
+        data = PartitionReader(  # the images, labels, partitions and captions (not their stored embeddings)
+            store, None, batch_size=int(sum(store.manifest(layout.PARTITIONS_DIR)["counts"])), embeddings=False
         ).next_batch()
         self.x_data, self.y_data, self.p_data = data["x"], data["y"], data["partition"]
         has_labels = store.manifest(layout.DATA_DIR)["num_classes"] > 1

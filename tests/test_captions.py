@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from ddm.data.ingest import IngestConfig, ingest
 from ddm.data.partition import PartitionConfig, partition
@@ -208,3 +209,23 @@ def test_stored_embeddings_round_trip_in_every_binary_layout(kind):
     for name, values in text.items():
         assert np.array_equal(shard.text[name], values), name
     assert shard.captions == ["a", "b", ""]
+
+
+def test_readers_that_do_not_use_stored_embeddings_leave_them_in_the_shards(tmp_path):
+    """An evaluation or a job that encodes its captions reads the images, labels and captions only."""
+    from ddm.models.text_encoder import make_tiny
+
+    store = Store(str(tmp_path / "store"))
+    src = dict(source="glyphs:64", shard_size=32, caption="describe")
+    encoder = make_tiny(str(tmp_path / "enc"), [f"word{i}" for i in range(8)], hidden_size=8, layers=1, heads=2,
+                        max_length=6)  # fmt: skip
+    ingest(IngestConfig(**src, text_encoder=encoder), store)
+    partition(PartitionConfig(num_partitions=2, num_fine=8), store)
+    full = PartitionReader(store, None, batch_size=16).next_batch()
+    bare = PartitionReader(store, None, batch_size=16, embeddings=False).next_batch()
+    assert full["text_tokens"].shape == (16, 6, 8) and not any(k.startswith("text_") for k in bare)
+    assert set(bare) == set(full) - {"text_tokens", "text_mask", "text_pooled"}
+    assert (
+        all(torch.equal(bare[k], full[k]) for k in ("x", "y", "id", "partition")) and bare["caption"] == full["caption"]
+    )
+    assert Dataset(store).read_shard(0, embeddings=False).text is None

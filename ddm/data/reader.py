@@ -34,9 +34,12 @@ class PartitionReader:
         seed: int = 0,
         cache_bytes: int = 2 << 30,
         pin_memory: bool = False,
+        embeddings: bool = True,
     ):
         """``partition=None`` reads every sample (the router and a monolith train on all data).
-        ``pin_memory``: batches in page-locked host memory, so a copy to the GPU can overlap compute."""
+        ``pin_memory``: batches in page-locked host memory, so a copy to the GPU can overlap compute.
+        ``embeddings``: hand out the caption embeddings stored at ingest (when the dataset has them);
+        False leaves them in the shards (a job that encodes its captions, an evaluation)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         if batch_size < 1:
@@ -67,7 +70,7 @@ class PartitionReader:
                 f"on {world_size} ranks; lower the batch size"
             )
         self.epoch, self.batch_index = 0, 0
-        self.pin_memory = pin_memory
+        self.pin_memory, self.embeddings = pin_memory, embeddings
         self._cache: OrderedDict[int, Shard] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._order: np.ndarray | None = None
@@ -86,7 +89,7 @@ class PartitionReader:
         if i in self._cache:
             self._cache.move_to_end(i)
         else:
-            self._cache[i] = self.dataset.read_shard(i)
+            self._cache[i] = self.dataset.read_shard(i, self.embeddings)
             while len(self._cache) > 1 and sum(s.nbytes for s in self._cache.values()) > self._cache_bytes:
                 self._cache.popitem(last=False)
         return self._cache[i]
@@ -102,7 +105,7 @@ class PartitionReader:
         y = np.empty(len(pick), dtype=np.int64)
         ids = np.empty(len(pick), dtype=np.int64)
         captions: list[str] | None = [""] * len(pick) if self.dataset.has_captions else None
-        stored = self.dataset.manifest.get("text_embeddings")
+        stored = self.dataset.manifest.get("text_embeddings") if self.embeddings else None
         if stored:  # caption embeddings computed at ingest
             length, dim = stored["length"], stored["dim"]
             text = {

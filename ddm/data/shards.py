@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ddm.layout import DATA_DIR, SHARDS_DIR
 from ddm.store import Store
 
+TEXT_COLUMNS = ("text_tokens", "text_lengths", "text_pooled")  # caption embeddings stored at ingest
 SCHEMA = pa.schema([("id", pa.int64()), ("data", pa.binary()), ("label", pa.int32()), ("shape", pa.list_(pa.int32()))])
 
 
@@ -102,8 +103,10 @@ def _fixed(table: pa.Table, name: str, dtype, shape: tuple[int, ...]) -> np.ndar
 
 
 def decode_shard(raw: bytes, sample_shape: tuple[int, ...], dtype: str, text: dict | None = None) -> Shard:
-    """``text``: the manifest's ``text_embeddings`` (their dim, length and dtype), for stored embeddings."""
-    table = read_parquet_bytes(raw)
+    """``text``: the manifest's ``text_embeddings`` (their dim, length and dtype), for stored embeddings;
+    without it their columns are not even decompressed (what readers that do not use them pass)."""
+    names = pq.read_schema(pa.BufferReader(raw)).names
+    table = read_parquet_bytes(raw, None if text else [n for n in names if n not in TEXT_COLUMNS])
     embedded = None
     if text and "text_tokens" in table.column_names:
         d, length, dt = text["dim"], text["length"], text["dtype"]
@@ -155,10 +158,12 @@ class Dataset:
     def has_captions(self) -> bool:
         return bool(self.manifest.get("captions"))
 
-    def read_shard(self, index: int) -> Shard:
-        """Shard ``index``, verified against the manifest's sha256."""
+    def read_shard(self, index: int, embeddings: bool = True) -> Shard:
+        """Shard ``index``, verified against the manifest's sha256; ``embeddings=False`` leaves the
+        stored caption embeddings out (their columns are not decoded)."""
         raw = self.store.read_verified(DATA_DIR, self.shard_names[index])
-        return decode_shard(raw, self.sample_shape, self.dtype, self.manifest.get("text_embeddings"))
+        text = self.manifest.get("text_embeddings") if embeddings else None
+        return decode_shard(raw, self.sample_shape, self.dtype, text)
 
     def iter_shards(self):
         for i in range(self.num_shards):

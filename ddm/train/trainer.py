@@ -160,8 +160,9 @@ def train(
 
     # --- data ---------------------------------------------------------------------------------
     reader = PartitionReader(
-        store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed, pin_memory=on_gpu
-    )
+        store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed, pin_memory=on_gpu,
+        embeddings=text_encoder == "store",  # only a job that reads them decodes the stored caption embeddings
+    )  # fmt: skip
     # Noise and times: one stream per rank, made on the job's device, saved and restored with the checkpoint.
     noise_seed = cfg.seed * 100_003 + ps.rank
     gen = torch.Generator(device=device).manual_seed(noise_seed)
