@@ -81,3 +81,23 @@ def test_a_downloaded_folder_with_a_cache_folder_loads(tiny, tmp_path):
         "tokenizer_config.json",
     }
     assert next(enc.model.parameters()).dtype == torch.float32
+
+
+def test_an_encoder_in_a_store_url_is_checked_from_its_config_and_loads(tiny):
+    """A folder at a store URL (here fsspec's memory://; s3:// alike): ``check`` reads its
+    config.json alone, ``load`` copies it down and gives the local folder's embeddings."""
+    import fsspec
+
+    from ddm.models.text_encoder import check
+
+    kind, folder = tiny
+    url = f"memory://encoders/{kind}"
+    fs = fsspec.filesystem("memory")
+    fs.put(folder.rstrip("/") + "/", f"/encoders/{kind}/", recursive=True)
+    assert check(url, 64, 24)["model_type"] in ("clip_text_model", "t5")
+    with pytest.raises(ValueError, match="makes 64-wide embeddings: set model.text.dim=64"):
+        check(url, 32, 24)
+    with pytest.raises(ValueError, match="has no config.json"):
+        check("memory://encoders/none", 64, 24)
+    remote = TextEncoder.load(url).encode(CAPTIONS)
+    assert torch.equal(remote.tokens, TextEncoder.load(folder).encode(CAPTIONS).tokens)

@@ -148,10 +148,14 @@ def check(encoder: str, dim: int, length: int) -> dict:
             path = hf_hub_download(where, "config.json", revision=revision)
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
             raise _hub_error(encoder, where, revision, e) from e
+    elif "://" in where and not where.startswith("file://"):  # a store URL: its config.json only
+        path = where.rstrip("/") + "/config.json"
     else:
         path = os.path.join(_local_folder(where), "config.json")
     try:
-        with open(path) as f:
+        import fsspec
+
+        with fsspec.open(path, "r") as f:
             config = json.load(f)
     except FileNotFoundError as e:
         raise ValueError(f"text encoder {encoder!r}: {os.path.dirname(path)} has no config.json") from e
