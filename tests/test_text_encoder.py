@@ -101,3 +101,24 @@ def test_an_encoder_in_a_store_url_is_checked_from_its_config_and_loads(tiny):
         check("memory://encoders/none", 64, 24)
     remote = TextEncoder.load(url).encode(CAPTIONS)
     assert torch.equal(remote.tokens, TextEncoder.load(folder).encode(CAPTIONS).tokens)
+
+
+def test_a_pipeline_repo_is_refused_from_its_model_index_before_any_weights(tmp_path):
+    """A diffusers pipeline keeps its text encoder in a sub-folder: naming the pipeline is an error
+    that says which folders to download, found from model_index.json alone (here in a hub cache
+    read offline by huggingface_hub itself); its sub-folder weights are never fetched."""
+    import subprocess
+    import sys
+
+    snap = tmp_path / "hub" / "models--org--pipe" / "snapshots" / ("a" * 40)
+    (snap / "text_encoder").mkdir(parents=True)
+    (snap / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (snap / "text_encoder" / "config.json").write_text('{"model_type": "clip_text_model", "hidden_size": 64}')
+    (tmp_path / "hub" / "models--org--pipe" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--pipe" / "refs" / "main").write_text("a" * 40)
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    code = "from ddm.models.text_encoder import check\ncheck('org/pipe', 64, 24)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0
+    assert "is a diffusers pipeline: download its text encoder and tokenizer folders" in out.stderr, out.stderr[-2000:]
+    assert "--include 'text_encoder/*' 'tokenizer/*'" in out.stderr

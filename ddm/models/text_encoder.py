@@ -143,11 +143,10 @@ def check(encoder: str, dim: int, length: int) -> dict:
     where, revision, hub = parse(encoder)
     if hub:
         try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(where, "config.json", revision=revision)
-        except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
-            raise _hub_error(encoder, where, revision, e) from e
+            import huggingface_hub  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"text encoder {encoder!r} comes from the hub: pip install 'ddm[encoders]'") from e
+        path = _hub_config(encoder, where, revision)
     elif "://" in where and not where.startswith("file://"):  # a store URL: its config.json only
         path = where.rstrip("/") + "/config.json"
     else:
@@ -234,24 +233,38 @@ def _hub_error(spec: str, repo: str, revision: str | None, e: Exception) -> Valu
 
 
 def _hub_folder(spec: str, repo: str, revision: str | None) -> str:
+    """The repo's top-level files (its config first: a diffusers pipeline, whose encoder lives in a
+    sub-folder, is refused before any weights are fetched)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
         raise ValueError(f"text encoder {spec!r} comes from the hub: pip install 'ddm[encoders]'") from e
+    _hub_config(spec, repo, revision)
     patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-                "added_tokens.json", "vocab*", "merges.txt",
-                "spiece.model", "text_encoder/*", "tokenizer/*"]  # fmt: skip
-    try:
-        folder = snapshot_download(repo, revision=revision, allow_patterns=patterns)
+                "added_tokens.json", "vocab*", "merges.txt", "spiece.model"]  # fmt: skip
+    try:  # top level only: "*.safetensors" would match a sub-folder's weights too
+        return snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"])
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
         raise _hub_error(spec, repo, revision, e) from e
-    # A diffusers pipeline keeps its text encoder and tokenizer in sub-folders.
-    if os.path.isdir(os.path.join(folder, "text_encoder")):
+
+
+def _hub_config(spec: str, repo: str, revision: str | None) -> str:
+    """The path of the repo's config.json, fetched alone; a pipeline (model_index.json, no config.json)
+    is an error that says which folder to name."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, "config.json", revision=revision)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
+        try:
+            hf_hub_download(repo, "model_index.json", revision=revision)
+        except Exception:  # noqa: BLE001 - not a pipeline either: the first error says why
+            raise _hub_error(spec, repo, revision, e) from e
         raise ValueError(
-            f"text encoder {spec!r} is a pipeline: name its text encoder's folder ({folder}/text_encoder, with the "
-            "tokenizer copied beside it), or the encoder's own hub id"
-        )
-    return folder
+            f"text encoder {spec!r} is a diffusers pipeline: download its text encoder and tokenizer folders "
+            f"(huggingface-cli download {repo} --include 'text_encoder/*' 'tokenizer/*' --local-dir DIR), copy the "
+            "tokenizer's files into DIR/text_encoder and name that folder"
+        ) from e
 
 
 # --- a tiny encoder made from a dataset's captions (offline; tests and the glyphs main job) ----------
