@@ -229,3 +229,18 @@ def test_readers_that_do_not_use_stored_embeddings_leave_them_in_the_shards(tmp_
         all(torch.equal(bare[k], full[k]) for k in ("x", "y", "id", "partition")) and bare["caption"] == full["caption"]
     )
     assert Dataset(store).read_shard(0, embeddings=False).text is None
+
+
+def test_the_vae_and_the_caption_encoder_share_the_gpus_instead_of_each_asking_for_all():
+    """An actor pool waits for all its actors: on 4 GPUs, two network stages (VAE, caption encoder)
+    of 4 actors each hold half a GPU per actor (4 GPUs in all), not 4 GPUs each."""
+    from ddm.data.pipeline import model_stage
+
+    def stage(pools, gpus=4.0, actors=0, per_gpu=1):
+        return model_stage("m", lambda: None, "ray", actors, per_gpu, pools, gpus)
+
+    one, two = stage(1), stage(2)
+    assert (one.actors, one.num_gpus) == (4, 1.0) and (two.actors, two.num_gpus) == (4, 0.5)
+    assert 2 * two.actors * two.num_gpus == 4.0  # both pools fit on the cluster's 4 GPUs
+    assert stage(2, per_gpu=2).actors * stage(2, per_gpu=2).num_gpus * 2 == 4.0
+    assert (stage(2, gpus=0.0).actors, stage(2, gpus=0.0).num_gpus) == (1, 0.0)  # CPU: one actor each

@@ -140,11 +140,12 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     write = Stage("write", lambda: WriteShard(url, token))
     with connected(runner, address):
         stages = [] if source.generated else [Stage("read", lambda: ReadUnit(cfg), concurrency=cfg.workers or None)]
+        pools = (encoder is not None) + (text is not None)  # network stages sharing the GPUs
         if encoder is not None:  # it loaded here (a missing package or weights failed before any write)
-            stages.append(_encode_stage(cfg, runner, encoder))
+            stages.append(_encode_stage(cfg, runner, encoder, pools))
         if text is not None:  # likewise
             make = (lambda: text) if runner == "local" else (lambda: EmbedCaptions(cfg))
-            stages.append(model_stage("embed captions", make, runner, cfg.encode_actors, cfg.actors_per_gpu))
+            stages.append(model_stage("embed captions", make, runner, cfg.encode_actors, cfg.actors_per_gpu, pools))
         stages.append(write)
         if source.generated:  # made here, in order; committed shards are made again but not rewritten
             steps = [s.make() for s in stages]
@@ -161,11 +162,11 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     return _commit(cfg, commits, source, records, len(done), time.perf_counter() - t0)
 
 
-def _encode_stage(cfg: IngestConfig, runner: str, loaded: EncodeUnit) -> Stage:
+def _encode_stage(cfg: IngestConfig, runner: str, loaded: EncodeUnit, pools: int = 1) -> Stage:
     """The encoder: in this process the copy the driver loaded; on Ray an actor pool, each actor
     loading its own copy on its GPU if it has one."""
     make = (lambda: loaded) if runner == "local" else (lambda: EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed))
-    return model_stage("encode", make, runner, cfg.encode_actors, cfg.actors_per_gpu)
+    return model_stage("encode", make, runner, cfg.encode_actors, cfg.actors_per_gpu, pools)
 
 
 class ReadUnit:

@@ -69,19 +69,25 @@ def worker_url(store: Store, runner: str) -> str:
     return absolute_url(store.url)
 
 
-def model_stage(name: str, make: Callable, runner: str, actors: int, actors_per_gpu: int) -> Stage:
+def model_stage(
+    name: str, make: Callable, runner: str, actors: int, actors_per_gpu: int, pools: int = 1, gpus: float | None = None
+) -> Stage:
     """A stage that runs a network: on Ray an actor pool (``actors``, or ``actors_per_gpu`` per GPU of
-    the connected cluster, or 1 on CPU), each actor holding 1/``actors_per_gpu`` of a GPU when the
-    cluster has GPUs; in this process, one copy."""
+    the connected cluster (``gpus``: its count, read from Ray when None), or 1 on CPU), each actor
+    holding 1/``actors_per_gpu`` of a GPU when the cluster has GPUs; in this process, one copy.
+    ``pools``: the network stages of one pipeline (the VAE and the caption encoder): each actor then
+    holds 1/``pools`` of its share, so every pool starts at once on the same GPUs (an actor pool
+    waits for all its actors: two pools each asking for every GPU would wait for ever)."""
     if runner == "local":
         return Stage(name, make)
-    import ray
+    if gpus is None:
+        import ray
 
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
     return Stage(
         name,
         make,
-        num_gpus=1.0 / actors_per_gpu if gpus else 0.0,
+        num_gpus=1.0 / (actors_per_gpu * pools) if gpus else 0.0,
         actors=actors or (max(1, int(gpus) * actors_per_gpu) if gpus else 1),
     )
 
