@@ -289,3 +289,23 @@ def test_stored_embeddings_must_match_the_job(captioned, tmp_path):
         check_inputs(load(JobConfig, None, [f"store={bare.url}", *base[1:]]))
     with pytest.raises(ValueError, match="text_encoder embeds captions: set caption="):
         IngestConfig(source="glyphs:8", text_encoder=encoder)
+
+
+def test_a_job_on_stored_embeddings_needs_no_encoder(tmp_path):
+    """The encoder that made the stored embeddings may be out of reach (an island without the
+    hub): a job reading them checks against the store alone; one that encodes needs the encoder."""
+    import shutil
+
+    from ddm.config import load
+    from ddm.job import JobConfig, check_inputs
+    from ddm.models.text_encoder import make_tiny
+
+    encoder = make_tiny(str(tmp_path / "enc"), ["digit 3", "uppercase R"], hidden_size=32, layers=1, max_length=24)
+    store = Store(str(tmp_path / "store"))
+    ingest(IngestConfig(source="glyphs:64", shard_size=64, caption="describe", text_encoder=encoder), store)
+    partition(PartitionConfig(num_partitions=2, num_fine=8), store)
+    shutil.rmtree(encoder)
+    base = [f"store={store.url}", "partition=0", *TEXT, f"model.text.encoder={encoder}"]
+    check_inputs(load(JobConfig, None, [*base, STORED]))
+    with pytest.raises(ValueError, match="is not a folder"):
+        check_inputs(load(JobConfig, None, base))

@@ -174,18 +174,20 @@ def check(encoder: str, dim: int, length: int) -> dict:
 
 
 def check_job(t, dataset, store_url: str) -> None:
-    """A text job's inputs, before any worker starts: captions in the dataset, the encoder (``check``)
-    and, for ``embeddings=store``, embeddings stored at ingest by that encoder. ``t``: the job's
-    ``model.text`` (a ``TextConfig``); ``dataset``: a ``ddm.data.shards.Dataset``."""
+    """A text job's inputs, before any worker starts: captions in the dataset, and the encoder (``check``)
+    or, for ``embeddings=store``, embeddings stored at ingest by that encoder (which need not be
+    reachable from the job then). ``t``: the job's ``model.text`` (a ``TextConfig``); ``dataset``: a
+    ``ddm.data.shards.Dataset``."""
     if not dataset.has_captions:
         raise ValueError(
             f"model.text.encoder is set but the dataset in {store_url} has no captions: ingest it with caption=... "
             "(e.g. caption=describe for glyphs, caption=TEXT for a Parquet column)"
         )
-    check(t.encoder, t.dim, t.length)
     stored = dataset.manifest.get("text_embeddings")
     if t.embeddings != "store":
+        check(t.encoder, t.dim, t.length)
         return
+    # The job reads the embeddings ingest stored: it needs no encoder (an offline island trains on them).
     if not stored:
         raise ValueError(
             f"model.text.embeddings=store but the dataset in {store_url} has no stored caption embeddings: "
