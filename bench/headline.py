@@ -57,8 +57,9 @@ def summarize_curves(per_seed: dict[int, dict]) -> dict:
                 "std": statistics.stdev(ds) if len(ds) > 1 else 0.0,
                 "per_seed": ds,
             })  # fmt: skip
-            if all("prompt_adherence" in q for q in same):  # text models
-                rows[-1]["prompt_adherence"] = statistics.mean(q["prompt_adherence"] for q in same)
+            for key in ("prompt_retrieval", "prompt_adherence"):  # text models
+                if all(key in q for q in same):
+                    rows[-1][key] = statistics.mean(q[key] for q in same)
         out["series"][arm] = rows
     return out
 
@@ -82,8 +83,10 @@ def curve_table(curves: dict) -> list[str]:
         cells = []
         for a in arms:
             q = next((q for q in curves["series"][a] if q["point"] == p["point"]), None)
-            adherence = "" if q is None or "prompt_adherence" not in q else f" ({q['prompt_adherence']:.2f})"
-            cells.append("" if q is None else f"{q['mean']:.3f} ± {q['std']:.3f}{adherence}")
+            text = [f"{q[k]:.2f}" for k in ("prompt_retrieval", "prompt_adherence") if q is not None and k in q]
+            cells.append(
+                "" if q is None else f"{q['mean']:.3f} ± {q['std']:.3f}" + (f" ({', '.join(text)})" if text else "")
+            )
         lines.append(f"| {p['point']} | {p['training_flops']:.3g} | " + " | ".join(cells) + " |")
     return lines
 
@@ -117,32 +120,31 @@ def summarize(per_seed: dict[int, dict]) -> dict:
             "sampling_flops_per_sample": cost.get("sampling_flops_per_sample"),
             "router_share": cost.get("router_share"),
         }
-        adherence = [next(r.get("prompt_adherence") for r in res["rules"] if r["rule"] == rule)
-                     for res in per_seed.values()]  # fmt: skip
-        if None not in adherence:  # text models: the share of samples that show their prompt's class
-            rows[rule]["prompt_adherence"] = {
-                "mean": statistics.mean(adherence),
-                "std": statistics.stdev(adherence) if len(adherence) > 1 else 0.0,
-                "per_seed": adherence,
-            }
+        for key in ("prompt_retrieval", "prompt_adherence"):  # text models (ddm.adherence)
+            vals = [next(r.get(key) for r in res["rules"] if r["rule"] == rule) for res in per_seed.values()]
+            if None not in vals:
+                rows[rule][key] = {
+                    "mean": statistics.mean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "per_seed": vals,
+                }
     return rows
 
 
 def table(rows: dict) -> list[str]:
-    text = all("prompt_adherence" in r for r in rows.values())
+    extra = [k for k in ("prompt_retrieval", "prompt_adherence") if all(k in r for r in rows.values())]
     lines = [
         "| rule | distance (mean ± std) | per seed | expert + router forwards / sample | sampling MFLOPs / sample |"
-        + (" prompt adherence (mean ± std) |" if text else ""),
-        "|---|---:|---|---:|---:|" + ("---:|" if text else ""),
+        + "".join(f" {k.replace('_', ' ')} (mean ± std) |" for k in extra),
+        "|---|---:|---|---:|---:|" + "---:|" * len(extra),
     ]
     for rule, r in rows.items():
         flops = r["sampling_flops_per_sample"]
-        a = r.get("prompt_adherence")
         lines.append(
             f"| {rule} | {r['mean']:.3f} ± {r['std']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | "
             f"{r['expert_forwards_per_sample']:.0f} + {r['router_forwards_per_sample'] or 0:.0f} | "
             f"{'' if flops is None else f'{flops / 1e6:.1f}'} |"
-            + (f" {a['mean']:.3f} ± {a['std']:.3f} |" if text else "")
+            + "".join(f" {r[k]['mean']:.3f} ± {r[k]['std']:.3f} |" for k in extra)
         )
     return lines
 
@@ -182,9 +184,14 @@ def main() -> None:
             print(f"seed {seed}: {text or 'no crossing'}")
         plot_mean_curves(curves, first["metric"], f"{args.root}/curves.png")
         print(f"mean learning curves: {args.root}/curves.png")
-    chance = [res["prompts"]["adherence_chance"] for res in per_seed.values() if res.get("prompts")]
-    if chance:
-        print(f"\nPrompt adherence (in brackets in the curves): chance {statistics.mean(chance):.3f}")
+    prompts = [res["prompts"] for res in per_seed.values() if res.get("prompts")]
+    chance = [p["adherence_chance"] for p in prompts if p.get("adherence_chance") is not None]
+    if prompts:
+        print(
+            f"\nIn brackets in the curves: prompt retrieval (chance {prompts[0]['retrieval_chance']:.3f}, data images "
+            f"{statistics.mean(p['retrieval_data'] for p in prompts):.3f}), then the class adherence (chance "
+            f"{statistics.mean(chance) if chance else float('nan'):.3f})"
+        )
     best_ens = min((r for r in rows if not r.startswith("monolith")), key=lambda r: rows[r]["mean"])
     out = {
         "spec": args.spec,
@@ -205,6 +212,8 @@ def main() -> None:
         else None,
         "best_ensemble_rule": best_ens,
         "adherence_chance": statistics.mean(chance) if chance else None,
+        "retrieval_chance": prompts[0]["retrieval_chance"] if prompts else None,
+        "retrieval_data": statistics.mean(p["retrieval_data"] for p in prompts) if prompts else None,
         "seconds": time.perf_counter() - t0,
     }
     print(json.dumps(out))

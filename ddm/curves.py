@@ -17,6 +17,7 @@ import math
 from dataclasses import asdict
 
 from ddm import layout
+from ddm.adherence import ADHERENCE_VERSION
 from ddm.config import from_dict
 from ddm.ensemble import Ensemble, Rule
 from ddm.evaluate import EvalConfig, Judge, single_model_dir
@@ -29,7 +30,7 @@ from ddm.store import Store
 
 log = logging.getLogger("ddm.curves")
 KEYS = ("point", "training_flops", "distance")  # of each point in curves.json (the point files add the models)
-ADHERENCE = ("prompt_adherence", "adherence_chance")  # of a text model's points
+ADHERENCE = ("prompt_adherence", "adherence_chance", "prompt_retrieval", "retrieval_chance")  # text models' points
 
 
 def snapshot(store: Store, run_dir: str, point: int, points: int) -> tuple[dict, float] | None:
@@ -56,7 +57,8 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
     cfg = cfg.seeded()
     device = resolve_device(cfg.device)
     desc = store.read_json(layout.ENSEMBLE_FILE)
-    settings = {"config": asdict(cfg), "points": points, "streams": STREAMS}
+    measures = {"adherence": ADHERENCE_VERSION} if desc.get("text") else {}  # a new measure: measured again
+    settings = {"config": asdict(cfg), "points": points, "streams": STREAMS, **measures}
     name = f"s{cfg.seed}-{layout.ensemble_id(desc)}-{layout.short_digest(settings)}"
     out = store.child(layout.curves_dir(name))
     judge: Judge | None = None  # built only when a point needs measuring
@@ -92,9 +94,12 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
                 router.load()
                 distance, x = judge.measure(judge.ensemble(Ensemble(experts, router, Rule.parse(arm))))
             point["distance"] = distance
-            adherence = judge.adherence(x)  # text models: how often a sample shows its prompt's class
+            adherence = judge.adherence(x)  # text models: how well samples show their prompts
             if adherence is not None:
-                point["prompt_adherence"], point["adherence_chance"] = adherence["accuracy"], adherence["chance"]
+                point["prompt_retrieval"] = adherence["retrieval"]
+                point["retrieval_chance"] = judge.prompts.retrieval_chance
+                if adherence["accuracy"] is not None:
+                    point["prompt_adherence"], point["adherence_chance"] = adherence["accuracy"], adherence["chance"]
             out.write_json(fname, point)
             series[arm].append(point)
             measured += 1
@@ -175,12 +180,16 @@ def format_curves(result: dict) -> list[str]:
         cells = []
         for a in arms:
             p = next((p for p in result["series"][a] if p["point"] == i), None)
-            adherence = "" if p is None or "prompt_adherence" not in p else f" ({p['prompt_adherence']:.2f})"
-            cells.append("" if p is None else f"{p['distance']:.3f}{adherence}")
+            adherence = "" if p is None or "prompt_retrieval" not in p else f" ({p['prompt_retrieval']:.2f}"
+            adherence += "" if p is None or "prompt_adherence" not in p else f", {p['prompt_adherence']:.2f}"
+            cells.append("" if p is None else f"{p['distance']:.3f}{adherence}{')' if adherence else ''}")
         lines.append(f"| {i} | {flops.get(i, float('nan')):.3g} | " + " | ".join(cells) + " |")
-    chance = next((p["adherence_chance"] for a in arms for p in result["series"][a] if "adherence_chance" in p), None)
+    points = [p for a in arms for p in result["series"][a]]
+    chance = next((p["retrieval_chance"] for p in points if "retrieval_chance" in p), None)
     if chance is not None:
-        lines += ["", f"In brackets: prompt adherence (chance {chance:.3f})."]
+        classes = next((p["adherence_chance"] for p in points if "adherence_chance" in p), None)
+        also = f", then the class adherence (chance {classes:.3f})" if classes is not None else ""
+        lines += ["", f"In brackets: prompt retrieval (chance {chance:.3f}){also}."]
     lines.append("")
     for rule in (a for a in arms if not a.startswith("monolith")):
         for base in (a for a in arms if a.startswith("monolith")):

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ddm import layout
+from ddm.adherence import ADHERENCE_VERSION
 from ddm.assemble import load_ensemble
 from ddm.cost import (
     ensemble_sampling_cost,
@@ -148,12 +149,13 @@ class Judge:
         pick = torch.randint(len(self.x_data), (cfg.num_samples,), generator=stream(cfg.seed, LABELS))
         self.labels = self.y_data[pick].to(device) if self.num_classes else None
         self.parts = self.p_data[pick].to(device)
-        # A text ensemble samples the captions of the same draw (the prompts), and its prompt
-        # adherence is the classifier's accuracy on the classes of the prompts' images.
-        self.text, self.prompts, self.prompt_classes = desc.get("text"), None, None
+        # A text ensemble samples the captions of the same draw (the prompts) or held-out ones, and
+        # its prompt adherence is measured on them (``ddm.adherence``).
+        self.text, self.prompts = desc.get("text"), None
         if self.text:
             if "caption" not in data:
                 raise ValueError(f"the ensemble is text-conditioned but the dataset in {store.url} has no captions")
+            from ddm.adherence import PromptSet
             from ddm.models.text_encoder import TextEncoder
 
             self.encoder = TextEncoder.load(self.text["encoder"], self.text["length"], device)
@@ -162,14 +164,16 @@ class Judge:
                 from ddm.data.sources import held_out_prompts
 
                 manifest = store.manifest(layout.DATA_DIR)
-                self.prompts, labels = held_out_prompts(manifest, cfg.held_out, cfg.held_out_seed, cfg.num_samples)
-                classes = torch.tensor(labels)
+                prompts, labels = held_out_prompts(manifest, cfg.held_out, cfg.held_out_seed, cfg.num_samples)
+                classes, source = torch.tensor(labels), f"held out: {cfg.held_out} (seed {cfg.held_out_seed})"
                 self.parts = None  # no partitions: the oracle rule is refused (EvalConfig)
             else:
-                self.prompts, classes = [self.captions[int(i)] for i in pick], self.y_data[pick]
-            self.labels = self.encode(self.prompts)
+                prompts, classes = [self.captions[int(i)] for i in pick], self.y_data[pick]
+                source = "the captions of the data images drawn for the samples (the labels' draw)"
             classifier = isinstance(self.embedder, torch.nn.Module)
-            self.prompt_classes = classes if has_labels and classifier else None
+            self.prompts = PromptSet(prompts, classes if has_labels and classifier else None, self.encode,
+                                     self.embedder, self.x_data, self.captions, cfg.seed, source)  # fmt: skip
+            self.labels = self.prompts.embeddings
         self.cfg_branches = 2 if cfg.guidance != 1.0 and self.labels is not None else 1  # CFG: cond + uncond
 
     def encode(self, captions: list[str]):
@@ -178,32 +182,11 @@ class Judge:
         return TextEmbedding.cat([self.encoder.encode(captions[i : i + 256]) for i in range(0, len(captions), 256)])
 
     def adherence(self, x: torch.Tensor) -> dict | None:
-        """Prompt adherence: how often the classifier (trained on the data's labels) finds in each
-        sample the class of the image its prompt describes; a model that ignores its prompts scores
-        at chance, the share of the most common class among the prompts."""
-        if self.prompt_classes is None:
-            return None
-        with torch.no_grad():
-            pred = torch.cat([self.embedder(x[i : i + 512].float()).argmax(1) for i in range(0, len(x), 512)])
-        return {"accuracy": float((pred == self.prompt_classes).float().mean()), "chance": self.chance}
-
-    @property
-    def chance(self) -> float | None:
-        if self.prompt_classes is None:
-            return None
-        return float(torch.bincount(self.prompt_classes).max()) / len(self.prompt_classes)
+        """Prompt adherence of samples ``x`` (``ddm.adherence``); None for a class-conditional model."""
+        return None if self.prompts is None else self.prompts.adherence(x)
 
     def prompt_info(self) -> dict:
-        return {
-            "source": f"held out: {self.cfg.held_out} (seed {self.cfg.held_out_seed} if generated)"
-            if self.cfg.held_out
-            else "the captions of the data images drawn for the samples (the labels' draw)",
-            "examples": self.prompts[:8],
-            "adherence": "the FD-classifier's accuracy on the class of each prompt's image"
-            if self.prompt_classes is not None
-            else None,
-            "adherence_chance": self.chance,
-        }
+        return self.prompts.info()
 
     def single_model(self, model) -> Callable[[slice], VelocityFn]:
         return lambda rows: guided(model, None if self.labels is None else self.labels[rows], self.cfg.guidance)
@@ -245,8 +228,9 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         for r in rules
         if r in SINGLE_MODELS
     }
-    settings = {"config": asdict(cfg), "ensemble": desc, "models": models, "streams": STREAMS}
-    digest = layout.short_digest({"config": settings["config"], "models": models, "streams": STREAMS})
+    measures = {"adherence": ADHERENCE_VERSION} if desc.get("text") else {}  # a new measure: measured again
+    settings = {"config": asdict(cfg), "ensemble": desc, "models": models, "streams": STREAMS, **measures}
+    digest = layout.short_digest({"config": settings["config"], "models": models, "streams": STREAMS, **measures})
     name = cfg.name or f"s{cfg.seed}-{layout.ensemble_id(desc)}-{digest}"
     out = store.child(layout.eval_dir(name))
     if out.exists("results.json"):
@@ -289,7 +273,9 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         results.append({"rule": key, "distance": fd, **cost, "seconds": seconds})
         adherence = judge.adherence(x)
         if adherence is not None:
-            results[-1]["prompt_adherence"] = adherence["accuracy"]
+            results[-1]["prompt_retrieval"] = adherence["retrieval"]
+            if adherence["accuracy"] is not None:
+                results[-1]["prompt_adherence"] = adherence["accuracy"]
         if x.shape[1] in (1, 3):
             grids[key] = image_grid(x[:64].numpy())
         log.info(
@@ -374,6 +360,12 @@ def format_report(r: dict) -> str:
         chance = r["prompts"]["adherence_chance"]
         lines += ["", f"Prompt adherence (classifier accuracy on the prompts' classes; chance {chance:.3f}): "
                   + ", ".join(f"{v['rule']} {v['prompt_adherence']:.3f}" for v in adherent) + "."]  # fmt: skip
+    retrieved = [v for v in r["rules"] if "prompt_retrieval" in v]
+    if retrieved:
+        p = r["prompts"]
+        lines += ["", f"Prompt retrieval (a sample's own prompt found among {round(1 / p['retrieval_chance'])} from "
+                  f"its image features; chance {p['retrieval_chance']:.3f}, data images {p['retrieval_data']:.3f}): "
+                  + ", ".join(f"{v['rule']} {v['prompt_retrieval']:.3f}" for v in retrieved) + "."]  # fmt: skip
     ra = r["router_accuracy"]
     lines += [
         "",

@@ -73,9 +73,11 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     curves = s.read_json("report/results.json")["curves"]["series"]
     assert set(curves) == {"top-1", "monolith"} and all(len(points) == 2 for points in curves.values())
     assert all(0 <= p["prompt_adherence"] <= 1 and p["adherence_chance"] > 0 for ps in curves.values() for p in ps)
+    assert all(0 <= p["prompt_retrieval"] <= 1 and p["retrieval_chance"] == 0.1 for ps in curves.values() for p in ps)
     readme = open(os.path.join(store, "report", "README.md")).read()
     assert f"1. {PROMPTS[0]} (guidance 2)" in readme and "Prompt adherence" in readme
-    assert "In brackets: prompt adherence" in readme
+    assert "In brackets: prompt retrieval (chance 0.100), then the class adherence" in readme
+    assert "Prompt retrieval (a sample's own prompt found among 10" in readme
     again = ddm("run", str(spec))  # everything is done: nothing trains again
     assert again.returncode == 0, again.stderr[-4000:]
     assert "finished earlier" in again.stderr and "making a tiny" not in again.stderr

@@ -205,10 +205,14 @@ def test_a_text_ensemble_is_evaluated_on_prompts_with_their_adherence(text_ensem
     seeded = cfg.seeded()
     judge = Judge(Store(store), seeded, desc, resolve_device("cpu"))
     pick = torch.randint(len(judge.x_data), (64,), generator=stream(seeded.seed, LABELS))  # the Judge's draw
-    assert judge.prompts == [judge.captions[int(i)] for i in pick]  # the prompts describe these images
-    right = judge.adherence(judge.x_data[pick])["accuracy"]
-    wrong = judge.adherence(judge.x_data[pick.roll(1)])["accuracy"]
-    assert right > 0.5 and wrong < right / 2, (right, wrong)
+    assert judge.prompts.prompts == [judge.captions[int(i)] for i in pick]  # the prompts describe these images
+    right, wrong = judge.adherence(judge.x_data[pick]), judge.adherence(judge.x_data[pick.roll(1)])
+    assert right["accuracy"] > 0.5 and wrong["accuracy"] < right["accuracy"] / 2, (right, wrong)
+    # Retrieval: the data images find their own captions far above chance (1/10), other images do not.
+    info = r["prompts"]
+    assert info["retrieval_chance"] == 0.1 and info["retrieval_data"] > 0.3, info
+    assert right["retrieval"] > 0.5 and wrong["retrieval"] < 0.25, (right, wrong)
+    assert all(0.0 <= v["prompt_retrieval"] <= 1.0 for v in r["rules"])
 
 
 def test_held_out_prompts_come_from_data_no_model_trained_on(text_ensemble):
