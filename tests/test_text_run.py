@@ -105,3 +105,12 @@ def test_the_router_reads_the_experts_captions_and_ingest_stores_them():
     assert (text.encoder, text.dim, text.length) == ("/runs/t/text_encoder", 32, 24)
     assert spec.router.model.text == text
     assert (spec.ingest.text_encoder, spec.ingest.text_length) == ("/runs/t/text_encoder", 24)
+
+
+def test_the_glyphs_text_spec_loads_with_held_out_prompts():
+    from ddm.config import load
+
+    spec = load(RunSpec, "launch/glyphs_text.yaml", ["store=/runs/gt"]).resolved()
+    assert spec.router.model.text == spec.expert.model.text and spec.expert.model.text.encoder == "/runs/gt/text_encoder"
+    assert spec.evaluate.held_out == "glyphs:1000" and spec.evaluate.held_out_seed != spec.ingest.seed
+    assert len(spec.sample.prompts) == 8 and spec.monolith and spec.budget.split == "batch"
