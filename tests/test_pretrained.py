@@ -116,8 +116,7 @@ def test_what_does_not_map_is_refused_before_anything_loads(tmp_path):
         init_from_export(ddm_dit(**one), str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"), store)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     refused = {
-        "pixart": ({"_class_name": "PixArtTransformer2DModel"}, r"PixArt transformer is text-conditioned"),
-        "pixart-old": ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_single"}, r"PixArt"),
+        "unet": ({"_class_name": "UNet2DConditionModel"}, r"a diffusers UNet2DConditionModel; ddm starts from"),
         "gelu": ({"activation_fn": "gelu"}, r"activation_fn='gelu': not the DiT"),
         "old-512": ({"_class_name": "Transformer2DModel", "sample_size": 128}, r"interpolation_scale=2"),
     }
@@ -243,3 +242,48 @@ def test_a_missing_source_is_named_before_any_worker_starts(tmp_path):
         check_source("absent.pt", store)
     with pytest.raises(ValueError, match=r"init_from=monolith: neither a checkpoint .*train the source first"):
         check_source("monolith", store)
+
+
+def test_a_pixart_transformer_starts_a_text_dit_that_computes_what_diffusers_computes(tmp_path):
+    """A diffusers PixArtTransformer2DModel of DiT-Tiny/2's size (random weights, T5-like captions 16
+    wide and 6 long) loaded into ddm's text DiT gives diffusers' outputs (its noise half) on the
+    same latents, timesteps and masked captions; PixArt's settings that ddm does not compute, and a
+    class-conditional job, are refused."""
+    from ddm.models.config import TextConfig
+    from ddm.models.text_encoder import TextEmbedding
+
+    torch.manual_seed(0)
+    reference = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=32, in_channels=C, out_channels=2 * C, num_layers=2,
+        cross_attention_dim=64, sample_size=8, patch_size=2, caption_channels=16, use_additional_conditions=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference.save_pretrained(str(tmp_path / "pixart"))
+    reference.eval()
+    text = TextConfig(encoder="t5", dim=16, length=6, pooled=False)
+    model = build_model(ModelConfig("DiT-Tiny/2", (C, 8, 8), text=text)).eval()
+    record = init_from_export(model, str(tmp_path / "pixart"), Store(str(tmp_path)))
+    assert record["format"] == "diffusers PixArtTransformer2DModel"
+    assert any("learned sigma" in n for n in record["notes"]) and any("null caption" in n for n in record["notes"])
+    g = torch.Generator().manual_seed(1)
+    x, steps = torch.randn(3, C, 8, 8, generator=g), torch.tensor([1, 400, 999])
+    tokens, mask = torch.randn(3, 6, 16, generator=g), torch.arange(6)[None] < torch.tensor([[6], [3], [1]])
+    with torch.no_grad():
+        want = reference(x, encoder_hidden_states=tokens, timestep=steps, encoder_attention_mask=mask.long(),
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :C]  # fmt: skip
+        got = model(x, steps.float() / 1000, TextEmbedding(tokens, mask, torch.zeros(3, 16)))
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(ValueError, match="PixArt has no pooled caption path: set model.text.pooled=false"):
+        pooled = build_model(ModelConfig("DiT-Tiny/2", (C, 8, 8), text=TextConfig(encoder="t5", dim=16, length=6)))
+        init_from_export(pooled, str(tmp_path / "pixart"), Store(str(tmp_path)))
+    with pytest.raises(ValueError, match="a PixArt transformer starts text DiTs only"):
+        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "pixart"), Store(str(tmp_path)))
+    config = json.loads((tmp_path / "pixart" / "config.json").read_text())
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text(json.dumps({**config, "sample_size": 128,
+                                                             "use_additional_conditions": None}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"use_additional_conditions=True, interpolation_scale=2: not the PixArt"):
+        check_source(str(tmp_path / "big"), Store(str(tmp_path)))

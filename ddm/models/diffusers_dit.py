@@ -1,4 +1,5 @@
-"""diffusers' DiT in ddm's names (``init_from`` of a ``DiTTransformer2DModel`` folder): its config
+"""diffusers' DiT in ddm's names (``init_from`` of a ``DiTTransformer2DModel`` folder; a PixArt
+transformer's: ``ddm.models.diffusers_pixart``): its config
 checked to be the DiT that ddm's DiT computes, its safetensors read (sharded or not), its
 parameters renamed (q, k and v concatenated into ``qkv``; the per-block copies of the timestep and
 class embedding checked equal and shared). ``tests/test_pretrained.py`` runs diffusers' own model
@@ -31,13 +32,16 @@ def diffusers_config(source: str, store: Store) -> tuple[Store, dict]:
     cls, norm = config.get("_class_name"), config.get("norm_type")
     if cls == "Transformer2DModel":  # diffusers maps the generic name by norm_type, as here
         cls = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}.get(norm, cls)
-    if cls == "PixArtTransformer2DModel":
-        raise ValueError(
-            f"init_from={source}: a PixArt transformer is text-conditioned; ddm's experts are class-conditioned "
-            "until its text experts land (cross-attention DiT): start from a DiT"
-        )
+    if cls == "PixArtTransformer2DModel":  # a text DiT's start (ddm.models.diffusers_pixart)
+        from ddm.models.diffusers_pixart import check_pixart_config
+
+        check_pixart_config(config, source)
+        return where, {**config, "_class_name": cls}
     if cls != "DiTTransformer2DModel":
-        raise ValueError(f"init_from={source}: a diffusers {cls}; ddm starts from DiTTransformer2DModel folders")
+        raise ValueError(
+            f"init_from={source}: a diffusers {cls}; ddm starts from DiTTransformer2DModel and "
+            "PixArtTransformer2DModel folders"
+        )
     wrong = {
         "norm_type": (norm or DIT_NORM, DIT_NORM),
         "activation_fn": (config.get("activation_fn", "gelu-approximate"), "gelu-approximate"),
@@ -59,8 +63,18 @@ def diffusers_config(source: str, store: Store) -> tuple[Store, dict]:
     return where, config
 
 
-def diffusers_state(source: str, store: Store, model: torch.nn.Module) -> tuple[dict, str, str, list[str]]:
+def diffusers_state(source: str, store: Store, model: torch.nn.Module) -> tuple[dict, str, str, list[str], str]:
+    """The tensors in ``model``'s names, their sha256 and URL, notes, and the format's name."""
     where, config = diffusers_config(source, store)
+    pixart = config["_class_name"] == "PixArtTransformer2DModel"
+    text = hasattr(model, "null_text")
+    if pixart != text:
+        raise ValueError(
+            f"init_from={source}: a PixArt transformer starts text DiTs only (set model.text: its caption_channels "
+            "wide, T5's 120 tokens, pooled=false)"
+            if pixart
+            else f"init_from={source}: a class-conditional DiT cannot start a text DiT; start from a PixArt transformer"
+        )
     heads = model.blocks[0].attn.num_heads
     if config.get("num_attention_heads") != heads:
         raise ValueError(
@@ -84,7 +98,12 @@ def diffusers_state(source: str, store: Store, model: torch.nn.Module) -> tuple[
     sha256 = digests[0] if len(digests) == 1 else hashlib.sha256(shards).hexdigest()
     if len(digests) > 1:
         notes.append(f"sharded: sha256 of {{shard: sha256}} over {len(files)} shards")
-    return _from_diffusers(state, source), sha256, where.url, notes
+    if pixart:
+        from ddm.models.diffusers_pixart import pixart_state
+
+        state, more = pixart_state(state, model, source)
+        return state, sha256, where.url, notes + more, "diffusers PixArtTransformer2DModel"
+    return _from_diffusers(state, source), sha256, where.url, notes, "diffusers DiTTransformer2DModel"
 
 
 def weight_files(where: Store, source: str) -> list[str]:

@@ -18,8 +18,7 @@ Two formats besides ddm's own exports:
   refused. diffusers embeds time at frequencies 10000^(-i/127) where DiT uses 10000^(-i/128): a
   job started from diffusers weights needs ``model.time_freq_shift=1`` and then computes what
   diffusers computes (``tests/test_pretrained.py`` checks the outputs against diffusers' own model).
-  ``PixArtTransformer2DModel`` is text-conditioned; ddm's text experts do not exist yet, so it is
-  refused with that said.
+  A ``PixArtTransformer2DModel`` folder starts a text DiT (``ddm.models.diffusers_pixart``).
 
 Both formats are DiT's epsilon (and learned-sigma) predictors on DDPM's schedule. Where the source
 has twice the input channels at its output (the learned sigma), the job's DiT keeps the variance
@@ -96,9 +95,9 @@ def load_pretrained(source: str, store: Store, model: torch.nn.Module, kind: str
     if kind == "dit":
         state, sha256, url, notes = _dit_state(source, store)
         freq_shift, fmt = 0, "facebookresearch/DiT"
-    else:
-        state, sha256, url, notes = diffusers_state(source, store, model)
-        freq_shift, fmt = 1, "diffusers DiTTransformer2DModel"
+    else:  # diffusers' DiT embeds time at 10000^(-i/127); its PixArt at DiT's 10000^(-i/128)
+        state, sha256, url, notes, fmt = diffusers_state(source, store, model)
+        freq_shift = 0 if "PixArt" in fmt else 1
     shift = model.t_embedder.freq_shift
     if shift != freq_shift:
         raise ValueError(
@@ -175,6 +174,8 @@ def _drop_fixed_positions(state: dict, model: torch.nn.Module, source: str) -> l
 def _drop_learned_sigma(state: dict, model: torch.nn.Module, source: str) -> list[str]:
     """Keep the first C of 2C output channels (DiT's learned sigma is the second half), where the
     model outputs C. The output layer's rows are (patch row, patch column, channel), channel fastest."""
+    if not hasattr(model, "final_layer"):  # a text DiT (PixArt's sigma is dropped with its names)
+        return []
     w, own = state.get("final_layer.linear.weight"), model.final_layer.linear.weight
     if getattr(model, "learn_sigma", False) and w is not None and w.shape == own.shape:  # a router has none
         return ["learned sigma: kept (model.learn_sigma)"]
