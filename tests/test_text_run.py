@@ -111,6 +111,7 @@ def test_the_glyphs_text_spec_loads_with_held_out_prompts():
     from ddm.config import load
 
     spec = load(RunSpec, "launch/glyphs_text.yaml", ["store=/runs/gt"]).resolved()
-    assert spec.router.model.text == spec.expert.model.text and spec.expert.model.text.encoder == "/runs/gt/text_encoder"
+    assert spec.router.model.text == spec.expert.model.text
+    assert spec.expert.model.text.encoder == "/runs/gt/text_encoder"
     assert spec.evaluate.held_out == "glyphs:1000" and spec.evaluate.held_out_seed != spec.ingest.seed
     assert len(spec.sample.prompts) == 8 and spec.monolith and spec.budget.split == "batch"
