@@ -376,15 +376,12 @@ def _check_teacher(store: Store, cfg: JobConfig) -> None:
     text, t = desc.get("text"), cfg.model.text
     mine = {"encoder": t.encoder, "dim": t.dim, "length": t.length} if t.enabled else None
     if text != mine:
-        raise ValueError(
-            f"the ensemble reads captions with {text} but the student {'with ' + str(mine) if mine else 'reads none'}: "
-            + (
-                f"set model.text.encoder={text['encoder']} model.text.dim={text['dim']} "
-                f"model.text.length={text['length']}"
-                if text
-                else "leave model.text.encoder empty (the ensemble is class-conditional)"
-            )
-        )
+        fix = "leave model.text.encoder empty (the ensemble is class-conditional)"
+        if text:
+            fix = " ".join(f"model.text.{k}={text[k]}" for k in ("encoder", "dim", "length"))
+            fix = f"set {fix}"
+        student = "with " + str(mine) if mine else "reads none"
+        raise ValueError(f"the ensemble reads captions with {text} but the student {student}: {fix}")
     if cfg.teacher != layout.ensemble_id(desc):
         raise ValueError(
             f"teacher={cfg.teacher!r} is not the store's ensemble ({layout.ensemble_id(desc)}, assembled from other "
