@@ -86,7 +86,11 @@ class PromptSet:
         vecs = caption_vectors(encode([captions[int(i)] for i in pick]))
         cut = len(pick) * 3 // 4
         self.probe = CaptionProbe(feats[:cut], vecs[:cut])
-        self.retrieval_data = self.probe.retrieval(feats[cut:], np.arange(len(pick) - cut), vecs[cut:], seed)
+        back = [captions[int(i)] for i in pick[cut:]]  # their distinct captions, as the samples' prompts are
+        index = {c: i for i, c in enumerate(dict.fromkeys(back))}
+        own = np.array([index[c] for c in back])
+        self.retrieval_data = self.probe.retrieval(feats[cut:], own, vecs[cut:][np.unique(own, return_index=True)[1]],
+                                                   seed)  # fmt: skip
         self.retrieval_chance = 1.0 / min(CANDIDATES, len(distinct))
 
     def adherence(self, x: torch.Tensor) -> dict:

@@ -279,6 +279,9 @@ def test_a_pixart_transformer_starts_a_text_dit_that_computes_what_diffusers_com
     with pytest.raises(ValueError, match="PixArt has no pooled caption path: set model.text.pooled=false"):
         pooled = build_model(ModelConfig("DiT-Tiny/2", (C, 8, 8), text=TextConfig(encoder="t5", dim=16, length=6)))
         init_from_export(pooled, str(tmp_path / "pixart"), Store(str(tmp_path)))
+    with pytest.raises(ValueError, match="starts a cross-attention text DiT .*, not an MMDiT"):
+        mmdit = build_model(ModelConfig("MMDiT-Tiny/2", (C, 8, 8), text=text))
+        init_from_export(mmdit, str(tmp_path / "pixart"), Store(str(tmp_path)))
     with pytest.raises(ValueError, match="a PixArt transformer starts text DiTs only"):
         init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "pixart"), Store(str(tmp_path)))
     config = json.loads((tmp_path / "pixart" / "config.json").read_text())

@@ -222,3 +222,15 @@ def test_text_settings_that_cannot_work_are_refused():
         TextConfig(embeddings="store")
     with pytest.raises(ValueError, match="must be job or store"):
         TextConfig(encoder="x", dim=4, length=4, embeddings="disk")
+
+
+def test_a_batch_of_captions_moves_to_the_device_as_tensors_only():
+    """The prefetcher copies every tensor of a batch (a caption embedding's fields too) to the GPU;
+    an unset field (``drop``) is not one of them."""
+    from ddm.train.prefetch import tensors
+
+    batch = {"x": torch.zeros(2, 1, 8, 8), "y": captions(2), "partition": torch.zeros(2), "none": None}
+    got = list(tensors(batch))
+    assert len(got) == 2 + 3 and all(isinstance(t, torch.Tensor) for t in got)
+    batch["y"] = TextEmbedding(*(getattr(batch["y"], f) for f in ("tokens", "mask", "pooled")), torch.ones(2).bool())
+    assert len(list(tensors(batch))) == 2 + 4

@@ -92,6 +92,8 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
                                                                                               "length": 8}}}},
          "both name the experts' text encoder: keep one"),
         ({"tiny_text_encoder": {"kind": "bert"}}, "kind must be clip or t5"),
+        ({"budget": {"curve_points": 2, "curve_rules": ["top1", "oracle"]},
+          "evaluate": {**TEXT_RUN["evaluate"], "held_out": "glyphs:16"}}, "drop oracle from budget.curve_rules"),
     ],
 )  # fmt: skip
 def test_text_run_specs_say_what_is_missing(change, match):

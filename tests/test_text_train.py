@@ -235,6 +235,9 @@ def test_held_out_prompts_come_from_data_no_model_trained_on(text_ensemble):
     assert r["prompts"]["adherence_chance"] == max(labels.count(y) for y in labels) / 32
     with pytest.raises(ValueError, match="draws the training data's own images .* choose another held_out_seed"):
         held_out_prompts(manifest, "glyphs:16", 0, 32)
+    parquet = {**manifest, "ingest": {**manifest["ingest"], "source": "/data/train.parquet"}}
+    with pytest.raises(ValueError, match="is the dataset's own source: give files no model trained on"):
+        held_out_prompts(parquet, "/data/train.parquet/", 1, 32)
     with pytest.raises(ValueError, match="the oracle rule routes each sample to its image's partition"):
         EvalConfig(**{**cfg, "rules": ["top1", "oracle"]})
 
@@ -266,7 +269,7 @@ def test_embeddings_computed_at_ingest_are_the_encoders(captioned, tmp_path):
     m = store.manifest("data")["text_embeddings"]
     assert (m["dim"], m["length"], m["dtype"]) == (32, 24, "float32") and m["encoder"]["spec"] == encoder
     assert m["bytes_per_sample"] == 24 * 32 * 4 + 32 * 4 + 2
-    shard = Dataset(store).read_shard(0)
+    shard = Dataset(store).read_shard(0, embeddings=True)
     emb = TextEncoder.load(encoder, 24).encode(shard.captions)
     assert np.array_equal(shard.text["text_tokens"], emb.tokens.numpy())
     assert np.array_equal(shard.text["text_lengths"], emb.mask.sum(1).numpy())

@@ -158,9 +158,9 @@ class Dataset:
     def has_captions(self) -> bool:
         return bool(self.manifest.get("captions"))
 
-    def read_shard(self, index: int, embeddings: bool = True) -> Shard:
-        """Shard ``index``, verified against the manifest's sha256; ``embeddings=False`` leaves the
-        stored caption embeddings out (their columns are not decoded)."""
+    def read_shard(self, index: int, embeddings: bool = False) -> Shard:
+        """Shard ``index``, verified against the manifest's sha256; with ``embeddings`` its stored
+        caption embeddings too (without, their columns are not even decoded: T5-XL's are 1 MB a row)."""
         raw = self.store.read_verified(DATA_DIR, self.shard_names[index])
         text = self.manifest.get("text_embeddings") if embeddings else None
         return decode_shard(raw, self.sample_shape, self.dtype, text)

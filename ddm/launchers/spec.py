@@ -97,6 +97,11 @@ class RunSpec:
                 "the experts are text-conditioned: give the sample stage its prompts (sample.prompts=[...] or "
                 "sample.prompts_file=<one per line>)"
             )
+        if self.evaluate.held_out and any(r.startswith("oracle") for r in self.budget.curve_rules):
+            raise ValueError(
+                "budget.curve_rules has the oracle rule, which needs each prompt's partition, and evaluate.held_out "
+                "prompts have none: drop oracle from budget.curve_rules"
+            )
         if self.distill_steps < 0:
             raise ValueError(f"distill_steps must be >= 0, got {self.distill_steps}")
         if self.max_concurrent_jobs < 0:

@@ -75,6 +75,11 @@ def diffusers_state(source: str, store: Store, model: torch.nn.Module) -> tuple[
             if pixart
             else f"init_from={source}: a class-conditional DiT cannot start a text DiT; start from a PixArt transformer"
         )
+    if pixart and not hasattr(model.blocks[0], "cross_attn"):
+        raise ValueError(
+            f"init_from={source}: a PixArt transformer starts a cross-attention text DiT (model.arch=DiT-...), not "
+            f"an MMDiT"
+        )
     heads = model.blocks[0].attn.num_heads
     if config.get("num_attention_heads") != heads:
         raise ValueError(

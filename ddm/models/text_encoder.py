@@ -85,7 +85,17 @@ class TextEncoder:
         """The encoder and tokenizer ``spec`` names (see ``parse``); ``max_length`` 0: the model's own
         (CLIP: its positions, 77; T5: 120, PixArt-alpha's)."""
         where, revision, hub = parse(spec)
+        if _remote(where):  # a store URL: copied down for the load, removed after it
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="ddm-text-encoder-") as tmp:
+                _copy_down(where, tmp)
+                return cls._load(spec, tmp, revision, False, max_length, device)
         folder = _hub_folder(spec, where, revision) if hub else _local_folder(where)
+        return cls._load(spec, folder, revision, hub, max_length, device)
+
+    @classmethod
+    def _load(cls, spec: str, folder: str, revision: str | None, hub: bool, max_length: int, device) -> "TextEncoder":
         try:
             with open(os.path.join(folder, "config.json")) as f:
                 config = json.load(f)
@@ -146,18 +156,17 @@ def check(encoder: str, dim: int, length: int) -> dict:
             import huggingface_hub  # noqa: F401
         except ImportError as e:
             raise ValueError(f"text encoder {encoder!r} comes from the hub: pip install 'ddm[encoders]'") from e
-        path = _hub_config(encoder, where, revision)
-    elif "://" in where and not where.startswith("file://"):  # a store URL: its config.json only
-        path = where.rstrip("/") + "/config.json"
+        with open(_hub_config(encoder, where, revision)) as f:
+            config = json.load(f)
+    elif _remote(where):  # a store URL: its config.json only, through the store's client
+        config = _remote_config(encoder, where)
     else:
         path = os.path.join(_local_folder(where), "config.json")
-    try:
-        import fsspec
-
-        with fsspec.open(path, "r") as f:
-            config = json.load(f)
-    except FileNotFoundError as e:
-        raise ValueError(f"text encoder {encoder!r}: {os.path.dirname(path)} has no config.json") from e
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except FileNotFoundError as e:
+            raise ValueError(f"text encoder {encoder!r}: {os.path.dirname(path)} has no config.json") from e
     kind = KINDS.get(config.get("model_type", ""))
     if kind is None:
         raise ValueError(f"text encoder {encoder!r} is a {config.get('model_type')!r} model, not a CLIP or T5 one")
@@ -207,18 +216,39 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _remote(where: str) -> bool:
+    return "://" in where and not where.startswith("file://")
+
+
+def _remote_config(encoder: str, where: str) -> dict:
+    from ddm.store import Store, StoreError
+
+    try:
+        return Store(where).read_json("config.json")
+    except FileNotFoundError as e:
+        raise ValueError(f"text encoder {encoder!r}: {where} has no config.json") from e
+    except (OSError, StoreError, ValueError, ImportError) as e:  # credentials, a missing s3fs, a bad file
+        raise ValueError(f"text encoder {encoder!r}: cannot read {where}/config.json ({type(e).__name__}: {e})") from e
+
+
+def _copy_down(where: str, local: str) -> None:
+    """The files of the folder at the store URL ``where`` (not its sub-folders) into ``local``,
+    through ``Store`` (its endpoint settings, timeouts and retries)."""
+    from ddm.store import Store, StoreError
+
+    store = Store(where)
+    try:
+        names = [n for n in store.list() if not n.startswith(".") and not store.fs.isdir(store.path(n))]
+        if "config.json" not in names:
+            raise ValueError(f"text encoder {where!r} is not a folder with a config.json (a save_pretrained model)")
+        for name in names:
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(store.read_bytes(name))
+    except (OSError, StoreError, ImportError) as e:
+        raise ValueError(f"text encoder {where!r}: cannot read it ({type(e).__name__}: {e})") from e
+
+
 def _local_folder(where: str) -> str:
-    if "://" in where and not where.startswith("file://"):
-        import tempfile
-
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(where)
-        if not fs.isdir(path):
-            raise ValueError(f"text encoder {where!r} is not a folder")
-        local = tempfile.mkdtemp(prefix="ddm-text-encoder-")
-        fs.get(path.rstrip("/") + "/", local, recursive=True)
-        return local
     path = where.removeprefix("file://")
     if not os.path.isdir(path):
         raise ValueError(f"text encoder {where!r} is not a folder (a save_pretrained text model and its tokenizer)")

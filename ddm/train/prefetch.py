@@ -60,8 +60,9 @@ def tensors(batch: dict):
     for value in batch.values():
         if isinstance(value, torch.Tensor):
             yield value
-        elif value is not None and hasattr(value, "__dataclass_fields__"):
-            yield from (getattr(value, f) for f in value.__dataclass_fields__)
+        elif value is not None and hasattr(value, "__dataclass_fields__"):  # unset fields (drop) are None
+            fields = (getattr(value, f) for f in value.__dataclass_fields__)
+            yield from (t for t in fields if isinstance(t, torch.Tensor))
 
 
 class Prefetcher:

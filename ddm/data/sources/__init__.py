@@ -149,10 +149,15 @@ def held_out_prompts(manifest: dict, source: str, seed: int, n: int) -> tuple[li
         **{k: v for k, v in made.items() if k in names}, "source": source, "seed": seed, "text_encoder": "",
         "runner": "local",
     })  # fmt: skip
-    if source.split(":")[0] in ("glyphs", "synthetic", "digits") and (source == "digits" or seed == made.get("seed")):
+    if source.split(":")[0] in ("glyphs", "synthetic", "digits"):
+        if source == "digits" or seed == made.get("seed"):
+            raise ValueError(
+                f"held_out={source} with held_out_seed={seed} draws the training data's own images (the dataset is "
+                f"{made['source']}, seed {made.get('seed')}): choose another held_out_seed"
+            )
+    elif _url(source) == _url(made["source"]):
         raise ValueError(
-            f"held_out={source} with held_out_seed={seed} draws the training data's own images (the dataset is "
-            f"{made['source']}, seed {made.get('seed')}): choose another held_out_seed"
+            f"held_out={source} is the dataset's own source: give files no model trained on (e.g. a held-back split)"
         )
     captions, labels, classes = captions_and_labels(cfg, n)
     if not captions:
@@ -164,3 +169,9 @@ def held_out_prompts(manifest: dict, source: str, seed: int, n: int) -> tuple[li
         )
     order = [i % len(captions) for i in range(n)]
     return [captions[i] for i in order], [labels[i] for i in order]
+
+
+def _url(source: str) -> str:
+    from ddm.store import absolute_url
+
+    return absolute_url(source).rstrip("/")
