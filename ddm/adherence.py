@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ADHERENCE_VERSION = 2  # evaluations and learning curves of text models measured before are measured again
+ADHERENCE_VERSION = 3  # evaluations and learning curves of text models measured before are measured again
 CANDIDATES = 10  # prompts each sample is told apart from, its own included
 FIT_SAMPLES = 4096  # data images (with their captions) the retrieval map is fit and checked on
 
