@@ -536,9 +536,9 @@ def test_shard_cache_is_bounded_in_bytes_and_reads_a_fitting_dataset_once(parted
         reader = PartitionReader(parted, None, batch_size=64, seed=1, cache_bytes=budget)
         original, count = reader.dataset.read_shard, [0]
 
-        def counting(i, original=original, count=count):
+        def counting(i, *more, original=original, count=count):
             count[0] += 1
-            return original(i)
+            return original(i, *more)
 
         reader.dataset.read_shard = counting
         for _ in range(3 * reader.batches_per_epoch):
