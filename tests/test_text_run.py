@@ -117,3 +117,18 @@ def test_the_glyphs_text_spec_loads_with_held_out_prompts():
     assert spec.expert.model.text.encoder == "/runs/gt/text_encoder"
     assert spec.evaluate.held_out == "glyphs:1000" and spec.evaluate.held_out_seed != spec.ingest.seed
     assert len(spec.sample.prompts) == 8 and spec.monolith and spec.budget.split == "batch"
+
+
+def test_islands_plan_text_experts_with_the_stores_tiny_encoder():
+    """``ddm submit`` resolves a text spec against the islands' store: every expert and the router
+    read the tiny encoder kept there, and ingest stores the embeddings the experts read."""
+    from ddm.launchers.plan import Island, IslandsConfig, plan_jobs
+
+    islands = IslandsConfig(store="s3://b/r", islands={"a": Island("http://a:1"), "b": Island("http://b:1")})
+    spec = from_dict(RunSpec, {**TEXT_RUN, "store": "ignored"}).resolved(islands.store)
+    jobs = plan_jobs(spec, islands, [300, 212])
+    assert [j.name for j in jobs] == ["expert-00", "expert-01", "router"]
+    for j in jobs:
+        t = j.config.model.text
+        assert (t.encoder, t.dim, t.length, t.embeddings) == ("s3://b/r/text_encoder", 32, 24, "store"), j.name
+    assert jobs[1].config.model.arch == "MMDiT-Tiny/4" and spec.ingest.text_encoder == "s3://b/r/text_encoder"
