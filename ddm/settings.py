@@ -79,7 +79,8 @@ class EvalConfig(SamplingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.held_out and any(r.startswith("oracle") for r in self.rules):
+        if self.held_out and any(not r.startswith("monolith") and r != "distilled" and Rule.parse(r).name == "oracle"
+                                 for r in self.rules):  # fmt: skip
             raise ValueError(
                 "the oracle rule routes each sample to its image's partition, and held-out prompts have none: drop "
                 "oracle from rules, or leave held_out empty (prompts from the training data's captions)"

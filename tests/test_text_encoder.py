@@ -94,6 +94,8 @@ def test_an_encoder_in_a_store_url_is_checked_from_its_config_and_loads(tiny):
     url = f"memory://encoders/{kind}"
     fs = fsspec.filesystem("memory")
     fs.put(folder.rstrip("/") + "/", f"/encoders/{kind}/", recursive=True)
+    fs.pipe(f"/encoders/{kind}/sub/weights.bin", b"not the encoder's")  # a sub-folder and a hidden file: skipped
+    fs.pipe(f"/encoders/{kind}/.cache", b"")
     assert check(url, 64, 24)["model_type"] in ("clip_text_model", "t5")
     with pytest.raises(ValueError, match="makes 64-wide embeddings: set model.text.dim=64"):
         check(url, 32, 24)

@@ -11,6 +11,7 @@ from ddm.data.config import IngestConfig, PartitionConfig
 from ddm.job import JobConfig
 from ddm.layout import TEXT_ENCODER_DIR
 from ddm.models.config import ModelConfig
+from ddm.rules import Rule
 from ddm.settings import EvalConfig, SampleConfig
 from ddm.store import Store, absolute_url
 
@@ -97,7 +98,8 @@ class RunSpec:
                 "the experts are text-conditioned: give the sample stage its prompts (sample.prompts=[...] or "
                 "sample.prompts_file=<one per line>)"
             )
-        if self.evaluate.held_out and any(r.startswith("oracle") for r in self.budget.curve_rules):
+        oracle = any(Rule.parse(r).name == "oracle" for r in self.budget.curve_rules)
+        if self.evaluate.held_out and self.budget.curve_points and oracle:
             raise ValueError(
                 "budget.curve_rules has the oracle rule, which needs each prompt's partition, and evaluate.held_out "
                 "prompts have none: drop oracle from budget.curve_rules"

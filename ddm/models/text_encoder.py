@@ -221,31 +221,37 @@ def _remote(where: str) -> bool:
 
 
 def _remote_config(encoder: str, where: str) -> dict:
-    from ddm.store import Store, StoreError
+    from ddm.store import Store
 
     try:
         return Store(where).read_json("config.json")
     except FileNotFoundError as e:
         raise ValueError(f"text encoder {encoder!r}: {where} has no config.json") from e
-    except (OSError, StoreError, ValueError, ImportError) as e:  # credentials, a missing s3fs, a bad file
+    except Exception as e:  # noqa: BLE001 - credentials (botocore's own errors), a missing s3fs, a bad file
         raise ValueError(f"text encoder {encoder!r}: cannot read {where}/config.json ({type(e).__name__}: {e})") from e
 
 
 def _copy_down(where: str, local: str) -> None:
     """The files of the folder at the store URL ``where`` (not its sub-folders) into ``local``,
     through ``Store`` (its endpoint settings, timeouts and retries)."""
-    from ddm.store import Store, StoreError
+    from ddm.store import Store
 
     store = Store(where)
-    try:
-        names = [n for n in store.list() if not n.startswith(".") and not store.fs.isdir(store.path(n))]
-        if "config.json" not in names:
-            raise ValueError(f"text encoder {where!r} is not a folder with a config.json (a save_pretrained model)")
-        for name in names:
-            with open(os.path.join(local, name), "wb") as f:
-                f.write(store.read_bytes(name))
-    except (OSError, StoreError, ImportError) as e:
+    folder = store.path("").rstrip("/")
+    try:  # its files (not sub-folders, not an S3 console's zero-byte folder marker), streamed to disk
+        entries = store.fs.ls(folder, detail=True, refresh=True)
+        names = [
+            os.path.basename(e["name"].rstrip("/")) for e in entries
+            if e.get("type") == "file" and not e["name"].endswith("/") and e["name"].rstrip("/") != folder
+        ]  # fmt: skip
+        names = [n for n in names if not n.startswith(".")]
+        if "config.json" in names:
+            for name in names:
+                store.get_file(name, os.path.join(local, name))
+    except Exception as e:  # noqa: BLE001 - credentials (botocore's own errors), a missing s3fs, the network
         raise ValueError(f"text encoder {where!r}: cannot read it ({type(e).__name__}: {e})") from e
+    if "config.json" not in names:
+        raise ValueError(f"text encoder {where!r} is not a folder with a config.json (a save_pretrained model)")
 
 
 def _local_folder(where: str) -> str:

@@ -174,4 +174,4 @@ def held_out_prompts(manifest: dict, source: str, seed: int, n: int) -> tuple[li
 def _url(source: str) -> str:
     from ddm.store import absolute_url
 
-    return absolute_url(source).rstrip("/")
+    return absolute_url(source.removeprefix("file://")).rstrip("/")
