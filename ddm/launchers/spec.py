@@ -98,8 +98,11 @@ class RunSpec:
                 "the experts are text-conditioned: give the sample stage its prompts (sample.prompts=[...] or "
                 "sample.prompts_file=<one per line>)"
             )
-        oracle = any(Rule.parse(r).name == "oracle" for r in self.budget.curve_rules)
-        if self.evaluate.held_out and self.budget.curve_points and oracle:
+        if (
+            self.evaluate.held_out
+            and self.budget.curve_points
+            and any(Rule.parse(r).name == "oracle" for r in self.budget.curve_rules)
+        ):
             raise ValueError(
                 "budget.curve_rules has the oracle rule, which needs each prompt's partition, and evaluate.held_out "
                 "prompts have none: drop oracle from budget.curve_rules"
