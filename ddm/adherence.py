@@ -102,7 +102,7 @@ class PromptSet:
             with torch.no_grad():
                 pred = torch.cat([self.embedder(x[i : i + 512].float()).argmax(1) for i in range(0, len(x), 512)])
             out["accuracy"] = float((pred == self.classes).float().mean())
-        return {**out, "chance": self.chance}
+        return {**out, "chance": self.chance, "retrieval_chance": self.retrieval_chance}
 
     @property
     def chance(self) -> float | None:

@@ -120,7 +120,7 @@ class RunSpec:
     def resolved(self, store: str | None = None) -> "RunSpec":
         """The spec with an absolute store URL (``store`` replaces the spec's own), the run's seed
         in sampling and evaluation where they do not set their own and, for text experts, one text
-        encoder for every job (``text_encoder_of``)."""
+        encoder for every job (``_with_text``)."""
         url = absolute_url(store or self.store)
         spec = dataclasses.replace(
             self, store=url, sample=self.sample.seeded(self.seed), evaluate=self.evaluate.seeded(self.seed)
@@ -209,8 +209,5 @@ def make_text_encoder(spec: RunSpec, store: Store) -> None:
     captions = first_captions(spec.ingest, tiny.captions)
     with tempfile.TemporaryDirectory(prefix="ddm-tiny-encoder-") as tmp:
         make_tiny(tmp, captions, tiny.kind, tiny.hidden_size, tiny.layers, tiny.heads, tiny.max_length, spec.seed)
-        names = sorted(os.listdir(tmp))
-        for name in names:
-            with open(os.path.join(tmp, name), "rb") as f:
-                store.write_bytes(f"{TEXT_ENCODER_DIR}/{name}", f.read())
-    store.commit(TEXT_ENCODER_DIR, names, {"tiny_text_encoder": tiny.identity()})
+        known = {n: store.put_file(os.path.join(tmp, n), f"{TEXT_ENCODER_DIR}/{n}") for n in sorted(os.listdir(tmp))}
+    store.commit(TEXT_ENCODER_DIR, list(known), {"tiny_text_encoder": tiny.identity()}, known=known)

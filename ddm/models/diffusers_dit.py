@@ -125,6 +125,23 @@ def weight_files(where: Store, source: str) -> list[str]:
     )
 
 
+def renamed(key: str, table: dict[str, str]) -> str | None:
+    """``key`` with the first prefix of ``table`` it starts with replaced by that prefix's new name."""
+    return next((n + key[len(o) :] for o, n in table.items() if key.startswith(o)), None)
+
+
+def joined(parts: dict[tuple[str, str], dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
+    """{(ddm name, weight|bias): {"q"|"k"|"v": tensor}} as ddm's concatenated tensors: ``<name>.qkv``
+    holds q, k and v in that order, any other name k and v."""
+    out = {}
+    for (name, kind), got in parts.items():
+        order = "qkv" if name.endswith("qkv") else "kv"
+        if set(got) != set(order):
+            raise ValueError(f"init_from={source}: {name} lacks some of to_{', to_'.join(order)} ({kind})")
+        out[f"{name}.{kind}"] = torch.cat([got[c] for c in order], dim=0)
+    return out
+
+
 def _from_diffusers(state: dict, source: str) -> dict:
     out, shared = {}, {}
     rename = {
@@ -144,19 +161,19 @@ def _from_diffusers(state: dict, source: str) -> dict:
         "norm1.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
         "norm1.emb.class_embedder.embedding_table.": "y_embedder.embedding_table.",
     }
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", key)
         if m is None:
-            new = next((n + key[len(o) :] for o, n in rename.items() if key.startswith(o)), None)
+            new = renamed(key, rename)
             if new is None:
                 raise ValueError(f"init_from={source}: tensor {key!r} has no place in ddm's DiT")
             out[new] = value
             continue
         i, rest = int(m.group(1)), m.group(2)
         if q := re.fullmatch(r"attn1\.to_([qkv])\.(weight|bias)", rest):
-            qkv.setdefault((i, q.group(2)), {})[q.group(1)] = value
-        elif e := next((n + rest[len(o) :] for o, n in embed.items() if rest.startswith(o)), None):
+            qkv.setdefault((f"blocks.{i}.attn.qkv", q.group(2)), {})[q.group(1)] = value
+        elif e := renamed(rest, embed):
             first = shared.setdefault(e, (i, value))
             if not torch.equal(first[1], value):
                 pair, what = (min(first[0], i), max(first[0], i)), rest.rsplit(".", 1)[0]
@@ -165,14 +182,11 @@ def _from_diffusers(state: dict, source: str) -> dict:
                     "DiT shares one timestep and class embedding across blocks (as the DiT paper, and as diffusers' "
                     "converted DiT checkpoints hold it)"
                 )
-        elif b := next((n + rest[len(o) :] for o, n in block.items() if rest.startswith(o)), None):
+        elif b := renamed(rest, block):
             out[f"blocks.{i}.{b}"] = value
         else:
             raise ValueError(f"init_from={source}: tensor {key!r} has no place in ddm's DiT")
-    for (i, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"init_from={source}: block {i}'s attention lacks some of to_q, to_k, to_v ({kind})")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    out.update(joined(qkv, source))
     out.update({k: v for k, (_, v) in shared.items()})
     return out
 

@@ -25,6 +25,8 @@ import re
 
 import torch
 
+from ddm.models.diffusers_dit import joined, renamed
+
 WRONG = "not the PixArt-alpha transformer that ddm's text DiT computes"
 
 
@@ -51,7 +53,8 @@ def check_pixart_config(config: dict, source: str) -> None:
 
 
 def pixart_state(state: dict, model: torch.nn.Module, source: str) -> tuple[dict, list[str]]:
-    """``state`` (diffusers' names) in the text DiT ``model``'s names; notes of what was dropped or kept."""
+    """``state`` (diffusers' names) in the text DiT ``model``'s names, the learned sigma still in
+    ``final_linear`` (``ddm.models.pretrained`` drops it, as for a DiT); notes of what was kept."""
     if getattr(model, "pooled_embedder", None) is not None:
         raise ValueError(f"init_from={source}: PixArt has no pooled caption path: set model.text.pooled=false")
     rename = {
@@ -74,37 +77,26 @@ def pixart_state(state: dict, model: torch.nn.Module, source: str) -> tuple[dict
         "ff.net.2.": "mlp.fc2.",
     }
     out: dict[str, torch.Tensor] = {}
-    joined: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (ddm name, weight|bias) -> parts
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (ddm name, weight|bias) -> q, k, v
     for key, value in state.items():
         m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", key)
         if m is None:
-            new = next((n + key[len(o) :] for o, n in rename.items() if key.startswith(o)), None)
+            new = renamed(key, rename)
             if new is None:
                 raise ValueError(f"init_from={source}: tensor {key!r} has no place in ddm's text DiT")
             out[new] = value
             continue
         i, rest = int(m.group(1)), m.group(2)
         if q := re.fullmatch(r"attn1\.to_([qkv])\.(weight|bias)", rest):
-            joined.setdefault((f"blocks.{i}.attn.qkv", q.group(2)), {})[q.group(1)] = value
+            parts.setdefault((f"blocks.{i}.attn.qkv", q.group(2)), {})[q.group(1)] = value
         elif kv := re.fullmatch(r"attn2\.to_([kv])\.(weight|bias)", rest):
-            joined.setdefault((f"blocks.{i}.cross_attn.kv", kv.group(2)), {})[kv.group(1)] = value
-        elif b := next((n + rest[len(o) :] for o, n in block.items() if rest.startswith(o)), None):
+            parts.setdefault((f"blocks.{i}.cross_attn.kv", kv.group(2)), {})[kv.group(1)] = value
+        elif b := renamed(rest, block):
             out[f"blocks.{i}.{b}"] = value
         else:
             raise ValueError(f"init_from={source}: tensor {key!r} has no place in ddm's text DiT")
-    for (name, kind), parts in joined.items():
-        order = "qkv" if name.endswith("qkv") else "kv"
-        if set(parts) != set(order):
-            raise ValueError(f"init_from={source}: {name} lacks some of to_{', to_'.join(order)} ({kind})")
-        out[f"{name}.{kind}"] = torch.cat([parts[c] for c in order], dim=0)
+    out.update(joined(parts, source))
+    out["null_tokens"] = model.state_dict()["null_tokens"]
     notes = ["null caption: not in diffusers' PixArt (its pipelines encode \"\" instead); the job's starts from its "
              "own initialisation"]  # fmt: skip
-    own = model.state_dict()
-    out["null_tokens"] = own["null_tokens"]
-    w = out.get("final_linear.weight")
-    if w is not None and w.shape[0] == 2 * own["final_linear.weight"].shape[0]:  # the learned sigma: dropped
-        c = model.in_channels
-        keep = torch.arange(w.shape[0]) % (2 * c) < c
-        out["final_linear.weight"], out["final_linear.bias"] = w[keep], out["final_linear.bias"][keep]
-        notes.append(f"learned sigma: output channels {c}..{2 * c - 1} dropped (ddm's text DiT predicts no variance)")
     return out, notes

@@ -26,7 +26,7 @@ from torch import nn
 
 from ddm.models.config import MMDiTSize, MoEConfig
 from ddm.models.layers import Mlp
-from ddm.models.text_dit import TextDiT, TextDiTRouter
+from ddm.models.text_dit import TextDiT, TextDiTRouter, add_cls_token, checked_partitions
 from ddm.models.text_encoder import TextEmbedding
 
 
@@ -141,12 +141,8 @@ class MMDiTRouter(MMDiT):
     def __init__(self, size: MMDiTSize, num_partitions: int, input_size: int, in_channels: int, text_dim: int,
                  text_len: int, caption_dropout_prob: float = 0.1, mlp_ratio: float = 4.0,
                  pooled: bool = True):  # fmt: skip
-        if num_partitions < 1:
-            raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
         super().__init__(size, input_size, in_channels, text_dim, text_len, caption_dropout_prob, mlp_ratio, pooled,
-                         out_features=num_partitions)  # fmt: skip
-        self.num_partitions = num_partitions
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, size.hidden_size))
-        nn.init.normal_(self.cls_token, std=0.02)
+                         out_features=checked_partitions(num_partitions))  # fmt: skip
+        add_cls_token(self, num_partitions, size.hidden_size)
 
     forward = TextDiTRouter.forward

@@ -174,15 +174,13 @@ def _drop_fixed_positions(state: dict, model: torch.nn.Module, source: str) -> l
 def _drop_learned_sigma(state: dict, model: torch.nn.Module, source: str) -> list[str]:
     """Keep the first C of 2C output channels (DiT's learned sigma is the second half), where the
     model outputs C. The output layer's rows are (patch row, patch column, channel), channel fastest."""
-    if not hasattr(model, "final_layer"):  # a text DiT (PixArt's sigma is dropped with its names)
-        return []
-    w, own = state.get("final_layer.linear.weight"), model.final_layer.linear.weight
+    name = "final_layer.linear" if hasattr(model, "final_layer") else "final_linear"  # a DiT's, a text DiT's
+    w, own = state.get(f"{name}.weight"), model.get_submodule(name).weight
     if getattr(model, "learn_sigma", False) and w is not None and w.shape == own.shape:  # a router has none
         return ["learned sigma: kept (model.learn_sigma)"]
     if w is None or w.shape[0] != 2 * own.shape[0]:
         return []
     channels = model.in_channels
     keep = torch.arange(w.shape[0]) % (2 * channels) < channels
-    state["final_layer.linear.weight"] = w[keep]
-    state["final_layer.linear.bias"] = state["final_layer.linear.bias"][keep]
+    state[f"{name}.weight"], state[f"{name}.bias"] = w[keep], state[f"{name}.bias"][keep]
     return [f"learned sigma: output channels {channels}..{2 * channels - 1} dropped (ddm's DiT predicts no variance)"]

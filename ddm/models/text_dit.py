@@ -251,18 +251,27 @@ class TextDiTRouter(TextDiT):
         mlp_ratio: float = 4.0,
         pooled: bool = True,
     ):
-        if num_partitions < 1:
-            raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
         super().__init__(
             size, input_size, in_channels, text_dim, text_len, caption_dropout_prob, mlp_ratio, MoEConfig(), pooled,
-            out_features=num_partitions,
+            out_features=checked_partitions(num_partitions),
         )  # fmt: skip
-        self.num_partitions = num_partitions
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, size.hidden_size))
-        nn.init.normal_(self.cls_token, std=0.02)
+        add_cls_token(self, num_partitions, size.hidden_size)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding, drop: torch.Tensor | None = None
     ) -> torch.Tensor:
         tokens, c = self.trunk(x, t, text, drop, prefix=self.cls_token)
         return self.head(tokens[:, :1], c)[:, 0]  # (N, K) logits of the CLS token
+
+
+def checked_partitions(num_partitions: int) -> int:
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    return num_partitions
+
+
+def add_cls_token(router: nn.Module, num_partitions: int, hidden_size: int) -> None:
+    """A caption router's K and its learned CLS token, read by ``TextDiTRouter.forward``."""
+    router.num_partitions = num_partitions
+    router.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+    nn.init.normal_(router.cls_token, std=0.02)

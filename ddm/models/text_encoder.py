@@ -15,12 +15,13 @@ computed once at ingest equal those computed inside a training job. The pooled v
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import torch
+
+from ddm.transfer import file_digest
 
 KINDS = {"clip_text_model": "clip", "clip": "clip", "t5": "t5"}  # config.json's model_type -> kind
 WEIGHTS = "model.safetensors"
@@ -121,7 +122,9 @@ class TextEncoder:
         if not hub:
             files = [n for n in sorted(os.listdir(folder)) if not n.startswith(".")]  # not a download's .cache/
             source["sha256"] = {
-                n: _sha256(os.path.join(folder, n)) for n in files if os.path.isfile(os.path.join(folder, n))
+                n: file_digest(os.path.join(folder, n))["sha256"]
+                for n in files
+                if os.path.isfile(os.path.join(folder, n))
             }
         return cls(model.to(device), tokenizer, kind, spec, max_length, source)
 
@@ -209,11 +212,6 @@ def check_job(t, dataset, store_url: str) -> None:
             f"job's model.text is {t.encoder!r} (dim {t.dim}, length {t.length}): use the same, or "
             "model.text.embeddings=job"
         )
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _remote(where: str) -> bool:

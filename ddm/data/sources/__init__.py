@@ -117,18 +117,18 @@ def open_source(cfg: IngestConfig) -> Source:
 def first_captions(cfg: IngestConfig, n: int) -> list[str]:
     """The first ``n`` captions of the source ``cfg`` names, as ingest stores them (cleaned; an
     unlabeled item's too), without decoding an image."""
-    return [caption for caption, _ in _captioned(cfg, n, labeled=False)]
+    return [caption for caption, _ in _captioned(open_source(cfg), cfg, n, labeled=False)]
 
 
 def captions_and_labels(cfg: IngestConfig, n: int) -> tuple[list[str], list[int], list[str]]:
     """The captions and labels of the first ``n`` labeled items of the source ``cfg`` names (held-out
     prompts), and its class names (what the labels mean)."""
-    pairs = _captioned(cfg, n, labeled=True)
-    return [c for c, _ in pairs], [int(y) for _, y in pairs], list(open_source(cfg).class_names)
-
-
-def _captioned(cfg: IngestConfig, n: int, labeled: bool) -> list[tuple[str, int | None]]:
     source = open_source(cfg)
+    pairs = _captioned(source, cfg, n, labeled=True)
+    return [c for c, _ in pairs], [int(y) for _, y in pairs], list(source.class_names)
+
+
+def _captioned(source: Source, cfg: IngestConfig, n: int, labeled: bool) -> list[tuple[str, int | None]]:
     if not source.caption:
         raise ValueError(f"source {cfg.source!r} gives no captions: set caption=... (e.g. describe for glyphs)")
     if source.generated:
