@@ -6,6 +6,8 @@ DeepSpeed's MoE layer, which needs torch.distributed, works in one process too.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import socket
@@ -124,30 +126,49 @@ def load_deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    _answer_zero_check_from_its_list()
+    _import_muon_compiled_on_first_use()
     return deepspeed
 
 
-def _answer_zero_check_from_its_list() -> None:
-    """DeepSpeed's ZeRO check of the optimizer (``is_zero_supported_optimizer``) first imports its
-    Muon optimizer to add it to the supported list, and that import compiles Muon's kernels (about
-    1 s in every rank of every job on a CPU core). ddm's optimizer is torch's AdamW,
-    which is on the list already, so the engine asks the list first and DeepSpeed's own check only
-    for an optimizer not on it (same answers). ``DDM_STARTUP_TRIMS=0`` leaves DeepSpeed as it is."""
-    from deepspeed.runtime import engine
-    from deepspeed.runtime.zero import utils
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 
+
+def _import_muon_compiled_on_first_use() -> None:
+    """DeepSpeed imports its Muon optimizer in every ZeRO job, whatever the optimizer (its ZeRO
+    check of the optimizer, and every gradient reduction of ZeRO-1/2), and that import wraps Muon's
+    kernels in ``torch.compile``, which imports torch's compiler (Inductor): about 0.9 s on a CPU
+    core in every rank of every job, before its first step (``bench/startup.py``). ddm imports
+    Muon first, with each kernel's ``torch.compile`` deferred to the kernel's first call: the
+    same kernels, compiled when a Muon optimizer first runs (ddm's is torch's AdamW: never).
+    ``DDM_STARTUP_TRIMS=0`` leaves DeepSpeed as it is."""
     from ddm.ray_runtime import trims
 
-    if not trims() or getattr(engine.is_zero_supported_optimizer, "ddm", False):
+    if not trims() or MUON in sys.modules:
         return
-    check_of_deepspeed = utils.is_zero_supported_optimizer
+    from deepspeed.runtime import compiler
 
-    def check(optimizer) -> bool:
-        return type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS or check_of_deepspeed(optimizer)
+    eager = compiler.compile
 
-    check.ddm = True
-    engine.is_zero_supported_optimizer = check
+    def deferred():
+        def wrap(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def kernel(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = eager()(fn)
+                return compiled(*args, **kwargs)
+
+            return kernel
+
+        return wrap
+
+    compiler.compile = deferred  # read by Muon's module as it is imported (``@compiler.compile()``)
+    try:
+        importlib.import_module(MUON)
+    finally:
+        compiler.compile = eager
 
 
 def ensure_process_group(backend: str = "gloo") -> bool:

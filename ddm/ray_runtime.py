@@ -22,8 +22,9 @@ end) that frees the run's placement group if its controller dies without cleanin
 such a group is freed when the job's driver ends: the ``ddm train`` process, the islands job, or
 ``ddm run`` (whose other jobs would wait for the CPUs it holds until then). A trivial 2-worker run,
 ``fit()`` to its end on 2 cores: 8.6 s with the cleaner, 7.3 s without (three runs each).
-``DDM_STARTUP_TRIMS=0`` turns these and DeepSpeed's Muon probe (``ddm.parallel.load_deepspeed``)
-off, to compare with Ray's and DeepSpeed's own behaviour or to rule them out.
+``DDM_STARTUP_TRIMS=0`` turns these and the deferred compilation of DeepSpeed's Muon kernels
+(``ddm.parallel.load_deepspeed``) off, to compare with Ray's and DeepSpeed's own behaviour or to
+rule them out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRIC
 def trims() -> bool:
     """Whether ddm's start-up trims are on (``DDM_STARTUP_TRIMS``, default 1)."""
     return os.environ.get("DDM_STARTUP_TRIMS", "1") != "0"
+
+
+def trims_env() -> dict[str, str]:
+    """``DDM_STARTUP_TRIMS`` as this process has it, for a job's workers: they run in Ray's
+    processes, whose environment is the runtime's, not the submitting command's."""
+    return {k: os.environ[k] for k in ("DDM_STARTUP_TRIMS",) if k in os.environ}
 
 
 def trainer_class():

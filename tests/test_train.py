@@ -333,6 +333,32 @@ def test_ray_train_settings_fill_in_and_never_override(monkeypatch):
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and os.environ["RAY_TRAIN_METRICS_ENABLED"] == "0"
 
 
+def test_the_trims_switch_reaches_the_workers(monkeypatch, tmp_path):
+    """Ray's worker processes have the runtime's environment, not the command's: ``DDM_STARTUP_TRIMS``
+    travels in the workers' env (which ``_worker`` applies before DeepSpeed is imported)."""
+    import ddm.ray_runtime
+    from ddm.config import load
+    from ddm.job import JobConfig
+    from ddm.launchers import ray_job
+
+    given = []
+
+    class Recorder:  # stands in for Ray Train's trainer: what reaches it is what the workers get
+        def __init__(self, train_loop_config, **kwargs):
+            given.append(train_loop_config)
+
+        def fit(self):
+            return None
+
+    monkeypatch.setattr(ddm.ray_runtime, "trainer_class", lambda: Recorder)
+    cfg = load(JobConfig, None, [f"store={tmp_path}", "partition=0"])
+    monkeypatch.setenv("DDM_STARTUP_TRIMS", "0")
+    ray_job._fit(cfg, None, ray_job._worker, {"cfg": cfg, "env": {"DDM_FAULT": "x"}})
+    monkeypatch.delenv("DDM_STARTUP_TRIMS")
+    ray_job._fit(cfg, None, ray_job._worker, {"cfg": cfg, "env": {}})
+    assert [g["env"] for g in given] == [{"DDM_STARTUP_TRIMS": "0", "DDM_FAULT": "x"}, {}]
+
+
 def test_ray_train_runs_without_a_dataset_manager_only_when_it_has_no_datasets(monkeypatch):
     from ray.train import ScalingConfig
     from ray.train.v2._internal.callbacks import BackendSetupCallback, DatasetsCallback
@@ -351,20 +377,28 @@ def test_ray_train_runs_without_a_dataset_manager_only_when_it_has_no_datasets(m
     assert {DatasetsCallback, PlacementGroupCleanerCallback} <= kinds()
 
 
-def test_zero_check_answers_as_deepspeed_without_compiling_muon():
+def test_muon_kernels_are_compiled_at_their_first_call_not_at_import():
     code = """
 import sys, torch
 from ddm.parallel import ensure_process_group, load_deepspeed
 ensure_process_group()
 load_deepspeed().init_distributed("gloo")
 from deepspeed.runtime import engine
+from deepspeed.runtime.zero.muon import original_muon as muon
 p = [torch.nn.Parameter(torch.zeros(2))]
-muon = "deepspeed.runtime.zero.muon.muon_optimizer"
-print(engine.is_zero_supported_optimizer(torch.optim.AdamW(p)), muon in sys.modules)
-print(engine.is_zero_supported_optimizer(torch.optim.SGD(p, lr=1.0)))
+print(engine.is_zero_supported_optimizer(torch.optim.AdamW(p)), engine.is_zero_supported_optimizer(torch.optim.SGD(p)))
+print("torch._inductor.compile_fx" in sys.modules)
+compiled = []
+torch.compile = lambda fn, **kw: compiled.append(fn.__name__) or fn  # records what the first call compiles
+g = torch.randn(6, 4, dtype=torch.float64)
+out = [muon.zeropower_via_newtonschulz5(g, 5), muon.zeropower_via_newtonschulz5(g, 5)]
+print(compiled, all(torch.equal(o, muon.zeropower_via_newtonschulz5.__wrapped__(g, 5)) for o in out))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())
-    assert out.stdout.split()[-3:] == ["True", "False", "False"]  # AdamW: on the list, Muon never imported
+    lines = out.stdout.strip().splitlines()[-3:]
+    assert lines[0] == "True False"  # DeepSpeed's own ZeRO check, answered as before
+    assert lines[1] == "False"  # Muon imported without torch's compiler
+    assert lines[2] == "['zeropower_via_newtonschulz5'] True"  # compiled once, at its first call, same maths
 
 
 @pytest.fixture(scope="module")

@@ -226,9 +226,10 @@ def _fit(cfg: JobConfig, storage_path: str | None, worker, config: dict, max_fai
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from ddm.ray_runtime import train_env, trainer_class
+    from ddm.ray_runtime import train_env, trainer_class, trims_env
 
     train_env()  # Ray Train's controller polls its workers every 0.5 s, not 2 (ddm.ray_runtime)
+    config = {**config, "env": {**trims_env(), **config["env"]}}  # the trims' switch reaches the workers
     name = run_name(cfg) + (f"-{suffix}" if suffix else "")
     trainer = trainer_class()(
         train_loop_per_worker=worker,
