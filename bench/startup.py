@@ -18,11 +18,14 @@ gloo) and as ``python -m ddm.train`` (one process, no Ray), 2 steps each. Figure
 - after_last_step: the job's last step -> the command's exit (final commit, export, Ray's shutdown);
 - total: the command's wall time.
 
-A third pair runs on a **warm Ray runtime** (``ray start --head`` once, then ``ddm train expert
---address``; the issue's target: first step within 10 s of launch), once as Ray and DeepSpeed
-behave by themselves (Ray Train's 2 s poll, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2``, and
-``DDM_STARTUP_TRIMS=0``: Ray Train's DatasetManager and DeepSpeed's Muon probe kept) and once with
-ddm's settings (0.5 s poll, both trimmed; see ``ddm.ray_runtime``), alternating, twice each.
+A third set runs on a **warm Ray runtime** (``ray start --head`` once, then ``ddm train expert
+--address``; the issue's target: first step within 10 s of launch), as Ray and DeepSpeed behave by
+themselves (Ray Train's 2 s poll, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2``, and
+``DDM_STARTUP_TRIMS=0``: Ray Train's DatasetManager and placement-group cleaner kept, DeepSpeed's
+Muon kernels compiled as it imports them), with ddm's settings (0.5 s poll, all trimmed; see
+``ddm.ray_runtime``), and with ddm's settings and ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` (what a
+user can add on a machine that is never preempted; ddm sets it only on a runtime it starts itself),
+in turn, twice each.
 
 A fourth measure is ``ddm run``'s whole set of jobs (``--run``; a small digits run: 2 experts and the
 router, 60 steps each, 2 jobs at once on 2 cores): the train stage's wall time against the sum of
@@ -171,14 +174,17 @@ def main() -> None:
                 measure(f"{machine}_{how}", cmd, os.path.join(tmp, f"{machine}-{how}"), {**env, **extra})
         with ray_head(tmp, env) as (address, head_env):
             cmd = [sys.executable, "-m", "ddm.cli", "train", "expert", "--address", address, "ray.num_workers=2"]
-            untrimmed = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "DDM_STARTUP_TRIMS": "0"}
-            for i in range(2):  # the defaults, then ddm's, twice: the first job also warms the runtime
-                for arm in ("runtime_defaults", "runtime_ddm"):
-                    run_env = {**head_env, **(untrimmed if arm == "runtime_defaults" else {})}
-                    measure(f"{arm}_{i}", cmd, os.path.join(tmp, f"{arm}-{i}"), run_env)
-    warm = figures["runtime_ddm_1"]["launch_to_first_step"]
+            arms = {
+                "runtime_defaults": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "DDM_STARTUP_TRIMS": "0"},
+                "runtime_ddm": {},
+                "runtime_ddm_no_preemption_watcher": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+            }
+            for i in range(2):  # each arm in turn, twice: the first job also warms the runtime
+                for arm, extra in arms.items():
+                    measure(f"{arm}_{i}", cmd, os.path.join(tmp, f"{arm}-{i}"), {**head_env, **extra})
+    warm = [figures[f"runtime_ddm_{i}"]["launch_to_first_step"] for i in range(2)]
     figures["target_launch_to_first_step_on_a_warm_runtime_s"] = 10
-    figures["meets_target"] = warm <= 10
+    figures["meets_target"] = max(warm) <= 10  # both of ddm's runs
     print(json.dumps(figures))
 
 
