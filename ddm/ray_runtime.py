@@ -44,7 +44,8 @@ def trims() -> bool:
 def trims_env() -> dict[str, str]:
     """``DDM_STARTUP_TRIMS`` as this process has it, for a job's workers: they run in Ray's
     processes, whose environment is the runtime's, not the submitting command's."""
-    return {k: os.environ[k] for k in ("DDM_STARTUP_TRIMS",) if k in os.environ}
+    value = os.environ.get("DDM_STARTUP_TRIMS")
+    return {} if value is None else {"DDM_STARTUP_TRIMS": value}
 
 
 def trainer_class():
