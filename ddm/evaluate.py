@@ -158,7 +158,7 @@ class Judge:
             from ddm.adherence import PromptSet
             from ddm.models.text_encoder import TextEncoder
 
-            self.encoder = TextEncoder.load(self.text["encoder"], self.text["length"], device)
+            self.encoder = TextEncoder.load(self.text["encoder"], self.text["length"], device, store.url)
             self.captions = data["caption"]
             if cfg.held_out:  # prompts (and their classes) from data no model trained on
                 from ddm.data.sources import held_out_prompts

@@ -132,10 +132,12 @@ def read_prompts(cfg: SampleConfig) -> list[tuple[str, float]]:
     return pairs
 
 
-def prompted(desc: dict, cfg: SampleConfig, device) -> tuple[list[tuple[str, float]], object, float | torch.Tensor]:
-    """For a text-conditioned ensemble: each sample's (prompt, guidance) (the prompts cycled over
-    ``num_samples``), their embeddings by the experts' encoder and the guidance per sample; for a
-    class-conditional one, nothing (prompts are refused)."""
+def prompted(
+    desc: dict, cfg: SampleConfig, device, store: str | None = None
+) -> tuple[list[tuple[str, float]], object, float | torch.Tensor]:
+    """For a text-conditioned ensemble (in the store at URL ``store``): each sample's (prompt,
+    guidance) (the prompts cycled over ``num_samples``), their embeddings by the experts' encoder and
+    the guidance per sample; for a class-conditional one, nothing (prompts are refused)."""
     pairs = read_prompts(cfg)
     text = desc.get("text")
     if not text:
@@ -149,7 +151,7 @@ def prompted(desc: dict, cfg: SampleConfig, device) -> tuple[list[tuple[str, flo
     from ddm.models.text_encoder import TextEncoder
 
     per_sample = [pairs[i % len(pairs)] for i in range(cfg.num_samples)]
-    encoder = TextEncoder.load(text["encoder"], text["length"], device)
+    encoder = TextEncoder.load(text["encoder"], text["length"], device, store)
     unique = {p: i for i, p in enumerate(sorted({p for p, _ in per_sample}))}
     emb = encoder.encode(list(unique))  # each prompt once
     captions = emb[torch.tensor([unique[p] for p, _ in per_sample], device=emb.tokens.device)]
@@ -179,7 +181,7 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     rule_draws = stream(cfg.seed, RULE_DRAWS)
     num_classes = int(desc["num_classes"])
     labels = (torch.arange(cfg.num_samples) % num_classes).to(device) if num_classes else None
-    prompts, captions, guidance = prompted(desc, cfg, device)
+    prompts, captions, guidance = prompted(desc, cfg, device, store.url)
 
     def velocity(rows: slice) -> VelocityFn:
         if captions is not None:

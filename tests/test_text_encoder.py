@@ -124,3 +124,15 @@ def test_a_pipeline_repo_is_refused_from_its_model_index_before_any_weights(tmp_
     assert out.returncode != 0
     assert "is a diffusers pipeline: download its text encoder and tokenizer folders" in out.stderr, out.stderr[-2000:]
     assert "--include 'text_encoder/*' 'tokenizer/*'" in out.stderr
+
+
+def test_store_names_resolve_against_the_store_that_names_them():
+    from ddm.models.text_config import in_store
+
+    assert in_store("store:text_encoder", "s3://b/run/") == "s3://b/run/text_encoder"
+    assert in_store("/models/t5", "s3://b/run") == "/models/t5" and in_store("org/name@rev", None) == "org/name@rev"
+    for bad, match in (("store:", "a folder inside the store"), ("store:../other", "a folder inside the store")):
+        with pytest.raises(ValueError, match=match):
+            in_store(bad, "s3://b/run")
+    with pytest.raises(ValueError, match="no store was given"):
+        in_store("store:text_encoder", None)

@@ -47,7 +47,7 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     out = ddm("run", str(spec))
     assert out.returncode == 0, out.stderr[-4000:]
     s = Store(store)
-    encoder = f"{store}/text_encoder"
+    encoder = "store:text_encoder"  # named inside the store: it moves with it (below)
     assert s.manifest("text_encoder")["tiny_text_encoder"]["hidden_size"] == 32
     assert s.manifest("data")["text_embeddings"]["encoder"]["spec"] == encoder  # stored at ingest
     desc = s.read_json("ensemble.json")
@@ -81,6 +81,11 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     again = ddm("run", str(spec))  # everything is done: nothing trains again
     assert again.returncode == 0, again.stderr[-4000:]
     assert "finished earlier" in again.stderr and "making a tiny" not in again.stderr
+    moved = str(tmp_path / "moved")  # the store at another URL, the old one gone: it samples from its new place
+    os.rename(store, moved)
+    out = ddm("sample", moved, "num_samples=2", "steps=2", f"prompts=[{PROMPTS[1]!r}]", "name=moved")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert [r["prompt"] for r in json.loads(Store(moved).read_bytes("samples/moved/prompts.json"))] == [PROMPTS[1]] * 2
 
 
 @pytest.mark.parametrize(
@@ -104,9 +109,9 @@ def test_text_run_specs_say_what_is_missing(change, match):
 def test_the_router_reads_the_experts_captions_and_ingest_stores_them():
     spec = from_dict(RunSpec, {**TEXT_RUN, "store": "/runs/t"}).resolved()
     text = spec.expert.model.text
-    assert (text.encoder, text.dim, text.length) == ("/runs/t/text_encoder", 32, 24)
+    assert (text.encoder, text.dim, text.length) == ("store:text_encoder", 32, 24)  # in the store, wherever it is
     assert spec.router.model.text == text
-    assert (spec.ingest.text_encoder, spec.ingest.text_length) == ("/runs/t/text_encoder", 24)
+    assert (spec.ingest.text_encoder, spec.ingest.text_length) == ("store:text_encoder", 24)
 
 
 def test_the_glyphs_text_spec_loads_with_held_out_prompts():
@@ -114,7 +119,7 @@ def test_the_glyphs_text_spec_loads_with_held_out_prompts():
 
     spec = load(RunSpec, "launch/glyphs_text.yaml", ["store=/runs/gt"]).resolved()
     assert spec.router.model.text == spec.expert.model.text
-    assert spec.expert.model.text.encoder == "/runs/gt/text_encoder"
+    assert spec.expert.model.text.encoder == "store:text_encoder"
     assert spec.evaluate.held_out == "glyphs:1000" and spec.evaluate.held_out_seed != spec.ingest.seed
     assert len(spec.sample.prompts) == 8 and spec.monolith and spec.budget.split == "batch"
 
@@ -130,5 +135,5 @@ def test_islands_plan_text_experts_with_the_stores_tiny_encoder():
     assert [j.name for j in jobs] == ["expert-00", "expert-01", "router"]
     for j in jobs:
         t = j.config.model.text
-        assert (t.encoder, t.dim, t.length, t.embeddings) == ("s3://b/r/text_encoder", 32, 24, "store"), j.name
-    assert jobs[1].config.model.arch == "MMDiT-Tiny/4" and spec.ingest.text_encoder == "s3://b/r/text_encoder"
+        assert (t.encoder, t.dim, t.length, t.embeddings) == ("store:text_encoder", 32, 24, "store"), j.name
+    assert jobs[1].config.model.arch == "MMDiT-Tiny/4" and spec.ingest.text_encoder == "store:text_encoder"

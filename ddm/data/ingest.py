@@ -116,7 +116,7 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     source = open_source(cfg)
     source.validate(cfg)  # the first samples decode, before anything is written or started
     encoder = EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed) if cfg.encoder != "identity" else None
-    text = EmbedCaptions(cfg) if cfg.text_encoder else None
+    text = EmbedCaptions(cfg, store.url) if cfg.text_encoder else None
     units = source.units(cfg.shard_size)
     commits = ShardCommits(store, DATA_DIR)
     plan = {
@@ -144,7 +144,7 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
         if encoder is not None:  # it loaded here (a missing package or weights failed before any write)
             stages.append(_encode_stage(cfg, runner, encoder, pools))
         if text is not None:  # likewise
-            make = (lambda: text) if runner == "local" else (lambda: EmbedCaptions(cfg))
+            make = (lambda: text) if runner == "local" else (lambda: EmbedCaptions(cfg, url))
             stages.append(model_stage("embed captions", make, runner, cfg.encode_actors, cfg.actors_per_gpu, pools))
         stages.append(write)
         if source.generated:  # made here, in order; committed shards are made again but not rewritten
@@ -198,11 +198,11 @@ class EmbedCaptions:
     (N, L, E) and pooled (N, E) in ``text_dtype``, the number of attended tokens (N,) (an actor: the
     encoder loads once, on this worker's GPU if it has one)."""
 
-    def __init__(self, cfg: IngestConfig):
+    def __init__(self, cfg: IngestConfig, store: str):
         from ddm.data.encoders import device
         from ddm.models.text_encoder import TextEncoder
 
-        self.encoder = TextEncoder.load(cfg.text_encoder, cfg.text_length, device())
+        self.encoder = TextEncoder.load(cfg.text_encoder, cfg.text_length, device(), store)  # store: its URL
         self.dtype, self.batch_size = np.dtype(cfg.text_dtype), cfg.encode_batch_size
 
     def __call__(self, part: dict) -> dict:

@@ -11,9 +11,12 @@ from ddm.data.config import IngestConfig, PartitionConfig
 from ddm.job import JobConfig
 from ddm.layout import TEXT_ENCODER_DIR
 from ddm.models.config import ModelConfig
+from ddm.models.text_config import IN_STORE
 from ddm.rules import Rule
 from ddm.settings import EvalConfig, SampleConfig
 from ddm.store import Store, absolute_url
+
+TINY_ENCODER = f"{IN_STORE}{TEXT_ENCODER_DIR}"  # the tiny encoder, named inside the run's store: it moves with it
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class RunSpec:
     tiny_text_encoder: TinyTextEncoder = field(default_factory=TinyTextEncoder)
 
     def __post_init__(self) -> None:
-        made = ("", f"{self.store}/{TEXT_ENCODER_DIR}")  # none, or the tiny one (a resolved spec)
+        made = ("", TINY_ENCODER)  # none, or the tiny one (a resolved spec)
         if self.tiny_text_encoder.kind and self.expert.model.text.encoder not in made:
             raise ValueError(
                 f"expert.model.text.encoder={self.expert.model.text.encoder!r} and tiny_text_encoder.kind="
@@ -133,7 +136,7 @@ class RunSpec:
         from the store."""
         tiny, text = self.tiny_text_encoder, self.expert.model.text
         if tiny.kind:
-            encoder = f"{self.store}/{TEXT_ENCODER_DIR}"
+            encoder = TINY_ENCODER
             text = dataclasses.replace(
                 text, encoder=encoder, dim=tiny.hidden_size, length=tiny.max_length, embeddings=tiny.embeddings
             )

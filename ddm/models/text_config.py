@@ -6,6 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+IN_STORE = "store:"  # "store:<folder>": a folder inside the store of the job, ensemble or dataset
+
+
+def in_store(spec: str, store: str | None) -> str:
+    """Where ``spec`` is: a ``store:<folder>`` name resolved against ``store`` (the URL of the store
+    that names it), any other spec as it is. Names of this kind travel with the store: an ensemble
+    copied to another URL finds its encoder at the new one."""
+    if not spec.startswith(IN_STORE):
+        return spec
+    folder = spec[len(IN_STORE) :].strip("/")
+    if not folder or ".." in folder.split("/"):
+        raise ValueError(f"text encoder {spec!r}: give a folder inside the store, e.g. store:text_encoder")
+    if not store:
+        raise ValueError(f"text encoder {spec!r} names a folder in a store, and no store was given to find it in")
+    return f"{store.rstrip('/')}/{folder}"
+
 
 class DiTSize(Protocol):  # ddm.models.config.DiTSize (which imports this module)
     depth: int
@@ -28,8 +44,9 @@ class TextConfig:
     """The caption conditioning of a text-conditioned DiT (``ddm.models.text_dit``); off while
     ``encoder`` is empty.
 
-    encoder: the frozen text encoder, a hub id with its revision (``openai/clip-vit-large-patch14@<rev>``)
-        or a folder holding a saved one (``ddm.models.text_encoder``).
+    encoder: the frozen text encoder, a hub id with its revision (``openai/clip-vit-large-patch14@<rev>``),
+        a folder or store URL holding a saved one (``ddm.models.text_encoder``), or ``store:<folder>``,
+        a folder inside the job's own store (found wherever the store is, also after it is moved).
     dim, length: the width of its token embeddings and the tokens per caption (its max_length);
         the model's input size, checked against the encoder before any worker starts (CLIP-L:
         768 and 77; T5-XL: 2048 and 120).

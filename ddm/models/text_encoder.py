@@ -4,6 +4,7 @@ made from a dataset's own captions, for offline work and tests.
 
     enc = TextEncoder.load("openai/clip-vit-large-patch14@<revision>")  # the hub (HF_HOME caches it)
     enc = TextEncoder.load("/models/t5-v1_1-xl")                         # a save_pretrained folder
+    enc = TextEncoder.load("store:text_encoder", store=store.url)        # a folder inside the job's store
     emb = enc.encode(["bold serif R", ""])  # tokens (N, L, D), mask (N, L) bool, pooled (N, D)
 
 The encoder is frozen (eval mode, no gradients). Every caption is padded to ``max_length`` and
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddm.models.text_config import in_store
 from ddm.transfer import file_digest
 
 KINDS = {"clip_text_model": "clip", "clip": "clip", "t5": "t5"}  # config.json's model_type -> kind
@@ -82,10 +84,13 @@ class TextEncoder:
         self.hidden_size = int(model.config.hidden_size if kind == "clip" else model.config.d_model)
 
     @classmethod
-    def load(cls, spec: str, max_length: int = 0, device: str | torch.device = "cpu") -> "TextEncoder":
-        """The encoder and tokenizer ``spec`` names (see ``parse``); ``max_length`` 0: the model's own
-        (CLIP: its positions, 77; T5: 120, PixArt-alpha's)."""
-        where, revision, hub = parse(spec)
+    def load(
+        cls, spec: str, max_length: int = 0, device: str | torch.device = "cpu", store: str | None = None
+    ) -> "TextEncoder":
+        """The encoder and tokenizer ``spec`` names (see ``parse``; ``store:<folder>``: in the store at
+        URL ``store``); ``max_length`` 0: the model's own (CLIP: its positions, 77; T5: 120,
+        PixArt-alpha's). The encoder keeps ``spec`` as its name (``describe``)."""
+        where, revision, hub = parse(in_store(spec, store))
         if _remote(where):  # a store URL: copied down for the load, removed after it
             import tempfile
 
@@ -149,11 +154,11 @@ class TextEncoder:
         return {"kind": self.kind, "hidden_size": self.hidden_size, "max_length": self.max_length, **self.source}
 
 
-def check(encoder: str, dim: int, length: int) -> dict:
+def check(encoder: str, dim: int, length: int, store: str | None = None) -> dict:
     """Before any worker starts: the encoder ``encoder`` names exists (a folder, or the hub: only its
-    config.json is fetched) and gives ``dim``-wide embeddings of at least ``length`` positions (CLIP);
-    returns its config. Errors say what to set."""
-    where, revision, hub = parse(encoder)
+    config.json is fetched; ``store:<folder>``: in the store at URL ``store``) and gives ``dim``-wide
+    embeddings of at least ``length`` positions (CLIP); returns its config. Errors say what to set."""
+    where, revision, hub = parse(in_store(encoder, store))
     if hub:
         try:
             import huggingface_hub  # noqa: F401
@@ -197,7 +202,7 @@ def check_job(t, dataset, store_url: str) -> None:
         )
     stored = dataset.manifest.get("text_embeddings")
     if t.embeddings != "store":
-        check(t.encoder, t.dim, t.length)
+        check(t.encoder, t.dim, t.length, store_url)
         return
     # The job reads the embeddings ingest stored: it needs no encoder (an offline island trains on them).
     if not stored:

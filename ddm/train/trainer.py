@@ -148,7 +148,7 @@ def train(
     elif cfg.model.text.enabled:  # frozen, on this rank's device; its embeddings are the captions' y
         from ddm.models.text_encoder import TextEncoder
 
-        text_encoder = TextEncoder.load(cfg.model.text.encoder, cfg.model.text.length, device)
+        text_encoder = TextEncoder.load(cfg.model.text.encoder, cfg.model.text.length, device, cfg.store)
         if text_encoder.hidden_size != cfg.model.text.dim:
             raise ValueError(f"model.text.dim={cfg.model.text.dim} but the encoder is {text_encoder.hidden_size} wide")
         export_extra["text_encoder"] = text_encoder.describe()
