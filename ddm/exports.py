@@ -56,10 +56,9 @@ def write_export(
         local_experts = cfg.model.moe.num_experts // ep
         mine = {}
         for name, tensor in state.items():
-            if _EXPERT_MARKER in name:
-                head, tail = name.split(_EXPERT_MARKER)
-                idx, rest = tail.split(".", 1)
-                mine[f"{head}{_EXPERT_MARKER}{ps.ep_rank * local_experts + int(idx)}.{rest}"] = tensor
+            if expert := _split_expert(name):
+                head, idx, rest = expert
+                mine[f"{head}{_EXPERT_MARKER}{ps.ep_rank * local_experts + idx}.{rest}"] = tensor
         # To rank 0 only, and only from ranks 0..ep-1 (they hold every expert once): an all-gather
         # would copy every expert to every rank (a DiT-XL MoE of 8 experts on 64 GPUs: ~38 GB each).
         gathered: list | None = [None] * ps.world_size if ps.is_main else None
@@ -113,12 +112,14 @@ def read_export(store: Store, run_dir: str) -> tuple[dict, dict]:
     return json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)), manifest
 
 
-def init_from_export(model: torch.nn.Module, source: str, store: Store) -> dict:
+def init_from_export(model: torch.nn.Module, source: str, store: Store, experts: tuple[int, int] | None = None) -> dict:
     """Load ``source`` into ``model``: a committed ddm export (a run folder of ``store``, or a URL
     of one), a facebookresearch/DiT checkpoint or a diffusers DiT folder (``ddm.models.pretrained``).
     Every tensor must be there with the shape the model has: a mismatch is a ValueError naming the
-    tensors, raised before anything is trained. Returns what the job records: {"url", "sha256"} of
-    the weights, and for outside formats the format and what was dropped."""
+    tensors, raised before anything is trained. ``experts``: (first, count) of the MoE experts this
+    rank holds under expert parallelism (an export holds every expert under its global index; the
+    rank's model numbers its own from 0). Returns what the job records: {"url", "sha256"} of the
+    weights, and for outside formats the format and what was dropped."""
     from ddm.models.pretrained import load_pretrained, source_kind
     from ddm.models.pretrained_io import split
 
@@ -135,8 +136,34 @@ def init_from_export(model: torch.nn.Module, source: str, store: Store) -> dict:
     tensors = load_safetensors(raw)
     upgrade = getattr(model, "upgrade_state_dict", None)  # exports of ddm 0.1 use older names
     tensors = upgrade(tensors) if upgrade else tensors
+    if experts is not None:
+        tensors = rank_experts(tensors, *experts)
     _load_checked(model, tensors, source, "Give the job the source's model settings (its export/config.json)")
     return {"url": f"{where.url}/{run_dir}", "sha256": weights_sha256(manifest)}
+
+
+def rank_experts(tensors: dict, first: int, count: int) -> dict:
+    """An export's tensors as a rank of expert parallelism holds them: the MoE experts
+    ``first .. first + count - 1`` under local indices 0 .. count - 1 (``write_export`` in reverse),
+    the other experts left out, every other tensor as it is."""
+    mine = {}
+    for name, tensor in tensors.items():
+        expert = _split_expert(name)
+        if expert is None:
+            mine[name] = tensor
+        elif first <= expert[1] < first + count:
+            head, idx, rest = expert
+            mine[f"{head}{_EXPERT_MARKER}{idx - first}.{rest}"] = tensor
+    return mine
+
+
+def _split_expert(name: str) -> tuple[str, int, str] | None:
+    """(head, expert index, rest) of an MoE expert's tensor name; None for any other tensor."""
+    if _EXPERT_MARKER not in name:
+        return None
+    head, tail = name.split(_EXPERT_MARKER)
+    idx, rest = tail.split(".", 1)
+    return head, int(idx), rest
 
 
 def _load_checked(model: torch.nn.Module, tensors: dict, source: str, fix: str) -> None:

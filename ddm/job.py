@@ -217,11 +217,6 @@ class JobConfig:
                 "model.moe with engine.zero_stage=3: DeepSpeed does not run its MoE layer under ZeRO-3 "
                 "(0.19: 'Native DeepSpeed MoE is not supported with ZeRO Stage 3'); use engine.zero_stage=1 or 2"
             )
-        if self.init_from and moe.enabled and moe.ep_size > 1:
-            raise ValueError(
-                f"init_from with model.moe.ep_size={moe.ep_size}: an export holds every expert, a rank only its "
-                "own; start from it with ep_size=1"
-            )
         if self.model.learn_sigma and (self.job != "expert" or self.flow.prediction != "epsilon"):
             raise ValueError(
                 "model.learn_sigma is a DDPM expert's variance head: an expert job with flow.path=vp and "

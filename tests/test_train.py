@@ -231,14 +231,14 @@ def test_a_job_starts_from_another_jobs_export(prepared, tmp_path):
     )
 
 
-def test_init_from_is_refused_where_an_export_cannot_map_onto_the_ranks():
-    from ddm.config import load
-    from ddm.job import JobConfig
+def test_each_rank_of_expert_parallelism_takes_its_own_experts_from_an_export():
+    from ddm.exports import rank_experts
 
-    moe = ["store=/s", "ray.num_workers=2", "model.moe.num_experts=4", "model.moe.ep_size=2"]
-    load(JobConfig, None, moe)
-    with pytest.raises(ValueError, match="an export holds every expert, a rank only its own"):
-        load(JobConfig, None, [*moe, "init_from=monolith"])
+    e = "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts"
+    export = {f"{e}.{i}.fc1.weight": torch.full((1,), float(i)) for i in range(4)} | {"x.weight": torch.ones(1)}
+    rank1 = rank_experts(export, 2, 2)  # the second of 2 ranks holds experts 2 and 3, numbered 0 and 1
+    assert sorted(rank1) == [f"{e}.0.fc1.weight", f"{e}.1.fc1.weight", "x.weight"]
+    assert [rank1[f"{e}.{i}.fc1.weight"].item() for i in (0, 1)] == [2.0, 3.0]
 
 
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
@@ -523,6 +523,13 @@ def test_ray_moe_expert_parallel(prepared, tmp_path, ray_runtime):
     straight = fresh(prepared, tmp_path, "straight")
     on_ranks("ddm.train", straight, 2, *plain)
     assert_same_weights(exported(straight), exported(store))
+
+    # init_from under expert parallelism: each rank takes its own experts from the export (which holds
+    # all 4): after one step at a learning rate of 1e-12, the new job's export equals its source.
+    started = fresh(prepared, tmp_path, "started")
+    s3 = on_ranks("ddm.train", started, 2, *MOE, "partition=1", "steps=1", "lr=1e-12", f"init_from={store}/experts/00")
+    assert s3["init_from"]["url"] == f"{store}/experts/00"
+    assert_same_weights(exported(started, "experts/01"), exported(store))
 
 
 def test_ray_rejects_bad_input_before_any_worker(prepared, tmp_path, ray_runtime):

@@ -153,7 +153,9 @@ def train(
             raise ValueError(f"model.text.dim={cfg.model.text.dim} but the encoder is {text_encoder.hidden_size} wide")
         export_extra["text_encoder"] = text_encoder.describe()
     if cfg.init_from:  # pretrained weights, checked against the model before anything is trained
-        export_extra["init_from"] = init_from_export(model, cfg.init_from, store)
+        local = cfg.model.moe.num_experts // ps.ep_size  # expert parallelism: this rank's MoE experts
+        experts = (ps.ep_rank * local, local) if cfg.model.moe.enabled and ps.ep_size > 1 else None
+        export_extra["init_from"] = init_from_export(model, cfg.init_from, store, experts)
     engine = build_engine(model, cfg, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay)  # under ZeRO-3: this rank's shards (ddm.train.ema)
     t_engine = time.perf_counter()
