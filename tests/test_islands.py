@@ -319,19 +319,36 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
         locked.stop()
 
 
-def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3_endpoint, tmp_path):
+def test_a_text_run_on_an_island_then_a_spec_that_disagrees_with_it_is_refused(two_islands, s3_endpoint, tmp_path):
+    """A text run submitted to one island, on S3: the tiny encoder made in the store, text experts
+    and a text router trained on the island, each job loading the encoder named inside the store
+    (``store:text_encoder``) through S3, the ensemble assembled and sampled from S3 on prompts.
+    Then a spec that disagrees with the submitted run is refused and submits nothing."""
+    import json
+
+    from tests.test_text_run import PROMPTS, TEXT_RUN
+
     a, _ = two_islands
-    store_url = f"s3://{BUCKET}/other-{uuid.uuid4().hex[:6]}"
+    store_url = f"s3://{BUCKET}/text-{uuid.uuid4().hex[:6]}"
+    one = {"ray": {"num_workers": 1}, "steps": 4, "checkpoint": {"every": 4}}
+    text = {k: TEXT_RUN[k] for k in ("seed", "ingest", "partition", "sample")}
+    text["tiny_text_encoder"] = {**TEXT_RUN["tiny_text_encoder"], "embeddings": "job"}  # each job loads it from S3
+    doc = {**text, "store": store_url, "expert": {**TEXT_RUN["expert"], **one}, "router": {**TEXT_RUN["router"], **one}}
     spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint": {"every": 5}}}
-        )
-    )
+    spec.write_text(yaml.safe_dump(doc))
     isl = islands_file(tmp_path / "one.yaml", store_url, {"a": a.address})
-    out = ddm("submit", str(spec), "--islands", isl)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = ddm("submit", str(spec), "--islands", isl, "--wait", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "assembled" in out.stdout
     store = Store(store_url)
+    assert store.read_json("ensemble.json")["text"] == {"encoder": "store:text_encoder", "dim": 32, "length": 24}
+    assert store.child("router").read_json("summary.json")["step"] == 4
+    loaded = json.loads(store.child("experts/01").read_verified("export", "config.json"))["text_encoder"]
+    assert loaded["spec"] == "store:text_encoder" and len(loaded["sha256"]["model.safetensors"]) == 64
+    drawn = ddm("sample", store_url, "num_samples=2", "steps=2", f"prompts=[{PROMPTS[0]!r}]", "name=island")
+    assert drawn.returncode == 0, drawn.stderr[-4000:]
+    assert [r["prompt"] for r in store.read_json("samples/island/prompts.json")] == [PROMPTS[0]] * 2
+
     plan = store.read_bytes("islands/plan.json")
     try:
         bad = ddm("submit", str(spec), "--islands", isl, "expert.lr=0.5")
