@@ -122,6 +122,7 @@ class Judge:
 
     def __init__(self, store: Store, cfg: EvalConfig, desc: dict, device: torch.device):
         self.cfg, self.flow, self.data_shape = cfg, FlowMatching(**desc["flow"]), tuple(desc["data_shape"])
+        self.device = device
         self.num_classes, k = int(desc["num_classes"]), int(desc["num_experts"])
         # Reference data: the whole dataset (its labels and partitions also drive the samples' labels).
         data = PartitionReader(  # the images, labels, partitions and captions (not their stored embeddings)
@@ -177,9 +178,12 @@ class Judge:
         self.cfg_branches = 2 if cfg.guidance != 1.0 and self.labels is not None else 1  # CFG: cond + uncond
 
     def encode(self, captions: list[str]):
-        from ddm.models.text_encoder import TextEmbedding
+        """The captions' embeddings in host memory (the samples' rows go to the device batch by batch)."""
+        return self.encoder.encode_to_cpu(captions)
 
-        return TextEmbedding.cat([self.encoder.encode(captions[i : i + 256]) for i in range(0, len(captions), 256)])
+    def labels_of(self, rows: slice):
+        """The conditioning of samples ``rows`` on the device: their classes or their prompts' embeddings."""
+        return None if self.labels is None else self.labels[rows].to(self.device)
 
     def adherence(self, x: torch.Tensor) -> dict | None:
         """Prompt adherence of samples ``x`` (``ddm.adherence``); None for a class-conditional model."""
@@ -189,14 +193,14 @@ class Judge:
         return self.prompts.info()
 
     def single_model(self, model) -> Callable[[slice], VelocityFn]:
-        return lambda rows: guided(model, None if self.labels is None else self.labels[rows], self.cfg.guidance)
+        return lambda rows: guided(model, self.labels_of(rows), self.cfg.guidance)
 
     def ensemble(self, ens) -> Callable[[slice], VelocityFn]:
         """Velocities of ``ens`` under its current rule (the sample rule's draws from their own stream)."""
         rule_draws = stream(self.cfg.seed, RULE_DRAWS)
 
         def velocity(rows: slice) -> VelocityFn:
-            y = None if self.labels is None else self.labels[rows]
+            y = self.labels_of(rows)
             parts = None if self.parts is None else self.parts[rows]
             return ens.velocity_fn(y=y, partition=parts, guidance_scale=self.cfg.guidance, generator=rule_draws)
 

@@ -136,8 +136,9 @@ def prompted(
     desc: dict, cfg: SampleConfig, device, store: str | None = None
 ) -> tuple[list[tuple[str, float]], object, float | torch.Tensor]:
     """For a text-conditioned ensemble (in the store at URL ``store``): each sample's (prompt,
-    guidance) (the prompts cycled over ``num_samples``), their embeddings by the experts' encoder and
-    the guidance per sample; for a class-conditional one, nothing (prompts are refused)."""
+    guidance) (the prompts cycled over ``num_samples``), a function from rows of samples to their
+    embeddings by the experts' encoder (on ``device``), and the guidance per sample; for a
+    class-conditional one, nothing (prompts are refused)."""
     pairs = read_prompts(cfg)
     text = desc.get("text")
     if not text:
@@ -153,8 +154,13 @@ def prompted(
     per_sample = [pairs[i % len(pairs)] for i in range(cfg.num_samples)]
     encoder = TextEncoder.load(text["encoder"], text["length"], device, store)
     unique = {p: i for i, p in enumerate(sorted({p for p, _ in per_sample}))}
-    emb = encoder.encode(list(unique))  # each prompt once
-    captions = emb[torch.tensor([unique[p] for p, _ in per_sample], device=emb.tokens.device)]
+    emb = encoder.encode_to_cpu(list(unique))  # each prompt once, kept in host memory
+    index = torch.tensor([unique[p] for p, _ in per_sample])
+    del encoder  # sampling needs only the embeddings
+
+    def captions(rows: slice):  # the embeddings of samples ``rows``, on the device
+        return emb[index[rows]].to(device)
+
     scales = torch.tensor([g for _, g in per_sample], device=device)
     return per_sample, captions, scales if len({g for _, g in per_sample}) > 1 else per_sample[0][1]
 
@@ -186,7 +192,7 @@ def sample(store: Store, cfg: SampleConfig) -> dict:
     def velocity(rows: slice) -> VelocityFn:
         if captions is not None:
             scale = guidance[rows] if isinstance(guidance, torch.Tensor) else guidance
-            return ens.velocity_fn(y=captions[rows], guidance_scale=scale, generator=rule_draws)
+            return ens.velocity_fn(y=captions(rows), guidance_scale=scale, generator=rule_draws)
         y = None if labels is None else labels[rows]
         return ens.velocity_fn(y=y, guidance_scale=cfg.guidance, generator=rule_draws)
 

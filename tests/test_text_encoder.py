@@ -41,6 +41,9 @@ def test_a_tiny_encoder_loads_like_any_folder_and_encodes_each_caption_on_its_ow
     assert "[UNK]" in enc.tokenizer.convert_ids_to_tokens(enc.tokenizer("digit 3 zebra")["input_ids"])
     d = enc.describe()
     assert d["kind"] == kind and d["spec"] == folder and len(d["sha256"]["model.safetensors"]) == 64
+    # Many captions in chunks, each kept in host memory: the same embeddings, in order.
+    chunked = enc.encode_to_cpu([*CAPTIONS, ""], chunk=3)
+    assert all(torch.equal(getattr(chunked, f), getattr(emb, f)) for f in ("tokens", "mask", "pooled"))
 
 
 def test_the_same_captions_and_seed_make_the_same_encoder(tiny, tmp_path):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 
 import numpy as np
@@ -129,6 +130,10 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     todo = [u for u in units if u["index"] not in done]
     runner = "local" if not todo else choose_runner(cfg, source.generated, len(units), address, store)
     url = worker_url(store, runner)
+    encoding, embedding = encoder is not None, text is not None
+    if runner != "local":  # Ray's actors load their own copies: this process's checked ones go
+        encoder = text = None
+        _release_gpu_memory()
     log.info(
         "ingest %s: %d samples in %d shards (%d to do) on %s",
         cfg.source,
@@ -140,10 +145,10 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     write = Stage("write", lambda: WriteShard(url, token))
     with connected(runner, address):
         stages = [] if source.generated else [Stage("read", lambda: ReadUnit(cfg), concurrency=cfg.workers or None)]
-        pools = (encoder is not None) + (text is not None)  # network stages sharing the GPUs
-        if encoder is not None:  # it loaded here (a missing package or weights failed before any write)
+        pools = encoding + embedding  # network stages sharing the GPUs
+        if encoding:  # it loaded here (a missing package or weights failed before any write)
             stages.append(_encode_stage(cfg, runner, encoder, pools))
-        if text is not None:  # likewise
+        if embedding:  # likewise
             make = (lambda: text) if runner == "local" else (lambda: EmbedCaptions(cfg, url))
             stages.append(model_stage("embed captions", make, runner, cfg.encode_actors, cfg.actors_per_gpu, pools))
         stages.append(write)
@@ -162,7 +167,14 @@ def _ingest(cfg: IngestConfig, store: Store, token: Token, address: str | None) 
     return _commit(cfg, commits, source, records, len(done), time.perf_counter() - t0)
 
 
-def _encode_stage(cfg: IngestConfig, runner: str, loaded: EncodeUnit, pools: int = 1) -> Stage:
+def _release_gpu_memory() -> None:
+    """What torch's allocator keeps of freed GPU memory, handed back (to the GPUs' other users)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _encode_stage(cfg: IngestConfig, runner: str, loaded: EncodeUnit | None, pools: int = 1) -> Stage:
     """The encoder: in this process the copy the driver loaded; on Ray an actor pool, each actor
     loading its own copy on its GPU if it has one."""
     make = (lambda: loaded) if runner == "local" else (lambda: EncodeUnit(cfg.encoder, cfg.encode_batch_size, cfg.seed))

@@ -9,7 +9,8 @@ made from a dataset's own captions, for offline work and tests.
 
 The encoder is frozen (eval mode, no gradients). Every caption is padded to ``max_length`` and
 encoded on its own: its embedding does not depend on the other captions of its batch, so embeddings
-computed once at ingest equal those computed inside a training job. The pooled vector is CLIP's
+computed once at ingest equal those computed inside a training job (up to the stored dtype's
+rounding, ``text_dtype``, and on a GPU TF32's, which training jobs turn on). The pooled vector is CLIP's
 (the end-of-text token after the final norm) or, for T5, the mean of the caption's tokens.
 ``describe()`` is what an export records so that a user can rebuild the encoder and sample.
 """
@@ -148,6 +149,13 @@ class TextEncoder:
             weights = mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
         return TextEmbedding(tokens.float(), mask.bool(), pooled.float())
+
+    def encode_to_cpu(self, captions: list[str], chunk: int = 256) -> TextEmbedding:
+        """``encode`` in chunks, each moved to host memory: for many captions (a prompts file, an
+        evaluation's samples) that would not fit beside the models on the GPU at once."""
+        return TextEmbedding.cat(
+            [self.encode(captions[i : i + chunk]).to("cpu") for i in range(0, len(captions), chunk)]
+        )
 
     def describe(self) -> dict:
         """What a text model's export records: which encoder, its sizes and where it came from."""
