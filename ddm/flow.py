@@ -345,8 +345,9 @@ def guided(
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = t[:1].expand(2 * len(t)) if is_shared(t) else torch.cat([t, t])
         out = model(torch.cat([x, x]), tt, both)
-        v_cond, v_uncond = out.float().chunk(2)  # the extrapolation in fp32, whatever the model computed in
-        s = scale.float().reshape(-1, *[1] * (out.ndim - 1)) if isinstance(scale, torch.Tensor) else scale
+        wide = torch.promote_types(out.dtype, torch.float32)  # the extrapolation in fp32 at least (bf16 models)
+        v_cond, v_uncond = out.to(wide).chunk(2)
+        s = scale.to(wide).reshape(-1, *[1] * (out.ndim - 1)) if isinstance(scale, torch.Tensor) else scale
         return (v_uncond + s * (v_cond - v_uncond)).to(out.dtype)
 
     return velocity

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -131,6 +132,7 @@ def load_deepspeed():
 
 
 MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+_MUON_LOCK = threading.Lock()
 
 
 def _import_muon_compiled_on_first_use() -> None:
@@ -143,8 +145,12 @@ def _import_muon_compiled_on_first_use() -> None:
     ``DDM_STARTUP_TRIMS=0`` leaves DeepSpeed as it is."""
     from ddm.ray_runtime import trims
 
-    if not trims() or MUON in sys.modules:
-        return
+    with _MUON_LOCK:  # one swap of DeepSpeed's compile at a time (ranks' threads, if any)
+        if trims() and MUON not in sys.modules:
+            _import_muon_deferred()
+
+
+def _import_muon_deferred() -> None:
     from deepspeed.runtime import compiler
 
     eager = compiler.compile

@@ -127,6 +127,23 @@ def test_classifier_free_guidance_combination():
     torch.testing.assert_close(guided(model, y, scale=0.0, null_label=null)(x, t), v_u.expand(2, 3))
 
 
+def test_guidance_extrapolates_a_bf16_models_velocities_in_fp32():
+    """A bf16 model (autocast) guided at 3.1 (3.09375 in bf16): the extrapolation is computed in fp32
+    and rounded once, as the closed form says; in bf16 it would be off by more."""
+    v_c, v_u = torch.tensor([[-1.125]]), torch.tensor([[-0.083984375]])  # exact in bf16
+
+    def model(x, t, y):
+        return torch.where(y[:, None] == 9, v_u, v_c).to(torch.bfloat16)  # label 9 is the null label
+
+    x, t, y = torch.zeros(1, 1), torch.full((1,), 0.5), torch.tensor([2])
+    scale = torch.tensor([3.1])
+    v = guided(model, y, scale=scale, null_label=9)(x, t)
+    c, u = v_c.bfloat16().float(), v_u.bfloat16().float()
+    assert v.dtype == torch.bfloat16 and torch.equal(v, (u + 3.1 * (c - u)).bfloat16())
+    in_bf16 = u.bfloat16() + scale.bfloat16() * (c.bfloat16() - u.bfloat16())
+    assert not torch.equal(v, in_bf16)  # the bf16 computation would have given another value
+
+
 def test_guidance_without_labels_is_an_error():
     with pytest.raises(ValueError, match="needs class labels"):
         guided(lambda x, t, y: x, None, scale=4.0)

@@ -3,6 +3,7 @@ tokenizer trained on them with the tokenizers library, random weights), saved as
 them and loaded back like any folder; hub ids fail offline with the way out."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -133,6 +134,8 @@ def test_store_names_resolve_against_the_store_that_names_them():
     from ddm.models.text_config import in_store
 
     assert in_store("store:text_encoder", "s3://b/run/") == "s3://b/run/text_encoder"
+    assert in_store("store:te", "file:///") == "file:///te" and in_store("store:te", "memory:") == "memory://te"
+    assert in_store("store:te", "runs/a") == os.path.join(os.getcwd(), "runs/a/te")  # a path, never a hub id
     assert in_store("/models/t5", "s3://b/run") == "/models/t5" and in_store("org/name@rev", None) == "org/name@rev"
     for bad, match in (("store:", "a folder inside the store"), ("store:../other", "a folder inside the store")):
         with pytest.raises(ValueError, match=match):

@@ -321,7 +321,7 @@ def architecture(cfg: ModelConfig, num_partitions: int | None = None) -> dict:
     moe = cfg.moe
     if cfg.text.enabled:
         common["text"] = {
-            "encoder": cfg.text.encoder,  # rebuild it with ddm.models.text_encoder.TextEncoder.load
+            "encoder": cfg.text.encoder,  # rebuild: TextEncoder.load (store:<folder>: store=the export's store)
             "dim": cfg.text.dim,
             "length": cfg.text.length,
             "padding": "every caption padded to length; padding masked out of the cross-attention",

@@ -3,6 +3,8 @@ of ``ddm.models.config``, which re-exports these names)."""
 
 from __future__ import annotations
 
+import os
+import posixpath
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +22,12 @@ def in_store(spec: str, store: str | None) -> str:
         raise ValueError(f"text encoder {spec!r}: give a folder inside the store, e.g. store:text_encoder")
     if not store:
         raise ValueError(f"text encoder {spec!r} names a folder in a store, and no store was given to find it in")
-    return f"{store.rstrip('/')}/{folder}"
+    scheme, sep, path = store.partition("://")
+    if sep:
+        return f"{scheme}://{posixpath.join(path, folder)}"
+    if store.endswith(":"):  # "memory:", the root of fsspec's memory store as a Store names it
+        return f"{store}//{folder}"
+    return os.path.join(os.path.abspath(os.path.expanduser(store)), folder)  # absolute: never read as a hub id
 
 
 class DiTSize(Protocol):  # ddm.models.config.DiTSize (which imports this module)

@@ -12,7 +12,8 @@ encoded on its own: its embedding does not depend on the other captions of its b
 computed once at ingest equal those computed inside a training job (up to the stored dtype's
 rounding, ``text_dtype``, and on a GPU TF32's, which training jobs turn on). The pooled vector is CLIP's
 (the end-of-text token after the final norm) or, for T5, the mean of the caption's tokens.
-``describe()`` is what an export records so that a user can rebuild the encoder and sample.
+``describe()`` is what an export records so that a user can rebuild the encoder and sample (an
+encoder named ``store:<folder>`` loads with ``store=`` the URL of the store the export is in).
 """
 
 from __future__ import annotations
