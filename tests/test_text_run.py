@@ -114,6 +114,20 @@ def test_the_router_reads_the_experts_captions_and_ingest_stores_them():
     assert (spec.ingest.text_encoder, spec.ingest.text_length) == ("store:text_encoder", 24)
 
 
+def test_a_store_of_the_first_text_runs_keeps_its_encoders_absolute_name():
+    """Stores made before tiny encoders were named store:text_encoder name it by the store's URL; a
+    spec that says so (expert.model.text.encoder) continues them instead of being refused."""
+    old = {
+        **TEXT_RUN["expert"],
+        "model": {**TEXT_RUN["expert"]["model"], "text": {"encoder": "/runs/t/text_encoder", "dim": 32, "length": 24}},
+    }
+    spec = from_dict(RunSpec, {**TEXT_RUN, "store": "/runs/t", "expert": old}).resolved()
+    assert spec.expert.model.text.encoder == spec.router.model.text.encoder == "/runs/t/text_encoder"
+    assert spec.ingest.text_encoder == "/runs/t/text_encoder" and spec.expert.model.text.dim == 32
+    with pytest.raises(ValueError, match="both name the experts' text encoder"):
+        from_dict(RunSpec, {**TEXT_RUN, "store": "/runs/other", "expert": old})
+
+
 def test_the_glyphs_text_spec_loads_with_held_out_prompts():
     from ddm.config import load
 

@@ -85,7 +85,8 @@ class RunSpec:
     tiny_text_encoder: TinyTextEncoder = field(default_factory=TinyTextEncoder)
 
     def __post_init__(self) -> None:
-        made = ("", TINY_ENCODER)  # none, or the tiny one (a resolved spec)
+        # None, the tiny one (a resolved spec), or the tiny one as stores of the first text runs name it.
+        made = ("", TINY_ENCODER, f"{absolute_url(self.store)}/{TEXT_ENCODER_DIR}")
         if self.tiny_text_encoder.kind and self.expert.model.text.encoder not in made:
             raise ValueError(
                 f"expert.model.text.encoder={self.expert.model.text.encoder!r} and tiny_text_encoder.kind="
@@ -136,7 +137,7 @@ class RunSpec:
         from the store."""
         tiny, text = self.tiny_text_encoder, self.expert.model.text
         if tiny.kind:
-            encoder = TINY_ENCODER
+            encoder = text.encoder or TINY_ENCODER  # a store of the first text runs keeps its own spelling
             text = dataclasses.replace(
                 text, encoder=encoder, dim=tiny.hidden_size, length=tiny.max_length, embeddings=tiny.embeddings
             )
