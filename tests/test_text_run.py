@@ -83,8 +83,10 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     assert "finished earlier" in again.stderr and "making a tiny" not in again.stderr
     moved = str(tmp_path / "moved")  # the store at another URL, the old one gone: it samples from its new place
     os.rename(store, moved)
-    out = ddm("sample", moved, "num_samples=2", "steps=2", f"prompts=[{PROMPTS[1]!r}]", "name=moved")
-    assert out.returncode == 0, out.stderr[-4000:]
+    from ddm.sample import sample
+    from ddm.settings import SampleConfig
+
+    sample(Store(moved), SampleConfig(num_samples=2, steps=2, batch_size=2, prompts=[PROMPTS[1]], name="moved"))
     assert [r["prompt"] for r in json.loads(Store(moved).read_bytes("samples/moved/prompts.json"))] == [PROMPTS[1]] * 2
 
 
