@@ -96,10 +96,8 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
             point["distance"] = distance
             adherence = judge.adherence(x)  # text models: how well samples show their prompts
             if adherence is not None:
-                point["prompt_retrieval"], point["retrieval_chance"] = (
-                    adherence["retrieval"],
-                    adherence["retrieval_chance"],
-                )
+                point["prompt_retrieval"] = adherence["retrieval"]
+                point["retrieval_chance"] = adherence["retrieval_chance"]
                 if adherence["accuracy"] is not None:
                     point["prompt_adherence"], point["adherence_chance"] = adherence["accuracy"], adherence["chance"]
             out.write_json(fname, point)

@@ -295,7 +295,7 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
     sub = torch.randperm(len(x_data), generator=stream(cfg.seed, LABELS, 1))[: cfg.router_samples]
     y_sub = None if y_ref is None else y_ref[sub]
     if judge.text:  # the router reads the captions of its samples (an image-only one ignores them)
-        y_sub = judge.encode([judge.captions[int(i)] for i in sub]).to("cpu")
+        y_sub = judge.encode([judge.captions[int(i)] for i in sub])
     acc = router_accuracy(ens.router, flow, x_data[sub], y_sub, p_data[sub], cfg.router_t, cfg.seed, device)
     prior_max = float(torch.bincount(p_data, minlength=k).max()) / len(p_data)
     report = {

@@ -25,12 +25,11 @@ from ddm.config import to_dict
 from ddm.job import JobConfig
 from ddm.models.build import build_model, build_router
 from ddm.models.config import ModelConfig, MoEConfig, TextConfig, architecture, flow_description
-from ddm.parallel import ParallelState
+from ddm.parallel import ParallelState, expert_index, shift_expert
 from ddm.store import NotCommittedError, Store
 
 log = logging.getLogger("ddm.exports")
 
-_EXPERT_MARKER = ".deepspeed_experts."
 # config.json of an export: 2 adds kind, format_version, architecture and probability_path (ddm 0.2).
 EXPORT_FORMAT = 2
 
@@ -53,18 +52,14 @@ def write_export(
     state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     ep = cfg.model.moe.ep_size if cfg.model.moe.enabled else 1
     if ep > 1:
-        local_experts = cfg.model.moe.num_experts // ep
-        mine = {}
-        for name, tensor in state.items():
-            if expert := _split_expert(name):
-                head, idx, rest = expert
-                mine[f"{head}{_EXPERT_MARKER}{ps.ep_rank * local_experts + idx}.{rest}"] = tensor
+        first = ps.ep_rank * (cfg.model.moe.num_experts // ep)
+        mine = {shift_expert(n, first): t for n, t in state.items() if expert_index(n) is not None}
         # To rank 0 only, and only from ranks 0..ep-1 (they hold every expert once): an all-gather
         # would copy every expert to every rank (a DiT-XL MoE of 8 experts on 64 GPUs: ~38 GB each).
         gathered: list | None = [None] * ps.world_size if ps.is_main else None
         dist.gather_object(mine if ps.rank < ep else {}, gathered, dst=0)
         if ps.is_main:
-            state = {k: v for k, v in state.items() if _EXPERT_MARKER not in k}
+            state = {k: v for k, v in state.items() if expert_index(k) is None}
             for part in gathered[:ep]:
                 state.update(part)
     if not ps.is_main:
@@ -148,22 +143,12 @@ def rank_experts(tensors: dict, first: int, count: int) -> dict:
     the other experts left out, every other tensor as it is."""
     mine = {}
     for name, tensor in tensors.items():
-        expert = _split_expert(name)
-        if expert is None:
+        i = expert_index(name)
+        if i is None:
             mine[name] = tensor
-        elif first <= expert[1] < first + count:
-            head, idx, rest = expert
-            mine[f"{head}{_EXPERT_MARKER}{idx - first}.{rest}"] = tensor
+        elif first <= i < first + count:
+            mine[shift_expert(name, -first)] = tensor
     return mine
-
-
-def _split_expert(name: str) -> tuple[str, int, str] | None:
-    """(head, expert index, rest) of an MoE expert's tensor name; None for any other tensor."""
-    if _EXPERT_MARKER not in name:
-        return None
-    head, tail = name.split(_EXPERT_MARKER)
-    idx, rest = tail.split(".", 1)
-    return head, int(idx), rest
 
 
 def _load_checked(model: torch.nn.Module, tensors: dict, source: str, fix: str) -> None:

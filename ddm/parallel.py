@@ -10,6 +10,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -119,6 +120,22 @@ def use_accelerator(device: torch.device) -> None:
     if os.environ.get("DS_ACCELERATOR", want) != want:
         log.info("DS_ACCELERATOR=%s -> %s: the job runs on %s", os.environ["DS_ACCELERATOR"], want, device)
     os.environ["DS_ACCELERATOR"] = want
+
+
+_EXPERT = re.compile(r"\.deepspeed_experts\.(\d+)\.")  # a tensor of one expert of DeepSpeed's MoE layer
+
+
+def expert_index(name: str) -> int | None:
+    """The index of the MoE expert a tensor of DeepSpeed's MoE layer belongs to (in the rank's
+    ``deepspeed_experts``, or in an export's, which holds every expert); None for any other tensor."""
+    m = _EXPERT.search(name)
+    return None if m is None else int(m.group(1))
+
+
+def shift_expert(name: str, by: int) -> str:
+    """``name`` with its MoE expert index moved by ``by``: a rank's local index to the global one
+    (+ the rank's first expert) and back."""
+    return _EXPERT.sub(lambda m: f".deepspeed_experts.{int(m.group(1)) + by}.", name, count=1)
 
 
 def load_deepspeed():

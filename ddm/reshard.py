@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import defaultdict
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ddm.parallel import ParallelState, load_deepspeed
+from ddm.parallel import ParallelState, load_deepspeed, shift_expert
 
 log = logging.getLogger("ddm.reshard")
 
 PORTABLE_DIR = "portable"
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the master weights and AdamW's moments
-_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
 
 
 def portable_name(rank: int) -> str:
@@ -43,12 +41,8 @@ def portable_name(rank: int) -> str:
 
 def _global_names(module: torch.nn.Module, ps: ParallelState, num_experts: int) -> dict[str, str]:
     """Each parameter's name, with a local MoE expert index replaced by its global one."""
-    local = max(num_experts // ps.ep_size, 1)
-
-    def rename(name: str) -> str:
-        return _EXPERT.sub(lambda m: f"deepspeed_experts.{ps.ep_rank * local + int(m.group(1))}.", name)
-
-    return {name: rename(name) for name, _ in module.named_parameters()}
+    first = ps.ep_rank * max(num_experts // ps.ep_size, 1)
+    return {name: shift_expert(name, first) for name, _ in module.named_parameters()}
 
 
 def _is_expert(p: torch.nn.Parameter) -> bool:
