@@ -1,21 +1,28 @@
 """Full-state checkpoints in the store, uploaded in the background, committed by a manifest.
 
-A checkpoint of step n lives at ``{run}/checkpoints/step_{n:07d}/``:
+A checkpoint of step n lives at ``{run}/checkpoints/step_{n:07d}/``, safetensors and JSON only:
 
-  DeepSpeed's own files       model / optimizer (ZeRO shards) / MoE expert states, as DeepSpeed
-                              writes them (torch.save); loaded only from this run's committed dirs
-  rank{r:03d}.safetensors     per rank: EMA weights and RNG states (no pickle)
+  rank{r:03d}.safetensors     per rank: EMA weights and RNG states
   rank{r:03d}.json            per rank: data position, step, loss
-  portable/rank{r:03d}.safetensors  per rank: its pieces of the weights and optimizer state by
-                              parameter name (``ddm.reshard``): what a job on another worker count
-                              resumes from
-  .rank{r:03d}.done           per rank: sizes + sha256 of what that rank uploaded
-  MANIFEST.json               written last by rank 0, once every rank's .done exists
+  portable/rank{r:03d}.safetensors  per rank: its pieces of the fp32 weights and Adam's moments by
+                              parameter name (``ddm.reshard``): what every resume restores from, on
+                              this worker count or another
+  .rank{r:03d}.done           per rank: sizes + sha256 of what that rank uploaded, and the attempt
+                              and lease generation it was written under
+  MANIFEST.json               written last by rank 0, once every rank of this attempt is done
 
-Each rank saves with DeepSpeed into a local scratch directory, then a background thread uploads
-its files while training goes on; no collective is needed to commit, the store is the rendezvous.
-DeepSpeed's ``latest`` file is never written or trusted: the newest directory with a manifest is
-the latest checkpoint, and one whose files fail their checksums is skipped for the one before.
+Nothing in a checkpoint is a pickle, and nothing read from one runs code: the store is shared with
+other islands (docs/store.md, the trust model). DeepSpeed's own checkpoint files are pickles that
+DeepSpeed loads with ``torch.load(weights_only=False)``, so ddm never writes them to the store and
+never hands DeepSpeed a file from it. Commits of ddm before format 3 hold only DeepSpeed's files:
+they are read with torch's restricted (weights-only) unpickler, which builds tensors and a few
+allow-listed DeepSpeed records and runs nothing, written again locally and only then given to
+DeepSpeed.
+
+Each rank snapshots into a local scratch directory, then a background thread uploads its files
+while training goes on; no collective is needed to commit, the store is the rendezvous. The newest
+directory with a manifest is the latest checkpoint; one whose files fail their checksums is skipped
+for the one before.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +46,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from ddm.faults import fault_hook as _fault_hook
-from ddm.layout import CHECKPOINTS, STEP_RE, committed_steps, step_dir
+from ddm.layout import CHECKPOINTS, STEP_RE, committed_steps, safe_relpath, step_dir
 from ddm.reshard import PORTABLE_DIR, portable_name
 from ddm.scratch import SCRATCH_PREFIX, scratch_root, sweep_stale_scratch
 from ddm.store import ChecksumError, Store, StoreError
@@ -47,7 +55,11 @@ log = logging.getLogger("ddm.checkpoint")
 
 # 2: ddm 0.2's parameter layout (DiT output layers in FinalLayer). Commits without a version are 1.
 # 3: the portable state beside DeepSpeed's files (resume on another worker count).
-FORMAT_VERSION = 3
+# 4: safetensors + JSON only (no DeepSpeed files); rank markers bound to the attempt.
+FORMAT_VERSION = 4
+# Names a commit may hold: ddm's own files (formats 3-4) and, before format 4, DeepSpeed's.
+_DDM_FILE = re.compile(r"^(?:portable/)?rank\d{3}\.(?:safetensors|json)$")
+_DEEPSPEED_FILE = re.compile(r"^[A-Za-z0-9_]+_states\.pt$")
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -80,9 +92,12 @@ class CheckpointManager:
     that says so (a router's optimizer state from ddm 0.1 follows another parameter order).
 
     ``portable(path)`` writes this rank's portable state (``ddm.reshard.save_portable``) into each
-    checkpoint; ``reshard(paths)`` restores the engine from every rank's portable files when a
-    commit was written by another world size (``ep_size``: MoE experts of rank r are those of the
-    writer's rank ``r % ep_size``, whose EMA this rank takes). Without them such a commit is an error.
+    checkpoint (a manager that saves needs it); ``reshard(paths)`` restores the engine from every
+    rank's portable files, written by this world size or another (``ep_size``: on another, the MoE
+    experts of rank r are those of the writer's rank ``r % ep_size``, whose EMA this rank takes).
+
+    ``attempt``: the id every rank of this attempt shares; the job folder's lease generation comes
+    from ``run``'s fence. Rank 0 commits a step only from markers with both.
     """
 
     def __init__(
@@ -96,9 +111,15 @@ class CheckpointManager:
         portable: Callable[[str], None] | None = None,
         reshard: Callable[[list[str]], None] | None = None,
         ep_size: int = 1,
+        attempt: str | None = None,
     ):
         self.store, self.rank, self.world_size = run.child(CHECKPOINTS), rank, world_size
         self.portable, self.reshard, self.ep_size = portable, reshard, ep_size
+        # The same id on every rank of this attempt (``train`` broadcasts rank 0's): rank 0 commits
+        # only markers of this attempt, never those a crashed attempt or another world size left.
+        self.attempt = attempt or uuid.uuid4().hex
+        fence = run.fence
+        self.generation = getattr(getattr(fence, "token", None), "generation", None)
         self.last_committed: int | None = None  # rank 0: the newest step this manager committed
         self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
@@ -116,7 +137,7 @@ class CheckpointManager:
 
     # --- save -------------------------------------------------------------------------------
     def save(self, engine, step: int, rank_state: RankState, background: bool = True) -> float:
-        """Snapshot now (DeepSpeed to local scratch, collective), upload in the background.
+        """Snapshot now (this rank's state to local scratch), upload in the background.
 
         Returns the seconds training waited: for the previous upload, if it was still running, and
         for the snapshot (the device-to-host copy and the write to memory-backed scratch).
@@ -126,16 +147,16 @@ class CheckpointManager:
         tag = step_dir(step)
         local = os.path.join(self._scratch, tag)
         shutil.rmtree(local, ignore_errors=True)
-        engine.save_checkpoint(self._scratch, tag=tag, save_latest=False)
+        os.makedirs(os.path.join(local, PORTABLE_DIR))
+        # The weights and the optimizer go in the portable state (safetensors), never in DeepSpeed's
+        # pickled files: a resume restores from it on any worker count.
+        self.portable(os.path.join(local, portable_name(self.rank)))
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in rank_state.tensors.items()},
             os.path.join(local, f"rank{self.rank:03d}.safetensors"),
         )
         with open(os.path.join(local, f"rank{self.rank:03d}.json"), "w") as f:
-            json.dump(rank_state.info, f)
-        if self.portable is not None:
-            os.makedirs(os.path.join(local, PORTABLE_DIR), exist_ok=True)
-            self.portable(os.path.join(local, portable_name(self.rank)))
+            json.dump(rank_state.info, f, allow_nan=False)
         files = sorted(
             os.path.relpath(os.path.join(d, name), local) for d, _, names in os.walk(local) for name in names
         )
@@ -161,7 +182,8 @@ class CheckpointManager:
         for name in files:  # streamed: a rank's state of several GB is never read whole into memory
             entries[name] = self.store.put_file(os.path.join(local, name), f"{tag}/{name}")
             _fault_hook("upload", step, self.rank)
-        self.store.write_json(f"{tag}/.rank{self.rank:03d}.done", entries)
+        marker = {"files": entries, "attempt": self.attempt, "lease": self.generation, "world_size": self.world_size}
+        self.store.write_json(f"{tag}/.rank{self.rank:03d}.done", marker)
         shutil.rmtree(local, ignore_errors=True)
         if self.rank == 0:
             self._commit(step)
@@ -172,16 +194,21 @@ class CheckpointManager:
     def _commit(self, step: int) -> None:
         tag = step_dir(step)
         deadline = time.monotonic() + self.commit_timeout_s
-        markers = [f"{tag}/.rank{r:03d}.done" for r in range(self.world_size)]
-        while not all(self.store.exists(m) for m in markers):
-            if time.monotonic() > deadline:
-                raise StoreError(
-                    f"checkpoint {tag}: not every rank finished uploading within {self.commit_timeout_s:.0f}s"
-                )
-            time.sleep(0.2)
+        pending = {r: f"{tag}/.rank{r:03d}.done" for r in range(self.world_size)}
         known: dict[str, dict] = {}
-        for m in markers:
-            known.update(self.store.read_json(m))
+        while pending:
+            for r, m in list(pending.items()):
+                marker = self._marker(m) if self.store.exists(m) else None
+                if marker is not None:  # this attempt's: a crashed attempt's or another world size's waits
+                    known.update(marker["files"])
+                    del pending[r]
+            if pending and time.monotonic() > deadline:
+                raise StoreError(
+                    f"checkpoint {tag}: ranks {sorted(pending)} did not finish uploading within "
+                    f"{self.commit_timeout_s:.0f}s"
+                )
+            if pending:
+                time.sleep(0.2)
         self.store.commit(
             tag,
             list(known),
@@ -197,6 +224,25 @@ class CheckpointManager:
         log.info("committed checkpoint %s", tag)
         self.last_committed = step
         self._prune(step)
+
+    def _marker(self, rel: str) -> dict | None:
+        """A rank's marker if this attempt wrote it (same attempt id, lease generation and world
+        size), else None; a marker that does not parse counts as not written."""
+        try:
+            marker = self.store.read_json(rel)
+        except (ValueError, FileNotFoundError):
+            return None
+        if not (
+            isinstance(marker, dict)
+            and marker.get("attempt") == self.attempt
+            and marker.get("lease") == self.generation
+            and marker.get("world_size") == self.world_size
+            and isinstance(marker.get("files"), dict)
+        ):
+            return None
+        for name in marker["files"]:
+            safe_relpath(name, f"{self.store.url}/{rel}")
+        return marker
 
     def _prune(self, newest: int) -> None:
         """Keep the last ``keep_last`` commits; drop older ones and uncommitted leftovers below the newest."""
@@ -255,47 +301,62 @@ class CheckpointManager:
         return None
 
     def _stage(self, step: int) -> tuple[str, RankState]:
-        """Verify a commit and bring this rank's part of it to local scratch, deserialised: all that
-        can fail before the engine is touched."""
+        """Verify a commit and bring what this rank restores from to local scratch, deserialised:
+        all that can fail before the engine is touched. Every name in the manifest is checked before
+        it touches a path, every file against its sha256 before it is read."""
         tag = step_dir(step)
+        where = f"checkpoint {self.store.url}/{tag}"
         manifest = self.store.manifest(tag)
-        if manifest.get("format_version", 1) < self.min_format:
+        version = manifest.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise IncompatibleCheckpoint(
-                f"checkpoint {self.store.url}/{tag} was written by ddm 0.1, whose parameter order this job's optimizer "
+                f"{where} was written by a newer ddm (checkpoint format {version}; this ddm reads up to "
+                f"{FORMAT_VERSION}): resume it with that ddm, or upgrade this one"
+            )
+        if version < self.min_format:
+            raise IncompatibleCheckpoint(
+                f"{where} was written by ddm 0.1, whose parameter order this job's optimizer "
                 f"state cannot be restored in; delete {self.store.url} to train this job again from its start"
             )
-        written_by = int(manifest.get("world_size", self.world_size))
+        for name in manifest["files"]:
+            safe_relpath(name, f"{where}/MANIFEST.json")
+            if not (_DDM_FILE.match(name) or (version < 4 and _DEEPSPEED_FILE.match(name))):
+                raise ChecksumError(f"{where}/MANIFEST.json lists {name!r}, which no ddm checkpoint holds")
+        written_by = manifest.get("world_size", self.world_size)
+        if not isinstance(written_by, int) or written_by < 1:
+            raise ChecksumError(f"{where}/MANIFEST.json: world_size {written_by!r} is not a worker count")
         local = os.path.join(self._scratch, "restore", tag)
         shutil.rmtree(local, ignore_errors=True)
+        if manifest.get("portable"):
+            return self._stage_portable(tag, manifest, local, written_by)
         if written_by != self.world_size:
-            return self._stage_reshard(tag, manifest, local, written_by)
-        # Each rank fetches (streamed, checked against the manifest before anything is deserialised)
-        # the files every rank reads and its own; the ranks' agreement on the commit covers the rest.
-        for name in manifest["files"]:
-            if _owner(name) in (None, self.rank) and not name.startswith(f"{PORTABLE_DIR}/"):
-                self.store.get_verified(tag, name, os.path.join(local, name), manifest)
-        return local, self._rank_state(local, self.rank)
-
-    def _stage_reshard(self, tag: str, manifest: dict, local: str, written_by: int) -> tuple[str, RankState]:
-        """A commit of another world size: every rank's portable state, and the EMA, data position
-        and step of the writer's rank whose MoE experts this rank holds."""
-        where = f"checkpoint {self.store.url}/{tag}"
-        if self.reshard is None or not manifest.get("portable"):
             raise IncompatibleCheckpoint(
                 f"{where} was written by {written_by} ranks; this job has {self.world_size}, and the checkpoint has "
                 f"no portable state to reshard (written before ddm 0.3). Resume with {written_by} workers."
             )
+        # Before format 3: DeepSpeed's files only. Each rank fetches (checked against the manifest
+        # before anything is deserialised) the files every rank reads and its own.
+        for name in manifest["files"]:
+            if _owner(name) in (None, self.rank):
+                self.store.get_verified(tag, name, os.path.join(local, name), manifest)
+        _sanitize_deepspeed_files(local)
+        return local, self._rank_state(local, self.rank)
+
+    def _stage_portable(self, tag: str, manifest: dict, local: str, written_by: int) -> tuple[str, RankState]:
+        """Every rank's portable state, and the EMA, data position and step of the writer's rank whose
+        state this rank continues: its own on the same worker count; on another, the rank whose MoE
+        experts it holds."""
         if written_by % self.ep_size:
             raise IncompatibleCheckpoint(
-                f"{where} was written by {written_by} ranks, not a multiple of this job's moe.ep_size={self.ep_size}: "
-                "MoE experts reshard only with the same ep_size"
+                f"checkpoint {self.store.url}/{tag} was written by {written_by} ranks, not a multiple of this job's "
+                f"moe.ep_size={self.ep_size}: MoE experts reshard only with the same ep_size"
             )
-        source = self.rank % self.ep_size
+        source = self.rank if written_by == self.world_size else self.rank % self.ep_size
         for name in manifest["files"]:
             if name.startswith(f"{PORTABLE_DIR}/") or _owner(name) == source:
                 self.store.get_verified(tag, name, os.path.join(local, name), manifest)
         state = self._rank_state(local, source)
-        state.resharded_from = written_by
+        state.resharded_from = None if written_by == self.world_size else written_by
         return local, state
 
     @staticmethod
@@ -304,25 +365,29 @@ class CheckpointManager:
             tensors = load_safetensors(f.read())
         with open(os.path.join(local, f"rank{rank:03d}.json")) as f:
             info = json.load(f)
+        if not isinstance(info, dict):
+            raise ChecksumError(f"rank{rank:03d}.json holds {type(info).__name__}, not a rank's state")
         return RankState(tensors, info)
 
     def _restore(self, engine, step: int, staged: tuple[str, RankState]) -> RankState:
         local, state = staged
         tag = step_dir(step)
-        if state.resharded_from is not None:
-            portable = sorted(
-                os.path.join(local, PORTABLE_DIR, n) for n in os.listdir(os.path.join(local, PORTABLE_DIR))
-            )
-            self.reshard(portable)
-            log.info(
-                "rank %d restored %s, written by %d ranks, resharded to %d",
-                self.rank,
-                tag,
-                state.resharded_from,
-                self.world_size,
-            )
+        portable_dir = os.path.join(local, PORTABLE_DIR)
+        if os.path.isdir(portable_dir):
+            if self.reshard is None:
+                raise IncompatibleCheckpoint(f"checkpoint {tag} holds portable state, and this job cannot restore it")
+            self.reshard(sorted(os.path.join(portable_dir, n) for n in os.listdir(portable_dir)))
+            if state.resharded_from is not None:
+                log.info(
+                    "rank %d restored %s, written by %d ranks, resharded to %d",
+                    self.rank,
+                    tag,
+                    state.resharded_from,
+                    self.world_size,
+                )
             shutil.rmtree(local, ignore_errors=True)
             return state
+        # Before format 3: DeepSpeed's files, rewritten locally from a restricted load (_stage).
         load_path, _ = engine.load_checkpoint(
             os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -342,6 +407,34 @@ class CheckpointManager:
 # Files of one rank: DeepSpeed's ZeRO optimizer shards (by data-parallel rank, which is the rank
 # here: ddm has no pipeline or tensor parallelism) and ddm's own per-rank state.
 _OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank(\d+)\.")
+
+
+def _sanitize_deepspeed_files(local: str) -> None:
+    """Rewrite the DeepSpeed files of a commit before format 3 from torch's weights-only load, which
+    builds tensors, containers and the three DeepSpeed records below and runs nothing else: the
+    files DeepSpeed then unpickles were made here, not read from the store."""
+    import torch.serialization
+
+    from ddm.parallel import load_deepspeed
+
+    load_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for name in os.listdir(local):
+        if not name.endswith(".pt"):
+            continue
+        path = os.path.join(local, name)
+        try:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle's errors are many; all mean "not plain data"
+            raise ChecksumError(
+                f"{name} holds more than tensors and DeepSpeed's records ({str(e).splitlines()[0][:200]}); "
+                "ddm does not unpickle it: someone with write access to the store may have planted code"
+            ) from None
+        torch.save(state, path)
 
 
 def _owner(name: str) -> int | None:

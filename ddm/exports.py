@@ -64,6 +64,12 @@ def write_export(
                 state.update(part)
     if not ps.is_main:
         return
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:  # the trainer stops before this; anything else that exports must not publish them
+        raise ValueError(
+            f"not exporting {run.url}: {len(nonfinite)} tensors are not finite (e.g. {nonfinite[:3]}); the model "
+            "diverged. Lower lr (or check the data) and train it again"
+        )
     extra = extra or {}
     config = {
         "kind": "ddm.export",
@@ -85,7 +91,7 @@ def write_export(
     known = {
         layout.EXPORT_WEIGHTS: run.write_hashed(f"{layout.EXPORT}/{layout.EXPORT_WEIGHTS}", weights_bytes),
         layout.EXPORT_CONFIG: run.write_hashed(
-            f"{layout.EXPORT}/{layout.EXPORT_CONFIG}", json.dumps(config, indent=2).encode()
+            f"{layout.EXPORT}/{layout.EXPORT_CONFIG}", json.dumps(config, indent=2, allow_nan=False).encode()
         ),
     }
     run.commit(
@@ -99,12 +105,39 @@ def write_export(
 
 def read_export(store: Store, run_dir: str) -> tuple[dict, dict]:
     """(config.json, manifest) of the committed, checksum-verified export in ``run_dir``."""
-    run = store.child(run_dir)
+    run = store.child(layout.safe_relpath(run_dir, f"the export folder of {store.url}"))
     try:
         manifest = run.verify(layout.EXPORT)
     except NotCommittedError as e:
         raise ValueError(f"{store.url}/{run_dir} has no committed export; train it first ({e})") from e
-    return json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)), manifest
+    return export_config(run, run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)), manifest
+
+
+def export_config(run: Store, raw: bytes) -> dict:
+    """An export's config.json, parsed and checked: a JSON object of a format this ddm reads."""
+    where = f"{run.url}/{layout.EXPORT}/{layout.EXPORT_CONFIG}"
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{where} is not valid JSON ({e}); train the job again to rewrite its export") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{where} is not an export's config (no model settings); it was not written by ddm")
+    version = config.get("format_version", 1)
+    if not isinstance(version, int) or version > EXPORT_FORMAT:
+        raise ValueError(
+            f"{where} was written by a newer ddm (export format {version}; this ddm {_version()} reads up to "
+            f"{EXPORT_FORMAT}): upgrade ddm to use it"
+        )
+    return config
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ddm")
+    except PackageNotFoundError:
+        return "(unknown version)"
 
 
 def init_from_export(model: torch.nn.Module, source: str, store: Store, experts: tuple[int, int] | None = None) -> dict:
@@ -180,7 +213,10 @@ def check_weights(store: Store, run_dir: str, export_config: dict) -> None:
     """The export's tensors (names, shapes, dtypes, read from the safetensors header only) are the
     ones its config.json builds; ValueError naming the export and the first tensor that differs."""
     with store.child(run_dir).open_read(f"{layout.EXPORT}/{layout.EXPORT_WEIGHTS}") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        size = int.from_bytes(f.read(8), "little")
+        if size > 100_000_000:  # safetensors' own limit: a header that claims more is not one
+            raise ValueError(f"{store.url}/{run_dir}/{layout.EXPORT}/{layout.EXPORT_WEIGHTS} is not a safetensors file")
+        header = json.loads(f.read(size))
     header.pop("__metadata__", None)
     with torch.device("meta"):  # the architecture without allocating it
         module = build_from_export(export_config)
@@ -235,7 +271,9 @@ def default_cache_dir(store: Store) -> str | None:
 
 def cached_weights(run: Store, sha256: str, cache_dir: str | None) -> bytes:
     """An export's model.safetensors, from a content-addressed local cache when it holds the exact
-    bytes (checked by sha256), else from the store (checked against its manifest), then cached."""
+    bytes (checked by sha256), else from the store (checked against its manifest), then cached.
+    ``sha256`` names the cache file: it must be a digest, nothing that reaches outside the cache."""
+    layout.check_digest(sha256, f"the weights digest of {run.url}")
     path = os.path.join(cache_dir, f"{sha256}.safetensors") if cache_dir else None
     if path and os.path.exists(path):
         with open(path, "rb") as f:
@@ -270,6 +308,9 @@ class LazyModel:
         cache_dir: str | None = None,
         flow: dict | None = None,
     ):
+        where = f"an ensemble entry of {store.url}"
+        layout.safe_relpath(entry.get("dir"), where)
+        layout.check_digest(entry.get("sha256"), where)
         self.store, self.entry, self.build, self.device, self.cache_dir = store, entry, build, device, cache_dir
         self.module: torch.nn.Module | None = None
         self.flow = flow  # the ensemble's: an entry with a flow of its own is converted to it
@@ -287,7 +328,7 @@ class LazyModel:
                 raise ValueError(
                     f"{self.entry['dir']}/export changed since the ensemble was assembled; run `ddm assemble` again"
                 )
-            module = self.build(json.loads(run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)))
+            module = self.build(export_config(run, run.read_verified(layout.EXPORT, layout.EXPORT_CONFIG)))
             module.load_state_dict(load_safetensors(raw))
             self.module = module.to(self.device).eval()
         return self.module

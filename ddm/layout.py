@@ -63,6 +63,39 @@ EXPORT_CONFIG = "config.json"
 SNAPSHOTS = "snapshots"
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_PART_RE = re.compile(r"^[A-Za-z0-9_.=+@-][A-Za-z0-9_.=+@ -]*$")
+
+
+class UnsafeName(ValueError):
+    """A name read from the store (a manifest entry, a field of ensemble.json, a plan, a lease
+    record) that would reach outside its folder, or a digest that is not one."""
+
+
+def safe_relpath(name: object, where: str) -> str:
+    """``name`` if it is a safe relative POSIX path below its folder, else ``UnsafeName``.
+
+    Safe: a non-empty string of parts made of letters, digits and ``_.=+@- `` (no part empty,
+    ``.`` or ``..``, no leading ``/``, no backslash, no ``~``, no control characters, no scheme).
+    Every name read from the store passes here before it touches a path or a URL; ``where`` says
+    which file or field it came from, for the error.
+    """
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise UnsafeName(f"{where}: {name!r} is not a file name; the store was written by something else than ddm")
+    parts = name.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") or not _PART_RE.match(p) for p in parts):
+        raise UnsafeName(
+            f"{where}: the name {name!r} would reach outside its folder (absolute, '..', or odd characters); "
+            "refusing to use it. Someone with write access to the store wrote it: check who did"
+        )
+    return name
+
+
+def check_digest(value: object, where: str) -> str:
+    """``value`` if it is a sha256 digest (64 lowercase hex characters), else ``UnsafeName``."""
+    if not isinstance(value, str) or not DIGEST_RE.match(value):
+        raise UnsafeName(f"{where}: {str(value)[:80]!r} is not a sha256 digest (64 hex characters)")
+    return value
 
 
 LEASES_DIR = "leases"

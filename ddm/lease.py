@@ -7,7 +7,10 @@ random id), the command, host, pid and start time. The newest generation is the 
 over creates the next generation, so two would-be holders cannot both win, and nobody ever
 overwrites another holder's record.
 
-- **Renewed while held.** The holder rewrites its own record every ``ttl/4`` seconds.
+- **Renewed while held.** The holder writes ``<generation>.renewed.json`` every ``ttl/4`` seconds;
+  the generation's own record is never rewritten, so its object time (the store's clock) is the
+  moment of the takeover, by which readers refuse a manifest a lost holder published later
+  (``Store.manifest``).
 - **Refused while live.** A second writer is refused with an error naming the holder and when its
   lease expires. A lease may be taken once it expired (not renewed for ``ttl`` seconds), at once
   when its holder was on this machine and its process is gone, or with ``force``.
@@ -42,6 +45,7 @@ from ddm.store import Store
 log = logging.getLogger("ddm.lease")
 
 GENERATION_RE = re.compile(r"^(\d{8})\.json$")
+RENEWED = ".renewed.json"  # beside each generation's record: its renewals and release
 FENCE_MARGIN = 0.8  # a holder stops writing once its lease is this old (as a fraction of ttl)
 RECHECK_S = 2.0  # plain writes re-check the lease at most this often; commits always do
 
@@ -110,6 +114,19 @@ class Token:
         return f"{layout.lease_dir(self.folder)}/{self.generation:08d}.json"
 
 
+def read_record(store: Store, folder: str, generation: int) -> dict:
+    """A generation's record with its latest renewal (or release) laid over it."""
+    base = f"{layout.lease_dir(folder)}/{generation:08d}"
+    record = store.read_json(f"{base}.json")
+    if not isinstance(record, dict):
+        raise ValueError(f"{store.url}/{base}.json is not a lease record")
+    try:
+        renewed = store.read_json(f"{base}{RENEWED}")
+    except FileNotFoundError:
+        return record
+    return {**record, **{k: renewed[k] for k in ("renewed_at", "released") if k in renewed}}
+
+
 def _generations(store: Store, folder: str) -> list[int]:
     return sorted(int(m.group(1)) for n in store.list(layout.lease_dir(folder)) if (m := GENERATION_RE.match(n)))
 
@@ -121,7 +138,9 @@ class Fence:
         self.store, self.token = store, token
         self._checked = -float("inf")
         self._lost: str | None = None
-        self.writer = {"lease": token.generation, "holder": token.holder}  # recorded in each manifest
+        # Recorded in each manifest: readers refuse one published after this generation was taken over.
+        self.writer = {"lease": token.generation, "holder": token.holder, "folder": token.folder}
+        self.safe_until = -float("inf")  # wall clock: when this writer must stop (renewed_at + margin)
 
     def __call__(self, what: str, always: bool = False) -> None:
         if self._lost:
@@ -132,11 +151,12 @@ class Fence:
         newest = max(_generations(self.store, t.folder), default=0)
         reason = None
         if newest > t.generation:
-            other = self.store.read_json(f"{layout.lease_dir(t.folder)}/{newest:08d}.json")
+            other = read_record(self.store, t.folder, newest)
             reason = f"taken over by {describe(other)}"
         else:
-            record = self.store.read_json(t.record)
+            record = read_record(self.store, t.folder, t.generation)
             age = time.time() - float(record["renewed_at"])
+            self.safe_until = float(record["renewed_at"]) + FENCE_MARGIN * t.ttl_s
             if record.get("released"):
                 reason = "released by its holder"
             elif age > FENCE_MARGIN * t.ttl_s:
@@ -180,7 +200,7 @@ class Lease:
         gens = _generations(self.store, self.folder)
         current = gens[-1] if gens else 0
         if current:
-            record = self.store.read_json(f"{layout.lease_dir(self.folder)}/{current:08d}.json")
+            record = read_record(self.store, self.folder, current)
             age = time.time() - float(record.get("renewed_at", 0))
             live = not record.get("released") and age <= float(record.get("ttl_s", self.ttl_s))
             if live and _process_gone(record):
@@ -227,9 +247,8 @@ class Lease:
             raise LeaseHeld(f"{self.store.url}/{self.folder}: another writer took the lease at the same moment")
         self._renewed = time.monotonic()
         self.token = token
-        for old in gens[:-1]:  # keep the previous generation (who held it before), drop older ones
-            with contextlib.suppress(Exception):
-                self.store.delete(f"{layout.lease_dir(self.folder)}/{old:08d}.json")
+        # Every generation's record stays (a few hundred bytes each): readers date late commits by
+        # the next generation's record, so none may go.
         log.info("%s holds the lease on %s (generation %d)", self.what, self.folder, current + 1)
         return token
 
@@ -245,8 +264,9 @@ class Lease:
         if self.lost:
             log.error("the lease on %s was lost (%s): this job writes nothing more", self.folder, self.lost)
             return
-        self._record["renewed_at"] = time.time()
-        self.store.write_json(self.token.record, self._record)
+        now = time.time()
+        self.store.write_json(self.token.record.replace(".json", RENEWED), {"renewed_at": now})
+        self._record["renewed_at"] = now
         self._renewed = time.monotonic()
 
     def _renew_loop(self) -> None:
@@ -269,7 +289,9 @@ class Lease:
             return
         try:
             if max(_generations(self.store, self.folder), default=0) == self.token.generation:
-                self.store.write_json(self.token.record, {**self._record, "released": True, "renewed_at": time.time()})
+                self.store.write_json(
+                    self.token.record.replace(".json", RENEWED), {"released": True, "renewed_at": time.time()}
+                )
         except Exception as e:  # noqa: BLE001 - the lease then expires on its own
             log.warning("could not release the lease on %s (it expires in %.0f s): %s", self.folder, self.ttl_s, e)
 

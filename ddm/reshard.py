@@ -210,4 +210,7 @@ def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, 
                 st["step"].fill_(step)
             else:
                 st["step"] = step
+    # DeepSpeed's own counters, as its checkpoint would have restored them (every step is taken).
+    engine.global_steps = int(step)
+    engine.global_samples = int(step) * engine.train_batch_size()
     return step

@@ -35,12 +35,18 @@ import time
 import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
+from ddm.faults import fault_hook as _fault_hook
+from ddm.layout import LEASES_DIR, safe_relpath
 from ddm.retries import transient as _transient
 from ddm.transfer import Transfers
 
 log = logging.getLogger("ddm.store")
 
 MANIFEST = "MANIFEST.json"
+TMP_PREFIX = ".tmp-"  # a local write in progress (or one a killed process left): never data
+# Backends whose "create only if absent" is atomic across processes: local files (a hard link), S3
+# (a conditional PUT) and memory:// (one process only, so one interpreter decides).
+ATOMIC_CREATE = ("file", "local", "s3", "s3a", "memory")
 T = TypeVar("T")
 
 
@@ -50,6 +56,44 @@ def absolute_url(url: str) -> str:
     if "://" in url:
         return url
     return os.path.abspath(os.path.expanduser(url))
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of an S3 error (botocore's, or s3fs's re-raised OSError with it as cause)."""
+    e: BaseException | None = exc
+    for _ in range(5):
+        if e is None:
+            return None
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = response.get("Error", {}).get("Code")
+            return 409 if code == "ConditionalRequestConflict" else status
+        if "ConditionalRequestConflict" in str(e):
+            return 409
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _generation(name: str) -> int | None:
+    """The generation of a lease record's name (``00000003.json``), None for any other name."""
+    base = os.path.basename(name.rstrip("/"))
+    return int(base[:8]) if len(base) == 13 and base.endswith(".json") and base[:8].isdigit() else None
+
+
+def _mtime(info: dict) -> float | None:
+    """An object's modification time in seconds from fsspec's ``info`` (local files, S3, memory)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 class StoreError(RuntimeError):
@@ -95,6 +139,7 @@ class Store(Transfers):
         self.retries = int(os.environ.get("DDM_STORE_RETRIES", 3)) if retries is None else retries
         self.backoff_s = float(os.environ.get("DDM_STORE_BACKOFF_S", 0.5)) if backoff_s is None else backoff_s
         self.fence: Callable[..., None] | None = None
+        self.top = self.root  # the store's root, also in child stores: where the leases live
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -122,7 +167,10 @@ class Store(Transfers):
         return self._copy(fence=fence)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded retries and exponential backoff on transient errors."""
+        """Run ``fn`` with bounded retries and exponential backoff on transient errors. Under a
+        lease (a fenced store) a retry is taken only if the lease is still held and the retry can
+        start inside the lease's safe window: a writer cut off mid-write gives up instead of
+        publishing after another writer may have taken over."""
         for attempt in range(self.retries + 1):
             try:
                 return fn()
@@ -135,6 +183,14 @@ class Store(Transfers):
                         "Check that the store is reachable (endpoint, network, credentials in the environment)."
                     ) from e
                 delay = self.backoff_s * 2**attempt
+                if self.fence is not None:
+                    self.fence(f"a retry of {what}", always=True)  # raises once the lease is lost
+                    left = getattr(self.fence, "safe_until", float("inf")) - time.time()
+                    if delay >= left:
+                        raise StoreError(
+                            f"{what} failed ({type(e).__name__}) and a retry in {delay:.1f}s would outlast this "
+                            f"writer's lease ({max(left, 0):.1f}s left): abandoned, nothing published"
+                        ) from e
                 log.warning("%s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
@@ -186,23 +242,28 @@ class Store(Transfers):
             f.write(data)
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+        """Publish ``obj`` as JSON; NaN and infinities are refused (they are not JSON: jq and other
+        readers reject the file), so a caller turns them into something a reader can parse."""
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode())
 
     @contextlib.contextmanager
-    def open_write(self, rel: str) -> Iterator[io.IOBase]:
-        """A writable file that is published only if the ``with`` block completes."""
+    def open_write(self, rel: str, commit: bool = False) -> Iterator[io.IOBase]:
+        """A writable file that is published only if the ``with`` block completes. ``commit``: the
+        write commits a directory, and the lease is checked once more right before the publish."""
         if self.fence is not None:
             self.fence(f"{self.url}/{rel}")
         p = self.path(rel)
         parent = p.rsplit("/", 1)[0]
         if self.protocol == "file":
             os.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(p)}"
+            tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(p)}"
             try:
                 with open(tmp, "wb") as f:
                     yield f
                     f.flush()
                     os.fsync(f.fileno())
+                self._before_publish(rel, commit)
+                os.utime(tmp)  # the object's time is its publication's: readers date late commits by it
                 os.replace(tmp, p)  # atomic on POSIX
             finally:
                 if os.path.exists(tmp):
@@ -214,20 +275,38 @@ class Store(Transfers):
             buf = io.BytesIO()
             yield buf
             data = buf.getvalue()
-            self._call(f"write {rel}", lambda: self.fs.pipe_file(p, data))
+
+            def publish() -> None:
+                self._before_publish(rel, commit)
+                self.fs.pipe_file(p, data)
+
+            self._call(f"write {rel}", publish)
         self.fs.invalidate_cache(parent)
 
+    def _before_publish(self, rel: str, commit: bool) -> None:
+        if commit and self.fence is not None:
+            self.fence(f"the commit of {self.url}/{rel}", always=True)
+        if commit:
+            _fault_hook("publish", 0, 0)  # fault tests pause a committing writer exactly here
+
     def create_json(self, rel: str, obj: Any) -> bool:
-        """Publish ``obj`` at ``rel`` only if nothing is there yet; False if something is. Atomic on
-        local files (hard link of a complete temporary file) and S3 (``If-None-Match: *``); other
-        filesystems get fsspec's ``mode="create"``, as atomic as the backend makes it."""
-        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        """Publish ``obj`` at ``rel`` only if nothing is there yet; False if something is (or another
+        writer is creating it at this moment: S3's 409 ConditionalRequestConflict). Atomic on local
+        files (hard link of a complete temporary file), S3 (``If-None-Match: *``) and memory://
+        (one process); refused on other backends, where two processes could both succeed."""
+        if self.protocol not in ATOMIC_CREATE:
+            raise StoreError(
+                f"{self.url}: ddm cannot create objects exclusively on {self.protocol}:// (fsspec gives no atomic "
+                "'create if absent' there), so it cannot guarantee one writer per folder. Use a local path or "
+                "s3:// (an S3-compatible endpoint via AWS_ENDPOINT_URL) for the store"
+            )
+        data = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
         p = self.path(rel)
         parent = p.rsplit("/", 1)[0]
         try:
             if self.protocol == "file":
                 os.makedirs(parent, exist_ok=True)
-                tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(p)}"
+                tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(p)}"
                 try:
                     with open(tmp, "wb") as f:
                         f.write(data)
@@ -240,6 +319,10 @@ class Store(Transfers):
                 self._call(f"create {rel}", lambda: self.fs.pipe_file(p, data, mode="create"))
         except FileExistsError:
             return False
+        except OSError as e:
+            if _status(e) == 409:  # S3: a concurrent conditional PUT of the same key is in flight
+                return False
+            raise
         finally:
             self.fs.invalidate_cache(parent)
         return True
@@ -267,11 +350,11 @@ class Store(Transfers):
             data = self.read_bytes(f"{rel_dir}/{name}")
             entries[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = {"files": entries, "committed_at": time.time(), **(meta or {})}
-        if self.fence is not None:
-            self.fence(f"the commit of {self.url}/{rel_dir}", always=True)
-            if getattr(self.fence, "writer", None):
-                manifest["writer"] = self.fence.writer  # which lease holder committed this
-        self.write_json(f"{rel_dir}/{MANIFEST}", manifest)
+        if self.fence is not None and getattr(self.fence, "writer", None):
+            manifest["writer"] = self.fence.writer  # which lease holder committed this
+        data = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode()
+        with self.open_write(f"{rel_dir}/{MANIFEST}", commit=True) as f:  # the lease checked right before
+            f.write(data)
         return manifest
 
     def is_committed(self, rel_dir: str) -> bool:
@@ -288,7 +371,41 @@ class Store(Transfers):
             raise ChecksumError(f"{self.url}/{rel_dir}/{MANIFEST} is not a valid manifest ({e})") from e
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ChecksumError(f"{self.url}/{rel_dir}/{MANIFEST} is not a valid manifest (no file list)")
+        for name in manifest["files"]:
+            safe_relpath(name, f"{self.url}/{rel_dir}/{MANIFEST}")
+        self._refuse_late(rel_dir, manifest)
         return manifest
+
+    def _refuse_late(self, rel_dir: str, manifest: dict) -> None:
+        """A manifest published after its writer's lease was taken over is not a commit: the writer
+        was paused or cut off between its last lease check and the publish. Both times are the
+        store's own (the manifest's and the next lease generation's object times), so no clocks of
+        the writers are compared."""
+        writer = manifest.get("writer")
+        if not isinstance(writer, dict) or not isinstance(writer.get("folder"), str):
+            return  # written without a lease (or by ddm before 0.3)
+        where = f"{self.url}/{rel_dir}/{MANIFEST}"
+        folder, generation = safe_relpath(writer["folder"], where), writer.get("lease")
+        if not isinstance(generation, int):
+            raise ChecksumError(f"{where}: its writer's lease generation {generation!r} is not a number")
+        leases = f"{self.top}/{LEASES_DIR}/{folder}"
+        self.fs.invalidate_cache(leases)
+        try:
+            names = self._call(f"list {LEASES_DIR}/{folder}", lambda: self.fs.ls(leases, detail=False, refresh=True))
+        except FileNotFoundError:
+            return
+        later = sorted(g for n in names if (g := _generation(n)) is not None and g > generation)
+        if not later:
+            return
+        taken = _mtime(self._call("stat a lease", lambda: self.fs.info(f"{leases}/{later[0]:08d}.json")))
+        published = _mtime(
+            self._call(f"stat {rel_dir}/{MANIFEST}", lambda: self.fs.info(self.path(f"{rel_dir}/{MANIFEST}")))
+        )
+        if taken is not None and published is not None and published > taken:
+            raise NotCommittedError(
+                f"{where} was published by lease generation {generation} after generation {later[0]} took over "
+                f"{folder}: a late write of a writer that had lost its lease, not a commit"
+            )
 
     def _checked(
         self, rel_dir: str, name: str, manifest: dict, fetch: Callable[[str], T], entry: Callable[[T], dict]

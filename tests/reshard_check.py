@@ -1,8 +1,8 @@
 """Test helper, run as one process per rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set):
 restore a job's newest commit on this world size the way ``train`` does, then compare every
 parameter's fp32 weights and Adam moments, as DeepSpeed reports them after the restore (its own
-collective ``safe_get_full_*`` API, not ddm's code), with the saved ones rebuilt from DeepSpeed's
-own checkpoint files (ZeRO 0-2 layouts). Rank 0 prints the largest differences as JSON.
+collective ``safe_get_full_*`` API, not ddm's code), with the saved ones rebuilt from the
+commit's portable files. Rank 0 prints the largest differences as JSON.
 
     python -m tests.reshard_check store=... [overrides]
 """
@@ -18,41 +18,30 @@ import torch
 import torch.distributed as dist
 
 
-def saved_state(step_dir: str, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]] | None, float | None]:
-    """{name: {fp32, exp_avg, exp_avg_sq}} and Adam's step, from DeepSpeed's files of one commit
-    (``names``: the model's parameters in order, as the optimizer was given them); None for
-    ZeRO-3's layout, which this rebuild does not read."""
-    if not os.path.exists(os.path.join(step_dir, "mp_rank_00_model_states.pt")):
-        return None, None
-    model = torch.load(os.path.join(step_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    shards = sorted(glob.glob(os.path.join(step_dir, "zero_pp_rank_*_mp_rank_00_optim_states.pt")))
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    if not shards:  # no ZeRO: the torch optimizer's state dict, by parameter index
-        opt = model["optimizer"]
-        order = [i for g in opt["param_groups"] for i in g["params"]]
-        for index, name in zip(order, names):
-            st = opt["state"][index]
-            out[name] = {"fp32": model["module"][name], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
-        return out, float(next(iter(opt["state"].values()))["step"])
-    shards.sort(key=lambda p: int(os.path.basename(p).split("_")[3]))  # by rank
-    parts = [torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"] for p in shards]
-    step = None
-    for i, shapes in enumerate(model["param_shapes"]):  # ZeRO 1/2: rank r holds a slice of each flat group
-        flat = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
-        for sd in parts:
-            fp32 = sd["single_partition_of_fp32_groups"][i]  # padding already removed
-            st = sd["base_optimizer_state"]["state"][i]
-            step = float(st["step"])
-            flat["fp32"].append(fp32)
-            for key in ("exp_avg", "exp_avg_sq"):
-                flat[key].append(st[key][: fp32.numel()])
-        whole = {k: torch.cat(v) for k, v in flat.items()}
-        offset = 0
-        for name, shape in shapes.items():
-            n = int(torch.Size(shape).numel())
-            out[name] = {k: v[offset : offset + n].reshape(shape) for k, v in whole.items()}
-            offset += n
-    return out, step
+def saved_state(step_dir: str, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """{name: {fp32, exp_avg, exp_avg_sq}} and Adam's step, rebuilt from the commit's portable files
+    (every rank's pieces, laid end to end by their offsets) with safetensors alone, not ddm's
+    reshard code. What these files hold is pinned down by the kill/resume tests: every resume
+    restores from them to the uninterrupted run's weights."""
+    from safetensors import safe_open
+
+    pieces: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
+    shapes, steps = {}, set()
+    for path in sorted(glob.glob(os.path.join(step_dir, "portable", "rank*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            shapes.update(json.loads(f.metadata()["shapes"]))
+            steps.add(float(f.metadata()["step"]))
+            for key in f.keys():
+                name, kind, start = key.rsplit("|", 2)
+                pieces.setdefault((name, kind), []).append((int(start), f.get_tensor(key)))
+    assert len(steps) == 1, steps
+    out = {}
+    for name in names:
+        out[name] = {
+            kind: torch.cat([t for _, t in sorted(pieces[(name, kind)], key=lambda p: p[0])]).reshape(shapes[name])
+            for kind in ("fp32", "exp_avg", "exp_avg_sq")
+        }
+    return out, steps.pop()
 
 
 def main(overrides: list[str]) -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ddm import layout
-from ddm.lease import Lease, LeaseHeld, LeaseLost, fenced, holding
+from ddm.lease import Lease, LeaseHeld, LeaseLost, fenced, holding, read_record
 from ddm.store import Store
 from tests.helpers import child_env
 from tests.test_train import TRAIN, fresh, prepared, run_cli  # noqa: F401 - fixture
@@ -169,7 +169,8 @@ def test_records_describe_the_holder(tmp_path):
         record = json.loads(store.read_bytes(f"{layout.lease_dir('experts/03')}/{names[0]}"))
         assert record["pid"] == os.getpid() and record["kind"] == "ddm.lease"
         assert {"holder", "host", "started_at", "renewed_at", "ttl_s"} <= set(record)
-    assert store.read_json(f"{layout.lease_dir('experts/03')}/{names[0]}")["released"] is True
+    assert read_record(store, "experts/03", 1)["released"] is True
+    assert "released" not in store.read_json(f"{layout.lease_dir('experts/03')}/{names[0]}")  # never rewritten
 
 
 def test_bad_ttl_is_a_clear_error(monkeypatch, tmp_path):

@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg = with_teacher(load(JobConfig, args.config, args.overrides))
         check_inputs(cfg)
         with stdout_to_stderr():  # stdout carries the JSON summary only
-            if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 holds the lease and fences its commits
+            # Under torchrun rank 0 holds the lease; every rank writes fenced by its token.
+            if int(os.environ.get("RANK", 0)) == 0:
                 with job_lease(cfg, args.force) as token:
-                    summary = train(cfg, lease=token)
+                    summary = train(cfg, lease=token, lease_from_rank0=True)
             else:
-                summary = train(cfg)
+                summary = train(cfg, lease_from_rank0=True)
     except (LeaseHeld, LeaseLost) as e:  # another writer has the job folder: one line, exit 3
         print(f"python -m ddm.train: error: {e}", file=sys.stderr)
         sys.exit(3)

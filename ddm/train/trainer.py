@@ -107,6 +107,7 @@ def train(
     report: Callable[[dict], None] | None = None,
     device: torch.device | None = None,
     lease: Token | None = None,
+    lease_from_rank0: bool = False,
 ) -> dict:
     """Train (or resume) one job; returns a summary. ``report`` receives, at each checkpoint and at
     the end, the last logged record and the newest commit's URL (Ray Train).
@@ -114,6 +115,7 @@ def train(
     ``device``: the launcher's choice (Ray Train assigns each worker its GPU); by default the GPU of
     this process's local rank when CUDA is there, else the CPU. ``lease``: the token of the job
     folder's lease (``job_lease``); every write is fenced by it. Without one, nothing is fenced.
+    ``lease_from_rank0``: every rank takes rank 0's token (under torchrun only rank 0 holds the lease).
     """
     # --- setup --------------------------------------------------------------------------------
     torch.set_num_threads(threads_for(cfg))
@@ -131,6 +133,8 @@ def train(
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    # One id for this attempt and one lease for every rank: checkpoint markers are bound to both.
+    lease, attempt = _from_rank0(lease, lease_from_rank0)
     store = Store(cfg.store)
     if lease is not None:
         store = fenced(store, lease)
@@ -189,6 +193,7 @@ def train(
         portable=lambda path: save_portable(engine, path, zero, ps, num_experts, ema=ema),
         reshard=reshard,
         ep_size=ps.ep_size,
+        attempt=attempt,
     )
     step, metrics = 0, []
     restored = ckpt.load_latest(engine)
@@ -243,6 +248,14 @@ def train(
     # Losses add up on the device (float64, as exact as Python floats); read once per log window,
     # since reading a GPU value every step would make the host wait for the device.
     window_loss, window_n, last_log = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
+    # The first step whose loss was not finite (0: none), kept on the device: checked, on every
+    # rank together, at each log window and before anything is committed or exported.
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)
+
+    def stop_if_diverged(weights: bool) -> None:
+        tensors = [*ema.shadow.values(), *(p.detach() for p in engine.module.parameters())] if weights else []
+        _stop_if_diverged(first_bad, tensors, step, cfg, ckpt)
+
     stall_s, saves = 0.0, 0  # how long training waited for checkpoint snapshots, over how many
     snapshots = set(cfg.checkpoint.snapshot_steps(cfg.steps))
     try:
@@ -259,9 +272,11 @@ def train(
             _fault_hook("step", step, ps.rank)
             ema.update(engine.module)  # no collective: under ZeRO-3 each rank averages its own shards
             window_loss += loss.detach().double()
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             window_n += 1
 
             if step % cfg.log_every == 0 or step == cfg.steps:
+                stop_if_diverged(weights=False)
                 mean_loss = window_loss.item() / window_n  # the one host sync of the window
                 now = time.perf_counter()
                 record = {
@@ -283,6 +298,9 @@ def train(
                         board.log(record)
                         uploads.submit("the TensorBoard events", board.upload)
 
+            writes = step % cfg.checkpoint.every == 0 or step == cfg.steps or step in snapshots
+            if writes or (cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0):
+                stop_if_diverged(weights=True)  # nothing non-finite is committed or exported
             if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                 state = RankState(
                     tensors={**{f"ema.{k}": v for k, v in ema.shadow.items()}, **_rng_state(gen, device)},
@@ -292,7 +310,9 @@ def train(
                 saves += 1
                 if ps.is_main:
                     uploads.flush()  # the views are as new as the checkpoint
-                    run.write_bytes(layout.METRICS, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+                    run.write_bytes(
+                        layout.METRICS, "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics).encode()
+                    )
                 # To Ray at checkpoints only, on every rank (Ray Train's report is a collective that
                 # costs about 2 s in Ray 2.60); live progress is in progress.json and TensorBoard.
                 if report is not None and metrics:
@@ -342,6 +362,47 @@ def train(
         dist.barrier()
         dist.destroy_process_group()  # torch + gloo can abort at exit without it
     return summary
+
+
+class Diverged(ValueError):
+    """The loss or the weights stopped being finite: the job stops before committing them."""
+
+
+def _stop_if_diverged(first_bad: torch.Tensor, tensors: list[torch.Tensor], step: int, cfg: JobConfig, ckpt) -> None:
+    """Raise ``Diverged``, on every rank alike, when a loss since the start (``first_bad``: its step)
+    or one of ``tensors`` (weights, EMA) is not finite; one host sync and one small collective."""
+    bad_weights = torch.zeros((), dtype=torch.bool, device=first_bad.device)
+    for t in tensors:
+        bad_weights |= ~torch.isfinite(t).all()
+    flags = torch.stack([first_bad.double(), bad_weights.double()])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_step, bad_weights = (int(v) for v in flags.tolist())
+    if not bad_step and not bad_weights:
+        return
+    what = f"the loss was not finite at step {bad_step}" if bad_step else f"the weights are not finite at step {step}"
+    commits = ckpt.committed_steps()
+    kept = (
+        f"the last good commit, {ckpt.store.url}/{layout.step_dir(commits[-1])}, and those before it are kept"
+        if commits
+        else "no checkpoint was committed"
+    )
+    raise Diverged(
+        f"{cfg.run_dir} diverged ({what}, lr={cfg.lr}); it stopped before committing or exporting anything "
+        f"non-finite: {kept}. Lower lr (or check the data) and train the job again"
+    )
+
+
+def _from_rank0(lease: Token | None, share_lease: bool) -> tuple[Token | None, str]:
+    """A new attempt id, and with ``share_lease`` the lease token, as rank 0 has them, on every rank
+    (one small broadcast at the start; alone, no collective)."""
+    import uuid
+
+    mine = [lease, uuid.uuid4().hex]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(mine, src=0)
+    token, attempt = mine
+    return (token if share_lease else lease), attempt
 
 
 def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.device, text_encoder=None) -> None:
