@@ -195,8 +195,10 @@ class JobConfig:
             raise ValueError(f"job must be one of {list(JOBS)}, got {self.job!r}")
         if self.partition < -1:
             raise ValueError(f"partition must be >= 0 (or -1 for all data), got {self.partition}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.global_batch_size % (self.grad_accum * self.ray.num_workers):

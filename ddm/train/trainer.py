@@ -381,6 +381,7 @@ def _stop_if_diverged(first_bad: torch.Tensor, tensors: list[torch.Tensor], step
     if not bad_step and not bad_weights:
         return
     what = f"the loss was not finite at step {bad_step}" if bad_step else f"the weights are not finite at step {step}"
+    ckpt.wait()  # the upload in flight holds a good checkpoint (checked before it was taken): let it commit
     commits = ckpt.committed_steps()
     kept = (
         f"the last good commit, {ckpt.store.url}/{layout.step_dir(commits[-1])}, and those before it are kept"
