@@ -15,7 +15,13 @@ Faults: kill -9 of the command at a random time (mid-step, mid-upload, mid-commi
 an upload; kill -9 of one Ray Train worker (a 2-worker ZeRO-2 job on a local Ray cluster) or of
 the Ray driver; a random byte flipped, a file truncated or deleted in a random committed object
 (checkpoint or export); store outages of random length; a second writer started at a random
-time; a writer paused (SIGSTOP) past its lease and another taking over.
+time; a writer paused (SIGSTOP) past its lease and another taking over; a writer paused right
+before it publishes a commit (its lease just checked) until another took over and finished, then
+let go (``paused_publish``: its late manifest must count for nothing); rank markers of a crashed
+attempt planted where the next attempt commits (``stale_markers``, a 2-worker Ray job).
+
+A fourth check: **no commit by a lost holder**: no manifest that readers accept was written by a
+lease generation after it was taken over.
 
     python bench/faults.py --scenarios 100            # about an hour on 2 cores
     python bench/faults.py --scenarios 6 --kinds outage,second_writer
@@ -70,6 +76,8 @@ KINDS = {  # kind -> weight in a random campaign
     "paused_writer": 1,
     "kill_ray_worker": 1,
     "kill_ray_driver": 1,
+    "paused_publish": 2,
+    "stale_markers": 1,
 }
 
 
@@ -333,7 +341,7 @@ class Scenario:
     def __init__(self, env: Env, kind: str, index: int, rng: random.Random, refs: dict):
         self.env, self.kind, self.rng, self.refs = env, kind, rng, refs
         self.prefix = f"s{index:03d}-{kind}"
-        self.ray = kind.startswith("kill_ray")
+        self.ray = kind.startswith("kill_ray") or kind == "stale_markers"
         self.store = env.store(self.prefix)
         self.detail: dict = {}
         self.expected_resume: int | None = None  # the newest intact commit when recovery starts
@@ -366,6 +374,7 @@ class Scenario:
         if sha is not None:
             writers.add(self.store.child(JOB).manifest("export").get("writer", {}).get("lease"))
         return {
+            "commits_by_lost_holder": self.commits_by_lost_holder(),
             "kind": self.kind,
             "prefix": self.prefix,
             "finished": final is not None and final.get("step") == STEPS,
@@ -377,6 +386,30 @@ class Scenario:
             "lease_generations": sorted(w for w in writers if w is not None),
             **self.detail,
         }
+
+    def commits_by_lost_holder(self) -> int:
+        """Manifests that readers accept, written by a lease generation after the next one took over
+        (the manifest's object is newer than the next generation's record)."""
+        run = self.store.child(JOB)
+        leases = sorted(n for n in self.store.list(f"leases/{JOB}") if len(n) == 13 and n.endswith(".json"))
+        taken = {
+            int(n[:8]): self.env.fs.info(f"{BUCKET}/{self.prefix}/leases/{JOB}/{n}")["LastModified"] for n in leases
+        }
+        dirs = [f"checkpoints/{n}" for n in run.list("checkpoints") if n.startswith("step_")] + ["export"]
+        count = 0
+        for d in dirs:
+            if not run.exists(f"{d}/MANIFEST.json"):
+                continue
+            generation = run.read_json(f"{d}/MANIFEST.json").get("writer", {}).get("lease")
+            later = [t for g, t in taken.items() if generation is not None and g > generation]
+            published = self.env.fs.info(f"{BUCKET}/{self.prefix}/{JOB}/{d}/MANIFEST.json")["LastModified"]
+            if later and published > min(later):
+                try:
+                    run.manifest(d)
+                    count += 1  # a reader took a late write for a commit
+                except Exception:  # noqa: BLE001 - refused, as it must be
+                    pass
+        return count
 
     def run(self) -> dict:
         self.env.fresh(self.prefix)
@@ -518,9 +551,11 @@ class Scenario:
         self.detail["fault"] = f"second writer ({'lr 3e-4' if extra else 'same settings'}) at {delay:.1f}s: rc {rc}"
         admitted_while_live = False
         if rc == 0:  # it ran: only allowed if the first had released its lease (its work done) by then
-            records = self.store.list(f"leases/{JOB}")
-            newest = self.store.read_json(f"leases/{JOB}/{records[-1]}")
-            before = self.store.read_json(f"leases/{JOB}/{records[-2]}") if len(records) > 1 else {}
+            from ddm.lease import read_record
+
+            records = sorted(int(n[:8]) for n in self.store.list(f"leases/{JOB}") if len(n) == 13)
+            newest = read_record(self.store, JOB, records[-1])
+            before = read_record(self.store, JOB, records[-2]) if len(records) > 1 else {}
             released_at = before["renewed_at"] if before.get("released") else float("inf")
             admitted_while_live = newest["started_at"] < released_at
         self.detail["second_refused"] = not admitted_while_live
@@ -544,6 +579,54 @@ class Scenario:
         self.detail["fault"] = f"SIGSTOP at step {step} past the lease ttl; resumed after the takeover"
         self.detail["paused_writer_refused"] = first.returncode == 3
         return final
+
+    def paused_publish(self) -> dict | None:
+        """The writer stops right before publishing its n-th commit (checkpoint or export), after its
+        last lease check; another command takes the lease over and finishes the job; then the first
+        goes on and publishes. Its manifest must not count as a commit, and it must stop (exit 3)."""
+        once = os.path.join(self.env.workdir, f"{self.prefix}.once")
+        n = self.rng.randrange(2, STEPS // EVERY + 2)  # a checkpoint after the first, or the export
+        first = self.env.start(
+            self.prefix, env={"DDM_FAULT": f"publish:{n}", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": once}
+        )
+        if not wait_until(lambda: os.path.exists(once) or first.poll() is not None, 300):
+            kill_tree(first)
+        os.killpg(first.pid, signal.SIGSTOP)  # the whole process: its lease renewals stop too
+        open(once + ".go", "w").close()
+        time.sleep(TTL_S + 1)
+        final = self.recover()
+        os.killpg(first.pid, signal.SIGCONT)
+        first.communicate(timeout=300)
+        self.detail["fault"] = f"paused before publishing commit {n} past the lease ttl; let go after the takeover"
+        self.detail["paused_writer_refused"] = first.returncode == 3
+        if not self.store.child(JOB).is_committed("export") or export_sha(self.store) is None:
+            # Its late manifest replaced the new holder's export: readers ignore it, the job is unfinished
+            # again, and the user's next run writes the export again.
+            self.detail["late_export_rerun"] = True
+            final = self.recover() or final
+        return final
+
+    def stale_markers(self) -> dict | None:
+        """A 2-worker Ray job whose driver is killed at a random time; rank 1's markers of that
+        attempt, with other digests, planted in the folders of every step the next attempt commits.
+        Rank 0 must commit from this attempt's markers only: every commit afterwards verifies."""
+        p = self.env.start(self.prefix, ray=True)
+        when = self._strike_time(p, ray=True)
+        kill_tree(p)
+        time.sleep(3)  # Ray tears the job's workers down once its driver is gone
+        ckpts = self.store.child(f"{JOB}/checkpoints")
+        last = max(committed(self.store), default=0)
+        planted = []
+        for future in range(last + EVERY, STEPS + 1, EVERY):
+            tag = f"step_{future:07d}"
+            garbage = b"an earlier attempt's bytes"
+            ckpts.write_bytes(f"{tag}/rank001.json", garbage)
+            entry = {"size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
+            marker = {"files": {"rank001.json": entry}, "attempt": "crashed", "lease": 1, "world_size": 2}
+            ckpts.write_json(f"{tag}/.rank001.done", marker)
+            planted.append(future)
+        self.detail["fault"] = f"driver killed at {when} (last commit {last}); stale rank-1 markers at {planted}"
+        return self.recover()
 
 
 # --- the campaign -------------------------------------------------------------------------------------
@@ -606,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     results = []
     try:
-        if any(plan[i].startswith("kill_ray") for i in selected):
+        if any(plan[i].startswith("kill_ray") or plan[i] == "stale_markers" for i in selected):
             env.start_ray()
         refs = prepare(env)
         print(f"references: {json.dumps(refs)}  (logs in {workdir})", flush=True)
@@ -636,12 +719,14 @@ def main(argv: list[str] | None = None) -> int:
         "broken_commits_left": sum(bool(r.get("broken_commits_left")) for r in results),
         "second_writers_admitted": sum(r.get("second_refused") is False for r in results),
         "paused_writers_not_stopped": sum(r.get("paused_writer_refused") is False for r in results),
+        "commits_by_lost_holder": sum(r.get("commits_by_lost_holder", 0) for r in results),
         "outages_survived_in_place": sum(bool(r.get("survived")) for r in results if r["kind"] == "outage"),
         "harness_errors": sum("harness_error" in r for r in results),
         "minutes": round((time.monotonic() - t_start) / 60, 1),
     }
     print(json.dumps(tally))
     bad = tally["wrong_exports"] + tally["lost_commits"] + tally["second_writers_admitted"] + tally["harness_errors"]
+    bad += tally["commits_by_lost_holder"]
     return 1 if bad else 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from ddm.transfer import Transfers
 log = logging.getLogger("ddm.store")
 
 MANIFEST = "MANIFEST.json"
+_COMMITS = itertools.count(1)  # the commits this process published (fault tests pick one)
 TMP_PREFIX = ".tmp-"  # a local write in progress (or one a killed process left): never data
 # Backends whose "create only if absent" is atomic across processes: local files (a hard link), S3
 # (a conditional PUT) and memory:// (one process only, so one interpreter decides).
@@ -286,8 +288,8 @@ class Store(Transfers):
     def _before_publish(self, rel: str, commit: bool) -> None:
         if commit and self.fence is not None:
             self.fence(f"the commit of {self.url}/{rel}", always=True)
-        if commit:
-            _fault_hook("publish", 0, 0)  # fault tests pause a committing writer exactly here
+        if commit:  # fault tests pause the n-th commit of a process exactly here (its lease just checked)
+            _fault_hook("publish", next(_COMMITS), 0)
 
     def create_json(self, rel: str, obj: Any) -> bool:
         """Publish ``obj`` at ``rel`` only if nothing is there yet; False if something is (or another

@@ -720,6 +720,10 @@ def test_a_job_resumes_on_another_worker_count(prepared, tmp_path, before, after
     themselves differ from an uninterrupted run's: M workers draw other batches and noise.)"""
     check, resumed, store = _resume_elsewhere(prepared, tmp_path, before, after, zero=2)
     assert check["step"] == 4 and check["resharded_from"] == before and check["params"] > 10
+    # Under torchrun every rank writes under rank 0's lease: its markers name the generation.
+    ckpts = Store(store).child("experts/00/checkpoints")
+    markers = [ckpts.read_json(f"step_0000004/.rank{r:03d}.done") for r in range(before)]
+    assert {m["lease"] for m in markers} == {ckpts.manifest("step_0000004")["writer"]["lease"]} != {None}
     assert check["max_diff"] == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "module": 0.0}
     assert check["adam_step"] == check["saved_adam_step"] == 4.0 and check["moment_scale"] > 0
     assert resumed["startup"]["resumed_from"] == 4 and resumed["world_size"] == after and resumed["step"] == 6

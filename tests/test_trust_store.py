@@ -286,7 +286,10 @@ def test_a_commit_published_after_a_takeover_is_not_a_commit(tmp_path, monkeypat
     writes = fenced(Store(url), a.acquire())
     writes.write_json("experts/00/export/model.json", {"a": 1})
     go = tmp_path / "go"
-    monkeypatch.setenv("DDM_FAULT", "publish:0")
+    import ddm.store
+
+    monkeypatch.setattr(ddm.store, "_COMMITS", iter([1]))
+    monkeypatch.setenv("DDM_FAULT", "publish:1")
     monkeypatch.setenv("DDM_FAULT_ACTION", "pause")
     monkeypatch.setenv("DDM_FAULT_GO", str(go))
     commit = threading.Thread(target=writes.commit, args=("experts/00/export", ["model.json"]))
