@@ -302,3 +302,30 @@ def test_a_commit_published_after_a_takeover_is_not_a_commit(tmp_path, monkeypat
     assert reader.exists("export/MANIFEST.json")  # it landed ...
     with pytest.raises(NotCommittedError, match="late write"):
         reader.manifest("export")  # ... and counts for nothing
+
+
+def test_leases_are_refused_where_create_is_not_atomic(tmp_path):
+    """Two processes could both take a lease on a backend without an atomic create-if-absent."""
+    store = Store(str(tmp_path))
+    store.protocol = "sftp"  # what a store on such a backend is (no server needed: it fails first)
+    with pytest.raises(StoreError, match="cannot create objects exclusively on sftp://"):
+        Lease(store, "experts/00", "ddm train").acquire()
+    assert not os.path.exists(tmp_path / "leases")
+
+
+def test_an_s3_conflict_on_create_counts_as_losing_the_race(monkeypatch):
+    """S3 answers 409 ConditionalRequestConflict when another conditional PUT of the key is in
+    flight: that writer may win, so this one has lost, not failed. (moto's server never answers
+    409, so s3fs's error, as it raises it, is made here.)"""
+    from botocore.exceptions import ClientError
+
+    store = Store("memory://conflict")
+    error = ClientError(
+        {"Error": {"Code": "ConditionalRequestConflict"}, "ResponseMetadata": {"HTTPStatusCode": 409}}, "PutObject"
+    )
+
+    def put(*args, **kwargs):
+        raise OSError("conflict") from error
+
+    monkeypatch.setattr(store.fs, "pipe_file", put)
+    assert store.create_json("leases/x/00000001.json", {"a": 1}) is False
