@@ -20,6 +20,7 @@ from ddm.job import JobConfig
 from ddm.launchers.spec import RunSpec
 from ddm.lease import LeaseHeld, LeaseLost
 from ddm.logs import setup_logging
+from ddm.retries import refusal
 from ddm.settings import DemoConfig, EvalConfig, SampleConfig
 from ddm.store import StoreError
 
@@ -233,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     except (LeaseHeld, LeaseLost) as e:  # another writer has the folder: nothing was mixed
         print(f"ddm {args.command}: error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # the environment refused (credentials, 403, a full disk): one line; a bug: its traceback
+        why = refusal(e, getattr(args, "store", None) or "")
+        if why is None:
+            raise
+        print(f"ddm {args.command}: error: {why}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: what was committed stays, and the same command resumes from it
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a re-raised one) ends nothing now
         print(

@@ -19,6 +19,12 @@ from ddm.launchers.spec import RunSpec
 from ddm.logs import stdout_to_stderr
 from ddm.settings import DemoConfig, EvalConfig, SampleConfig
 from ddm.store import Store
+from ddm.urls import check_store_url
+
+
+def _store(url: str) -> Store:
+    """The store a command names, its URL checked first (``s3:/bucket`` is refused, not made a folder)."""
+    return Store(check_store_url(url))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -49,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from ddm.data.ingest import ingest
 
-    m = ingest(load(IngestConfig, None, [f"source={args.source}", *args.overrides]), Store(args.store), args.address)
+    m = ingest(load(IngestConfig, None, [f"source={args.source}", *args.overrides]), _store(args.store), args.address)
     print(
         f"{m['num_samples']} samples of shape {tuple(m['sample_shape'])} ({m['dtype']}), {m['num_classes']} classes, "
         f"{len(m['shard_rows'])} shards -> {args.store}/{layout.DATA_DIR}  (skipped {m['skipped']['count']} unreadable)"
@@ -60,7 +66,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     from ddm.data.partition import partition
 
-    m = partition(load(PartitionConfig, None, args.overrides), Store(args.store), args.address, args.dry_run)
+    m = partition(load(PartitionConfig, None, args.overrides), _store(args.store), args.address, args.dry_run)
     where = "(dry run: nothing written)" if args.dry_run else f"-> {args.store}/{layout.PARTITIONS_DIR}"
     print(f"{m['num_partitions']} partitions, sizes {m['counts']} (largest/mean {m['max_over_mean']:.2f}) {where}")
     return 0
@@ -100,7 +106,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_assemble(args: argparse.Namespace) -> int:
     from ddm.assemble import assemble
 
-    d = assemble(Store(args.store), args.rule, args.replace)
+    d = assemble(_store(args.store), args.rule, args.replace)
     print(f"ensemble of {d['num_experts']} experts + router, rule {d['rule']} -> {args.store}/{layout.ENSEMBLE_FILE}")
     return 0
 
@@ -108,7 +114,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from ddm.sample import sample
 
-    meta = sample(Store(args.store), load(SampleConfig, None, args.overrides))
+    meta = sample(_store(args.store), load(SampleConfig, None, args.overrides))
     cost = (  # samples drawn before ddm counted FLOPs have expert forwards only
         f", {meta['sampling_flops_per_sample'] / 1e6:,.1f} MFLOPs (router {100 * meta['router_share']:.1f}%)"
         if "sampling_flops_per_sample" in meta
@@ -124,7 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddm.evaluate import evaluate, format_report
 
-    report = evaluate(Store(args.store), load(EvalConfig, None, args.overrides))
+    report = evaluate(_store(args.store), load(EvalConfig, None, args.overrides))
     print(format_report(report))
     print(f"-> {args.store}/{report['dir']}/ (results.json, report.md, router_accuracy.png)")
     return 0

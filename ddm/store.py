@@ -38,8 +38,10 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from ddm.faults import fault_hook as _fault_hook
 from ddm.layout import LEASES_DIR, safe_relpath
+from ddm.retries import refusal as _refusal
 from ddm.retries import transient as _transient
-from ddm.transfer import Transfers
+from ddm.transfer import Transfers, with_path
+from ddm.urls import check_store_url
 
 log = logging.getLogger("ddm.store")
 
@@ -114,8 +116,7 @@ class Store(Transfers):
     """Reads and writes below one root URL (files at checkpoint scale: ``ddm.transfer.Transfers``)."""
 
     def __init__(self, url: str, retries: int | None = None, backoff_s: float | None = None, **storage_options: Any):
-        if not url:
-            raise ValueError("store URL is empty; give a path or a URL such as s3://bucket/run")
+        url = check_store_url(url)  # s3:/bucket (one slash) is an error, not a local folder named s3:
         self.url = url.rstrip("/")
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         if protocol in ("s3", "s3a"):
@@ -178,7 +179,10 @@ class Store(Transfers):
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified below
                 if not _transient(e):
-                    raise
+                    why = _refusal(e, f"{what} at {self.url}")  # credentials, 403, a full disk: one line
+                    if why is None:
+                        raise
+                    raise StoreError(why) from e
                 if attempt == self.retries:
                     raise StoreError(
                         f"{what} failed after {self.retries + 1} attempts against {self.url}: {type(e).__name__}: {e}. "
@@ -231,9 +235,10 @@ class Store(Transfers):
 
         def ls() -> list[str]:
             try:
-                return sorted(os.path.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False, refresh=True))
+                names = (os.path.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False, refresh=True))
             except FileNotFoundError:
                 return []
+            return sorted(n for n in names if not n.startswith(TMP_PREFIX))  # a write in progress is not data
 
         return self._call(f"list {rel}", ls)
 
@@ -260,10 +265,13 @@ class Store(Transfers):
             os.makedirs(parent, exist_ok=True)
             tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(p)}"
             try:
-                with open(tmp, "wb") as f:
-                    yield f
-                    f.flush()
-                    os.fsync(f.fileno())
+                try:
+                    with open(tmp, "wb") as f:
+                        yield f
+                        f.flush()
+                        os.fsync(f.fileno())
+                except OSError as e:
+                    raise with_path(e, p) from None  # a full disk names the file
                 self._before_publish(rel, commit)
                 os.utime(tmp)  # the object's time is its publication's: readers date late commits by it
                 os.replace(tmp, p)  # atomic on POSIX
@@ -466,8 +474,10 @@ class Store(Transfers):
         """Fail early, with a clear message, when an S3 store's bucket cannot be reached."""
         if self.protocol in ("s3", "s3a"):
             bucket = self.root.split("/", 1)[0]
-            if not self._call("reach store", lambda: self.fs.exists(bucket)):
+            try:  # head_bucket: s3fs's exists() would report missing credentials or a 403 as "no bucket"
+                self._call("reach store", lambda: self.fs.call_s3("head_bucket", Bucket=bucket))
+            except FileNotFoundError:
                 raise StoreError(
                     f"bucket {bucket!r} of store {self.url} does not exist or is not visible with the "
                     "credentials in the environment; create it or fix AWS_* settings"
-                )
+                ) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import os
 import uuid
@@ -42,6 +43,14 @@ def file_digest(path: str) -> dict:
         while chunk := f.read(CHUNK):
             d.update(chunk)
     return d.entry()
+
+
+def with_path(e: OSError, path: str) -> OSError:
+    """A full disk or quota, which the kernel reports on a write without a file name, with the file that
+    was being written (the CLI's one line names it, ``ddm.retries.refusal``); other errors unchanged."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), path)
+    return e
 
 
 def _b64(digest: bytes) -> str:
@@ -86,6 +95,10 @@ class Transfers:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, p)
+        except OSError as e:
+            if with_path(e, p) is e:
+                raise
+            raise with_path(e, p) from e
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -197,8 +210,13 @@ class Transfers:
         return {size, sha256}. A retry starts the copy over; a failure leaves no local file."""
 
         def fetch() -> dict:
-            with open(local, "wb") as dst:
-                return self._stream(rel, dst.write)
+            try:
+                with open(local, "wb") as dst:
+                    return self._stream(rel, dst.write)
+            except OSError as e:
+                if with_path(e, local) is e:
+                    raise
+                raise with_path(e, local) from e
 
         os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
         try:

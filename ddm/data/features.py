@@ -17,8 +17,9 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from ddm import __version__
 from ddm.data.pipeline import ShardCommits, Stage, connected, model_stage, run_units, worker_url
-from ddm.data.shards import Dataset
+from ddm.data.shards import FEATURES_FORMAT, Dataset, check_format
 from ddm.layout import features_dir
 from ddm.lease import fenced, holding
 from ddm.store import Store
@@ -121,7 +122,7 @@ class Features:
 
     def __init__(self, store: Store, folder: str):
         self.store, self.folder = store, folder
-        self.manifest = store.manifest(folder)
+        self.manifest = check_format(store.manifest(folder), FEATURES_FORMAT, f"{store.url}/{folder}/MANIFEST.json")
         self.names: list[str] = self.manifest["shards"]
 
     @property
@@ -195,7 +196,8 @@ def stored_features(cfg, store: Store, dataset: Dataset, data_id: str, address: 
         ordered = [records[i] for i in range(dataset.num_shards)]
         meta = {
             "kind": "ddm.features",
-            "format_version": 1,
+            "format_version": FEATURES_FORMAT,
+            "ddm_version": __version__,
             **settings,
             "extractor": extractor.name,
             "dim": ordered[0]["dim"],

@@ -34,12 +34,13 @@ import pyarrow as pa
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from ddm import __version__
 from ddm.config import to_dict
 from ddm.data.config import PARTITION_EXECUTION as EXECUTION
 from ddm.data.config import PartitionConfig
 from ddm.data.features import EXTRACTOR_STATE, Features, stored_features
 from ddm.data.pipeline import Stage, connected, run_units, worker_url
-from ddm.data.shards import Dataset, write_parquet_bytes
+from ddm.data.shards import PARTITIONS_FORMAT, Dataset, partitions_manifest, write_parquet_bytes
 from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.lease import holding
 from ddm.logs import progress
@@ -138,7 +139,7 @@ def _partitioned(cfg: PartitionConfig, store: Store, data_id: str) -> dict | Non
     """The committed partitions' manifest if made with ``cfg`` from this dataset; None if there are none."""
     if not store.is_committed(PARTITIONS_DIR):
         return None
-    manifest = store.manifest(PARTITIONS_DIR)
+    manifest = partitions_manifest(store)
     made = {
         **PartitionConfig().identity(),
         **{k: v for k, v in manifest.get("config", {}).items() if k not in EXECUTION},
@@ -216,7 +217,8 @@ def _partition(
         raise ValueError(f"partitions {np.where(counts == 0)[0].tolist()} came out empty; lower num_partitions")
     meta = {
         "kind": "ddm.partitions",
-        "format_version": 1,
+        "format_version": PARTITIONS_FORMAT,
+        "ddm_version": __version__,
         "num_partitions": k,
         "num_samples": n,
         "counts": counts.tolist(),

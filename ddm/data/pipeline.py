@@ -21,9 +21,13 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import re
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from ddm.layout import SHARDS_DIR
 from ddm.logs import progress
 from ddm.ray_runtime import ray_cluster
 from ddm.store import Store, absolute_url
@@ -32,6 +36,8 @@ log = logging.getLogger("ddm.data")
 
 PROGRESS_DIR = "progress"
 PLAN_FILE = "plan.json"
+RECORD_RE = re.compile(r"^(\d{5,})\.json$")  # progress/<index>.json: the only names read as records
+TEMP_PREFIX = ".tmp-"
 RUNNERS = ("auto", "ray", "local")
 
 
@@ -224,6 +230,9 @@ class ShardCommits:
     Workers call ``commit(index, files, record)``: the files are written, then the record
     ``progress/<index>.json`` with their sizes and sha256 (the record is the unit's commit). The
     driver's ``finish(meta)`` writes the manifest from the records and removes the progress folder.
+    Only ``progress/<index>.json`` names are read as records (never a killed write's ``.tmp-*`` file,
+    whatever its name ends with); ``start`` and ``finish`` delete the temporary files that killed
+    writers left (``remove_stale_temporaries``: old ones only, so a live writer's stays).
     """
 
     def __init__(self, store: Store, folder: str):
@@ -234,6 +243,8 @@ class ShardCommits:
 
     def start(self, plan: dict) -> dict[int, dict]:
         store, folder = self.store, self.folder
+        for sub in ("", PROGRESS_DIR, SHARDS_DIR):  # what killed writers left (ingest's shards are in shards/)
+            remove_stale_temporaries(store, f"{folder}/{sub}".rstrip("/"))
         if store.exists(f"{folder}/{PLAN_FILE}"):
             old = store.read_json(f"{folder}/{PLAN_FILE}")
             if old == plan:
@@ -257,12 +268,30 @@ class ShardCommits:
 
     def _committed(self) -> dict[int, dict]:
         """Records whose files are all present at the recorded size (a unit whose files went missing
-        is redone)."""
+        is redone). Only ``<index>.json`` names are records: a killed writer's temporary file
+        (``.tmp-*``) is never read, and a record that does not parse or does not fit its name is
+        not trusted (its unit is redone)."""
         done = {}
+        where = f"{self.store.url}/{self.folder}/{PROGRESS_DIR}"
         for name in self.store.list(f"{self.folder}/{PROGRESS_DIR}"):
-            if not name.endswith(".json"):
+            m = RECORD_RE.match(name)
+            if not m:
                 continue
-            rec = self.store.read_json(f"{self.folder}/{PROGRESS_DIR}/{name}")
+            try:
+                rec = self.store.read_json(f"{self.folder}/{PROGRESS_DIR}/{name}")
+                ok = (
+                    isinstance(rec, dict)
+                    and rec.get("index") == int(m.group(1))
+                    and isinstance(rec.get("files"), dict)
+                    and all(_entry_ok(f, e) for f, e in rec["files"].items())
+                )
+            except ValueError:  # not JSON (cut short where the backend's writes are not atomic)
+                ok = False
+            if not ok:
+                log.warning(
+                    "ignoring the progress record %s/%s (unreadable or not a record); redoing its unit", where, name
+                )
+                continue
             files = rec["files"]
             if all(
                 self.store.exists(f"{self.folder}/{f}") and self.store.size(f"{self.folder}/{f}") == e["size"]
@@ -283,7 +312,58 @@ class ShardCommits:
         with contextlib.suppress(Exception):  # tidy-up only: the manifest does not list them
             self.store.delete(f"{self.folder}/{PROGRESS_DIR}", recursive=True)
             self.store.delete(f"{self.folder}/{PLAN_FILE}")
+            for sub in ("", SHARDS_DIR):
+                remove_stale_temporaries(self.store, f"{self.folder}/{sub}".rstrip("/"))
         return manifest
+
+
+def _entry_ok(name: object, entry: object) -> bool:
+    """A progress record's file entry: a relative name below its folder, {size, sha256}."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith("/")
+        and ".." not in name.split("/")
+        and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+        and len(entry["sha256"]) == 64
+    )
+
+
+def is_temporary(name: str) -> bool:
+    """A store's temporary file (``ddm.store`` writes ``.tmp-<uuid>-<name>`` locally, then renames it):
+    never data, whatever its name ends with."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def remove_stale_temporaries(store: Store, folder: str, max_age_s: float | None = None) -> int:
+    """Delete the temporary files (``.tmp-*``) directly in ``folder`` that were last written more than
+    ``max_age_s`` ago (``DDM_STALE_TMP_S``, 10 minutes by default): what writers killed mid-write left.
+    A live writer's file is younger (each write updates its time), so it is left alone. Only local
+    stores make temporary files (S3 and others publish in one call). Returns how many were removed."""
+    if store.protocol != "file":
+        return 0
+    if max_age_s is None:
+        max_age_s = float(os.environ.get("DDM_STALE_TMP_S", 600))
+    root = store.path(folder)
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    now, removed = time.time(), 0
+    for e in entries:
+        if not is_temporary(e.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # its writer may have just renamed or removed it
+            if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+                if store.fence is not None:  # a writer that lost its lease deletes nothing either
+                    store.fence(f"delete {store.url}/{folder}/{e.name}")
+                os.unlink(e.path)
+                removed += 1
+    if removed:
+        log.info("removed %d stale temporary files (left by killed writes) in %s/%s", removed, store.url, folder)
+    return removed
 
 
 def even_units(n: int, size: int) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from ddm.data.shards import Dataset, Shard, read_parquet_bytes
+from ddm.data.shards import Dataset, Shard, partitions_manifest, read_parquet_bytes
 from ddm.layout import ASSIGNMENTS, PARTITIONS_DIR
 from ddm.store import Store
 
@@ -45,7 +45,7 @@ class PartitionReader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = Dataset(store)
-        manifest = store.manifest(PARTITIONS_DIR)
+        manifest = partitions_manifest(store)
         k = int(manifest["num_partitions"])
         if partition is not None and not 0 <= partition < k:
             raise ValueError(f"partition {partition} does not exist: the store has partitions 0..{k - 1}")

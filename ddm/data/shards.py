@@ -13,17 +13,48 @@ dataset has the same shape (``manifest["sample_shape"]``), so a whole shard deco
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ddm.layout import DATA_DIR, SHARDS_DIR
-from ddm.store import Store
+from ddm import __version__
+from ddm.layout import DATA_DIR, PARTITIONS_DIR, SHARDS_DIR
+from ddm.store import MANIFEST, Store
 
+DATASET_FORMAT = 2  # data/MANIFEST.json: 2 lists its shards (format 1 numbered them)
+PARTITIONS_FORMAT = 1  # partitions/MANIFEST.json
+FEATURES_FORMAT = 1  # features/<extractor>-<settings>/MANIFEST.json
 TEXT_COLUMNS = ("text_tokens", "text_lengths", "text_pooled")  # caption embeddings stored at ingest
+_VERSION_RE = re.compile(r"^[0-9A-Za-z.+-]{1,32}$")
 SCHEMA = pa.schema([("id", pa.int64()), ("data", pa.binary()), ("label", pa.int32()), ("shape", pa.list_(pa.int32()))])
+
+
+def check_format(manifest: dict, known: int, where: str) -> dict:
+    """``manifest`` if this ddm reads its ``format_version`` (at most ``known``; none recorded: 1), else a
+    ``ValueError`` saying which ddm wrote it ("written by ddm X.Y; this is ddm Z") and to upgrade.
+    ``where`` names the file."""
+    version = manifest.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(
+            f"{where}: format_version {str(version)[:40]!r} is not a format number; it was not written by ddm"
+        )
+    if version > known:
+        by = manifest.get("ddm_version")
+        by = by if isinstance(by, str) and _VERSION_RE.match(by) else None  # shown on a terminal: plain text only
+        who = f"was written by ddm {by}" if by else f"is format {version}, written by a newer ddm"
+        raise ValueError(
+            f"{where} {who}; this is ddm {__version__}, which reads format {known} at most"
+            f"{f' (this is format {version})' if by else ''}: upgrade ddm here to read it"
+        )
+    return manifest
+
+
+def partitions_manifest(store: Store) -> dict:
+    """The committed ``partitions/MANIFEST.json``, refused if a newer ddm wrote it (``check_format``)."""
+    return check_format(store.manifest(PARTITIONS_DIR), PARTITIONS_FORMAT, f"{store.url}/{PARTITIONS_DIR}/{MANIFEST}")
 
 
 def read_parquet_bytes(raw: bytes, columns: list[str] | None = None) -> pa.Table:
@@ -133,7 +164,7 @@ class Dataset:
             raise ValueError(
                 f"no committed dataset in {store.url}/{DATA_DIR}: run `ddm ingest <source> {store.url}` first"
             )
-        self.manifest = store.manifest(DATA_DIR)
+        self.manifest = check_format(store.manifest(DATA_DIR), DATASET_FORMAT, f"{store.url}/{DATA_DIR}/{MANIFEST}")
         self.sample_shape = tuple(self.manifest["sample_shape"])
         self.dtype = self.manifest["dtype"]
         self.shard_rows: list[int] = list(self.manifest["shard_rows"])

@@ -1,13 +1,15 @@
 """``ddm train``: train an expert, the router or a distilled student as one Ray Train + DeepSpeed job.
 
 Ray Train places ray.num_workers workers (a local Ray runtime by default, or --address of a
-cluster) and restarts them after a failure; DeepSpeed runs ZeRO data parallelism (and MoE expert
-parallelism) inside them; the training function (``ddm.train.trainer.train``) knows nothing of
-Ray. Checkpoints and the EMA export go to the job's folder in the store (experts/<k>/, router/,
-distilled/<ensemble id>/). Running the same command again resumes from the newest committed
-checkpoint, and so do Ray's restarts: the store's manifests, not Ray's bookkeeping, decide where
-training continues. A re-run may change only how long, how often and where the job trains; other
-differences are refused with the fields named. --no-ray trains in this process.
+cluster) and restarts them after a failure (up to ray.max_failures; an error no restart can fix,
+such as a checksum mismatch, bad input or refused credentials, ends the job at once); DeepSpeed
+runs ZeRO data parallelism (and MoE expert parallelism) inside them; the training function
+(``ddm.train.trainer.train``) knows nothing of Ray. Checkpoints and the EMA export go to the job's
+folder in the store (experts/<k>/, router/, distilled/<ensemble id>/). Running the same command
+again resumes from the newest committed checkpoint, and so do Ray's restarts: the store's
+manifests, not Ray's bookkeeping, decide where training continues. A re-run may change only how
+long, how often and where the job trains; other differences are refused with the fields named.
+--no-ray trains in this process.
 
   expert   velocity of one partition (--partition k; partition=-1: all data, a monolith)
   router   p(partition | x_t, t, c) by cross-entropy on noised samples of all the data
@@ -231,7 +233,7 @@ def _fit(cfg: JobConfig, storage_path: str | None, worker, config: dict, max_fai
     train_env()  # Ray Train's controller polls its workers every 0.5 s, not 2 (ddm.ray_runtime)
     config = {**config, "env": {**trims_env(), **config["env"]}}  # the trims' switch reaches the workers
     name = run_name(cfg) + (f"-{suffix}" if suffix else "")
-    trainer = trainer_class()(
+    trainer = with_no_retry_policy(trainer_class())(
         train_loop_per_worker=worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
@@ -248,4 +250,72 @@ def _fit(cfg: JobConfig, storage_path: str | None, worker, config: dict, max_fai
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
     )
     log.info("submitting %s: %d workers%s", name, cfg.ray.num_workers, " with GPUs" if cfg.ray.use_gpu else "")
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as e:
+        cause = worker_error(e)
+        if cause is None:
+            raise
+        raise cause from None  # the worker's own error, said as it is (the CLI prints one line), not Ray's wrapper
+
+
+# --- failures a restart cannot fix end the run at once ---------------------------------------------------
+
+
+def worker_error(error: BaseException) -> BaseException | None:
+    """The first worker error of a failed Ray Train run that no restart can fix (``ddm.retries.
+    retryable_job_error``: a checksum mismatch, bad input, a lost lease, refused credentials), unwrapped
+    from Ray's ``WorkerGroupError``; None when every worker's error may pass on a restart."""
+    from ddm.retries import retryable_job_error
+
+    failures = getattr(error, "worker_failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for rank in sorted(failures):
+        exc = failures[rank]
+        base = getattr(exc, "_base_exc", exc)  # Ray Train wraps a worker's exception with its traceback
+        if isinstance(base, BaseException) and not retryable_job_error(base):
+            log.debug("rank %s failed with an error a restart cannot fix:\n%s", rank, exc)
+            return base
+    return None
+
+
+class NoRetryPolicy:
+    """Ray Train's failure policy (``DefaultFailurePolicy``: restarts up to ``max_failures``), except that a
+    run whose workers failed with an error no restart can fix (``worker_error``) ends at once: a checksum
+    mismatch or a bad config fails the same way on every attempt, and each restart costs a worker group's
+    start and a resume. Ray Train has no setting for this (its ``FailureConfig`` counts every worker error
+    alike); the controller calls only ``make_decision``. It runs in Ray Train's controller process, which
+    imports this module (as it does for ``_worker``)."""
+
+    def __init__(self, failure_config):
+        from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+
+        self.failure_config = failure_config
+        self._default = DefaultFailurePolicy(failure_config)
+
+    def make_decision(self, training_failed_error):
+        from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+        cause = worker_error(training_failed_error)
+        if cause is not None:
+            log.warning("not restarting: %s: %s (a restart cannot fix it)", type(cause).__name__, cause)
+            return FailureDecision.RAISE
+        return self._default.make_decision(training_failed_error)
+
+
+def with_no_retry_policy(trainer_cls: type) -> type:
+    """``trainer_cls`` whose controller gets ``NoRetryPolicy`` instead of Ray Train's default policy (Ray
+    Train 2.x's ``_initialize_and_run_controller(failure_policy=...)``; a Ray without it gets the class
+    unchanged, and its default restarts)."""
+    if not hasattr(trainer_cls, "_initialize_and_run_controller"):
+        return trainer_cls
+
+    class Trainer(trainer_cls):
+        def _initialize_and_run_controller(self, **kwargs):
+            if "failure_policy" in kwargs:
+                kwargs["failure_policy"] = NoRetryPolicy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer

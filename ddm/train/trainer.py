@@ -34,6 +34,7 @@ from ddm.assemble import load_ensemble
 from ddm.checkpoint import CheckpointManager, RankState, _fault_hook
 from ddm.config import to_dict
 from ddm.data.reader import PartitionReader
+from ddm.data.shards import partitions_manifest
 from ddm.exports import init_from_export, write_export
 from ddm.flow import FlowMatching
 from ddm.job import JobConfig
@@ -56,7 +57,7 @@ def build_job(cfg: JobConfig, store: Store, device: torch.device) -> tuple[torch
     """The model, the objective and the export's extra fields of the job's kind."""
     flow = FlowMatching.of(cfg.flow)
     if cfg.job == "router":
-        num_partitions = int(store.manifest(layout.PARTITIONS_DIR)["num_partitions"])
+        num_partitions = int(partitions_manifest(store)["num_partitions"])
         return build_router(cfg.model, num_partitions), RouterLoss(flow), {"num_partitions": num_partitions}
     model = build_model(cfg.model)
     if cfg.job == "distill":

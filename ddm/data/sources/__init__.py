@@ -26,10 +26,11 @@ import numpy as np
 
 from ddm.data.config import IngestConfig
 from ddm.data.sources.base import Source, clean_caption, load_items
-from ddm.data.sources.files import FolderSource, ParquetSource
+from ddm.data.sources.files import FolderSource, ParquetSource, data_file
 from ddm.data.sources.generated import DigitsSource, GlyphSource, SyntheticSource
 from ddm.data.sources.images import IMAGE_EXTENSIONS, UNREADABLE, decode, to_8bit
 from ddm.data.sources.webdataset import WDS_IMAGE, WebDatasetSource, expand_braces
+from ddm.urls import check_store_url
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -94,6 +95,7 @@ def open_source(cfg: IngestConfig) -> Source:
             except ValueError as e:
                 raise ValueError(f"source {src!r}: expected {kind}:<number of samples>") from e
             return cls(cfg, n)
+    check_store_url(src, "source URL")  # s3:/bucket/x (one slash) is refused, not read as a local path
     if src.endswith(".tar") or ("{" in src and ".tar" in src):
         return WebDatasetSource(cfg, src)
     if src.endswith(".parquet"):
@@ -106,9 +108,9 @@ def open_source(cfg: IngestConfig) -> Source:
         )
     if fs.isdir(path):
         names = fs.find(path, maxdepth=2)
-        if any(n.endswith(".tar") for n in names):
+        if any(data_file(n, ".tar") for n in names):
             return WebDatasetSource(cfg, src)
-        if any(n.endswith(".parquet") for n in names):
+        if any(data_file(n, ".parquet") for n in names):
             return ParquetSource(cfg, src)
         return FolderSource(cfg, src)
     raise ValueError(f"source {src!r} is a file that is not .parquet or .tar; point at the folder or shards")

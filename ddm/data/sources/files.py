@@ -4,17 +4,21 @@ from any fsspec URL. The driver lists them; ``items`` reads one unit's files or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Iterator
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ddm.data.config import IngestConfig
 from ddm.data.sources.base import Item, Source, is_local, pieces, url_of
 from ddm.data.sources.images import IMAGE_EXTENSIONS
+from ddm.retries import refusal
 
 
 def _read(url: str) -> bytes:
@@ -138,14 +142,14 @@ class ParquetSource(Source):
         fs, path = fsspec.core.url_to_fs(url)
         if not fs.exists(path):
             raise ValueError(f"Parquet source {url!r} does not exist")
-        files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.isdir(path) else [path]
+        files = sorted(f for f in fs.find(path) if data_file(f, ".parquet")) if fs.isdir(path) else [path]
         if not files:
             raise ValueError(f"Parquet source {url!r} holds no .parquet files")
         self.files, self.rows = [], []
         names: list[str] | None = None
         label_max = -1
         for f in files:
-            with fs.open(f, "rb") as fh:
+            with fs.open(f, "rb") as fh, parquet_errors(url_of(fs, f)):
                 pf = pq.ParquetFile(fh)
                 schema = pf.schema_arrow
                 if cfg.caption == "auto" and not self.caption:
@@ -176,8 +180,14 @@ class ParquetSource(Source):
                         f"Parquet source {url_of(fs, f)!r}: label column {cfg.label_column!r} holds {labels.type}, "
                         "not integer class ids; set label_column=<the integer column>"
                     )
-                if len(labels):
-                    label_max = max(label_max, int(np.max(labels.to_numpy(zero_copy_only=False))))
+                lo, hi = pc.min_max(labels).values()  # nulls (unlabeled rows) left out
+                if lo.as_py() is not None and lo.as_py() < 0:
+                    raise ValueError(
+                        f"Parquet source {url_of(fs, f)!r}: label column {cfg.label_column!r} holds a negative class "
+                        f"id ({lo.as_py()}); class ids are 0, 1, 2, ...: fix the labels or set label_column=<another>"
+                    )
+                if hi.as_py() is not None:
+                    label_max = max(label_max, int(hi.as_py()))
                 names = names or _hub_class_names(schema, cfg.label_column)
                 self.files.append(url_of(fs, f))
                 self.rows.append(pf.metadata.num_rows)
@@ -207,7 +217,7 @@ class ParquetSource(Source):
         image_col, label_col, caption_col = unit["columns"]
         columns = [c for c in (image_col, label_col, caption_col) if c]
         for url, lo, hi in unit["pieces"]:
-            with fsspec.open(url, "rb") as f:
+            with fsspec.open(url, "rb") as f, parquet_errors(url):
                 pf = pq.ParquetFile(f)
                 starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
                 groups = [g for g in range(pf.num_row_groups) if starts[g] < hi and starts[g + 1] > lo]
@@ -222,6 +232,26 @@ class ParquetSource(Source):
                 raw = img.get("bytes") if isinstance(img, dict) else img
                 yield pos, label, raw, f"{url} row {lo + r}", caption
                 pos += 1
+
+
+def data_file(path: str, ext: str) -> bool:
+    """A file of a source folder that holds data: its extension, and not hidden (a killed writer's
+    ``.tmp-*`` file, an editor's or an OS's hidden files)."""
+    return path.endswith(ext) and not os.path.basename(path).startswith(".")
+
+
+@contextlib.contextmanager
+def parquet_errors(url: str) -> Iterator[None]:
+    """pyarrow's errors on a file that is not Parquet (or is cut short) as one line naming the file."""
+    try:
+        yield
+    except pa.ArrowException as e:
+        if refusal(e) is not None:  # credentials, permissions, disk: the environment's, said as such
+            raise
+        raise ValueError(
+            f"Parquet file {url!r} is not readable Parquet ({str(e).splitlines()[0] if str(e) else type(e).__name__}):"
+            " it is corrupt or cut short; replace it, or move it out of the source folder"
+        ) from e
 
 
 def _hub_class_names(schema, label_column: str) -> list[str] | None:

@@ -3,6 +3,7 @@ label), from any fsspec URL; brace patterns name many shards (``train-{0000..102
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ import fsspec
 
 from ddm.data.config import IngestConfig
 from ddm.data.sources.base import Item, Source, pieces, url_of
-from ddm.data.sources.files import check_member_caption, text_member
+from ddm.data.sources.files import check_member_caption, data_file, text_member
+from ddm.retries import refusal
 
 log = logging.getLogger("ddm.ingest")
 
@@ -43,27 +45,87 @@ def _wds_samples(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.T
         yield key, members
 
 
-def _wds_label(tf: tarfile.TarFile, members: dict, json_key: str) -> int | None:
+def _wds_label(tf: tarfile.TarFile, members: dict, json_key: str, url: str) -> int | None:
+    """A sample's class id from its ``.cls`` member (an integer) or its ``.json`` member's ``json_key``;
+    None where it has neither. Anything else (text, a fraction, a negative number, broken JSON) is an
+    error naming the member and the tar: a label that cannot be read is not silently dropped."""
     if "cls" in members:
-        return int(tf.extractfile(members["cls"]).read().decode().strip())
+        raw = tf.extractfile(members["cls"]).read()
+        text = raw.decode("utf-8", errors="replace").strip()
+        return _class_id(text, text if re.fullmatch(r"[+-]?\d+", text) else None, members["cls"].name, url)
     if "json" in members:
-        value = json.loads(tf.extractfile(members["json"]).read()).get(json_key)
-        return None if value is None else int(value)
+        name = members["json"].name
+        try:
+            doc = json.loads(tf.extractfile(members["json"]).read())
+        except ValueError as e:
+            raise ValueError(
+                f"WebDataset shard {url!r}: {name} is not valid JSON ({e}); fix or remove the sample"
+            ) from e
+        value = doc.get(json_key) if isinstance(doc, dict) else None
+        if value is None:
+            return None
+        whole = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            whole = value
+        return _class_id(value, whole, f"{name} (key {json_key!r})", url)
     return None
 
 
+def _class_id(value, whole, member: str, url: str) -> int:
+    if whole is None:
+        raise ValueError(
+            f"WebDataset shard {url!r}: {member} holds {value!r}, not an integer class id (0, 1, 2, ...); fix the "
+            "label, or set label_column=<the json key> for labels in .json members"
+        )
+    label = int(whole)
+    if label < 0:
+        raise ValueError(
+            f"WebDataset shard {url!r}: {member} holds a negative class id ({label}); class ids are 0, 1, 2, ..."
+        )
+    return label
+
+
+@contextlib.contextmanager
+def tar_errors(url: str) -> Iterator[None]:
+    """tarfile's errors as one line naming the shard (a tar cut short raises "unexpected end of data")."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError) as e:
+        cut = "unexpected end of data" in str(e)
+        raise ValueError(
+            f"WebDataset shard {url!r} is {'truncated' if cut else 'not a readable tar file'} ({e}): "
+            "copy it again or remove it from the source"
+        ) from e
+
+
+def _check_complete(tf: tarfile.TarFile, url: str) -> None:
+    """A tar read to its end must end with the end-of-archive block (512 zero bytes): Python's tarfile
+    stops without a word at a file cut between two members, or at a header cut short or overwritten,
+    which would drop the samples after it."""
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if block != tarfile.NUL * tarfile.BLOCKSIZE:
+        why = "the file ends" if len(block) < tarfile.BLOCKSIZE else "a member header is not valid"
+        raise ValueError(
+            f"WebDataset shard {url!r} is truncated or corrupt: after {len(tf.members)} members (byte {tf.offset}) "
+            f"{why} where more members or the end-of-archive block should be; copy it again or remove it"
+        )
+
+
 def _scan_tar(url: str, json_key: str) -> dict:
-    """One tar's sample count and label histogram (read once, before any work)."""
+    """One tar's sample count and label histogram (read once, before any work), the whole tar
+    checked to be complete."""
     counts: dict[int, int] = {}
     n = unlabeled = 0
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+    with fsspec.open(url, "rb") as f, tar_errors(url), tarfile.open(fileobj=f, mode="r:") as tf:
         for _, members in _wds_samples(tf):
             n += 1
-            label = _wds_label(tf, members, json_key)
+            label = _wds_label(tf, members, json_key, url)
             if label is None:
                 unlabeled += 1
             else:
                 counts[label] = counts.get(label, 0) + 1
+        _check_complete(tf, url)
     return {"samples": n, "labels": counts, "unlabeled": unlabeled}
 
 
@@ -99,7 +161,7 @@ class WebDatasetSource(Source):
             fs, path = fsspec.core.url_to_fs(spec)
             if not fs.exists(path):
                 raise ValueError(f"WebDataset source {spec!r} does not exist")
-            found = sorted(f for f in fs.find(path) if f.endswith(".tar")) if fs.isdir(path) else [path]
+            found = sorted(f for f in fs.find(path) if data_file(f, ".tar")) if fs.isdir(path) else [path]
             tars = [url_of(fs, f) for f in found]
         if not tars:
             raise ValueError(f"WebDataset source {spec!r} holds no .tar shards")
@@ -136,6 +198,8 @@ class WebDatasetSource(Source):
                     if i == 8:
                         break
         except (tarfile.TarError, OSError) as e:
+            if refusal(e) is not None:  # credentials, permissions: the environment's, said as such
+                raise
             raise ValueError(f"WebDataset shard {url!r} is not a readable tar file ({e})") from e
 
     def __len__(self) -> int:
@@ -154,7 +218,7 @@ class WebDatasetSource(Source):
     def items(unit: dict) -> Iterator[Item]:
         pos = unit["start"]
         for url, lo, hi in unit["pieces"]:
-            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            with fsspec.open(url, "rb") as f, tar_errors(url), tarfile.open(fileobj=f, mode="r:") as tf:
                 for k, (key, members) in enumerate(_wds_samples(tf)):
                     if k >= hi:
                         break
@@ -163,10 +227,7 @@ class WebDatasetSource(Source):
                     where = f"{url}:{key}"
                     ext = next((e for e in WDS_IMAGE if e in members), None)
                     raw = tf.extractfile(members[ext]).read() if ext else None
-                    try:
-                        label = _wds_label(tf, members, unit["label_key"]) if unit["labeled"] else 0
-                    except (ValueError, UnicodeDecodeError):
-                        label = None
+                    label = _wds_label(tf, members, unit["label_key"], url) if unit["labeled"] else 0
                     caption = None
                     if unit["caption"]:
                         caption = text_member(
