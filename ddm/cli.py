@@ -21,6 +21,7 @@ from ddm.launchers.spec import RunSpec
 from ddm.lease import LeaseHeld, LeaseLost
 from ddm.logs import setup_logging
 from ddm.retries import refusal
+from ddm.secrets import redact_urls
 from ddm.settings import DemoConfig, EvalConfig, SampleConfig
 from ddm.store import StoreError
 
@@ -229,16 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, StoreError) as e:  # user errors and unreachable stores: one clear line
-        print(f"ddm {args.command}: error: {e}", file=sys.stderr)
+        print(f"ddm {args.command}: error: {redact_urls(str(e))}", file=sys.stderr)
         return 2
     except (LeaseHeld, LeaseLost) as e:  # another writer has the folder: nothing was mixed
-        print(f"ddm {args.command}: error: {e}", file=sys.stderr)
+        print(f"ddm {args.command}: error: {redact_urls(str(e))}", file=sys.stderr)
         return 3
     except Exception as e:  # the environment refused (credentials, 403, a full disk): one line; a bug: its traceback
         why = refusal(e, getattr(args, "store", None) or "")
         if why is None:
             raise
-        print(f"ddm {args.command}: error: {why}", file=sys.stderr)
+        print(f"ddm {args.command}: error: {redact_urls(why)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was committed stays, and the same command resumes from it
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a re-raised one) ends nothing now

@@ -11,12 +11,13 @@ import json
 import sys
 
 from ddm import layout
-from ddm.config import load
+from ddm.config import load, to_dict
 from ddm.data.config import IngestConfig, PartitionConfig
 from ddm.job import JobConfig, check_inputs, resolve
 from ddm.launchers.plan import load_islands
 from ddm.launchers.spec import RunSpec
 from ddm.logs import stdout_to_stderr
+from ddm.secrets import check_forwarded
 from ddm.settings import DemoConfig, EvalConfig, SampleConfig
 from ddm.store import Store
 from ddm.urls import check_store_url
@@ -79,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.what in ("router", "distill"):
         overrides.append(f"job={args.what}")
     cfg = resolve(load(JobConfig, args.config, overrides))
+    check_forwarded(to_dict(cfg), "the job config")  # it travels to the workers and into the store
     check_inputs(cfg)
     if args.no_ray and cfg.ray.num_workers != 1:
         raise ValueError("--no-ray runs one process: set ray.num_workers=1 (or use torchrun/deepspeed launchers)")

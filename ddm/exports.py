@@ -26,6 +26,7 @@ from ddm.job import JobConfig
 from ddm.models.build import build_model, build_router
 from ddm.models.config import ModelConfig, MoEConfig, TextConfig, architecture, flow_description
 from ddm.parallel import ParallelState, expert_index, shift_expert
+from ddm.secrets import redact_url
 from ddm.store import NotCommittedError, Store
 
 log = logging.getLogger("ddm.exports")
@@ -167,7 +168,7 @@ def init_from_export(model: torch.nn.Module, source: str, store: Store, experts:
     if experts is not None:
         tensors = rank_experts(tensors, *experts)
     _load_checked(model, tensors, source, "Give the job the source's model settings (its export/config.json)")
-    return {"url": f"{where.url}/{run_dir}", "sha256": weights_sha256(manifest)}
+    return {"url": redact_url(f"{where.url}/{run_dir}"), "sha256": weights_sha256(manifest)}
 
 
 def rank_experts(tensors: dict, first: int, count: int) -> dict:
@@ -198,7 +199,7 @@ def _load_checked(model: torch.nn.Module, tensors: dict, source: str, fix: str) 
             + ")"
         ] if shapes else []  # fmt: skip
         raise ValueError(
-            f"init_from={source}: its weights do not fit this job's model: " + "; ".join(parts) + f". {fix}"
+            f"init_from={redact_url(source)}: its weights do not fit this job's model: " + "; ".join(parts) + f". {fix}"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Iterator
 
+from ddm.secrets import redact_urls
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Libraries whose INFO lines say nothing a ddm user acts on (credential discovery, HTTP retries).
@@ -16,8 +18,18 @@ QUIET = ("aiobotocore", "botocore", "s3fs", "urllib3", "filelock")
 def setup_logging(level: str | int = "INFO") -> None:
     """Log to stderr at ``level`` with timestamps; chatty libraries at WARNING."""
     logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact)  # a URL with user:password@ or a signed query is never logged whole
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _redact(record: logging.LogRecord) -> bool:
+    """Credentials in URLs (``ddm.secrets.redact_urls``) out of a record's message."""
+    message = record.getMessage()
+    if "://" in message:
+        record.msg, record.args = redact_urls(message), None
+    return True
 
 
 @contextlib.contextmanager

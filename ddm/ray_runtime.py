@@ -25,12 +25,19 @@ such a group is freed when the job's driver ends: the ``ddm train`` process, the
 ``DDM_STARTUP_TRIMS=0`` turns these and the deferred compilation of DeepSpeed's Muon kernels
 (``ddm.parallel.load_deepspeed``) off, to compare with Ray's and DeepSpeed's own behaviour or to
 rule them out.
+
+A local runtime listens on 127.0.0.1 only (``loopback_node``): nothing on the network can reach
+its GCS, raylet, agents or workers, token authentication or not. Connecting to a cluster through
+Ray Client (``ray://host:10001``) with Ray's token on (``RAY_AUTH_MODE=token``) is refused where the
+token would cross the network in the clear (``ddm.secrets.check_token_transport``).
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+
+from ddm.secrets import check_token_transport, ray_token_auth
 
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
@@ -81,15 +88,52 @@ def train_env(local: bool = False) -> None:
 
 
 @contextmanager
+def loopback_node():
+    """While open, a Ray runtime started in this process takes 127.0.0.1 as its node address, and
+    its GCS, raylet, agents and workers listen there only.
+
+    Ray 2.60 on Linux turns a loopback node address (``_node_ip_address="127.0.0.1"``, ``ray start
+    --node-ip-address=127.0.0.1``) into the machine's interface address, and its processes then
+    listen on that address or on every interface. It keeps 127.0.0.1 only where it takes
+    multi-node clusters to be off (``ray_constants.ENABLE_RAY_CLUSTER``, which
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` sets when Ray is imported: off on macOS and Windows).
+    ddm's local runtime is one node, so the flag is off while ``ray.init`` starts it: Ray passes the
+    node address to every process it starts, and workers started later are given it by the
+    raylet. Where a Ray version lacks the flag, nothing changes."""
+    from ray._private import ray_constants
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if before is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+@contextmanager
 def ray_cluster(address: str | None = None, needed: bool = True, **kwargs):
-    """Connected to the Ray cluster at ``address`` (or a local Ray runtime, no dashboard) for the
-    block; a connection or runtime this opened is closed when the block ends, however it ends."""
+    """Connected to the Ray cluster at ``address`` (or a local Ray runtime on 127.0.0.1, no
+    dashboard) for the block; a connection or runtime this opened is closed when the block ends,
+    however it ends."""
     import ray
 
     started = needed and not ray.is_initialized()
     if started:
-        train_env(local=address is None and not os.environ.get("RAY_ADDRESS"))
-        ray.init(address=address, include_dashboard=False, **kwargs)
+        # A Ray Client address (ray://) is how a machine outside a cluster reaches it: Ray's token
+        # would cross that network. A GCS address (host:6379, or RAY_ADDRESS, which Ray sets for job
+        # drivers) joins the cluster's own network, whose nodes exchange the token as plainly.
+        if address and address.startswith("ray://") and ray_token_auth():
+            check_token_transport(address, "--address")
+        target = address or os.environ.get("RAY_ADDRESS")
+        local = not target or target == "local"
+        train_env(local=local)
+        if local:
+            with loopback_node():
+                ray.init(address=address, include_dashboard=False, **kwargs)
+        else:
+            ray.init(address=address, include_dashboard=False, **kwargs)
     try:
         yield
     finally:

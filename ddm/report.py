@@ -15,6 +15,7 @@ from ddm.config import to_dict
 from ddm.curves import format_curves
 from ddm.evaluate import format_report
 from ddm.job import JobConfig
+from ddm.secrets import redact_url, redact_urls
 from ddm.store import Store
 
 log = logging.getLogger("ddm.report")
@@ -42,9 +43,9 @@ def write_report(
     lines = [
         "# DDM run report",
         "",
-        f"Store `{spec.store}` · dataset `{spec.ingest.source}`: {data['num_samples']} samples of shape "
-        f"{tuple(data['sample_shape'])}, {data['num_classes']} classes · K = {parts['num_partitions']} partitions, "
-        f"sizes {parts['counts']}",
+        f"Store `{redact_url(spec.store)}` · dataset `{redact_url(spec.ingest.source)}`: {data['num_samples']} "
+        f"samples of shape {tuple(data['sample_shape'])}, {data['num_classes']} classes · "
+        f"K = {parts['num_partitions']} partitions, sizes {parts['counts']}",
         "",
         "## Training jobs",
         "",
@@ -85,7 +86,7 @@ def write_report(
             lines += ["Prompts (cycled over the grid, row by row):", ""]
             lines += [f"{i}. {p} (guidance {g:g})" for i, (p, g) in enumerate(prompts, 1)] + [""]
     lines += ["## Stage times (seconds, every invocation of `ddm run` on this store)", "", *_history_table(history)]
-    lines += ["", "Spec:", "", "```json", json.dumps(to_dict(spec), indent=1), "```", ""]
+    lines += ["", "Spec:", "", "```json", redact_urls(json.dumps(to_dict(spec), indent=1)), "```", ""]
     rep.write_json(HISTORY, history)
     rep.write_bytes("README.md", "\n".join(lines).encode())
     rep.write_json("results.json", results)

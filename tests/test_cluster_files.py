@@ -252,7 +252,7 @@ def test_islands_example_loads_and_forwards_only_names():
     cfg = load_islands(str(ROOT / "cluster/islands.example.yaml"))
     assert set(cfg.islands) == {"west", "east"} and cfg.router_island == "west"
     assert all(re.fullmatch(r"[A-Z_]+", n) and not looks_secret(n) for n in cfg.env)
-    assert not looks_secret("AWS_ACCESS_KEY_ID") and not looks_secret("AWS_ENDPOINT_URL")
+    assert looks_secret("AWS_ACCESS_KEY_ID") and not looks_secret("AWS_ENDPOINT_URL")  # an access key id is half a key
     assert looks_secret("AWS_SECRET_ACCESS_KEY") and looks_secret("RAY_AUTH_TOKEN") and looks_secret("SSH_KEY")
     for island in cfg.islands.values():
         from_dict(JobConfig, {"store": "x", **island.overrides})  # overrides are valid JobConfig fields

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ddm.config import to_dict
 from ddm.data.pipeline import check_runner
+from ddm.secrets import redact_url
 
 # How an ingest runs, not what it makes: left out when a re-run is compared with the dataset.
 INGEST_EXECUTION = ("runner", "workers", "encode_batch_size", "encode_actors", "actors_per_gpu")
@@ -72,8 +73,10 @@ class IngestConfig:
             raise ValueError("workers and encode_actors must be >= 0, encode_batch_size and actors_per_gpu >= 1")
 
     def identity(self) -> dict:
-        """What the dataset is made from and how (the fields a re-run must match)."""
-        return {k: v for k, v in to_dict(self).items() if k not in INGEST_EXECUTION}
+        """What the dataset is made from and how (the fields a re-run must match); the source as the
+        manifest records it, without credentials (a re-signed URL is the same source)."""
+        fields = {k: v for k, v in to_dict(self).items() if k not in INGEST_EXECUTION}
+        return {**fields, "source": redact_url(self.source)}
 
 
 # How a partitioning runs, not what it makes: left out when a re-run is compared with the partitions.

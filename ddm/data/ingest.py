@@ -48,15 +48,17 @@ import time
 
 import numpy as np
 
+from ddm import __version__
 from ddm.config import to_dict
 from ddm.data.config import INGEST_EXECUTION as EXECUTION
 from ddm.data.config import IngestConfig
 from ddm.data.pipeline import ShardCommits, Stage, connected, model_stage, run_units, worker_url
-from ddm.data.shards import encode_shard, shard_name
+from ddm.data.shards import DATASET_FORMAT, check_format, encode_shard, shard_name
 from ddm.data.sources import generated_units, load_unit, open_source
 from ddm.layout import DATA_DIR
 from ddm.lease import Token, fenced, holding
 from ddm.logs import progress
+from ddm.secrets import redact_url
 from ddm.store import Store
 
 log = logging.getLogger("ddm.ingest")
@@ -86,7 +88,7 @@ def _ingested(cfg: IngestConfig, store: Store) -> dict | None:
     """The committed dataset's manifest if it was ingested with ``cfg``; None if there is none."""
     if not store.is_committed(DATA_DIR):
         return None
-    manifest = store.manifest(DATA_DIR)
+    manifest = check_format(store.manifest(DATA_DIR), DATASET_FORMAT, f"{store.url}/{DATA_DIR}/MANIFEST.json")
     # Fields added in later versions count as their defaults in older manifests.
     made = {**IngestConfig().identity(), **{k: v for k, v in manifest.get("ingest", {}).items() if k not in EXECUTION}}
     if made == cfg.identity():
@@ -318,7 +320,8 @@ def _commit(
     n = sum(r["rows"] for r in written)
     meta = {
         "kind": "ddm.dataset",
-        "format_version": 2,
+        "format_version": DATASET_FORMAT,
+        "ddm_version": __version__,
         "num_samples": n,
         "shards": [shard_name(r["index"]) for r in written],
         "shard_rows": [r["rows"] for r in written],
@@ -332,7 +335,7 @@ def _commit(
         "skipped": {"count": len(skipped), "examples": skipped[:20]},
         "captions": _captions(cfg, source, written, n),
         "text_embeddings": _text_embeddings(cfg, written),
-        "ingest": to_dict(cfg),
+        "ingest": {**to_dict(cfg), "source": redact_url(cfg.source)},  # no user:password@, no signed query
         "source_info": getattr(source, "info", {}),
         "resumed_shards": resumed,  # units an interrupted earlier run had committed
         "seconds": seconds,

@@ -32,8 +32,9 @@ from ddm.launchers.plan import (
     relocated,
     submission_id,
 )
-from ddm.launchers.spec import RunSpec, make_text_encoder
+from ddm.launchers.spec import RunSpec, check_no_secrets, make_text_encoder
 from ddm.lease import holding
+from ddm.secrets import check_forwarded, check_token_transport, ray_token_auth, redact_url, redact_urls, url_credentials
 from ddm.store import Store, absolute_url
 
 log = logging.getLogger("ddm.islands")
@@ -48,9 +49,18 @@ class IslandError(ValueError):
 
 
 def client(name: str, island: Island):
-    """A Ray Jobs client for the island, with errors that say what is wrong and where."""
+    """A Ray Jobs client for the island, with errors that say what is wrong and where (its address
+    redacted: ``user:password@`` never shows). A token (the island's own, or Ray's with
+    ``RAY_AUTH_MODE=token``) or a password in the address goes to another machine over TLS only
+    (``ddm.secrets.check_token_transport``)."""
     from ray.job_submission import JobSubmissionClient
 
+    address = redact_url(island.address)
+    if island.auth_token_env or ray_token_auth() or url_credentials(island.address):
+        try:
+            check_token_transport(island.address, f"island {name!r}")
+        except ValueError as e:
+            raise IslandError(str(e)) from None
     headers = None
     if island.auth_token_env:
         token = os.environ.get(island.auth_token_env)
@@ -67,11 +77,11 @@ def client(name: str, island: Island):
         text = f"{type(e).__name__}: {e}"
         if any(s in text for s in ("401", "403", "Unauthorized", "Forbidden", "uthenticat")):
             raise IslandError(
-                f"island {name!r} ({island.address}) refused the request: authentication failed. In this shell set "
+                f"island {name!r} ({address}) refused the request: authentication failed. In this shell set "
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to that cluster's token"
             ) from e
         raise IslandError(
-            f"island {name!r} cannot be reached at {island.address} ({text.splitlines()[0][:300]})"
+            f"island {name!r} cannot be reached at {address} ({redact_urls(text.splitlines()[0][:300])})"
         ) from e
 
 
@@ -82,7 +92,7 @@ def _job_state(c, sid: str) -> str:
     except Exception as e:  # noqa: BLE001
         if "does not exist" in str(e) or "404" in str(e) or "not found" in str(e).lower():
             return "LOST"  # the server does not know it (restarted cluster, wrong island)
-        raise IslandError(f"job server error for {sid}: {e}") from e
+        raise IslandError(f"job server error for {sid}: {redact_urls(str(e))}") from e
 
 
 def _forwarded_env(islands: IslandsConfig) -> dict[str, str]:
@@ -101,6 +111,33 @@ def _entrypoint(island: Island, config: JobConfig, config_url: str) -> str:
     return f"{island.ddm_command} train {what} -c {shlex.quote(config_url)} --lease-wait {LEASE_WAIT_S}"
 
 
+def _runtime_env(island: Island, env: dict[str, str]) -> dict:
+    """The island's runtime_env with the forwarded variables among its env_vars."""
+    return {**island.runtime_env, "env_vars": {**island.runtime_env.get("env_vars", {}), **env}}
+
+
+def _submission(islands: IslandsConfig, job: dict, env: dict[str, str], sid: str) -> dict:
+    """Everything a job's submission hands its island (``JobSubmissionClient.submit_job``'s arguments)."""
+    island = islands.islands[job["island"]]
+    return {
+        "entrypoint": _entrypoint(
+            island, planned_config(job), f"{islands.store}/{layout.plan_job_config(job['name'])}"
+        ),
+        "submission_id": sid,
+        "runtime_env": _runtime_env(island, env),
+        "metadata": {"ddm_job": job["name"], "ddm_run": layout.run_id(islands.store)},
+    }
+
+
+def _check_submission(islands: IslandsConfig, job: dict, env: dict[str, str]) -> None:
+    """``ddm.secrets.check_forwarded`` over all a job's submission sends its island, and over its
+    config (which the job reads from the store, and Ray keeps with the run)."""
+    sid = submission_id(islands.store, job["name"], 0)
+    check_forwarded(
+        {**_submission(islands, job, env, sid), "config": job["config"]}, f"the submission of {job['name']}"
+    )
+
+
 # --- submit / status / resume ----------------------------------------------------------------------
 
 
@@ -111,7 +148,9 @@ def _resolved(islands: IslandsConfig) -> tuple[IslandsConfig, Store]:
 
 def _read_plan(islands: IslandsConfig, store: Store) -> dict:
     if not store.exists(layout.PLAN_FILE):
-        raise ValueError(f"{islands.store} has no submitted run ({layout.PLAN_FILE}); use `ddm submit` first")
+        raise ValueError(
+            f"{redact_url(islands.store)} has no submitted run ({layout.PLAN_FILE}); use `ddm submit` first"
+        )
     return store.read_json(layout.PLAN_FILE)
 
 
@@ -130,8 +169,14 @@ def submit(
     overrides (another worker count, GPUs: the job reshards its checkpoint, ``ddm.reshard``).
     """
     islands, store = _resolved(islands)
-    store.check_reachable()
     env = _forwarded_env(islands)
+    # What every island would be sent whatever the plan, before any island or the store is touched.
+    for name, island in islands.islands.items():
+        check_forwarded({"runtime_env": _runtime_env(island, env)}, f"ddm submit to island {name!r}")
+    check_forwarded({"store": islands.store}, "the islands file")
+    if spec is not None:
+        check_no_secrets(spec)
+    store.check_reachable()
     clients: dict[str, Any] = {}
     if not resume_only:  # a new submission needs every island: contact them before the store is touched
         clients = {name: client(name, isl) for name, isl in islands.islands.items()}
@@ -140,7 +185,11 @@ def submit(
         plan = _moved(plan, islands, moves or {})
     else:
         if spec.store not in ("", islands.store) and absolute_url(spec.store) != islands.store:
-            log.info("the islands file's store %s is used (the spec says %s)", islands.store, spec.store)
+            log.info(
+                "the islands file's store %s is used (the spec says %s)",
+                redact_url(islands.store),
+                redact_url(spec.store),
+            )
         spec = spec.resolved(store.url)
         make_text_encoder(spec, store)
         ingest(spec.ingest, store)  # all idempotent: nothing happens when the store already holds them
@@ -166,6 +215,8 @@ def submit(
         )
     for name in sorted(needed - set(clients)):  # resume: the islands it needs, before any change
         clients[name] = client(name, islands.islands[name])
+    for j in todo:  # the exact submissions, before the plan is written or anything submitted
+        _check_submission(islands, j, env)
     with holding(store, layout.PLAN_DIR, "ddm resume" if resume_only else "ddm submit") as (writes, _):
         return _submit_jobs(islands, writes, plan, records, todo, clients, env, (not resume_only) or bool(moves))
 
@@ -213,20 +264,12 @@ def _submit_jobs(islands, store, plan, records, todo, clients, env, write_plan) 
                 continue
         attempt = 0 if record is None else record["attempt"] + 1
         sid = submission_id(islands.store, j["name"], attempt)
-        config_url = f"{islands.store}/{layout.plan_job_config(j['name'])}"
         store.write_json(layout.plan_job_config(j["name"]), j["config"])
-        island = islands.islands[j["island"]]
-        runtime_env = {**island.runtime_env, "env_vars": {**island.runtime_env.get("env_vars", {}), **env}}
         try:
-            c.submit_job(
-                entrypoint=_entrypoint(island, planned_config(j), config_url),
-                submission_id=sid,
-                runtime_env=runtime_env,
-                metadata={"ddm_job": j["name"], "ddm_run": layout.run_id(islands.store)},
-            )
+            c.submit_job(**_submission(islands, j, env, sid))
         except Exception as e:  # noqa: BLE001
             if "already exists" not in str(e):
-                raise IslandError(f"island {j['island']!r} did not accept {j['name']}: {e}") from e
+                raise IslandError(f"island {j['island']!r} did not accept {j['name']}: {redact_urls(str(e))}") from e
             log.info("%s: %s already exists on %s", j["name"], sid, j["island"])  # a lost record: same id, no duplicate
         store.write_json(
             layout.plan_job_record(j["name"]),
@@ -280,7 +323,7 @@ def status(islands: IslandsConfig) -> dict:
             "submission_id": record["submission_id"] if record else None,
         })  # fmt: skip
     return {
-        "store": islands.store,
+        "store": redact_url(islands.store),
         "jobs": rows,
         "unreachable": errors,
         "all_done": all(r["done"] for r in rows),

@@ -20,6 +20,7 @@ from ddm.config import deep_merge, from_dict, load, to_dict
 from ddm.job import JobConfig, config_changes
 from ddm.launchers.spec import RunSpec, jobs
 from ddm.layout import run_id
+from ddm.secrets import check_forwarded, looks_secret, redact_url
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,21 +45,13 @@ class Island:
             )
         if not re.match(r"^(https?|ray)://[^/\s]+", self.address):
             raise ValueError(
-                f"island address {self.address!r} must be the job server's URL, e.g. http://head-node:8265"
+                f"island address {redact_url(self.address)!r} must be the job server's URL, e.g. http://head-node:8265"
             )
         if self.capacity <= 0:
             raise ValueError(f"island capacity must be > 0, got {self.capacity}")
         bad = sorted(set(self.overrides) & {"store", "job", "partition", "teacher"})
         if bad:
             raise ValueError(f"island overrides may not set {bad}: the plan sets them")
-
-
-SECRET_RE = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|KEY(?!_ID$)")
-
-
-def looks_secret(name: str) -> bool:
-    """A variable name that may hold a secret (``*KEY*`` but not ``*_KEY_ID``, ``*TOKEN*``, ...)."""
-    return bool(SECRET_RE.search(name.upper()))
 
 
 @dataclass(frozen=True)
@@ -96,6 +89,12 @@ class IslandsConfig:
                     "Kubernetes secret mounted in its pods, or variables set where its nodes start; see "
                     "cluster/README.md) and forward only names that are not secrets, e.g. AWS_DEFAULT_REGION"
                 )
+        # What the file itself forwards (each island's runtime_env, its jobs' settings): the same check
+        # `ddm submit` makes over each whole submission, here at load so the file is refused as written.
+        check_forwarded(
+            {"islands": {n: {"runtime_env": i.runtime_env, "overrides": i.overrides} for n, i in self.islands.items()}},
+            "islands file",
+        )
         for part, island in self.assignment.items():
             if island not in self.islands:
                 raise ValueError(

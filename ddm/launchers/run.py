@@ -28,7 +28,7 @@ from ddm.data.partition import partition
 from ddm.evaluate import evaluate
 from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
 from ddm.launchers.ray_job import ray_lane, ray_task, summary_of
-from ddm.launchers.spec import RunSpec, jobs, make_text_encoder, student
+from ddm.launchers.spec import RunSpec, check_no_secrets, jobs, make_text_encoder, student
 from ddm.lease import default_ttl, holding
 from ddm.logs import progress
 from ddm.ray_runtime import ray_cluster
@@ -46,6 +46,7 @@ class JobsFailed(RuntimeError):
 def run_pipeline(spec: RunSpec, address: str | None = None) -> dict:
     """Run every stage of ``spec``; returns the evaluation report (also written under report/)."""
     spec = spec.resolved()
+    check_no_secrets(spec)  # before anything is written or started
     # One `ddm run` per store at a time; its stages and jobs also take the leases of what they write.
     with holding(Store(spec.store), layout.RUN_LEASE, "ddm run") as (store, _):
         return _run_stages(spec, store, address)

@@ -13,6 +13,7 @@ from ddm.layout import TEXT_ENCODER_DIR
 from ddm.models.config import ModelConfig
 from ddm.models.text_config import IN_STORE
 from ddm.rules import Rule
+from ddm.secrets import check_forwarded
 from ddm.settings import EvalConfig, SampleConfig
 from ddm.store import Store, absolute_url
 
@@ -176,6 +177,17 @@ def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = No
 
 
 PLANNED = ("store", "seed", "job", "partition", "folder", "global_batch_size", "steps")
+
+
+def check_no_secrets(spec: RunSpec) -> None:
+    """What the spec's job configs are made of carries no secret (``ddm.secrets.check_forwarded``):
+    Ray keeps each job's config with its run, on whatever cluster runs it, and every checkpoint and
+    the islands' plan store it."""
+    check_forwarded(
+        {"store": spec.store, "expert": to_dict(spec.expert), "router": to_dict(spec.router),
+         "expert_overrides": spec.expert_overrides},
+        "the spec",
+    )  # fmt: skip
 
 
 def student(spec: RunSpec) -> JobConfig | None:
