@@ -12,12 +12,8 @@ A checkpoint of step n lives at ``{run}/checkpoints/step_{n:07d}/``, safetensors
   MANIFEST.json               written last by rank 0, once every rank of this attempt is done
 
 Nothing in a checkpoint is a pickle, and nothing read from one runs code: the store is shared with
-other islands (docs/store.md, the trust model). DeepSpeed's own checkpoint files are pickles that
-DeepSpeed loads with ``torch.load(weights_only=False)``, so ddm never writes them to the store and
-never hands DeepSpeed a file from it. Commits of ddm before format 3 hold only DeepSpeed's files:
-they are read with torch's restricted (weights-only) unpickler, which builds tensors and a few
-allow-listed DeepSpeed records and runs nothing, written again locally and only then given to
-DeepSpeed.
+other islands (docs/store.md, the trust model). DeepSpeed's own checkpoint files are pickles, so ddm
+never writes them; commits of ddm before format 3 hold only those (``ddm.checkpoint_legacy``).
 
 Each rank snapshots into a local scratch directory, then a background thread uploads its files
 while training goes on; no collective is needed to commit, the store is the rendezvous. The newest
@@ -41,12 +37,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from ddm.checkpoint_legacy import DEEPSPEED_FILE, load_deepspeed_files, sanitize_deepspeed_files
 from ddm.faults import fault_hook as _fault_hook
 from ddm.layout import CHECKPOINTS, STEP_RE, committed_steps, safe_relpath, step_dir
+from ddm.parallel import all_ranks
 from ddm.reshard import PORTABLE_DIR, portable_name
 from ddm.scratch import SCRATCH_PREFIX, scratch_root, sweep_stale_scratch
 from ddm.store import ChecksumError, Store, StoreError
@@ -59,21 +56,10 @@ log = logging.getLogger("ddm.checkpoint")
 FORMAT_VERSION = 4
 # Names a commit may hold: ddm's own files (formats 3-4) and, before format 4, DeepSpeed's.
 _DDM_FILE = re.compile(r"^(?:portable/)?rank\d{3}\.(?:safetensors|json)$")
-_DEEPSPEED_FILE = re.compile(r"^[A-Za-z0-9_]+_states\.pt$")
 
 
 class IncompatibleCheckpoint(ValueError):
     """A readable commit that this job cannot restore (another world size, an older format)."""
-
-
-def _all_ranks(ok: bool) -> bool:
-    """Whether ``ok`` holds on every rank of the job (one small collective; True alone without one)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 @dataclass
@@ -284,7 +270,7 @@ class CheckpointManager:
                 raise
             except Exception as e:  # noqa: BLE001 - whatever makes a commit unreadable, the one before may do
                 staged, error = None, e
-            if not _all_ranks(staged is not None):
+            if not all_ranks(staged is not None):
                 reason = f"{type(error).__name__}: {error}" if error else "unreadable on another rank"
                 log.warning(
                     "checkpoint %s/%s is unusable (%s); trying the commit before it",
@@ -320,7 +306,7 @@ class CheckpointManager:
             )
         for name in manifest["files"]:
             safe_relpath(name, f"{where}/MANIFEST.json")
-            if not (_DDM_FILE.match(name) or (version < 4 and _DEEPSPEED_FILE.match(name))):
+            if not (_DDM_FILE.match(name) or (version < 4 and DEEPSPEED_FILE.match(name))):
                 raise ChecksumError(f"{where}/MANIFEST.json lists {name!r}, which no ddm checkpoint holds")
         written_by = manifest.get("world_size", self.world_size)
         if not isinstance(written_by, int) or written_by < 1:
@@ -339,7 +325,7 @@ class CheckpointManager:
         for name in manifest["files"]:
             if _owner(name) in (None, self.rank):
                 self.store.get_verified(tag, name, os.path.join(local, name), manifest)
-        _sanitize_deepspeed_files(local)
+        sanitize_deepspeed_files(local)
         return local, self._rank_state(local, self.rank)
 
     def _stage_portable(self, tag: str, manifest: dict, local: str, written_by: int) -> tuple[str, RankState]:
@@ -387,12 +373,7 @@ class CheckpointManager:
                 )
             shutil.rmtree(local, ignore_errors=True)
             return state
-        # Before format 3: DeepSpeed's files, rewritten locally from a restricted load (_stage).
-        load_path, _ = engine.load_checkpoint(
-            os.path.dirname(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if load_path is None:  # DeepSpeed found nothing to load: nothing of the engine was touched
-            raise ChecksumError(f"DeepSpeed could not load checkpoint {tag}")
+        load_deepspeed_files(engine, local, tag)  # before format 3: rewritten locally by _stage
         shutil.rmtree(local, ignore_errors=True)
         return state
 
@@ -407,34 +388,6 @@ class CheckpointManager:
 # Files of one rank: DeepSpeed's ZeRO optimizer shards (by data-parallel rank, which is the rank
 # here: ddm has no pipeline or tensor parallelism) and ddm's own per-rank state.
 _OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank(\d+)\.")
-
-
-def _sanitize_deepspeed_files(local: str) -> None:
-    """Rewrite the DeepSpeed files of a commit before format 3 from torch's weights-only load, which
-    builds tensors, containers and the three DeepSpeed records below and runs nothing else: the
-    files DeepSpeed then unpickles were made here, not read from the store."""
-    import torch.serialization
-
-    from ddm.parallel import load_deepspeed
-
-    load_deepspeed()
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    for name in os.listdir(local):
-        if not name.endswith(".pt"):
-            continue
-        path = os.path.join(local, name)
-        try:
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickle's errors are many; all mean "not plain data"
-            raise ChecksumError(
-                f"{name} holds more than tensors and DeepSpeed's records ({str(e).splitlines()[0][:200]}); "
-                "ddm does not unpickle it: someone with write access to the store may have planted code"
-            ) from None
-        torch.save(state, path)
 
 
 def _owner(name: str) -> int | None:

@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 from ddm import layout
 from ddm.adherence import ADHERENCE_VERSION
+from ddm.assemble import export_record, read_ensemble
 from ddm.config import from_dict
 from ddm.ensemble import Ensemble, Rule
 from ddm.evaluate import EvalConfig, Judge, single_model_dir
@@ -46,7 +47,8 @@ def snapshot(store: Store, run_dir: str, point: int, points: int) -> tuple[dict,
     if not store.is_committed(f"{folder}/{layout.EXPORT}"):
         return None
     cfg = from_dict(JobConfig, run.read_json(layout.JOB_CONFIG))
-    sha = weights_sha256(store.child(folder).manifest(layout.EXPORT))
+    where = f"{store.url}/{folder}/{layout.EXPORT}/MANIFEST.json"
+    sha = layout.check_digest(weights_sha256(store.child(folder).manifest(layout.EXPORT)), where)
     return {"dir": folder, "sha256": sha, "step": step}, cfg.flops_per_step() * step
 
 
@@ -56,7 +58,7 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
     ``curves.png``) the series, their training FLOPs and where the ensemble and a baseline cross."""
     cfg = cfg.seeded()
     device = resolve_device(cfg.device)
-    desc = store.read_json(layout.ENSEMBLE_FILE)
+    desc = read_ensemble(store)  # checked: its folders stay inside the store
     measures = {"adherence": ADHERENCE_VERSION} if desc.get("text") else {}  # a new measure: measured again
     settings = {"config": asdict(cfg), "points": points, "streams": STREAMS, **measures}
     name = f"s{cfg.seed}-{layout.ensemble_id(desc)}-{layout.short_digest(settings)}"
@@ -85,6 +87,11 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
                 continue
             if judge is None:
                 judge = Judge(store, cfg, desc, device)
+            if judge.text:  # each snapshot was trained with the encoder that reads the prompts now
+                from ddm.models.text_encoder import check_encoder
+
+                for m in models:
+                    check_encoder(export_record(store, m["dir"]), judge.encoder, f"{store.url}/{m['dir']}/export")
             if arm in baselines:
                 model = LazyModel(store, models[0], device=device).load()
                 distance, x = judge.measure(judge.single_model(model))

@@ -157,9 +157,9 @@ class Judge:
             if "caption" not in data:
                 raise ValueError(f"the ensemble is text-conditioned but the dataset in {store.url} has no captions")
             from ddm.adherence import PromptSet
-            from ddm.models.text_encoder import TextEncoder
+            from ddm.assemble import ensemble_encoder
 
-            self.encoder = TextEncoder.load(self.text["encoder"], self.text["length"], device, store.url)
+            self.encoder = ensemble_encoder(store, desc, device)  # checked against what each export recorded
             self.captions = data["caption"]
             if cfg.held_out:  # prompts (and their classes) from data no model trained on
                 from ddm.data.sources import held_out_prompts
@@ -256,6 +256,10 @@ def evaluate(store: Store, cfg: EvalConfig) -> dict:
         if rule in SINGLE_MODELS:
             run_dir = single_model_dir(rule, desc)
             model_cfg, manifest = read_export(store, run_dir)
+            if judge.text:  # a monolith or student reads the prompts with the encoder it was trained with
+                from ddm.models.text_encoder import check_encoder
+
+                check_encoder(model_cfg.get("text_encoder"), judge.encoder, f"{store.url}/{run_dir}/{layout.EXPORT}")
             # In the ensemble's velocity, whatever the model predicts (a DDPM monolith is converted).
             entry = {"dir": run_dir, "sha256": weights_sha256(manifest), "flow": model_cfg["flow"]}
             model = LazyModel(store, entry, device=device, flow=desc["flow"])

@@ -199,7 +199,7 @@ def _load_checked(model: torch.nn.Module, tensors: dict, source: str, fix: str) 
             + ")"
         ] if shapes else []  # fmt: skip
         raise ValueError(
-            f"init_from={redact_url(source)}: its weights do not fit this job's model: " + "; ".join(parts) + f". {fix}"
+            f"init_from={source}: its weights do not fit this job's model: " + "; ".join(parts) + f". {fix}"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 

@@ -357,7 +357,15 @@ def is_finished(cfg: JobConfig) -> bool:
 def _teacher_description(store: Store, cfg: JobConfig) -> dict:
     if not store.exists(layout.ENSEMBLE_FILE):
         raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
-    return store.read_json(layout.ENSEMBLE_FILE)
+    try:
+        description = store.read_json(layout.ENSEMBLE_FILE)
+    except ValueError as e:  # a truncated or overwritten file: say which, and how to write it again
+        raise ValueError(
+            f"{store.url}/{layout.ENSEMBLE_FILE} is not valid JSON ({e}); run `ddm assemble {cfg.store} --replace`"
+        ) from None
+    if not isinstance(description, dict):
+        raise ValueError(f"{store.url}/{layout.ENSEMBLE_FILE} is not an ensemble description")
+    return description
 
 
 def with_teacher(cfg: JobConfig) -> JobConfig:

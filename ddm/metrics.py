@@ -6,13 +6,17 @@
   (``FeatureClassifier``, kept under ``eval/classifier/``) it is reported as **FD-classifier**
   (works offline, on any dataset, comparable only within one dataset); on Inception-v3 pool
   features it is **FID** (``InceptionFeatures``: the pinned ``pytorch-fid`` and its weights, which
-  are downloaded on first use).
+  are downloaded on first use). The weights are a pickled torch file: ddm reads it with torch's
+  restricted unpickler (``weights_only=True``: tensors and plain containers, no code runs) after
+  checking its sha256 against the published file's, never with pytorch-fid's own ``torch.load``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 
 import numpy as np
 import torch
@@ -25,6 +29,11 @@ from ddm.store import Store
 log = logging.getLogger("ddm.metrics")
 
 FID_REQUIREMENT = "pytorch-fid==0.3.0"  # the one FID implementation ddm uses (pinned: FIDs differ across libraries)
+# pytorch-fid's Inception-v3 weights: the file its release publishes, named with the first hex digits
+# of its sha256 (torch.hub's convention), and that file's whole sha256.
+FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS}"
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 # --- distances ------------------------------------------------------------------------------
@@ -177,8 +186,74 @@ def load_or_train_classifier(
 # --- FID (optional, pinned library) ---------------------------------------------------------
 
 
+def load_state_dict_safely(path: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the torch-saved state dict at ``path``, read by torch's restricted unpickler
+    (``weights_only=True``: tensors, numbers and plain containers; a file that asks for anything
+    else, code included, is refused before it runs). With ``sha256``, the file's digest is checked
+    first. ValueError naming the file otherwise."""
+    from ddm.transfer import file_digest
+
+    if sha256 is not None:
+        got = file_digest(path)["sha256"]
+        if got != sha256:
+            raise ValueError(
+                f"{path}: sha256 {got[:12]}… but expected {sha256[:12]}… (not the published file, or damaged): "
+                "delete it and fetch it again"
+            )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the restricted unpickler names what the file holds beyond tensors
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path} is not a plain state dict of tensors; refusing to unpickle the rest ({type(e).__name__}: {first})"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; refusing it")
+    return state
+
+
+def fid_state_dict(url: str, *_, **__) -> dict[str, torch.Tensor]:
+    """pytorch-fid's Inception weights, in place of its ``load_state_dict_from_url`` (which unpickles
+    with ``weights_only=False``): the file from torch.hub's cache (``$TORCH_HOME/hub/checkpoints/``),
+    downloaded there first if missing, checked against ``FID_WEIGHTS_SHA256``, read without
+    unpickling code (``load_state_dict_safely``)."""
+    if url != FID_WEIGHTS_URL:
+        raise ValueError(
+            f"pytorch-fid asked for {url}, not the weights ddm pins ({FID_WEIGHTS_URL}): check {FID_REQUIREMENT}"
+        )
+    folder = f"{torch.hub.get_dir()}/checkpoints"  # where torch.hub (so pytorch-fid) keeps downloaded weights
+    path = os.path.join(folder, FID_WEIGHTS)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        try:  # to a temporary name next to it, renamed when its digest is right
+            torch.hub.download_url_to_file(url, path, hash_prefix=FID_WEIGHTS_SHA256, progress=False)
+        except Exception as e:  # noqa: BLE001 - urllib / socket errors, a wrong digest
+            raise ValueError(
+                f"FID needs the Inception-v3 FID weights ({FID_WEIGHTS}), which are downloaded on first use, and "
+                f"they could not be fetched ({type(e).__name__}: {e}). Put the file in {folder}/ on an offline "
+                "machine, or use metric=fd_classifier"
+            ) from e
+    return load_state_dict_safely(path, FID_WEIGHTS_SHA256)
+
+
+@contextlib.contextmanager
+def _safe_fid_weights():
+    """pytorch-fid builds its Inception with ``fid_state_dict`` as its weight loader."""
+    import pytorch_fid.inception as inception
+
+    own = inception.load_state_dict_from_url
+    inception.load_state_dict_from_url = fid_state_dict
+    try:
+        yield
+    finally:
+        inception.load_state_dict_from_url = own
+
+
 class InceptionFeatures:
-    """Inception-v3 pool3 features from ``pytorch-fid`` (the pinned FID implementation)."""
+    """Inception-v3 pool3 features from ``pytorch-fid`` (the pinned FID implementation), its weights
+    read by ``fid_state_dict`` (checked, never unpickled as code)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)  # the evaluation's device: a GPU when it samples on one
@@ -189,14 +264,9 @@ class InceptionFeatures:
                 f"metric=fid needs {FID_REQUIREMENT}: pip install 'ddm[fid]' (or use metric=fd_classifier, which "
                 "works offline)"
             ) from e
-        try:
-            self.model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(self.device)
-        except Exception as e:  # urllib / socket errors when the weights cannot be downloaded
-            raise ValueError(
-                "FID needs the Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth), which pytorch-fid "
-                f"downloads on first use, and they could not be fetched ({type(e).__name__}: {e}). Put the file in "
-                "$TORCH_HOME/hub/checkpoints/ on an offline machine, or use metric=fd_classifier"
-            ) from e
+        with _safe_fid_weights():
+            model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        self.model = model.eval().to(self.device)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, batch_size: int = 100) -> np.ndarray:

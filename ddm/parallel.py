@@ -250,3 +250,13 @@ class ParallelState:
 
     def __repr__(self) -> str:
         return f"ParallelState(rank={self.rank}, world={self.world_size}, dp={self.dp_size}, ep={self.ep_size})"
+
+
+def all_ranks(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank of the job (one small collective; True alone without one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

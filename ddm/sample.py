@@ -137,7 +137,8 @@ def prompted(
 ) -> tuple[list[tuple[str, float]], object, float | torch.Tensor]:
     """For a text-conditioned ensemble (in the store at URL ``store``): each sample's (prompt,
     guidance) (the prompts cycled over ``num_samples``), a function from rows of samples to their
-    embeddings by the experts' encoder (on ``device``), and the guidance per sample; for a
+    embeddings by the experts' encoder (on ``device``; checked against the encoder each export
+    recorded, ``ddm.assemble.ensemble_encoder``), and the guidance per sample; for a
     class-conditional one, nothing (prompts are refused)."""
     pairs = read_prompts(cfg)
     text = desc.get("text")
@@ -149,10 +150,12 @@ def prompted(
         raise ValueError(
             f"this ensemble is text-conditioned ({text['encoder']}): give prompts=[...] or prompts_file=<one per line>"
         )
-    from ddm.models.text_encoder import TextEncoder
+    from ddm.assemble import ensemble_encoder
 
+    if not store:
+        raise ValueError("a text-conditioned ensemble samples with the text encoder of its store: give its URL")
     per_sample = [pairs[i % len(pairs)] for i in range(cfg.num_samples)]
-    encoder = TextEncoder.load(text["encoder"], text["length"], device, store)
+    encoder = ensemble_encoder(Store(store), desc, device)
     unique = {p: i for i, p in enumerate(sorted({p for p, _ in per_sample}))}
     emb = encoder.encode_to_cpu(list(unique))  # each prompt once, kept in host memory
     index = torch.tensor([unique[p] for p, _ in per_sample])

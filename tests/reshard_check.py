@@ -57,7 +57,8 @@ def main(overrides: list[str]) -> None:
     from ddm.reshard import _optimizer_step, load_portable
     from ddm.store import Store
     from ddm.train.engine import build_engine
-    from ddm.train.trainer import _zero_lr_step, build_job
+    from ddm.train.resume import zero_lr_step
+    from ddm.train.trainer import build_job
 
     cfg = resolve(load(JobConfig, None, overrides))
     ensure_process_group("gloo")
@@ -72,7 +73,7 @@ def main(overrides: list[str]) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def reshard(paths: list[str]) -> None:  # what train() does
-        _zero_lr_step(engine, objective, reader, gen, cfg, cpu)
+        zero_lr_step(engine, objective, reader, gen, cfg, cpu)
         load_portable(engine, paths, zero, ps, 0)
 
     ckpt = CheckpointManager(run, ps.rank, ps.world_size, reshard=reshard)

@@ -20,7 +20,7 @@ from safetensors.numpy import save as save_safetensors
 from ddm import __version__
 from ddm.data.pipeline import ShardCommits, Stage, connected, model_stage, run_units, worker_url
 from ddm.data.shards import FEATURES_FORMAT, Dataset, check_format
-from ddm.layout import features_dir
+from ddm.layout import features_dir, safe_relpath
 from ddm.lease import fenced, holding
 from ddm.store import Store
 
@@ -123,7 +123,8 @@ class Features:
     def __init__(self, store: Store, folder: str):
         self.store, self.folder = store, folder
         self.manifest = check_format(store.manifest(folder), FEATURES_FORMAT, f"{store.url}/{folder}/MANIFEST.json")
-        self.names: list[str] = self.manifest["shards"]
+        where = f"{store.url}/{folder}/MANIFEST.json (shards)"
+        self.names: list[str] = [safe_relpath(name, where) for name in self.manifest["shards"]]
 
     @property
     def num_shards(self) -> int:
@@ -200,6 +201,8 @@ def stored_features(cfg, store: Store, dataset: Dataset, data_id: str, address: 
             "ddm_version": __version__,
             **settings,
             "extractor": extractor.name,
+            # which hub weights, at which commit (in the meta, not the settings: folder ids stay)
+            "extractor_weights": _weights(extractor),
             "dim": ordered[0]["dim"],
             "shards": [f"part-{i:05d}.safetensors" for i in range(dataset.num_shards)],
             "shard_rows": [r["rows"] for r in ordered],
@@ -253,3 +256,13 @@ class WriteFeatures:
         record = {"rows": len(feats), "dim": int(feats.shape[1])}
         data = save_safetensors({"features": feats, "ids": np.ascontiguousarray(part["ids"], dtype=np.int64)})
         return self.commits.commit(part["index"], {name: data}, record)
+
+
+def _weights(extractor) -> dict | None:
+    """The hub id and revision a network extractor loads (``ddm.data.encoders.hub_model``)."""
+    if extractor.name != "dinov2":
+        return None
+    from ddm.data.encoders import DEFAULT_DINOV2, hub_model  # torch and transformers: only for DINOv2
+
+    model, revision = hub_model(extractor.spec, DEFAULT_DINOV2)
+    return {"model": model, "revision": revision}

@@ -328,6 +328,7 @@ def _commit(
         "sample_shape": stored_shape,
         "dtype": dtype,
         "encoder": cfg.encoder,
+        "encoder_weights": _encoder_weights(cfg.encoder),  # which hub weights, at which commit
         "value_range": [0, 255] if cfg.encoder == "identity" else None,
         "num_classes": len(source.class_names),
         "class_names": source.class_names,
@@ -357,3 +358,13 @@ def _commit(
         DATA_DIR,
     )
     return manifest
+
+
+def _encoder_weights(spec: str) -> dict | None:
+    """The hub id and revision an ``encoder`` spec loads (``ddm.data.encoders.hub_model``)."""
+    if spec == "identity":
+        return None
+    from ddm.data.encoders import DEFAULT_VAE, hub_model  # torch and diffusers: only for a VAE ingest
+
+    model, revision = hub_model(spec, DEFAULT_VAE)
+    return {"model": model, "revision": revision}

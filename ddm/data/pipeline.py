@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from ddm.layout import SHARDS_DIR
+from ddm.layout import SHARDS_DIR, UnsafeName, check_digest, safe_relpath
 from ddm.logs import progress
 from ddm.ray_runtime import ray_cluster
 from ddm.store import Store, absolute_url
@@ -319,16 +319,12 @@ class ShardCommits:
 
 def _entry_ok(name: object, entry: object) -> bool:
     """A progress record's file entry: a relative name below its folder, {size, sha256}."""
-    return (
-        isinstance(name, str)
-        and bool(name)
-        and not name.startswith("/")
-        and ".." not in name.split("/")
-        and isinstance(entry, dict)
-        and isinstance(entry.get("size"), int)
-        and isinstance(entry.get("sha256"), str)
-        and len(entry["sha256"]) == 64
-    )
+    try:
+        safe_relpath(name, "a progress record")
+        check_digest(entry.get("sha256") if isinstance(entry, dict) else None, "a progress record")
+    except UnsafeName:
+        return False
+    return isinstance(entry.get("size"), int)
 
 
 def is_temporary(name: str) -> bool:

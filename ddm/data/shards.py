@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddm import __version__
-from ddm.layout import DATA_DIR, PARTITIONS_DIR, SHARDS_DIR
+from ddm.layout import DATA_DIR, PARTITIONS_DIR, SHARDS_DIR, safe_relpath
 from ddm.store import MANIFEST, Store
 
 DATASET_FORMAT = 2  # data/MANIFEST.json: 2 lists its shards (format 1 numbered them)
@@ -169,8 +169,9 @@ class Dataset:
         self.dtype = self.manifest["dtype"]
         self.shard_rows: list[int] = list(self.manifest["shard_rows"])
         # Format 2 lists its shards (a unit with no readable sample has none); format 1 numbered them.
-        self.shard_names: list[str] = self.manifest.get("shards") or [
-            shard_name(i) for i in range(len(self.shard_rows))
+        self.shard_names: list[str] = [
+            safe_relpath(name, f"{store.url}/{DATA_DIR}/{MANIFEST} (shards)")
+            for name in self.manifest.get("shards") or [shard_name(i) for i in range(len(self.shard_rows))]
         ]
 
     @property

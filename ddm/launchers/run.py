@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 
 from ddm import layout
-from ddm.assemble import assemble
+from ddm.assemble import assemble, read_ensemble
 from ddm.budget import arm_of
 from ddm.curves import learning_curves
 from ddm.data.ingest import ingest
@@ -80,7 +80,10 @@ def _run_stages(spec: RunSpec, store: Store, address: str | None) -> dict:
         with stage("train"):
             run_jobs(store, configs, spec.max_concurrent_jobs, reuse_workers=spec.reuse_workers)
         with stage("assemble"):
-            old = store.read_json(layout.ENSEMBLE_FILE) if store.exists(layout.ENSEMBLE_FILE) else None
+            try:  # the ensemble before this run's (a broken one is kept aside by assemble)
+                old = read_ensemble(store) if store.exists(layout.ENSEMBLE_FILE) else None
+            except ValueError:
+                old = None
             if assemble(store, spec.rule, replace=True) != old and old is not None:  # e.g. experts trained longer
                 log.info(
                     "the exports changed since %s was written: the old one is kept as a copy", layout.ENSEMBLE_FILE

@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from ddm.layout import safe_relpath
 from ddm.models.pretrained_io import folder, local_copy
 from ddm.store import Store
 
@@ -118,7 +119,12 @@ def weight_files(where: Store, source: str) -> list[str]:
             return [name]
         index = f"{name}.index.json"
         if where.exists(index):
-            return sorted(set(where.read_json(index)["weight_map"].values()))
+            try:
+                shards = where.read_json(index)["weight_map"].values()
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"init_from={source}: {where.url}/{index} is not a weight index ({e})") from None
+            # Each shard's name becomes a path: a plain file name beside the index, nothing that reaches out.
+            return sorted({safe_relpath(n, f"init_from={source}: {where.url}/{index}") for n in shards})
     raise ValueError(
         f"init_from={source}: no {WEIGHT_FILES[0]} in {where.url}; ddm reads safetensors only (re-save the "
         "model with save_pretrained(..., safe_serialization=True))"

@@ -25,7 +25,8 @@ has twice the input channels at its output (the learned sigma), the job's DiT ke
 head with ``model.learn_sigma=true`` and otherwise the sigma half is dropped (either is recorded
 in the job's export). The fixed sin-cos positions a source stores are
 checked against ddm's and not loaded. ``hf://<repo>[@<revision>]`` names a model on the Hugging
-Face hub: downloaded through huggingface_hub, with a clear error offline.
+Face hub: downloaded through huggingface_hub (safetensors only), with a clear error offline; the job
+records the commit it resolved to (``revision``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 
 from ddm.models.diffusers_dit import diffusers_config, diffusers_state, weight_files
 from ddm.models.pretrained_io import download, folder, local_copy, locate, split
+from ddm.secrets import redact_url
 from ddm.store import Store
 
 CHECKPOINT = r"\.(pt|pth|ckpt|safetensors)$"
@@ -106,9 +108,12 @@ def load_pretrained(source: str, store: Store, model: torch.nn.Module, kind: str
         )
     notes += _drop_fixed_positions(state, model, source)
     notes += _drop_learned_sigma(state, model, source)
-    if kind == "hub":
-        url, notes = origin, [*notes, f"downloaded to {source}"]
-    return state, {"url": url, "sha256": sha256, "format": fmt, "notes": notes}
+    record = {"url": redact_url(url), "sha256": sha256, "format": fmt, "notes": notes}
+    if kind == "hub":  # the commit it resolved to: the same id may name other weights tomorrow
+        from ddm.models.pretrained_io import hub_commit
+
+        record.update(url=redact_url(origin), notes=[*notes, f"downloaded to {source}"], revision=hub_commit(source))
+    return state, record
 
 
 # --- facebookresearch/DiT ------------------------------------------------------------------------

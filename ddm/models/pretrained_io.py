@@ -49,9 +49,18 @@ def local_copy(where: Store, name: str):
         yield local, where.get_file(name, local)["sha256"]
 
 
+def hub_commit(folder: str) -> str | None:
+    """The commit a hub download resolved to: the name of its snapshot folder (huggingface_hub's
+    cache keeps each commit's files under ``snapshots/<commit>``), or None."""
+    name = os.path.basename(os.path.normpath(folder))
+    return name if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
+
+
 def download(source: str) -> str:
     """A local folder holding ``hf://<repo>[@<revision>]``'s transformer (a diffusers model or
-    pipeline folder)."""
+    pipeline folder): safetensors weights only (a repository holding only pickled ones has none to
+    read), at the revision named, else at the hub's current main (``hub_commit`` says which commit;
+    the job records it)."""
     repo, _, revision = source.removeprefix("hf://").partition("@")
     try:
         from huggingface_hub import snapshot_download

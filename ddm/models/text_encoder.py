@@ -14,6 +14,14 @@ rounding, ``text_dtype``, and on a GPU TF32's, which training jobs turn on). The
 (the end-of-text token after the final norm) or, for T5, the mean of the caption's tokens.
 ``describe()`` is what an export records so that a user can rebuild the encoder and sample (an
 encoder named ``store:<folder>`` loads with ``store=`` the URL of the store the export is in).
+
+What is read is checked (the store is shared by islands that do not trust each other): a folder in
+the store (``store:<folder>``, or any folder holding a ``MANIFEST.json``) loads only the files its
+manifest lists, each copied down and checked against its size and sha256 first (a ``store:`` folder
+without a manifest is refused); weights load from safetensors only; a hub id loads at the revision
+it names (``<org>/<name>@<commit>``; without one, the hub's current commit, which ``describe()``
+records). ``check_encoder`` compares an encoder with what an export recorded of the one it was
+trained with: sampling, evaluation and training from an export call it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ddm.models.text_config import in_store
+from ddm.models import text_files
+from ddm.models.text_config import IN_STORE, in_store
+from ddm.models.text_files import MANIFEST
 from ddm.transfer import file_digest
 
 KINDS = {"clip_text_model": "clip", "clip": "clip", "t5": "t5"}  # config.json's model_type -> kind
@@ -87,20 +97,36 @@ class TextEncoder:
 
     @classmethod
     def load(
-        cls, spec: str, max_length: int = 0, device: str | torch.device = "cpu", store: str | None = None
+        cls,
+        spec: str,
+        max_length: int = 0,
+        device: str | torch.device = "cpu",
+        store: str | None = None,
+        revision: str | None = None,
     ) -> "TextEncoder":
         """The encoder and tokenizer ``spec`` names (see ``parse``; ``store:<folder>``: in the store at
         URL ``store``); ``max_length`` 0: the model's own (CLIP: its positions, 77; T5: 120,
-        PixArt-alpha's). The encoder keeps ``spec`` as its name (``describe``)."""
-        where, revision, hub = parse(in_store(spec, store))
-        if _remote(where):  # a store URL: copied down for the load, removed after it
-            import tempfile
+        PixArt-alpha's). ``revision``: the hub revision to load where ``spec`` names none (the one an
+        export recorded). A committed folder (``store:`` names always) loads only the files its
+        manifest lists, each checked first (``ddm.store.ChecksumError`` names a file that differs).
+        The encoder keeps ``spec`` as its name (``describe``)."""
+        import tempfile
 
+        where, own_revision, hub = parse(in_store(spec, store))
+        if hub:
+            folder = text_files.hub_folder(spec, where, own_revision or revision)
+            return cls._load(spec, folder, own_revision or revision, True, max_length, device)
+        if text_files.committed(spec, where):  # verified file by file, copied down for the load, removed after it
             with tempfile.TemporaryDirectory(prefix="ddm-text-encoder-") as tmp:
-                _copy_down(where, tmp)
-                return cls._load(spec, tmp, revision, False, max_length, device)
-        folder = _hub_folder(spec, where, revision) if hub else _local_folder(where)
-        return cls._load(spec, folder, revision, hub, max_length, device)
+                text_files.copy_verified(spec, where, tmp)
+                return cls._load(spec, tmp, None, False, max_length, device)
+        if spec.startswith(IN_STORE):
+            raise text_files.not_committed(spec, where)
+        if text_files.remote(where):  # a store URL: copied down for the load, removed after it
+            with tempfile.TemporaryDirectory(prefix="ddm-text-encoder-") as tmp:
+                text_files.copy_down(where, tmp)
+                return cls._load(spec, tmp, None, False, max_length, device)
+        return cls._load(spec, text_files.local_folder(where), None, False, max_length, device)
 
     @classmethod
     def _load(cls, spec: str, folder: str, revision: str | None, hub: bool, max_length: int, device) -> "TextEncoder":
@@ -125,7 +151,10 @@ class TextEncoder:
         if not max_length:  # CLIP: its positions (77); T5: the tokenizer's limit below 512, else PixArt's 120
             own = int(getattr(tokenizer, "model_max_length", 0) or 0)
             max_length = int(model.config.max_position_embeddings) if kind == "clip" else own if 0 < own < 512 else 120
-        source = {"spec": spec, "revision": revision or getattr(model.config, "_commit_hash", None)}
+        # The commit a hub load resolved to (its snapshot folder's name), whatever revision named it.
+        commit = os.path.basename(os.path.normpath(folder)) if hub else None
+        commit = commit if commit and len(commit) == 40 and text_files.is_hex(commit) else None
+        source = {"spec": spec, "revision": commit or getattr(model.config, "_commit_hash", None) or revision}
         if not hub:
             files = [n for n in sorted(os.listdir(folder)) if not n.startswith(".")]  # not a download's .cache/
             source["sha256"] = {
@@ -173,12 +202,16 @@ def check(encoder: str, dim: int, length: int, store: str | None = None) -> dict
             import huggingface_hub  # noqa: F401
         except ImportError as e:
             raise ValueError(f"text encoder {encoder!r} comes from the hub: pip install 'ddm[encoders]'") from e
-        with open(_hub_config(encoder, where, revision)) as f:
+        with open(text_files.hub_config(encoder, where, revision)) as f:
             config = json.load(f)
-    elif _remote(where):  # a store URL: its config.json only, through the store's client
-        config = _remote_config(encoder, where)
+    elif text_files.committed(encoder, where):  # its config.json, checked against the folder's manifest
+        config = text_files.verified_config(encoder, where)
+    elif encoder.startswith(IN_STORE):
+        raise text_files.not_committed(encoder, where)
+    elif text_files.remote(where):  # a store URL: its config.json only, through the store's client
+        config = text_files.remote_config(encoder, where)
     else:
-        path = os.path.join(_local_folder(where), "config.json")
+        path = os.path.join(text_files.local_folder(where), "config.json")
         try:
             with open(path) as f:
                 config = json.load(f)
@@ -228,93 +261,58 @@ def check_job(t, dataset, store_url: str) -> None:
         )
 
 
-def _remote(where: str) -> bool:
-    return "://" in where and not where.startswith("file://")
-
-
-def _remote_config(encoder: str, where: str) -> dict:
-    from ddm.store import Store
-
-    try:
-        return Store(where).read_json("config.json")
-    except FileNotFoundError as e:
-        raise ValueError(f"text encoder {encoder!r}: {where} has no config.json") from e
-    except Exception as e:  # noqa: BLE001 - credentials (botocore's own errors), a missing s3fs, a bad file
-        raise ValueError(f"text encoder {encoder!r}: cannot read {where}/config.json ({type(e).__name__}: {e})") from e
-
-
-def _copy_down(where: str, local: str) -> None:
-    """The files of the folder at the store URL ``where`` (not its sub-folders) into ``local``,
-    through ``Store`` (its endpoint settings, timeouts and retries)."""
-    from ddm.store import Store
-
-    store = Store(where)
-    folder = store.path("").rstrip("/")
-    try:  # its files (not sub-folders, not an S3 console's zero-byte folder marker), streamed to disk
-        entries = store.fs.ls(folder, detail=True, refresh=True)
-        names = [
-            os.path.basename(e["name"].rstrip("/")) for e in entries
-            if e.get("type") == "file" and not e["name"].endswith("/") and e["name"].rstrip("/") != folder
-        ]  # fmt: skip
-        names = [n for n in names if not n.startswith(".")]
-        if "config.json" in names:
-            for name in names:
-                store.get_file(name, os.path.join(local, name))
-    except Exception as e:  # noqa: BLE001 - credentials (botocore's own errors), a missing s3fs, the network
-        raise ValueError(f"text encoder {where!r}: cannot read it ({type(e).__name__}: {e})") from e
-    if "config.json" not in names:
-        raise ValueError(f"text encoder {where!r} is not a folder with a config.json (a save_pretrained model)")
-
-
-def _local_folder(where: str) -> str:
-    path = where.removeprefix("file://")
-    if not os.path.isdir(path):
-        raise ValueError(f"text encoder {where!r} is not a folder (a save_pretrained text model and its tokenizer)")
-    return path
-
-
-def _hub_error(spec: str, repo: str, revision: str | None, e: Exception) -> ValueError:
-    rev = f" --revision {revision}" if revision else ""
-    return ValueError(
-        f"text encoder {spec!r}: could not fetch {repo} from the Hugging Face hub ({type(e).__name__}). Offline, "
-        f"download it where there is a network (huggingface-cli download {repo}{rev} --local-dir DIR), copy DIR "
-        "here and name the folder instead of the hub id"
-    )
-
-
-def _hub_folder(spec: str, repo: str, revision: str | None) -> str:
-    """The repo's top-level files (its config first: a diffusers pipeline, whose encoder lives in a
-    sub-folder, is refused before any weights are fetched)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise ValueError(f"text encoder {spec!r} comes from the hub: pip install 'ddm[encoders]'") from e
-    _hub_config(spec, repo, revision)
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-                "added_tokens.json", "vocab*", "merges.txt", "spiece.model"]  # fmt: skip
-    try:  # top level only: "*.safetensors" would match a sub-folder's weights too
-        return snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"])
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
-        raise _hub_error(spec, repo, revision, e) from e
-
-
-def _hub_config(spec: str, repo: str, revision: str | None) -> str:
-    """The path of the repo's config.json, fetched alone; a pipeline (model_index.json, no config.json)
-    is an error that says which folder to name."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(repo, "config.json", revision=revision)
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one message with the way out
-        try:
-            hf_hub_download(repo, "model_index.json", revision=revision)
-        except Exception:  # noqa: BLE001 - not a pipeline either: the first error says why
-            raise _hub_error(spec, repo, revision, e) from e
+def check_encoder(recorded: dict | None, encoder: "TextEncoder | dict", where: str) -> None:
+    """``encoder`` (loaded, or its ``describe()``: a dataset's stored embeddings') is the one
+    ``recorded`` describes (what an export or a dataset recorded of the encoder it was made with),
+    else a ValueError naming ``where`` and what differs: its kind and sizes, the sha256 of each of
+    its files (a folder's), its hub commit. An empty record (exports made before encoders were
+    recorded) has nothing to compare."""
+    if not recorded:
+        return
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{where}: its text_encoder record is not a description of an encoder: {recorded!r:.80}")
+    mine = encoder if isinstance(encoder, dict) else encoder.describe()
+    name = recorded.get("spec", mine.get("spec"))
+    differs = [
+        f"{key} {recorded[key]!r} there, {mine[key]!r} here"
+        for key in ("kind", "hidden_size", "max_length")
+        if key in recorded and recorded[key] != mine.get(key)
+    ]
+    files = recorded.get("sha256")
+    if isinstance(files, dict):
+        own = {n: d for n, d in (mine.get("sha256") or {}).items() if n != MANIFEST}
+        files = {n: d for n, d in files.items() if n != MANIFEST}
+        if not own:
+            differs.append(f"the files of a folder there ({', '.join(sorted(files))}), a hub model here")
+        else:
+            for n in sorted(files.keys() | own.keys()):
+                there, here = files.get(n), own.get(n)
+                if there != here:
+                    differs.append(f"{n}: sha256 {str(there)[:12]}… there, {str(here)[:12]}… here"
+                                   if there and here else f"{n}: {'only there' if there else 'only here'}")  # fmt: skip
+    there, here = recorded.get("revision"), mine.get("revision")
+    if isinstance(there, str) and len(there) == 40 and text_files.is_hex(there) and not files and there != here:
+        differs.append(f"hub revision {there} there, {here} here")
+    if differs:
         raise ValueError(
-            f"text encoder {spec!r} is a diffusers pipeline: download its text encoder and tokenizer folders "
-            f"(huggingface-cli download {repo} --include 'text_encoder/*' 'tokenizer/*' --local-dir DIR), copy the "
-            "tokenizer's files into DIR/text_encoder and name that folder"
-        ) from e
+            f"{where} was made with the text encoder {name!r} as it was then, and the encoder loaded now differs: "
+            f"{'; '.join(differs)}. Its captions would be embedded differently: load the encoder it recorded (put "
+            "those files back, or name that revision)"
+        )
+
+
+def load_checked(text: dict, records: list[tuple[str, dict]], device="cpu", store: str | None = None) -> "TextEncoder":
+    """The encoder of a text model or ensemble (``text``: {"encoder", "length"}, its export's
+    ``architecture.text`` or ensemble.json's ``text``), at the hub revision its exports recorded
+    where its name gives none, checked against every record (``records``: (where, the record)
+    of each export made with it; ``check_encoder``)."""
+    pinned = {r.get("revision") for _, r in records if isinstance(r, dict) and not r.get("sha256")}
+    pinned = {p for p in pinned if isinstance(p, str) and len(p) == 40 and text_files.is_hex(p)}
+    encoder = TextEncoder.load(text["encoder"], int(text["length"]), device, store,
+                               revision=pinned.pop() if len(pinned) == 1 else None)  # fmt: skip
+    for where, record in records:
+        check_encoder(record, encoder, where)
+    return encoder
 
 
 # --- a tiny encoder made from a dataset's captions (offline; tests and the glyphs main job) ----------

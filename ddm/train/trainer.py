@@ -44,10 +44,12 @@ from ddm.parallel import ParallelState, check_one_rank_per_device, ensure_proces
 from ddm.reshard import load_portable, save_portable
 from ddm.store import Store
 from ddm.train.board import open_board
+from ddm.train.checks import check_encoders, from_rank0, stop_if_diverged
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
-from ddm.train.prefetch import Prefetcher, to_device
+from ddm.train.prefetch import Prefetcher
+from ddm.train.resume import restore_rng, rng_state, zero_lr_step
 from ddm.train.uploads import Uploads
 
 log = logging.getLogger("ddm.train")
@@ -135,7 +137,7 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     # One id for this attempt and one lease for every rank: checkpoint markers are bound to both.
-    lease, attempt = _from_rank0(lease, lease_from_rank0)
+    lease, attempt = from_rank0(lease, lease_from_rank0)
     store = Store(cfg.store)
     if lease is not None:
         store = fenced(store, lease)
@@ -161,6 +163,7 @@ def train(
         local = cfg.model.moe.num_experts // ps.ep_size  # expert parallelism: this rank's MoE experts
         experts = (ps.ep_rank * local, local) if cfg.model.moe.enabled and ps.ep_size > 1 else None
         export_extra["init_from"] = init_from_export(model, cfg.init_from, store, experts)
+    check_encoders(cfg, store, text_encoder, export_extra)  # the one its init_from or teacher recorded
     engine = build_engine(model, cfg, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay)  # under ZeRO-3: this rank's shards (ddm.train.ema)
     t_engine = time.perf_counter()
@@ -182,7 +185,7 @@ def train(
     zero = cfg.engine.zero_stage
 
     def reshard(paths: list[str]) -> None:  # a commit of another worker count (ddm.reshard)
-        _zero_lr_step(engine, objective, reader, gen, cfg, device, text_encoder)
+        zero_lr_step(engine, objective, reader, gen, cfg, device, text_encoder)
         load_portable(engine, paths, zero, ps, num_experts, ema=ema)
 
     ckpt = CheckpointManager(
@@ -210,7 +213,7 @@ def train(
             )
         if state.resharded_from is None:
             reader.load_state_dict(state.info["reader"])
-            _restore_rng(gen, state, device, noise_seed + step)
+            restore_rng(gen, state, device, noise_seed + step)
         else:  # the same epoch, at the same share of it; new noise streams (one per rank now)
             reader.load_state_dict(state.info["reader"], reshard=True)
             gen.manual_seed(noise_seed + step)
@@ -253,9 +256,9 @@ def train(
     # rank together, at each log window and before anything is committed or exported.
     first_bad = torch.zeros((), dtype=torch.int64, device=device)
 
-    def stop_if_diverged(weights: bool) -> None:
+    def check_finite(weights: bool) -> None:
         tensors = [*ema.shadow.values(), *(p.detach() for p in engine.module.parameters())] if weights else []
-        _stop_if_diverged(first_bad, tensors, step, cfg, ckpt)
+        stop_if_diverged(first_bad, tensors, step, cfg, ckpt)
 
     stall_s, saves = 0.0, 0  # how long training waited for checkpoint snapshots, over how many
     snapshots = set(cfg.checkpoint.snapshot_steps(cfg.steps))
@@ -277,7 +280,7 @@ def train(
             window_n += 1
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                stop_if_diverged(weights=False)
+                check_finite(weights=False)
                 mean_loss = window_loss.item() / window_n  # the one host sync of the window
                 now = time.perf_counter()
                 record = {
@@ -301,10 +304,10 @@ def train(
 
             writes = step % cfg.checkpoint.every == 0 or step == cfg.steps or step in snapshots
             if writes or (cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0):
-                stop_if_diverged(weights=True)  # nothing non-finite is committed or exported
+                check_finite(weights=True)  # nothing non-finite is committed or exported
             if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                 state = RankState(
-                    tensors={**{f"ema.{k}": v for k, v in ema.shadow.items()}, **_rng_state(gen, device)},
+                    tensors={**{f"ema.{k}": v for k, v in ema.shadow.items()}, **rng_state(gen, device)},
                     info={"step": step, "reader": batches.state_dict(), "ema_updates": ema.num_updates},
                 )
                 stall_s += ckpt.save(engine, step, state)
@@ -363,87 +366,6 @@ def train(
         dist.barrier()
         dist.destroy_process_group()  # torch + gloo can abort at exit without it
     return summary
-
-
-class Diverged(ValueError):
-    """The loss or the weights stopped being finite: the job stops before committing them."""
-
-
-def _stop_if_diverged(first_bad: torch.Tensor, tensors: list[torch.Tensor], step: int, cfg: JobConfig, ckpt) -> None:
-    """Raise ``Diverged``, on every rank alike, when a loss since the start (``first_bad``: its step)
-    or one of ``tensors`` (weights, EMA) is not finite; one host sync and one small collective."""
-    bad_weights = torch.zeros((), dtype=torch.bool, device=first_bad.device)
-    for t in tensors:
-        bad_weights |= ~torch.isfinite(t).all()
-    flags = torch.stack([first_bad.double(), bad_weights.double()])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_step, bad_weights = (int(v) for v in flags.tolist())
-    if not bad_step and not bad_weights:
-        return
-    what = f"the loss was not finite at step {bad_step}" if bad_step else f"the weights are not finite at step {step}"
-    ckpt.wait()  # the upload in flight holds a good checkpoint (checked before it was taken): let it commit
-    commits = ckpt.committed_steps()
-    kept = (
-        f"the last good commit, {ckpt.store.url}/{layout.step_dir(commits[-1])}, and those before it are kept"
-        if commits
-        else "no checkpoint was committed"
-    )
-    raise Diverged(
-        f"{cfg.run_dir} diverged ({what}, lr={cfg.lr}); it stopped before committing or exporting anything "
-        f"non-finite: {kept}. Lower lr (or check the data) and train the job again"
-    )
-
-
-def _from_rank0(lease: Token | None, share_lease: bool) -> tuple[Token | None, str]:
-    """A new attempt id, and with ``share_lease`` the lease token, as rank 0 has them, on every rank
-    (one small broadcast at the start; alone, no collective)."""
-    import uuid
-
-    mine = [lease, uuid.uuid4().hex]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(mine, src=0)
-    token, attempt = mine
-    return (token if share_lease else lease), attempt
-
-
-def _zero_lr_step(engine, objective, reader, gen, cfg: JobConfig, device: torch.device, text_encoder=None) -> None:
-    """One optimizer step at learning rate 0: every optimizer state then exists in this job's
-    layout (ZeRO creates its partitions' states lazily) while the weights stay as they are; the
-    reshard overwrites the states it made."""
-    groups = engine.optimizer.param_groups
-    lrs = [g["lr"] for g in groups]
-    for g in groups:
-        g["lr"] = 0.0
-    for _ in range(cfg.grad_accum):
-        batch = to_device(reader.next_batch(), device, cfg.model.num_classes, text_encoder)
-        engine.backward(objective(engine, batch, gen))
-        engine.step()
-    for g, lr in zip(groups, lrs):
-        g["lr"] = lr
-
-
-def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """The random streams a step draws from: the job's noise generator, and torch's global streams
-    (label dropout draws from them), the CUDA one on a GPU."""
-    state = {"rng.noise": gen.get_state(), "rng.torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(gen: torch.Generator, state: RankState, device: torch.device, reseed: int) -> None:
-    torch.set_rng_state(state.tensors["rng.torch"])
-    if device.type == "cuda" and "rng.cuda" in state.tensors:
-        torch.cuda.set_rng_state(state.tensors["rng.cuda"], device)
-    try:
-        gen.set_state(state.tensors["rng.noise"])
-    except RuntimeError:  # a CPU generator's state on a GPU, or the reverse: another kind of stream
-        gen.manual_seed(reseed)
-        log.warning(
-            "the checkpoint's noise stream comes from another device type; reseeded: training continues, but its "
-            "noise differs from an uninterrupted run on one device"
-        )
 
 
 def _read_metrics(run: Store) -> list[dict]:
