@@ -360,12 +360,10 @@ def _teacher_description(store: Store, cfg: JobConfig) -> dict:
     try:
         description = store.read_json(layout.ENSEMBLE_FILE)
     except ValueError as e:  # a truncated or overwritten file: say which, and how to write it again
-        raise ValueError(
-            f"{store.url}/{layout.ENSEMBLE_FILE} is not valid JSON ({e}); run `ddm assemble {cfg.store} --replace`"
-        ) from None
-    if not isinstance(description, dict):
-        raise ValueError(f"{store.url}/{layout.ENSEMBLE_FILE} is not an ensemble description")
-    return description
+        description = f"not valid JSON ({e})"
+    if isinstance(description, dict):
+        return description
+    raise ValueError(f"{store.url}/{layout.ENSEMBLE_FILE} is {description}; run `ddm assemble {cfg.store} --replace`")
 
 
 def with_teacher(cfg: JobConfig) -> JobConfig:
@@ -383,8 +381,7 @@ def _check_teacher(store: Store, cfg: JobConfig) -> None:
     if text != mine:
         fix = "leave model.text.encoder empty (the ensemble is class-conditional)"
         if text:
-            fix = " ".join(f"model.text.{k}={text[k]}" for k in ("encoder", "dim", "length"))
-            fix = f"set {fix}"
+            fix = "set " + " ".join(f"model.text.{k}={text[k]}" for k in ("encoder", "dim", "length"))
         student = "with " + str(mine) if mine else "reads none"
         raise ValueError(f"the ensemble reads captions with {text} but the student {student}: {fix}")
     if cfg.teacher != layout.ensemble_id(desc):

@@ -232,8 +232,8 @@ def fid_state_dict(url: str, *_, **__) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - urllib / socket errors, a wrong digest
             raise ValueError(
                 f"FID needs the Inception-v3 FID weights ({FID_WEIGHTS}), which are downloaded on first use, and "
-                f"they could not be fetched ({type(e).__name__}: {e}). Put the file in {folder}/ on an offline "
-                "machine, or use metric=fd_classifier"
+                f"they could not be fetched ({type(e).__name__}: {e}). Put the file in {folder}/ (torch.hub's cache, "
+                "$TORCH_HOME/hub/checkpoints) on an offline machine, or use metric=fd_classifier"
             ) from e
     return load_state_dict_safely(path, FID_WEIGHTS_SHA256)
 
@@ -243,12 +243,15 @@ def _safe_fid_weights():
     """pytorch-fid builds its Inception with ``fid_state_dict`` as its weight loader."""
     import pytorch_fid.inception as inception
 
-    own = inception.load_state_dict_from_url
+    own = getattr(inception, "load_state_dict_from_url", None)
     inception.load_state_dict_from_url = fid_state_dict
     try:
         yield
     finally:
-        inception.load_state_dict_from_url = own
+        if own is None:
+            del inception.load_state_dict_from_url
+        else:
+            inception.load_state_dict_from_url = own
 
 
 class InceptionFeatures:

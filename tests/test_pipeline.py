@@ -237,11 +237,13 @@ def test_evaluate_table_counts_expert_forwards(pipeline_run):
     assert Store(store_url).read_json("eval/counts/results.json") == results
 
 
-def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monkeypatch):
+def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monkeypatch, tmp_path):
     """Both failure paths of metric=fid, whether or not pytorch-fid is installed on this machine: the
     library missing (its import blocked), and its Inception weights unreachable (offline)."""
     import types
     import urllib.error
+
+    import torch
 
     from ddm.evaluate import EvalConfig, evaluate
 
@@ -254,16 +256,23 @@ def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monke
     ):
         evaluate(store, cfg)
 
-    class OfflineInception:  # what pytorch-fid does on a machine that cannot download the weights
+    from ddm.metrics import FID_WEIGHTS_URL
+
+    class Inception:  # pytorch-fid 0.3.0's: its constructor fetches the weights through its module's loader
         BLOCK_INDEX_BY_DIM = {2048: 3}
 
         def __init__(self, blocks):
-            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+            inception.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True)
+
+    def offline(*args, **kwargs):  # torch.hub's download on a machine that cannot resolve names
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     inception = types.ModuleType("pytorch_fid.inception")
-    inception.InceptionV3 = OfflineInception
+    inception.InceptionV3 = Inception
     monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
     monkeypatch.setitem(sys.modules, "pytorch_fid.inception", inception)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached copy
     with pytest.raises(ValueError, match=r"pt_inception-2015-12-05-6726825d\.pth.*could not be fetched.*TORCH_HOME"):
         evaluate(store, cfg)
     assert not store.exists("eval/fid")  # nothing written

@@ -282,7 +282,7 @@ def test_a_commit_published_after_a_takeover_is_not_a_commit(tmp_path, monkeypat
     """Writer A passes its last lease check, then pauses right before publishing its manifest; B
     takes the expired lease; A's manifest lands afterwards. Readers do not take it as a commit."""
     url = str(tmp_path / "store")
-    a = Lease(Store(url), "experts/00", "writer A", ttl_s=1.0)
+    a = Lease(Store(url), "experts/00", "writer A", ttl_s=2.0)
     writes = fenced(Store(url), a.acquire())
     writes.write_json("experts/00/export/model.json", {"a": 1})
     go = tmp_path / "go"
@@ -292,10 +292,11 @@ def test_a_commit_published_after_a_takeover_is_not_a_commit(tmp_path, monkeypat
     monkeypatch.setenv("DDM_FAULT", "publish:1")
     monkeypatch.setenv("DDM_FAULT_ACTION", "pause")
     monkeypatch.setenv("DDM_FAULT_GO", str(go))
+    monkeypatch.delenv("DDM_FAULT_ONCE", raising=False)  # pause every time the point is reached
     commit = threading.Thread(target=writes.commit, args=("experts/00/export", ["model.json"]))
     commit.start()  # pauses at the publish, its lease checked just before
-    time.sleep(1.2)  # A's lease expires
-    Lease(Store(url), "experts/00", "writer B", ttl_s=1.0).acquire()
+    time.sleep(2.2)  # A's lease expires
+    Lease(Store(url), "experts/00", "writer B", ttl_s=2.0).acquire()
     go.touch()
     commit.join(10)
     reader = Store(url).child("experts/00")
