@@ -330,3 +330,48 @@ def test_an_s3_conflict_on_create_counts_as_losing_the_race(monkeypatch):
 
     monkeypatch.setattr(store.fs, "pipe_file", put)
     assert store.create_json("leases/x/00000001.json", {"a": 1}) is False
+
+
+# --- plans and exports read from the store ---------------------------------------------------
+
+
+def _plan(store_url: str, **changes) -> dict:
+    from ddm.config import to_dict
+
+    cfg = to_dict(load(JobConfig, None, [f"store={store_url}", "partition=0"]))
+    job = {"name": "expert-00", "island": "a", "run_dir": "experts/00", "config": cfg, **changes}
+    return {"jobs": [job]}
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"name": "../../x"}, "a job's name"),
+        ({"run_dir": "/etc"}, "the folder of expert-00"),
+        ({"run_dir": "experts/01"}, "not in this store's experts/01"),
+    ],
+)
+def test_a_plan_that_names_paths_outside_or_other_stores_is_refused(tmp_path, change, match):
+    """``ddm status`` / ``ddm resume`` use the stored plan's names as paths and its configs as the
+    jobs to submit: a plan changed by hand cannot send a job's writes elsewhere."""
+    from ddm.launchers.plan import check_plan
+
+    url = str(tmp_path / "store")
+    assert check_plan(_plan(url), url, "plan.json")["jobs"]
+    with pytest.raises(ValueError, match=match):
+        check_plan(_plan(url, **change), url, "plan.json")
+    other = _plan(str(tmp_path / "elsewhere"))
+    with pytest.raises(ValueError, match="would train in .*elsewhere"):
+        check_plan(other, url, "plan.json")
+
+
+def test_an_export_of_a_newer_ddm_is_refused_as_such(prepared, tmp_path):
+    from ddm.exports import read_export
+
+    store = Store(fresh(prepared, tmp_path))
+    run = store.child("experts/00")
+    config = json.loads(run.read_bytes("export/config.json"))
+    run.write_json("export/config.json", {**config, "format_version": 99})
+    run.commit("export", ["model.safetensors", "config.json"])
+    with pytest.raises(ValueError, match="written by a newer ddm .*export format 99"):
+        read_export(store, "experts/00")

@@ -25,6 +25,7 @@ from ddm.job import JobConfig, check_inputs, is_finished
 from ddm.launchers.plan import (
     Island,
     IslandsConfig,
+    check_plan,
     check_plan_matches,
     plan_jobs,
     plan_record,
@@ -151,7 +152,7 @@ def _read_plan(islands: IslandsConfig, store: Store) -> dict:
         raise ValueError(
             f"{redact_url(islands.store)} has no submitted run ({layout.PLAN_FILE}); use `ddm submit` first"
         )
-    return store.read_json(layout.PLAN_FILE)
+    return check_plan(store.read_json(layout.PLAN_FILE), islands.store, f"{redact_url(store.url)}/{layout.PLAN_FILE}")
 
 
 def _export_done(job: dict) -> bool:

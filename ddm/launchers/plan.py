@@ -19,8 +19,9 @@ from typing import Any
 from ddm.config import deep_merge, from_dict, load, to_dict
 from ddm.job import JobConfig, config_changes
 from ddm.launchers.spec import RunSpec, jobs
-from ddm.layout import run_id
+from ddm.layout import run_id, safe_relpath
 from ddm.secrets import check_forwarded, looks_secret, redact_url
+from ddm.store import absolute_url
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -208,3 +209,23 @@ def check_plan_matches(old: dict, new: dict) -> None:
             raise ValueError(
                 f"{name} in the store's run was planned with other settings ({diffs}); use a new store for a new run"
             )
+
+
+def check_plan(plan: object, store_url: str, where: str) -> dict:
+    """A stored plan as ``submit``, ``status`` and ``resume`` may use it: every job's name and folder a
+    safe name below the store, and every job's config training in that folder of this same store
+    (a plan edited to send a resumed job's writes elsewhere is refused, not followed)."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("jobs"), list):
+        raise ValueError(f"{where} is not a plan of ddm submit; submit the run again with `ddm submit`")
+    for job in plan["jobs"]:
+        if not isinstance(job, dict) or not isinstance(job.get("config"), dict):
+            raise ValueError(f"{where}: a job without its config; submit the run again with `ddm submit`")
+        safe_relpath(job.get("name"), f"{where} (a job's name)")
+        safe_relpath(job.get("run_dir"), f"{where} (the folder of {job['name']})")
+        cfg = planned_config(job)
+        if absolute_url(cfg.store) != absolute_url(store_url) or cfg.run_dir != job["run_dir"]:
+            raise ValueError(
+                f"{where}: job {job['name']} would train in {redact_url(cfg.store)}/{cfg.run_dir}, not in this "
+                f"store's {job['run_dir']}; the plan was changed by hand: submit the run again with `ddm submit`"
+            )
+    return plan
