@@ -491,7 +491,8 @@ class Scenario:
         self.env.run(self.prefix, env={"DDM_FAULT": f"step:{step}", "DDM_FAULT_ONCE": once})
 
     def _damage(self, folder: str) -> str:
-        files = [f for f in self.store.list(folder) if not f.startswith(".")]
+        root = self.store.path(folder)  # every file below it (a checkpoint's portable/ folder too)
+        files = sorted(p[len(root) + 1 :] for p in self.store.fs.find(root) if not os.path.basename(p).startswith("."))
         name = self.rng.choice(files)
         path = f"{folder}/{name}"
         data = self.store.read_bytes(path)
