@@ -44,7 +44,7 @@ from ddm.checkpoint_legacy import DEEPSPEED_FILE, load_deepspeed_files, sanitize
 from ddm.faults import fault_hook as _fault_hook
 from ddm.layout import CHECKPOINTS, STEP_RE, committed_steps, safe_relpath, step_dir
 from ddm.parallel import all_ranks
-from ddm.reshard import PORTABLE_DIR, portable_name
+from ddm.reshard import PORTABLE_DIR, check_portable, portable_name
 from ddm.scratch import SCRATCH_PREFIX, scratch_root, sweep_stale_scratch
 from ddm.store import ChecksumError, Store, StoreError
 
@@ -55,7 +55,7 @@ log = logging.getLogger("ddm.checkpoint")
 # 4: safetensors + JSON only (no DeepSpeed files); rank markers bound to the attempt.
 FORMAT_VERSION = 4
 # Names a commit may hold: ddm's own files (formats 3-4) and, before format 4, DeepSpeed's.
-_DDM_FILE = re.compile(r"^(?:portable/)?rank\d{3}\.(?:safetensors|json)$")
+_DDM_FILE = re.compile(r"^(?:portable/)?rank\d{3,}\.(?:safetensors|json)$")
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -232,7 +232,7 @@ class CheckpointManager:
 
     def _prune(self, newest: int) -> None:
         """Keep the last ``keep_last`` commits; drop older ones and uncommitted leftovers below the newest."""
-        committed = self.committed_steps()
+        committed = [s for s in self.committed_steps() if self.store.readable(step_dir(s))]
         doomed = set(committed[: -self.keep_last]) if self.keep_last > 0 else set()
         for name in self.store.list(""):
             m = STEP_RE.match(name)
@@ -341,6 +341,8 @@ class CheckpointManager:
         for name in manifest["files"]:
             if name.startswith(f"{PORTABLE_DIR}/") or _owner(name) == source:
                 self.store.get_verified(tag, name, os.path.join(local, name), manifest)
+                if name.startswith(f"{PORTABLE_DIR}/"):
+                    check_portable(os.path.join(local, name))  # before the ranks agree on this commit
         state = self._rank_state(local, source)
         state.resharded_from = None if written_by == self.world_size else written_by
         return local, state

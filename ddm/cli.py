@@ -103,6 +103,9 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lease-wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for another writer to end"
     )
+    p.add_argument(
+        "--config-sha256", default="", metavar="HEX", help="train only if the -c file has this sha256 (islands)"
+    )
     _overrides(p)
 
 

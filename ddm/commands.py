@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"partition={args.partition}")
     if args.what in ("router", "distill"):
         overrides.append(f"job={args.what}")
-    cfg = resolve(load(JobConfig, args.config, overrides))
+    cfg = resolve(load(JobConfig, args.config, overrides, sha256=args.config_sha256))
     check_forwarded(to_dict(cfg), "the job config")  # it travels to the workers and into the store
     check_inputs(cfg)
     if args.no_ray and cfg.ray.num_workers != 1:

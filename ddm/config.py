@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import types
 import typing
@@ -170,8 +171,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) plus overrides."""
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, sha256: str = "") -> T:
+    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) plus overrides; with
+    ``sha256``, only if the file's bytes have that digest."""
     data: dict = {}
     if path is not None:
         path = str(path)
@@ -187,6 +189,11 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
             if not Path(path).is_file():
                 raise ValueError(f"config file {path!r} does not exist")
             text = Path(path).read_text()
+        if sha256 and hashlib.sha256(text.encode()).hexdigest() != sha256:
+            raise ValueError(
+                f"config file {path!r} is not the one this job was submitted with (sha256 {sha256[:12]}…): "
+                "someone changed it in the store since; submit the job again (`ddm resume`)"
+            )
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -19,7 +19,7 @@ from typing import Any
 from ddm import layout
 from ddm.config import from_dict, to_dict
 from ddm.models.config import FlowConfig, ModelConfig, forward_flops
-from ddm.store import ChecksumError, Store, absolute_url
+from ddm.store import Store, StoreError, absolute_url
 
 JOBS = ("expert", "router", "distill")
 FOLDER_RE = re.compile(r"^monolith-[A-Za-z0-9_-]+$")
@@ -350,20 +350,16 @@ def is_finished(cfg: JobConfig) -> bool:
         return False
     try:
         return run.manifest(layout.EXPORT).get("step") == cfg.steps
-    except ChecksumError:
+    except StoreError:  # unreadable, or a late write of a writer that lost its lease: not finished
         return False
 
 
 def _teacher_description(store: Store, cfg: JobConfig) -> dict:
     if not store.exists(layout.ENSEMBLE_FILE):
         raise ValueError(f"distillation needs the ensemble as teacher: run `ddm assemble {cfg.store}` first")
-    try:
-        description = store.read_json(layout.ENSEMBLE_FILE)
-    except ValueError as e:  # a truncated or overwritten file: say which, and how to write it again
-        description = f"not valid JSON ({e})"
-    if isinstance(description, dict):
-        return description
-    raise ValueError(f"{store.url}/{layout.ENSEMBLE_FILE} is {description}; run `ddm assemble {cfg.store} --replace`")
+    from ddm.assemble import read_ensemble  # torch: the job spec itself imports none (``ddm --help``)
+
+    return read_ensemble(store)  # parsed and checked: one error naming the file, a newer ddm's refused
 
 
 def with_teacher(cfg: JobConfig) -> JobConfig:

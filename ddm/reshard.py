@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 
 import torch
@@ -131,6 +132,32 @@ def save_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_exp
                 tensors[f"{g}|{key}|{start}"] = v.detach().float().cpu().contiguous()
     meta = {"shapes": json.dumps(shapes), "step": repr(_optimizer_step(engine)), "world_size": str(ps.world_size)}
     save_file(tensors, path, metadata=meta)
+
+
+def check_portable(path: str) -> None:
+    """A portable file that can be assembled: its metadata parses (shapes, a finite step) and every
+    piece names a parameter it lists, a known key and a span inside the parameter. ValueError
+    otherwise, raised while a commit is staged so that the one before is tried."""
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        try:
+            shapes, step = json.loads(meta["shapes"]), float(meta["step"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: no readable shapes and step in its metadata ({e})") from None
+        if not isinstance(shapes, dict) or not math.isfinite(step) or step < 0:
+            raise ValueError(f"{path}: its metadata holds no shapes or no finite step")
+        sizes = {}
+        for name, shape in shapes.items():
+            if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
+                raise ValueError(f"{path}: the shape of {name!r} is {shape!r}")
+            sizes[name] = math.prod(shape)
+        for k in f.keys():
+            name, key, start = k.rsplit("|", 2) if k.count("|") >= 2 else (k, "", "x")
+            numel = math.prod(f.get_slice(k).get_shape())
+            if name not in sizes or key not in (*KEYS, "ema") or not start.isdigit():
+                raise ValueError(f"{path}: {k!r} is not a piece of a listed parameter")
+            if int(start) + numel > sizes[name]:
+                raise ValueError(f"{path}: {k!r} reaches past the end of {name!r}")
 
 
 def _assemble(paths: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:

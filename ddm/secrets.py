@@ -41,11 +41,12 @@ AWS_SETTINGS_RE = re.compile(
     r"AWS_(DEFAULT_)?REGION|AWS_ENDPOINT_URL(_\w+)?|AWS_CA_BUNDLE|AWS_RETRY_MODE|AWS_MAX_ATTEMPTS"
     r"|AWS_USE_(FIPS|DUALSTACK)_ENDPOINT|AWS_(REQUEST_CHECKSUM_CALCULATION|RESPONSE_CHECKSUM_VALIDATION)"
     r"|AWS_S3_US_EAST_1_REGIONAL_ENDPOINT|AWS_STS_REGIONAL_ENDPOINTS"
+    r"|AWS_(DEFAULT_)?PROFILE|AWS_DEFAULT_OUTPUT|AWS_ROLE_ARN|AWS_ROLE_SESSION_NAME|AWS_SDK_LOAD_CONFIG|AWS_PAGER"
 )
 PLAINTEXT_OPT_IN = "DDM_ALLOW_PLAINTEXT_TOKEN"  # host names, not a secret
 # Names that match the list but hold no secret: a mode (RAY_AUTH_MODE=token), where a secret is
 # (RAY_AUTH_TOKEN_PATH, SSH_AUTH_SOCK), the hosts of the opt-in above.
-NOT_SECRET_RE = re.compile(rf"{PLAINTEXT_OPT_IN}|\w*_(MODE|FILE|PATH|DIR|SOCK)")
+NOT_SECRET_RE = re.compile(rf"{PLAINTEXT_OPT_IN}|\w*_(MODE|FILE|PATH|DIR|SOCK)|TOKENIZERS_\w+|NCCL_\w+")
 
 # Values that are credentials whatever they are called: private keys and tokens whose format
 # announces them (GitHub, Hugging Face, Slack, AWS access key ids, GitLab, npm, OpenAI-style keys).
@@ -58,7 +59,7 @@ TOKEN_SHAPES = re.compile(
 URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,;:!?)\]}]")
 ENV_ASSIGNMENT_RE = re.compile(r"(?:^|\s)([A-Z_][A-Z0-9_]*)=")  # NAME=value in a command line or docker option
 REDACTED = "<redacted>"
-MIN_SECRET_LENGTH = 8  # shorter values of secret-named variables are flags and modes, not secrets
+MIN_SECRET_LENGTH = 16  # shorter values of secret-named variables are names, flags and modes, not secrets
 
 FIX = (
     "Ray keeps what a job is submitted with and shows it to anyone who can reach the cluster's job server, "
@@ -85,9 +86,24 @@ def looks_secret(name: str) -> bool:
 # --- URLs -----------------------------------------------------------------------------------------
 
 
+# Query parameters of signed URLs (S3, GCS, Azure SAS, CloudFront): the signature and what changes
+# with each signing. Dropped by ``redact_url``; every other parameter (``?split=test``) is kept.
+SIGNING_PARAMS = {
+    "sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "si", "skoid", "sktid", "skt", "ske", "sks", "skv",
+    "expires", "signature", "key-pair-id", "policy", "code",
+}  # fmt: skip
+
+
+def _signing(name: str) -> bool:
+    lower = name.lower()
+    return lower in SIGNING_PARAMS or lower.startswith(("x-amz-", "x-goog-")) or looks_secret(name.replace("-", "_"))
+
+
 def redact_url(url: str) -> str:
-    """``url`` as ddm may log or store it: userinfo, query and fragment replaced by ``<redacted>``
-    (module doc). Anything without ``://`` (a local path, ``digits``) is returned as it is."""
+    """``url`` as ddm may log or store it: userinfo and fragment replaced by ``<redacted>``, and of
+    the query only the parameters that sign it or carry a secret (``X-Amz-Signature``, ``sig``,
+    ``token``, ...), so a URL signed again is the same URL. Anything without ``://`` (a local path,
+    ``digits``) is returned as it is."""
     if "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
@@ -96,9 +112,12 @@ def redact_url(url: str) -> str:
     netloc, slash, path = rest.partition("/")
     if "@" in netloc:
         netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    kept = [p for p in query.split("&") if p and not _signing(p.split("=", 1)[0])] if query else []
+    if query and len(kept) < len([p for p in query.split("&") if p]):
+        kept.append(REDACTED)
     return (
         f"{scheme}://{netloc}{slash}{path}"
-        + (f"?{REDACTED}" if question and query else question)
+        + (f"?{'&'.join(kept)}" if kept else question if not query else "")
         + (f"#{REDACTED}" if hash_ and fragment else hash_)
     )
 

@@ -375,3 +375,45 @@ def test_an_export_of_a_newer_ddm_is_refused_as_such(prepared, tmp_path):
     run.commit("export", ["model.safetensors", "config.json"])
     with pytest.raises(ValueError, match="written by a newer ddm .*export format 99"):
         read_export(store, "experts/00")
+
+
+def test_a_late_write_over_the_new_holders_commit_costs_it_nothing(tmp_path, monkeypatch):
+    """As above, but B commits the same folder before A's late manifest lands on top of B's: readers
+    take B's commit (kept beside as ``.MANIFEST.<generation>.json``), not A's, and not nothing."""
+    import ddm.store
+
+    url = str(tmp_path / "store")
+    a = Lease(Store(url), "experts/00", "writer A", ttl_s=2.0)
+    writes_a = fenced(Store(url), a.acquire())
+    writes_a.write_json("experts/00/export/model.json", {"by": "A"})
+    go = tmp_path / "go"
+    monkeypatch.setattr(ddm.store, "_COMMITS", iter([1, 2]))
+    monkeypatch.setenv("DDM_FAULT", "publish:1")
+    monkeypatch.setenv("DDM_FAULT_ACTION", "pause")
+    monkeypatch.setenv("DDM_FAULT_GO", str(go))
+    monkeypatch.delenv("DDM_FAULT_ONCE", raising=False)
+    commit = threading.Thread(target=writes_a.commit, args=("experts/00/export", ["model.json"]))
+    commit.start()
+    time.sleep(2.2)
+    writes_b = fenced(Store(url), Lease(Store(url), "experts/00", "writer B", ttl_s=2.0).acquire())
+    writes_b.write_json("experts/00/export/model.json", {"by": "B"})
+    writes_b.commit("experts/00/export", ["model.json"])  # publish 2: not paused
+    go.touch()
+    commit.join(10)
+    run = Store(url).child("experts/00")
+    assert run.read_json("export/MANIFEST.json")["writer"]["lease"] == 1  # A's landed on top ...
+    manifest = run.verify("export")  # ... and readers take B's, whose files verify
+    assert manifest["writer"]["lease"] == 2 and run.read_json("export/model.json") == {"by": "B"}
+
+
+def test_an_island_refuses_a_job_config_rewritten_in_the_store(tmp_path, capsys):
+    """An island reads its job's config from the store; the submission carries the config's sha256
+    (kept by Ray, not the store), so a config rewritten after the submission is not trained."""
+    from ddm.cli import main
+
+    config = tmp_path / "expert-00.config.json"
+    config.write_text(json.dumps({"store": str(tmp_path / "elsewhere"), "partition": 0}, indent=2, sort_keys=True))
+    submitted = hashlib.sha256(b'{"partition": 0, "store": "s3://our-bucket/run"}').hexdigest()
+    assert main(["train", "expert", "-c", str(config), "--config-sha256", submitted, "--no-ray"]) == 2
+    assert "is not the one this job was submitted with" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()

@@ -193,7 +193,7 @@ class Dataset:
     def read_shard(self, index: int, embeddings: bool = False) -> Shard:
         """Shard ``index``, verified against the manifest's sha256; with ``embeddings`` its stored
         caption embeddings too (without, their columns are not even decoded: T5-XL's are 1 MB a row)."""
-        raw = self.store.read_verified(DATA_DIR, self.shard_names[index])
+        raw = self.store.read_checked(DATA_DIR, self.shard_names[index], self.manifest)  # the manifest read once
         text = self.manifest.get("text_embeddings") if embeddings else None
         return decode_shard(raw, self.sample_shape, self.dtype, text)
 

@@ -11,6 +11,8 @@ so submitting again never starts a second copy of a job that is pending or runni
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shlex
@@ -21,7 +23,7 @@ from ddm import layout
 from ddm.assemble import assemble
 from ddm.data.ingest import ingest
 from ddm.data.partition import partition
-from ddm.job import JobConfig, check_inputs, is_finished
+from ddm.job import check_inputs, is_finished
 from ddm.launchers.plan import (
     Island,
     IslandsConfig,
@@ -32,6 +34,7 @@ from ddm.launchers.plan import (
     planned_config,
     relocated,
     submission_id,
+    submission_record,
 )
 from ddm.launchers.spec import RunSpec, check_no_secrets, make_text_encoder
 from ddm.lease import holding
@@ -107,9 +110,16 @@ def _forwarded_env(islands: IslandsConfig) -> dict[str, str]:
 LEASE_WAIT_S = 300
 
 
-def _entrypoint(island: Island, config: JobConfig, config_url: str) -> str:
-    what = "router" if config.job == "router" else "expert"
-    return f"{island.ddm_command} train {what} -c {shlex.quote(config_url)} --lease-wait {LEASE_WAIT_S}"
+def _entrypoint(island: Island, config: dict, config_url: str) -> str:
+    """The island's command: its job config is read from the store, and checked there against the
+    digest that the submission carries (Ray keeps it, not the store): a config rewritten in the
+    store after the submission is refused, not trained."""
+    what = "router" if config["job"] == "router" else "expert"
+    digest = hashlib.sha256(json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode()).hexdigest()
+    return (
+        f"{island.ddm_command} train {what} -c {shlex.quote(config_url)} --config-sha256 {digest} "
+        f"--lease-wait {LEASE_WAIT_S}"
+    )
 
 
 def _runtime_env(island: Island, env: dict[str, str]) -> dict:
@@ -121,9 +131,7 @@ def _submission(islands: IslandsConfig, job: dict, env: dict[str, str], sid: str
     """Everything a job's submission hands its island (``JobSubmissionClient.submit_job``'s arguments)."""
     island = islands.islands[job["island"]]
     return {
-        "entrypoint": _entrypoint(
-            island, planned_config(job), f"{islands.store}/{layout.plan_job_config(job['name'])}"
-        ),
+        "entrypoint": _entrypoint(island, job["config"], f"{islands.store}/{layout.plan_job_config(job['name'])}"),
         "submission_id": sid,
         "runtime_env": _runtime_env(island, env),
         "metadata": {"ddm_job": job["name"], "ddm_run": layout.run_id(islands.store)},
@@ -205,7 +213,7 @@ def submit(
     for j in plan["jobs"]:
         if j["island"] not in islands.islands:
             raise ValueError(f"{j['name']} runs on island {j['island']!r}, which the islands file no longer lists")
-    records = {j["name"]: _record(store, j["name"]) for j in plan["jobs"]}
+    records = {j["name"]: submission_record(store, j["name"], islands) for j in plan["jobs"]}
     todo = [j for j in plan["jobs"] if not _export_done(j)]
     # Every island that gets a job, or may still run an earlier attempt of one, is contacted first.
     needed = {j["island"] for j in todo} | {records[j["name"]]["island"] for j in todo if records[j["name"]]}
@@ -281,11 +289,6 @@ def _submit_jobs(islands, store, plan, records, todo, clients, env, write_plan) 
     return submitted
 
 
-def _record(store: Store, job: str) -> dict | None:
-    path = layout.plan_job_record(job)
-    return store.read_json(path) if store.exists(path) else None
-
-
 def status(islands: IslandsConfig) -> dict:
     """One row per job: island, state, step, newest commit, loss, throughput; and whether the
     ensemble can be (or has been) assembled."""
@@ -296,7 +299,7 @@ def status(islands: IslandsConfig) -> dict:
     rows = []
     for j in plan["jobs"]:
         run = store.child(j["run_dir"])
-        record = _record(store, j["name"])
+        record = submission_record(store, j["name"], islands)
         progress = run.read_json(layout.PROGRESS) if run.exists(layout.PROGRESS) else {}
         commits = layout.committed_steps(run.child(layout.CHECKPOINTS))
         done = _export_done(j)

@@ -16,12 +16,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddm import layout
 from ddm.config import deep_merge, from_dict, load, to_dict
 from ddm.job import JobConfig, config_changes
 from ddm.launchers.spec import RunSpec, jobs
 from ddm.layout import run_id, safe_relpath
 from ddm.secrets import check_forwarded, looks_secret, redact_url
-from ddm.store import absolute_url
+from ddm.store import Store, absolute_url
+from ddm.urls import check_store_url
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -223,9 +225,34 @@ def check_plan(plan: object, store_url: str, where: str) -> dict:
         safe_relpath(job.get("name"), f"{where} (a job's name)")
         safe_relpath(job.get("run_dir"), f"{where} (the folder of {job['name']})")
         cfg = planned_config(job)
-        if absolute_url(cfg.store) != absolute_url(store_url) or cfg.run_dir != job["run_dir"]:
+        if _same_store(cfg.store) != _same_store(store_url) or cfg.run_dir != job["run_dir"]:
             raise ValueError(
                 f"{where}: job {job['name']} would train in {redact_url(cfg.store)}/{cfg.run_dir}, not in this "
                 f"store's {job['run_dir']}; the plan was changed by hand: submit the run again with `ddm submit`"
             )
     return plan
+
+
+def _same_store(url: str) -> str:
+    """A store URL as ``ddm.store.Store`` resolves it (absolute path, ``file:/x`` form, no trailing /)."""
+    return absolute_url(check_store_url(url)).rstrip("/")
+
+
+def submission_record(store: "Store", job: str, islands: IslandsConfig) -> dict | None:
+    """A job's submission record, checked: its island known, its attempt a count, its submission id
+    the one ddm makes of them (it goes into the island's job-server URL, with the island's token)."""
+    path = layout.plan_job_record(job)
+    if not store.exists(path):
+        return None
+    record = store.read_json(path)
+    attempt = record.get("attempt") if isinstance(record, dict) else None
+    if (
+        not isinstance(attempt, int)
+        or attempt < 0
+        or record.get("island") not in islands.islands
+        or record.get("submission_id") != submission_id(islands.store, job, attempt)
+    ):
+        raise ValueError(
+            f"{redact_url(store.url)}/{path} is not a submission record of ddm submit; delete it and resume"
+        )
+    return record
