@@ -15,10 +15,8 @@ Nothing in a checkpoint is a pickle, and nothing read from one runs code: the st
 other islands (docs/store.md, the trust model). DeepSpeed's own checkpoint files are pickles, so ddm
 never writes them; commits of ddm before format 3 hold only those (``ddm.checkpoint_legacy``).
 
-Each rank snapshots into a local scratch directory, then a background thread uploads its files
-while training goes on; no collective is needed to commit, the store is the rendezvous. The newest
-directory with a manifest is the latest checkpoint; one whose files fail their checksums is skipped
-for the one before.
+Each rank snapshots into local scratch, then a background thread uploads while training goes on; the
+store is the rendezvous of the commit. The newest readable commit is the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -64,11 +62,12 @@ class IncompatibleCheckpoint(ValueError):
 
 @dataclass
 class RankState:
-    """What each rank adds to DeepSpeed's state: tensors (safetensors) and JSON."""
+    """What each rank saves beside the portable state: tensors (safetensors) and JSON."""
 
     tensors: dict[str, torch.Tensor]
     info: dict
     resharded_from: int | None = None  # the world size that wrote it, when it was not this job's
+    own_pieces: bool = False  # restored from this rank's own portable pieces alone (same workers, same split)
 
 
 class CheckpointManager:
@@ -78,12 +77,11 @@ class CheckpointManager:
     that says so (a router's optimizer state from ddm 0.1 follows another parameter order).
 
     ``portable(path)`` writes this rank's portable state (``ddm.reshard.save_portable``) into each
-    checkpoint (a manager that saves needs it); ``reshard(paths)`` restores the engine from every
-    rank's portable files, written by this world size or another (``ep_size``: on another, the MoE
-    experts of rank r are those of the writer's rank ``r % ep_size``, whose EMA this rank takes).
-
-    ``attempt``: the id every rank of this attempt shares; the job folder's lease generation comes
-    from ``run``'s fence. Rank 0 commits a step only from markers with both.
+    checkpoint; ``reshard(paths, own_pieces)`` restores the engine from it: this rank's own file when
+    the commit has this job's workers and ``layout`` (how ZeRO and ``ep_size`` split the state),
+    else every rank's (on another worker count the MoE experts of rank r are the writer's rank
+    ``r % ep_size``'s). ``attempt``: the id every rank of this attempt shares; with the lease
+    generation of ``run``'s fence it binds the rank markers rank 0 commits from.
     """
 
     def __init__(
@@ -95,17 +93,15 @@ class CheckpointManager:
         commit_timeout_s: float = 600.0,
         min_format: int = 1,
         portable: Callable[[str], None] | None = None,
-        reshard: Callable[[list[str]], None] | None = None,
+        reshard: Callable[[list[str], bool], None] | None = None,
         ep_size: int = 1,
         attempt: str | None = None,
+        layout: str | None = None,
     ):
         self.store, self.rank, self.world_size = run.child(CHECKPOINTS), rank, world_size
-        self.portable, self.reshard, self.ep_size = portable, reshard, ep_size
-        # The same id on every rank of this attempt (``train`` broadcasts rank 0's): rank 0 commits
-        # only markers of this attempt, never those a crashed attempt or another world size left.
-        self.attempt = attempt or uuid.uuid4().hex
-        fence = run.fence
-        self.generation = getattr(getattr(fence, "token", None), "generation", None)
+        self.portable, self.reshard, self.ep_size, self.layout = portable, reshard, ep_size, layout
+        self.attempt = attempt or uuid.uuid4().hex  # markers of a crashed attempt are never committed
+        self.generation = getattr(getattr(run.fence, "token", None), "generation", None)
         self.last_committed: int | None = None  # rank 0: the newest step this manager committed
         self.keep_last, self.commit_timeout_s, self.min_format = keep_last, commit_timeout_s, min_format
         self._thread: threading.Thread | None = None
@@ -199,6 +195,7 @@ class CheckpointManager:
             tag,
             list(known),
             meta={
+                "layout": self.layout,
                 "kind": "ddm.checkpoint",
                 "step": step,
                 "world_size": self.world_size,
@@ -218,13 +215,10 @@ class CheckpointManager:
             marker = self.store.read_json(rel)
         except (ValueError, FileNotFoundError):
             return None
-        if not (
-            isinstance(marker, dict)
-            and marker.get("attempt") == self.attempt
-            and marker.get("lease") == self.generation
-            and marker.get("world_size") == self.world_size
-            and isinstance(marker.get("files"), dict)
-        ):
+        ours = {"attempt": self.attempt, "lease": self.generation, "world_size": self.world_size}
+        if not isinstance(marker, dict) or any(marker.get(k) != v for k, v in ours.items()):
+            return None
+        if not isinstance(marker.get("files"), dict):
             return None
         for name in marker["files"]:
             safe_relpath(name, f"{self.store.url}/{rel}")
@@ -295,10 +289,7 @@ class CheckpointManager:
         manifest = self.store.manifest(tag)
         version = manifest.get("format_version", 1)
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise IncompatibleCheckpoint(
-                f"{where} was written by a newer ddm (checkpoint format {version}; this ddm reads up to "
-                f"{FORMAT_VERSION}): resume it with that ddm, or upgrade this one"
-            )
+            raise IncompatibleCheckpoint(f"{where} was written by a newer ddm (format {version}): upgrade this one")
         if version < self.min_format:
             raise IncompatibleCheckpoint(
                 f"{where} was written by ddm 0.1, whose parameter order this job's optimizer "
@@ -338,13 +329,21 @@ class CheckpointManager:
                 f"moe.ep_size={self.ep_size}: MoE experts reshard only with the same ep_size"
             )
         source = self.rank if written_by == self.world_size else self.rank % self.ep_size
+        # The same workers and split: each rank's own pieces go back where they came from (no rank
+        # fetches or assembles the whole state); otherwise every rank's pieces are assembled.
+        own = written_by == self.world_size and self.layout is not None and manifest.get("layout") == self.layout
         for name in manifest["files"]:
-            if name.startswith(f"{PORTABLE_DIR}/") or _owner(name) == source:
+            if (
+                name == portable_name(self.rank)
+                or (name.startswith(f"{PORTABLE_DIR}/") and not own)
+                or _owner(name) == source
+            ):
                 self.store.get_verified(tag, name, os.path.join(local, name), manifest)
                 if name.startswith(f"{PORTABLE_DIR}/"):
                     check_portable(os.path.join(local, name))  # before the ranks agree on this commit
         state = self._rank_state(local, source)
         state.resharded_from = None if written_by == self.world_size else written_by
+        state.own_pieces = own
         return local, state
 
     @staticmethod
@@ -364,7 +363,8 @@ class CheckpointManager:
         if os.path.isdir(portable_dir):
             if self.reshard is None:
                 raise IncompatibleCheckpoint(f"checkpoint {tag} holds portable state, and this job cannot restore it")
-            self.reshard(sorted(os.path.join(portable_dir, n) for n in os.listdir(portable_dir)))
+            paths = sorted(os.path.join(portable_dir, n) for n in os.listdir(portable_dir))
+            self.reshard(paths, state.own_pieces)
             if state.resharded_from is not None:
                 log.info(
                     "rank %d restored %s, written by %d ranks, resharded to %d",

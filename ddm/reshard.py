@@ -230,6 +230,13 @@ def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, 
             if ps.rank == 0:
                 for name, p in params.items():
                     p.data.copy_(state[names[name]]["fp32"].to(p.device, p.dtype))
+    _set_step(engine, step)
+    return step
+
+
+def _set_step(engine, step: float) -> None:
+    """Adam's step on every parameter, and DeepSpeed's own counters as its checkpoint would have
+    restored them (every step is taken)."""
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for st in opt.state.values():
         if "step" in st:
@@ -237,7 +244,32 @@ def load_portable(engine, paths: list[str], zero_stage: int, ps: ParallelState, 
                 st["step"].fill_(step)
             else:
                 st["step"] = step
-    # DeepSpeed's own counters, as its checkpoint would have restored them (every step is taken).
     engine.global_steps = int(step)
     engine.global_samples = int(step) * engine.train_batch_size()
+
+
+@torch.no_grad()
+def load_own_portable(engine, path: str, zero_stage: int, ps: ParallelState, num_experts: int) -> float:
+    """The same workers and the same split (ZeRO 1/2, ``ep_size``) as the writer: each of this rank's
+    pieces goes back into the optimizer state it was taken from (``_pieces`` gives views of them),
+    then the module's weights follow the fp32 masters. No rank fetches or assembles another's state:
+    host memory and store traffic stay one rank's share. Returns the optimizer step."""
+    assert zero_stage in (1, 2), "ZeRO 0 and 3 restore through load_portable"
+    load_deepspeed()
+    _link_optimizer_states(engine, zero_stage)
+    names = _global_names(engine.module, ps, num_experts)
+    with safe_open(path, "pt") as f:
+        step, stored = float(f.metadata()["step"]), set(f.keys())
+        for name, p in engine.module.named_parameters():
+            for start, values in _pieces(engine, p, zero_stage, ps):
+                for key, dst in values.items():
+                    piece = f"{names[name]}|{key}|{start}"
+                    if piece not in stored:
+                        raise ValueError(f"{path} lacks {piece}: it was not written with this job's split")
+                    src = f.get_tensor(piece)
+                    if src.numel() != dst.numel():
+                        raise ValueError(f"{path}: {piece} has {src.numel()} elements, this rank holds {dst.numel()}")
+                    dst.copy_(src.view(dst.shape))
+    engine.optimizer.update_lp_params()  # each rank's fp32 partition into the weights, all-gathered
+    _set_step(engine, step)
     return step

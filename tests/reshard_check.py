@@ -72,7 +72,7 @@ def main(overrides: list[str]) -> None:
     reader = PartitionReader(store, cfg.data_partition, cfg.micro_batch_size, ps.dp_rank, ps.dp_size, cfg.seed)
     gen = torch.Generator().manual_seed(0)
 
-    def reshard(paths: list[str]) -> None:  # what train() does
+    def reshard(paths: list[str], own_pieces: bool) -> None:  # what train() does (no layout: all pieces)
         zero_lr_step(engine, objective, reader, gen, cfg, cpu)
         load_portable(engine, paths, zero, ps, 0)
 

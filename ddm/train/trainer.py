@@ -41,7 +41,7 @@ from ddm.job import JobConfig
 from ddm.lease import Token, fenced, holding
 from ddm.models.build import build_model, build_router
 from ddm.parallel import ParallelState, check_one_rank_per_device, ensure_process_group, rank_device, use_accelerator
-from ddm.reshard import load_portable, save_portable
+from ddm.reshard import load_own_portable, load_portable, save_portable
 from ddm.store import Store
 from ddm.train.board import open_board
 from ddm.train.checks import check_encoders, from_rank0, stop_if_diverged
@@ -184,9 +184,12 @@ def train(
     num_experts = cfg.model.moe.num_experts if cfg.model.moe.enabled else 0
     zero = cfg.engine.zero_stage
 
-    def reshard(paths: list[str]) -> None:  # a commit of another worker count (ddm.reshard)
+    def reshard(paths: list[str], own_pieces: bool) -> None:  # every resume: from the portable state (ddm.reshard)
         zero_lr_step(engine, objective, reader, gen, cfg, device, text_encoder)
-        load_portable(engine, paths, zero, ps, num_experts, ema=ema)
+        if own_pieces:  # the same workers and split: this rank's pieces alone
+            load_own_portable(engine, paths[0], zero, ps, num_experts)
+        else:
+            load_portable(engine, paths, zero, ps, num_experts, ema=ema)
 
     ckpt = CheckpointManager(
         run,
@@ -198,6 +201,7 @@ def train(
         reshard=reshard,
         ep_size=ps.ep_size,
         attempt=attempt,
+        layout=f"zero{zero}-ep{ps.ep_size}" if zero in (1, 2) else None,  # ZeRO 1/2: own pieces suffice
     )
     step, metrics = 0, []
     restored = ckpt.load_latest(engine)
