@@ -90,6 +90,11 @@ def test_holder_that_stops_renewing_fences_itself(store_url):
         writes.commit("monolith", [])
 
 
+@pytest.mark.parametrize(
+    "store_url",
+    ["file", pytest.param("memory", marks=pytest.mark.slow), pytest.param("s3", marks=pytest.mark.slow)],
+    indirect=True,
+)  # renewal is the same code on every store (2.5 s each): one by default, the others in the slow tier
 def test_renewal_keeps_a_lease_alive_past_its_ttl(store_url):
     store = Store(store_url)
     lease = Lease(store, "data", "ingest", ttl_s=1.0)
@@ -220,6 +225,10 @@ def test_a_second_job_on_the_same_folder_is_refused(prepared, tmp_path):  # noqa
     assert holders == {run.manifest("export")["writer"]["lease"]} == {1}  # one writer, the first
 
 
+# Slow tier: the fence after a takeover is covered by default by test_expired_lease_taken_and_old_writer_fenced
+# (on file, memory and S3), the hardest pause (right before a commit's publish, its lease just checked) by
+# tests/test_trust_store.py's takeover tests, and a SIGSTOPped command by bench/faults.py's paused_writer.
+@pytest.mark.slow
 def test_a_paused_writer_never_commits_after_another_took_over(prepared, tmp_path):  # noqa: F811
     """SIGSTOP a job past its lease's expiry; a second job takes over and finishes; the first,
     resumed, stops before its next commit: every commit after the pause is the second job's."""

@@ -750,15 +750,22 @@ def test_other_zero_stages_reshard_like_zero2(prepared, tmp_path, ray_runtime, z
 
 def test_a_checkpoint_without_portable_state_names_its_worker_count(prepared, tmp_path):
     """A commit of ddm < 0.3 (no portable state) on another worker count is a clear error, never a
-    silent start-over."""
+    silent start-over: the 2-rank job's restore raises it before any engine is touched."""
+    from ddm.checkpoint import CheckpointManager
+
     store = fresh(prepared, tmp_path)
     train_on(1, store, "steps=2", "checkpoint.every=2")
-    ckpts = Store(store).child("experts/00/checkpoints")
+    run = Store(store).child("experts/00")
+    ckpts = run.child("checkpoints")
     manifest = ckpts.manifest("step_0000002")
     files = [n for n in manifest["files"] if not n.startswith("portable/")]
     ckpts.commit("step_0000002", files, meta={"world_size": 1, "format_version": 2}, known=manifest["files"])
-    with pytest.raises(Exception, match="written by 1 ranks; this job has 2.*no portable state.*Resume with 1 workers"):
-        train_on(2, store, "steps=4", "checkpoint.every=2")
+    manager = CheckpointManager(run, rank=1, world_size=2)
+    with pytest.raises(
+        ValueError, match="written by 1 ranks; this job has 2.*no portable state.*Resume with 1 workers"
+    ):
+        manager.load_latest(engine=None)
+    manager.close()
 
 
 @pytest.mark.slow
