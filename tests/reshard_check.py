@@ -85,8 +85,9 @@ def main(overrides: list[str]) -> None:
                 "fp32": safe_get_full_fp32_param(p),
                 "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
                 "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
-                "module": p.detach().clone(),
             }
+            if zero != 3:  # ZeRO-3 partitions the module's weights: the fp32 masters above are them
+                got[name]["module"] = p.detach().clone()
         else:
             st = engine.optimizer.state[p]
             got[name] = {"fp32": p.detach(), "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
