@@ -566,10 +566,18 @@ class Scenario:
         return summary_of(out) if first.returncode == 0 else self.recover()
 
     def paused_writer(self) -> dict | None:
-        once = os.path.join(self.env.workdir, f"{self.prefix}.once")
         step = self.rng.choice(range(EVERY + 1, STEPS))
+        final = self._stopped_past_the_lease(f"step:{step}")
+        self.detail["fault"] = f"SIGSTOP at step {step} past the lease ttl; resumed after the takeover"
+        return final
+
+    def _stopped_past_the_lease(self, point: str) -> dict | None:
+        """Run the job until the fault ``point``, stop its whole process there (its lease renewals
+        too) past the lease's ttl while another command takes over and finishes, then let it go:
+        it must stop (exit 3). Returns the taker's summary."""
+        once = os.path.join(self.env.workdir, f"{self.prefix}.once")
         first = self.env.start(
-            self.prefix, env={"DDM_FAULT": f"step:{step}", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": once}
+            self.prefix, env={"DDM_FAULT": point, "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": once}
         )
         if not wait_until(lambda: os.path.exists(once) or first.poll() is not None, 300):
             kill_tree(first)
@@ -579,7 +587,6 @@ class Scenario:
         final = self.recover()
         os.killpg(first.pid, signal.SIGCONT)
         first.communicate(timeout=300)
-        self.detail["fault"] = f"SIGSTOP at step {step} past the lease ttl; resumed after the takeover"
         self.detail["paused_writer_refused"] = first.returncode == 3
         return final
 
@@ -587,21 +594,9 @@ class Scenario:
         """The writer stops right before publishing its n-th commit (checkpoint or export), after its
         last lease check; another command takes the lease over and finishes the job; then the first
         goes on and publishes. Its manifest must not count as a commit, and it must stop (exit 3)."""
-        once = os.path.join(self.env.workdir, f"{self.prefix}.once")
         n = self.rng.randrange(2, STEPS // EVERY + 2)  # a checkpoint after the first, or the export
-        first = self.env.start(
-            self.prefix, env={"DDM_FAULT": f"publish:{n}", "DDM_FAULT_ACTION": "pause", "DDM_FAULT_ONCE": once}
-        )
-        if not wait_until(lambda: os.path.exists(once) or first.poll() is not None, 300):
-            kill_tree(first)
-        os.killpg(first.pid, signal.SIGSTOP)  # the whole process: its lease renewals stop too
-        open(once + ".go", "w").close()
-        time.sleep(TTL_S + 1)
-        final = self.recover()
-        os.killpg(first.pid, signal.SIGCONT)
-        first.communicate(timeout=300)
+        final = self._stopped_past_the_lease(f"publish:{n}")
         self.detail["fault"] = f"paused before publishing commit {n} past the lease ttl; let go after the takeover"
-        self.detail["paused_writer_refused"] = first.returncode == 3
         if not self.store.child(JOB).is_committed("export") or export_sha(self.store) is None:
             # Its late manifest replaced the new holder's export: readers ignore it, the job is unfinished
             # again, and the user's next run writes the export again.

@@ -216,7 +216,7 @@ def load_state_dict_safely(path: str, sha256: str | None = None) -> dict[str, to
 
 def fid_state_dict(url: str, *_, **__) -> dict[str, torch.Tensor]:
     """pytorch-fid's Inception weights, in place of its ``load_state_dict_from_url`` (which unpickles
-    with ``weights_only=False``): the file from torch.hub's cache (``$TORCH_HOME/hub/checkpoints/``),
+    with torch's unrestricted unpickler): the file from torch.hub's cache (``$TORCH_HOME/hub/checkpoints/``),
     downloaded there first if missing, checked against ``FID_WEIGHTS_SHA256``, read without
     unpickling code (``load_state_dict_safely``)."""
     if url != FID_WEIGHTS_URL:

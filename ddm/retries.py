@@ -113,6 +113,20 @@ def _chain(exc: BaseException):
         e = e.__cause__ or e.__context__
 
 
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an S3 error (botocore's, or s3fs's OSError with it as cause); 409 for
+    S3's ConditionalRequestConflict, which s3fs may report by its code alone."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            if response.get("Error", {}).get("Code") == "ConditionalRequestConflict":
+                return 409
+            return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if "ConditionalRequestConflict" in str(e):
+            return 409
+    return None
+
+
 def _botocore(name: str) -> type[BaseException] | None:
     try:
         import botocore.exceptions as be

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from ddm.errors import ChecksumError, NotCommittedError, StoreError
 from ddm.faults import fault_hook as _fault_hook
 from ddm.manifests import MANIFEST, Manifests
+from ddm.retries import http_status
 from ddm.retries import refusal as _refusal
 from ddm.retries import transient as _transient
 from ddm.transfer import Transfers, with_path
@@ -62,23 +63,6 @@ def absolute_url(url: str) -> str:
     if "://" in url:
         return url
     return os.path.abspath(os.path.expanduser(url))
-
-
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status of an S3 error (botocore's, or s3fs's re-raised OSError with it as cause)."""
-    e: BaseException | None = exc
-    for _ in range(5):
-        if e is None:
-            return None
-        response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = response.get("Error", {}).get("Code")
-            return 409 if code == "ConditionalRequestConflict" else status
-        if "ConditionalRequestConflict" in str(e):
-            return 409
-        e = e.__cause__ or e.__context__
-    return None
 
 
 class Store(Transfers, Manifests):
@@ -300,7 +284,7 @@ class Store(Transfers, Manifests):
         except FileExistsError:
             return False
         except OSError as e:
-            if _status(e) == 409:  # S3: a concurrent conditional PUT of the same key is in flight
+            if http_status(e) == 409:  # S3: a concurrent conditional PUT of the same key is in flight
                 return False
             raise
         finally:

@@ -102,3 +102,16 @@ def diffusers_dit(folder, norm_eps: float = 1e-5, out_channels: int = 2, same_em
                 block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
     model.save_pretrained(str(folder), **save)
     return model.eval()
+
+
+def partitioned_digits(root) -> str:
+    """Digits ingested into a local store at ``root`` and split into 2 partitions (a tiny, real
+    dataset for training jobs)."""
+    from ddm.data.ingest import IngestConfig, ingest  # here: this module stays light (its docstring)
+    from ddm.data.partition import PartitionConfig, partition
+    from ddm.store import Store
+
+    store = Store(str(root))
+    ingest(IngestConfig(shard_size=1000), store)
+    partition(PartitionConfig(num_partitions=2, num_fine=64), store)
+    return root

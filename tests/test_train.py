@@ -19,7 +19,7 @@ from ddm.exports import init_from_export
 from ddm.models.build import build_model
 from ddm.models.config import ModelConfig
 from ddm.store import Store
-from tests.helpers import assert_same_weights, child_env, diffusers_dit, exported, summary
+from tests.helpers import assert_same_weights, child_env, diffusers_dit, exported, partitioned_digits, summary
 
 TRAIN = ["partition=0", "global_batch_size=16", "log_every=2", "seed=3", "model.class_dropout_prob=0.1"]
 
@@ -27,11 +27,7 @@ TRAIN = ["partition=0", "global_batch_size=16", "log_every=2", "seed=3", "model.
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A local store with digits ingested and split into 2 partitions; copied per test."""
-    root = tmp_path_factory.mktemp("prepared") / "store"
-    store = Store(str(root))
-    ingest(IngestConfig(shard_size=1000), store)
-    partition(PartitionConfig(num_partitions=2, num_fine=64), store)
-    return root
+    return partitioned_digits(tmp_path_factory.mktemp("prepared") / "store")
 
 
 def fresh(prepared, tmp_path, name="run") -> str:

@@ -18,6 +18,7 @@ from ddm.data.shards import Dataset
 from ddm.layout import DATA_DIR, PARTITIONS_DIR
 from ddm.store import ChecksumError, Store, StoreError
 from ddm.urls import check_store_url
+from tests.test_data import _tar
 
 from .conftest import BUCKET, SECRET
 
@@ -36,15 +37,6 @@ def _png(value: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _tar(path, samples: dict[str, dict[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
 
 
 def _old(path, seconds: float = 3600) -> None:

@@ -24,7 +24,7 @@ from ddm.exports import cached_weights
 from ddm.job import JobConfig
 from ddm.lease import Lease, fenced
 from ddm.store import NotCommittedError, Store, StoreError
-from tests.helpers import child_env, summary
+from tests.helpers import child_env, partitioned_digits, summary
 
 TRAIN = ["partition=0", "global_batch_size=16", "log_every=1", "seed=3", "threads=1"]
 
@@ -32,13 +32,7 @@ TRAIN = ["partition=0", "global_batch_size=16", "log_every=1", "seed=3", "thread
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Digits in 2 partitions, and expert 0 trained 2 steps with a commit at step 2 (copied per test)."""
-    from ddm.data.ingest import IngestConfig, ingest
-    from ddm.data.partition import PartitionConfig, partition
-
-    root = tmp_path_factory.mktemp("trust") / "store"
-    store = Store(str(root))
-    ingest(IngestConfig(shard_size=1000), store)
-    partition(PartitionConfig(num_partitions=2, num_fine=64), store)
+    root = partitioned_digits(tmp_path_factory.mktemp("trust") / "store")
     assert summary(train(str(root), "steps=2", "checkpoint.every=2"))["step"] == 2
     return root
 
