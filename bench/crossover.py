@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="spec overrides for every point, e.g. expert.steps=3000")
     args = parser.parse_args()
 
-    from ddm.config import load
+    from ddm.core.config import load
     from ddm.launchers.spec import RunSpec, jobs
     from ddm.store import Store
 

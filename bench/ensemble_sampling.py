@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from ddm.demo import DemoConfig
-from ddm.ensemble import Ensemble, Rule
-from ddm.flow import FlowMatching
+from ddm.demo.mixture import DemoConfig
+from ddm.ensemble.combine import Ensemble, Rule
 from ddm.models.build import build_model, build_router
+from ddm.models.flow import FlowMatching
 
 
 def timed(fn) -> float:

@@ -50,7 +50,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ddm.store import Store  # noqa: E402
+from ddm.store.store import Store  # noqa: E402
 
 BUCKET = "faults"
 JOB = "experts/00"
@@ -554,7 +554,7 @@ class Scenario:
         self.detail["fault"] = f"second writer ({'lr 3e-4' if extra else 'same settings'}) at {delay:.1f}s: rc {rc}"
         admitted_while_live = False
         if rc == 0:  # it ran: only allowed if the first had released its lease (its work done) by then
-            from ddm.lease import read_record
+            from ddm.store.lease import read_record
 
             records = sorted(int(n[:8]) for n in self.store.list(f"leases/{JOB}") if len(n) == 13)
             newest = read_record(self.store, JOB, records[-1])

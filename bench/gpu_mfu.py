@@ -29,13 +29,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ddm import layout
 from ddm.data.shards import encode_shard, shard_name, write_parquet_bytes
-from ddm.flow import FlowMatching
-from ddm.job import CheckpointConfig, EngineConfig, JobConfig
 from ddm.models.build import build_model
 from ddm.models.config import ModelConfig, forward_flops
-from ddm.store import Store
+from ddm.models.flow import FlowMatching
+from ddm.store import Store, layout
+from ddm.train.job import CheckpointConfig, EngineConfig, JobConfig
 from ddm.train.objectives import VelocityLoss
 from ddm.train.trainer import train
 

@@ -1,7 +1,7 @@
 """Top-1 ensemble sampling against one expert's sampling on one GPU, side by side.
 
 Four DiT-B/2 experts (random, non-zero weights; how the router splits the batch is printed) and a
-DiT-S/2 router on 32x32x4 latents, combined by ``ddm.ensemble.Ensemble`` with the top-1 rule,
+DiT-S/2 router on 32x32x4 latents, combined by ``ddm.ensemble.combine.Ensemble`` with the top-1 rule,
 sample a batch with the same sampler, steps and noise as one expert alone. The ratio is what top-1
 routing costs on top of the expert forwards it needs: the router, the per-expert gathers and
 scatters, and four smaller expert calls instead of one. ``--precision bf16`` samples under bf16
@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from ddm.ensemble import Ensemble, Rule
-from ddm.flow import FlowMatching
+from ddm.ensemble.combine import Ensemble, Rule
 from ddm.models.build import build_model, build_router
 from ddm.models.config import ModelConfig
+from ddm.models.flow import FlowMatching
 
 SHAPE = (4, 32, 32)
 

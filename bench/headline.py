@@ -4,7 +4,7 @@ training FLOPs (router included), over several seeds, with learning curves and w
 Each seed is one ``ddm run`` of the spec (default ``launch/digits.yaml``; ``launch/glyphs.yaml`` is
 the richer dataset, ``launch/glyphs_text.yaml`` its text-to-image form, whose tables add the prompt
 adherence) into its own store ``<root>/s<seed>``, with the equal-FLOP monoliths of the
-spec's budget (``ddm.budget``: by default the paper's split, experts at B/K for S steps against a
+spec's budget (``ddm.train.budget``: by default the paper's split, experts at B/K for S steps against a
 monolith at B for S steps and one at B/K for K*S steps); the seed drives training, sampling and
 evaluation. The tables average over seeds: the evaluation (FD-classifier by default) per rule with
 its sampling FLOPs per sample, each arm's budget (training FLOPs, batch, optimizer and sequential
@@ -65,8 +65,8 @@ def summarize_curves(per_seed: dict[int, dict]) -> dict:
 
 
 def plot_mean_curves(curves: dict, metric: str, path: str) -> None:
-    """The seeds' mean learning curves as one PNG (``ddm.curves.plot``), crossings of the means marked."""
-    from ddm.curves import crossings_of, plot
+    """The seeds' mean learning curves as one PNG (``ddm.eval.curves.plot``), crossings of the means marked."""
+    from ddm.eval.curves import crossings_of, plot
 
     series = {a: [{**p, "distance": p["mean"]} for p in s] for a, s in curves["series"].items()}
     bases = [a for a in series if a.startswith("monolith")]
@@ -120,7 +120,7 @@ def summarize(per_seed: dict[int, dict]) -> dict:
             "sampling_flops_per_sample": cost.get("sampling_flops_per_sample"),
             "router_share": cost.get("router_share"),
         }
-        for key in ("prompt_retrieval", "prompt_adherence"):  # text models (ddm.adherence)
+        for key in ("prompt_retrieval", "prompt_adherence"):  # text models (ddm.eval.adherence)
             vals = [next(r.get(key) for r in res["rules"] if r["rule"] == rule) for res in per_seed.values()]
             if None not in vals:
                 rows[rule][key] = {

@@ -69,9 +69,9 @@ def copy(data: str, dst: str, other: str | None = None, *folders: str) -> str:
 
 
 def evaluate(store: str, seed: int, rules: list[str], classifier: str | None) -> dict[str, float]:
-    from ddm.assemble import assemble
-    from ddm.evaluate import evaluate as run_eval
-    from ddm.settings import EvalConfig
+    from ddm.ensemble.assemble import assemble
+    from ddm.eval.evaluate import evaluate as run_eval
+    from ddm.eval.settings import EvalConfig
     from ddm.store import Store
 
     if classifier and not os.path.exists(os.path.join(store, "eval", "classifier")):
@@ -115,8 +115,8 @@ def run_seed(data: str, root: str, seed: int, steps: int, pretrain: int, classif
 
 def training_flops(steps: int, pretrain: int) -> dict:
     """Training FLOPs per arm from the job configs (3 x forward x batch x steps, ddm's accounting)."""
-    from ddm.config import load
-    from ddm.job import JobConfig
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig
 
     def job(*o: str) -> float:
         cfg = load(JobConfig, None, ["store=/x", *COMMON, *o])

@@ -23,7 +23,7 @@ A third set runs on a **warm Ray runtime** (``ray start --head`` once, then ``dd
 themselves (Ray Train's 2 s poll, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2``, and
 ``DDM_STARTUP_TRIMS=0``: Ray Train's DatasetManager and placement-group cleaner kept, DeepSpeed's
 Muon kernels compiled as it imports them), with ddm's settings (0.5 s poll, all trimmed; see
-``ddm.ray_runtime``), and with ddm's settings and ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` (what a
+``ddm.distributed.ray_runtime``), and with ddm's settings and ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` (what a
 user can add on a machine that is never preempted; ddm sets it only on a runtime it starts itself),
 in turn, twice each.
 
@@ -95,7 +95,7 @@ def run(cmd: list[str], env: dict) -> tuple[float, dict, float]:
 @contextlib.contextmanager
 def ray_head(tmp: str, env: dict):
     """A warm local Ray runtime: ``ray start --head`` on free ports, stopped at the end."""
-    from ddm.parallel import _free_port
+    from ddm.distributed.parallel import _free_port
 
     port = _free_port()
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -119,9 +119,8 @@ RUN = [
 
 def measure_run(tmp: str, env: dict, reuse: bool, i: int = 0) -> dict:
     """``ddm run`` of a small digits spec: its train stage against the jobs' own training time."""
-    from ddm import layout
-    from ddm.report import HISTORY
-    from ddm.store import Store
+    from ddm.eval.report import HISTORY
+    from ddm.store import Store, layout
 
     store = os.path.join(tmp, f"run-{reuse}-{i}")  # a fresh store each time: a re-run would train nothing
     cmd = [sys.executable, "-m", "ddm.cli", "run", "launch/digits.yaml", f"store={store}", *RUN,

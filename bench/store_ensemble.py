@@ -49,7 +49,7 @@ def start_s3() -> tuple[object, str]:
 
 
 def write_export(store, run_dir: str, model: torch.nn.Module, config: dict) -> None:
-    """The layout ``ddm.exports.write_export`` writes: safetensors + config.json + manifest."""
+    """The layout ``ddm.models.exports.write_export`` writes: safetensors + config.json + manifest."""
     from safetensors.torch import save
 
     run = store.child(run_dir)
@@ -74,11 +74,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from ddm.assemble import assemble, load_ensemble
-    from ddm.config import to_dict
-    from ddm.flow import FlowMatching
+    from ddm.core.config import to_dict
+    from ddm.ensemble.assemble import assemble, load_ensemble
     from ddm.models import ModelConfig
     from ddm.models.build import build_model, build_router
+    from ddm.models.flow import FlowMatching
     from ddm.store import Store
 
     server, endpoint = start_s3()

@@ -27,7 +27,7 @@ import time
 
 BARE = r"""
 import json, sys, time, torch
-from ddm.flow import FlowMatching
+from ddm.models.flow import FlowMatching
 from ddm.models import ModelConfig
 from ddm.models.build import build_model
 arch, batch, steps, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -74,12 +74,12 @@ def main() -> None:
     logging.disable(logging.INFO)
     import ray
 
-    from ddm.config import load
+    from ddm.core.config import load
     from ddm.data.ingest import IngestConfig, ingest
     from ddm.data.partition import PartitionConfig, partition
-    from ddm.job import JobConfig, check_inputs, resolve
     from ddm.launchers.ray_job import run_job
     from ddm.store import Store
+    from ddm.train.job import JobConfig, check_inputs, resolve
 
     tmp = tempfile.mkdtemp(prefix="ddm-bench-")
     base = os.path.join(tmp, "store")

@@ -48,15 +48,14 @@ def main(overrides: list[str]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from ddm import layout
-    from ddm.checkpoint import CheckpointManager
-    from ddm.config import load
+    from ddm.checkpoint.manager import CheckpointManager
+    from ddm.checkpoint.reshard import _optimizer_step, load_portable
+    from ddm.core.config import load
     from ddm.data.reader import PartitionReader
-    from ddm.job import JobConfig, resolve
-    from ddm.parallel import ParallelState, ensure_process_group
-    from ddm.reshard import _optimizer_step, load_portable
-    from ddm.store import Store
+    from ddm.distributed.parallel import ParallelState, ensure_process_group
+    from ddm.store import Store, layout
     from ddm.train.engine import build_engine
+    from ddm.train.job import JobConfig, resolve
     from ddm.train.resume import zero_lr_step
     from ddm.train.trainer import build_job
 

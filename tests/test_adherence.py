@@ -3,7 +3,7 @@ one fit on features that carry nothing about the captions scores at chance."""
 
 import numpy as np
 
-from ddm.adherence import CANDIDATES, CaptionProbe, candidates
+from ddm.eval.adherence import CANDIDATES, CaptionProbe, candidates
 
 
 def test_candidates_hold_the_own_prompt_first_and_never_twice():

@@ -8,10 +8,10 @@ marginal velocity computed independently from the score of the noised mixture de
 import pytest
 import torch
 
-from ddm.analytic import GaussianMixture
-from ddm.ensemble import Ensemble, Rule
-from ddm.flow import FlowMatching
-from ddm.metrics import energy_distance
+from ddm.ensemble.analytic import GaussianMixture
+from ddm.ensemble.combine import Ensemble, Rule
+from ddm.eval.metrics import energy_distance
+from ddm.models.flow import FlowMatching
 
 
 def exact_ensemble(gm: GaussianMixture, flow: FlowMatching, rule: str) -> Ensemble:
@@ -137,7 +137,7 @@ DDPM = FlowMatching(path="vp", prediction="epsilon", time_sampling="uniform")
 def test_an_exact_ddpm_expert_converted_is_the_exact_velocity(path):
     """An exact epsilon-predictor on DDPM's schedule, asked at the time of equal SNR on the
     rescaled state, gives the component's exact flow-matching velocity on the ensemble's path."""
-    from ddm.flow import converted
+    from ddm.models.flow import converted
 
     mix, flow = GaussianMixture.ring(3, dim=2), FlowMatching(path=path)
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
@@ -154,7 +154,7 @@ def test_an_exact_ddpm_expert_converted_is_the_exact_velocity(path):
 def test_a_mixed_ensemble_full_rule_equals_the_mixtures_marginal_velocity():
     """Two DDPM experts and two flow-matching experts on another path (cosine), combined in a
     linear-path ensemble by the exact router's full rule: the marginal velocity of the mixture."""
-    from ddm.flow import converted
+    from ddm.models.flow import converted
 
     mix, flow, cosine = GaussianMixture.ring(4, dim=2), FlowMatching(path="linear"), FlowMatching(path="cosine")
     kinds = [DDPM, cosine, DDPM, flow]

@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from ddm.assemble import assemble, load_ensemble
-from ddm.cost import ensemble_sampling_cost, forward_flops_of
-from ddm.flow import FlowMatching
-from ddm.layout import ENSEMBLE_FILE, ensemble_id
+from ddm.ensemble.assemble import assemble, load_ensemble
+from ddm.ensemble.cost import ensemble_sampling_cost, forward_flops_of
 from ddm.models.config import ModelConfig, forward_flops
+from ddm.models.flow import FlowMatching
 from ddm.store import ChecksumError, Store
+from ddm.store.layout import ENSEMBLE_FILE, ensemble_id
 from tests.helpers import summary
 from tests.test_train import fresh, prepared, run_cli  # noqa: F401 - fixture
 
@@ -114,7 +114,7 @@ def test_sample_writes_grid_and_arrays_and_never_mixes_configs(trained, tmp_path
 
     import numpy as np
 
-    from ddm.sample import SampleConfig, sample
+    from ddm.ensemble.sample import SampleConfig, sample
 
     copy = tmp_path / "s"
     shutil.copytree(trained, copy)
@@ -192,7 +192,7 @@ def test_exports_describe_themselves_and_rebuild_without_ddm(trained):
     with the same outputs; every manifest says what it is."""
     import importlib.util
 
-    from ddm.exports import load_export
+    from ddm.models.exports import load_export
 
     spec = importlib.util.spec_from_file_location(
         "plain_dit", os.path.join(os.path.dirname(__file__), "..", "examples", "plain_dit.py")

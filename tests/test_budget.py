@@ -1,14 +1,14 @@
-"""The budget arithmetic of every split (``ddm.budget``): batches and steps as stated, FLOPs equal
+"""The budget arithmetic of every split (``ddm.train.budget``): batches and steps as stated, FLOPs equal
 within one step, at every learning-curve point too, and the refusals named."""
 
 import dataclasses
 
 import pytest
 
-from ddm.budget import ENSEMBLE, MONOLITH, SMALL_BATCH, BudgetConfig, arms
-from ddm.config import from_dict
-from ddm.job import JobConfig
+from ddm.core.config import from_dict
 from ddm.launchers.spec import RunSpec, jobs
+from ddm.train.budget import ENSEMBLE, MONOLITH, SMALL_BATCH, BudgetConfig, arms
+from ddm.train.job import JobConfig
 
 B, S, K = 64, 300, 4
 SPEC = {
@@ -112,7 +112,7 @@ def test_only_a_monolith_names_its_folder():
 def test_every_crossing_of_two_curves_is_found_in_order():
     """Curves that cross twice (the ensemble ahead in the middle only) give both crossings, each
     interpolated in log FLOPs, and the report says who finishes ahead."""
-    from ddm.curves import crossings_of, format_curves
+    from ddm.eval.curves import crossings_of, format_curves
 
     flops = [1e9, 1e10, 1e11, 1e12]
     ens = [{"point": i + 1, "training_flops": f, "distance": d} for i, (f, d) in enumerate(zip(flops, [5, 2, 2, 3]))]

@@ -90,7 +90,7 @@ def test_progress_is_plain_lines_off_a_terminal(caplog):
     """Piped or logged, progress is a log line (no carriage returns), at least at the end."""
     import logging
 
-    from ddm.logs import progress
+    from ddm.core.logs import progress
 
     with caplog.at_level(logging.INFO, logger="ddm.progress"):
         assert list(progress(range(5), desc="things", unit="thing")) == list(range(5))
@@ -109,7 +109,7 @@ def test_progress_is_plain_lines_off_a_terminal(caplog):
 def test_stdout_to_stderr_moves_native_writes_too(capfd):
     import os
 
-    from ddm.logs import stdout_to_stderr
+    from ddm.core.logs import stdout_to_stderr
 
     with stdout_to_stderr():
         print("python line", flush=True)

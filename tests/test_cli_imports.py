@@ -57,9 +57,9 @@ def test_config_modules_and_specs_load_without_torch():
     """Run specs, job configs and the commands' settings load (and validate) without torch."""
     probe = (
         "import sys\n"
-        "from ddm.config import load\n"
+        "from ddm.core.config import load\n"
         "from ddm.launchers.spec import RunSpec\n"
-        "from ddm.settings import DemoConfig\n"
+        "from ddm.demo.config import DemoConfig\n"
         "load(RunSpec, 'launch/digits.yaml', ['seed=1'])\n"
         "load(DemoConfig, 'launch/demo.yaml', ['rules=[top1, threshold:0.2]'])\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"

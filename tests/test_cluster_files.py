@@ -10,9 +10,9 @@ import yaml
 
 import ddm
 from ddm.cli import build_parser
-from ddm.config import from_dict, load
-from ddm.job import JobConfig
+from ddm.core.config import from_dict, load
 from ddm.launchers.plan import load_islands, looks_secret
+from ddm.train.job import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_IMAGE = f"ghcr.io/ddm-project/ddm:{ddm.__version__}-gpu"

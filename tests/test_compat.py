@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddm.assemble import assemble, load_ensemble
-from ddm.config import from_dict, load, to_dict
-from ddm.flow import FlowMatching
-from ddm.job import JobConfig, config_changes, is_finished
+from ddm.core.config import from_dict, load, to_dict
+from ddm.ensemble.assemble import assemble, load_ensemble
 from ddm.models.dit import upgrade_state_dict
+from ddm.models.flow import FlowMatching
 from ddm.store import Store
+from ddm.train.job import JobConfig, config_changes, is_finished
 from tests.helpers import child_env, digits_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -79,7 +79,7 @@ def test_old_expert_resumes_to_the_weights_ddm_0_1_reaches(old_store):
 def test_old_router_checkpoint_is_refused_not_misread(old_store, tmp_path):
     """A router's optimizer state from ddm 0.1 follows another parameter order: restoring it would
     silently mix moments of different tensors, so the job says what to do instead."""
-    from ddm.checkpoint import CheckpointManager
+    from ddm.checkpoint.manager import CheckpointManager
 
     store = Store(old_store)
     run = store.child("experts/00")
@@ -90,13 +90,13 @@ def test_old_router_checkpoint_is_refused_not_misread(old_store, tmp_path):
 
 
 def test_job_spec_imports_no_torch():
-    code = "import sys, ddm.job, ddm.layout; print('torch' in sys.modules)"
+    code = "import sys, ddm.train.job, ddm.store.layout; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=child_env())
     assert out.stdout.strip() == "False", out.stderr
 
 
 def test_run_folder_names_are_spelled_in_one_place():
-    """No module but ddm/layout.py spells a run-folder name as a string literal."""
+    """No module but ddm/store/layout.py spells a run-folder name as a string literal."""
     import re
 
     names = r'f?"(experts/|distilled/|ensemble\.json|islands/|eval/|samples/|checkpoints"|export"'

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ddm.config import apply_overrides, dump_yaml, from_dict, load, to_dict
-from ddm.flow import FlowMatching
+from ddm.core.config import apply_overrides, dump_yaml, from_dict, load, to_dict
 from ddm.models import ModelConfig, MoEConfig
+from ddm.models.flow import FlowMatching
 
 
 @dataclass(frozen=True)

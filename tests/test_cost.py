@@ -4,12 +4,12 @@ every rule the same initial noise whatever the batch size and whatever the rule 
 import pytest
 import torch
 
-from ddm.cost import ensemble_sampling_cost, single_model_sampling_cost
-from ddm.ensemble import Ensemble, Rule
-from ddm.flow import FlowMatching, guided
+from ddm.ensemble.combine import Ensemble, Rule
+from ddm.ensemble.cost import ensemble_sampling_cost, single_model_sampling_cost
+from ddm.ensemble.sample import RULE_DRAWS, SamplingConfig, draw, initial_noise, stream
 from ddm.models.build import build_model, build_router
 from ddm.models.config import ModelConfig, forward_flops
-from ddm.sample import RULE_DRAWS, SamplingConfig, draw, initial_noise, stream
+from ddm.models.flow import FlowMatching, guided
 
 EXPERT = ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10)
 ROUTER = ModelConfig("DiT-Micro/4", (1, 8, 8), num_classes=10)
@@ -72,7 +72,7 @@ def test_sampling_flops_per_rule_are_exact(ensemble, guidance, sampler):
 
 def test_the_router_is_a_small_share_by_default():
     """The default routers cost about 5% of a DiT-Tiny expert's forward (the paper: ~4%)."""
-    from ddm.config import load
+    from ddm.core.config import load
     from ddm.launchers.spec import RunSpec
 
     for spec in ("launch/digits.yaml", "launch/glyphs.yaml"):
@@ -110,7 +110,7 @@ def test_every_rule_starts_from_the_same_noise(batch_size):
 
 
 def test_the_runs_seed_drives_sampling_and_evaluation_unless_set_apart():
-    from ddm.config import load
+    from ddm.core.config import load
     from ddm.launchers.spec import RunSpec
 
     s = load(RunSpec, "launch/digits.yaml", ["seed=7"]).resolved()

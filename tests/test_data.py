@@ -9,8 +9,8 @@ from ddm.data.ingest import IngestConfig, ingest
 from ddm.data.partition import PartitionConfig, partition
 from ddm.data.reader import PartitionReader
 from ddm.data.shards import Dataset, read_parquet_bytes, shard_name
-from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 from ddm.store import Store, StoreError
+from ddm.store.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
 
 
 def ingested(url: str, **kw) -> Store:

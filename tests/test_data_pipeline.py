@@ -18,12 +18,12 @@ import uuid
 import numpy as np
 import pytest
 
-from ddm.config import load
+from ddm.core.config import load
 from ddm.data.ingest import IngestConfig, ingest
 from ddm.data.partition import PartitionConfig, partition
 from ddm.data.shards import Dataset, read_parquet_bytes
-from ddm.layout import ASSIGNMENTS, DATA_DIR, FEATURES_DIR, PARTITIONS_DIR
 from ddm.store import Store
+from ddm.store.layout import ASSIGNMENTS, DATA_DIR, FEATURES_DIR, PARTITIONS_DIR
 from tests.conftest import BUCKET
 from tests.helpers import free_port
 

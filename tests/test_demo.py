@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ddm.config import load
-from ddm.demo import DemoConfig, run_demo
+from ddm.core.config import load
+from ddm.demo.mixture import DemoConfig, run_demo
 
 SMALL = [
     "data.num_components=4", "data.std=0.3", "data.radius=3", "data.num_train=4000", "data.num_eval=1000",

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from ddm.cli import EPILOG, build_parser
-from ddm.config import load
+from ddm.core.config import load
 from ddm.data.config import IngestConfig, PartitionConfig
-from ddm.job import JobConfig
+from ddm.demo.config import DemoConfig
+from ddm.ensemble.settings import SampleConfig
+from ddm.eval.settings import EvalConfig
 from ddm.launchers.spec import RunSpec
-from ddm.settings import DemoConfig, EvalConfig, SampleConfig
+from ddm.train.job import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddm.ensemble import Ensemble, Rule, routing_weights
+from ddm.ensemble.combine import Ensemble, Rule, routing_weights
 
 P = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddm.flow import FlowMatching, guided
+from ddm.models.flow import FlowMatching, guided
 
 
 @pytest.mark.parametrize("path", ["linear", "cosine"])
@@ -159,8 +159,8 @@ def test_noised_returns_points_on_the_path():
 
 
 def test_a_distilled_student_must_predict_velocity():
-    from ddm.config import load
-    from ddm.job import JobConfig
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig
 
     ddpm = ["flow.path=vp", "flow.prediction=epsilon"]
     load(JobConfig, None, ["store=/s", *ddpm])  # a DDPM expert is fine
@@ -175,7 +175,7 @@ def test_a_distilled_student_must_predict_velocity():
 # --- a learned sigma: improved DDPM's bound of one reverse step, against its discrete closed forms --
 def _ddpm_step(t: torch.Tensor):
     """(alpha_bar(t), alpha_bar(t - 1/1000)) from the path's alpha, and DDPM's beta and beta~."""
-    from ddm.flow import VPPath
+    from ddm.models.flow import VPPath
 
     path = VPPath()
     ab_t, ab_s = path.alpha(t) ** 2, path.alpha(t - 1e-3) ** 2
@@ -188,7 +188,7 @@ def test_the_step_bound_is_zero_for_the_true_step_and_the_closed_form_otherwise(
     variance beta~ (v = -1); 0.5 (beta~/beta - 1 - log(beta~/beta)) / ln 2 with variance beta
     (v = +1); a noise error d adds c0^2 (1 - ab) / ab d^2 / (2 var) (c0 the posterior mean's
     x_0 coefficient); the first step counts 0."""
-    from ddm.flow import VPPath
+    from ddm.models.flow import VPPath
 
     g = torch.Generator().manual_seed(0)
     n = 6

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from ddm.layout import distilled_dir, ensemble_id
+from ddm.store.layout import distilled_dir, ensemble_id
 from tests.helpers import child_env, digits_store, exported, summary
 
 pytestmark = [
@@ -88,7 +88,7 @@ def test_job_kind_trains_on_cuda_stops_and_resumes(digits, tmp_path, kind):
 @pytest.fixture(scope="module")
 def ensemble_store(digits, tmp_path_factory) -> str:
     """Two experts and a router trained on the GPU, assembled."""
-    from ddm.assemble import assemble
+    from ddm.ensemble.assemble import assemble
     from ddm.store import Store
 
     store = copy(digits, tmp_path_factory.mktemp("ensemble") / "store")
@@ -118,9 +118,9 @@ def test_distill_on_cuda_stops_and_resumes(ensemble_store, tmp_path):
 
 
 def test_gpu_exports_sample_on_the_cpu_and_cuda_matches_cpu(ensemble_store):
-    from ddm.assemble import load_ensemble
-    from ddm.flow import FlowMatching
-    from ddm.sample import SamplingConfig, draw
+    from ddm.ensemble.assemble import load_ensemble
+    from ddm.ensemble.sample import SamplingConfig, draw
+    from ddm.models.flow import FlowMatching
     from ddm.store import Store
 
     labels = torch.arange(64) % 10
@@ -151,9 +151,9 @@ def test_moe_expert_trains_on_cuda(digits, tmp_path):
 def test_a_bf16_step_on_cuda_matches_an_fp32_step_on_the_cpu():
     """The loss and gradient of one training step of a DiT-B/2 under the GPU's bf16 autocast agree
     with fp32 on the CPU for the same weights, batch, times and noise: only a right step passes."""
-    from ddm.flow import FlowMatching
     from ddm.models.build import build_model
     from ddm.models.config import ModelConfig
+    from ddm.models.flow import FlowMatching
 
     torch.manual_seed(0)
     cpu = build_model(ModelConfig("DiT-B/2", (4, 32, 32), num_classes=1000, class_dropout_prob=0.0))

@@ -1,4 +1,4 @@
-"""One device per rank, chosen once and told to DeepSpeed (``ddm.parallel.rank_device``), and the
+"""One device per rank, chosen once and told to DeepSpeed (``ddm.distributed.parallel.rank_device``), and the
 GPU settings that cannot work refused before a job starts. CUDA itself is not needed: the choice is
 made from the launcher's environment and Ray's assignment, which these tests give."""
 
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from ddm.job import RayConfig
-from ddm.parallel import cuda_index, rank_device, use_accelerator
+from ddm.distributed.parallel import cuda_index, rank_device, use_accelerator
+from ddm.train.job import RayConfig
 
 # What Ray Train shows every worker on a 12-GPU node: the job's GPUs, ordered as strings.
 TWELVE = {"CUDA_VISIBLE_DEVICES": "0,1,10,11,2,3,4,5,6,7,8,9"}
@@ -65,7 +65,7 @@ def test_deepspeeds_accelerator_follows_the_jobs_device(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # as the GPU image once set for every process
     use_accelerator(torch.device("cpu"))
     assert os.environ["DS_ACCELERATOR"] == "cpu"
-    from ddm.parallel import load_deepspeed
+    from ddm.distributed.parallel import load_deepspeed
 
     assert load_deepspeed().accelerator.get_accelerator()._name == "cpu"
     with pytest.raises(ValueError, match="accelerator in this process is 'cpu' but the job runs on cuda:0"):
@@ -73,9 +73,9 @@ def test_deepspeeds_accelerator_follows_the_jobs_device(monkeypatch):
 
 
 def test_moe_models_compile_only_when_asked():
-    from ddm.job import EngineConfig, JobConfig
     from ddm.models.config import ModelConfig, MoEConfig
     from ddm.train.engine import uses_compile
+    from ddm.train.job import EngineConfig, JobConfig
 
     dense = JobConfig(store="/s")
     moe = JobConfig(store="/s", model=ModelConfig(moe=MoEConfig(num_experts=4)))
@@ -85,8 +85,8 @@ def test_moe_models_compile_only_when_asked():
 
 
 def test_moe_under_zero3_is_refused_before_the_job_starts():
-    from ddm.job import EngineConfig, JobConfig
     from ddm.models.config import ModelConfig, MoEConfig
+    from ddm.train.job import EngineConfig, JobConfig
 
     with pytest.raises(ValueError, match="use engine.zero_stage=1 or 2"):
         JobConfig(store="/s", model=ModelConfig(moe=MoEConfig(num_experts=4)), engine=EngineConfig(zero_stage=3))
@@ -95,7 +95,7 @@ def test_moe_under_zero3_is_refused_before_the_job_starts():
 def test_rank0_uploads_run_in_the_background_newest_first_and_flush():
     import threading
 
-    from ddm.lease import LeaseLost
+    from ddm.store.lease import LeaseLost
     from ddm.train.uploads import Uploads
 
     started, release, done = threading.Event(), threading.Event(), []

@@ -392,7 +392,7 @@ def test_balanced_assignment_follows_capacity_and_explicit_map():
 
 
 def test_steps_policy_and_island_overrides_shape_each_job():
-    from ddm.config import from_dict
+    from ddm.core.config import from_dict
     from ddm.launchers.plan import Island, IslandsConfig, plan_jobs
     from ddm.launchers.spec import RunSpec
 
@@ -416,7 +416,7 @@ def test_steps_policy_and_island_overrides_shape_each_job():
 
 
 def test_a_moved_job_may_change_only_what_a_resumed_job_may():
-    from ddm.config import from_dict
+    from ddm.core.config import from_dict
     from ddm.launchers.plan import Island, IslandsConfig, plan_jobs, plan_record, relocated
     from ddm.launchers.spec import RunSpec
 

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from ddm import layout
-from ddm.lease import Lease, LeaseHeld, LeaseLost, fenced, holding, read_record
-from ddm.store import Store
+from ddm.store import Store, layout
+from ddm.store.lease import Lease, LeaseHeld, LeaseLost, fenced, holding, read_record
 from tests.helpers import child_env
 from tests.test_train import TRAIN, fresh, prepared, run_cli  # noqa: F401 - fixture
 
@@ -134,7 +133,7 @@ def _killed_holder(url: str, folder: str, what: str, ttl_s: float | None = None)
     """A process that takes the lease on ``folder`` and dies with kill -9 (nothing released)."""
     code = (
         "import os, signal\n"
-        "from ddm.lease import Lease\nfrom ddm.store import Store\n"
+        "from ddm.store.lease import Lease\nfrom ddm.store.store import Store\n"
         f"Lease(Store({url!r}), {folder!r}, {what!r}, ttl_s={ttl_s!r}).acquire()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )

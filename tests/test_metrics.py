@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from ddm.metrics import FeatureClassifier, frechet_distance, gaussian_stats, train_classifier
+from ddm.eval.metrics import FeatureClassifier, frechet_distance, gaussian_stats, train_classifier
 
 
 def test_frechet_distance_diagonal_closed_form():

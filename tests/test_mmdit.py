@@ -88,7 +88,7 @@ def test_every_image_token_reads_the_caption_and_padding_is_masked():
 
 
 def test_caption_dropout_and_guidance_use_the_null_caption():
-    from ddm.flow import guided
+    from ddm.models.flow import guided
 
     m = nudged(MMDiT(SIZE, 8, 1, 24, 5, caption_dropout_prob=0.5))
     x, t, text = torch.randn(4, 1, 8, 8), torch.rand(4), captions(4)
@@ -113,8 +113,8 @@ def test_the_router_starts_uniform_and_reads_the_caption():
 
 def test_a_debug_size_learns():
     """A few optimizer steps of flow matching on fixed data lower the loss (gradients reach every stream)."""
-    from ddm.flow import FlowMatching
     from ddm.models.config import FlowConfig
+    from ddm.models.flow import FlowMatching
 
     torch.manual_seed(0)
     m = MMDiT(MMDIT_SIZES["MMDiT-Tiny/4"], 16, 1, 24, 5).train()

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ddm.flow import FlowMatching, guided
 from ddm.models import DIT_SIZES, MLP_SIZES, ModelConfig, MoEConfig
 from ddm.models.build import build_model, build_router
 from ddm.models.dit import DiTBlock
+from ddm.models.flow import FlowMatching, guided
 
 
 @pytest.fixture(scope="module", autouse=True)

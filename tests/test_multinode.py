@@ -26,8 +26,8 @@ def cluster():
 
 
 def cfg_for(store):
-    from ddm.config import load
-    from ddm.job import JobConfig
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig
 
     return load(
         JobConfig,

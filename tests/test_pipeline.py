@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from ddm.config import from_dict
+from ddm.core.config import from_dict
 from ddm.launchers.spec import RunSpec, jobs
 from ddm.store import Store
 from tests.helpers import child_env
@@ -86,7 +86,7 @@ def pipeline_run(tmp_path_factory):
 
 
 def committed(run) -> list[int]:
-    from ddm import layout
+    from ddm.store import layout
 
     return layout.committed_steps(run.child(layout.CHECKPOINTS))
 
@@ -95,7 +95,7 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
     store_url, _, first, *_ = pipeline_run
     store = Store(store_url)
     ens = store.read_json("ensemble.json")
-    from ddm.layout import ensemble_id
+    from ddm.store.layout import ensemble_id
 
     trained_dirs = ("experts/00", "experts/01", "router", "monolith", "monolith-small-batch")
     for d in (*trained_dirs, f"distilled/{ensemble_id(ens)}"):
@@ -197,7 +197,7 @@ def test_evaluate_table_counts_expert_forwards(pipeline_run):
         "monolith": 3,
     }  # fmt: skip  (K = 2: top-2 = full)
     # Sampling FLOPs: the router's forward at every evaluation beside the experts' (not for the oracle).
-    from ddm.config import from_dict as build
+    from ddm.core.config import from_dict as build
     from ddm.models.config import ModelConfig, forward_flops
 
     fe = forward_flops(build(ModelConfig, TINY["expert"]["model"]))
@@ -245,7 +245,7 @@ def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monke
 
     import torch
 
-    from ddm.evaluate import EvalConfig, evaluate
+    from ddm.eval.evaluate import EvalConfig, evaluate
 
     store = Store(pipeline_run[0])
     cfg = EvalConfig(metric="fid", name="fid", num_samples=8, steps=2)
@@ -256,7 +256,7 @@ def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monke
     ):
         evaluate(store, cfg)
 
-    from ddm.metrics import FID_WEIGHTS_URL
+    from ddm.eval.metrics import FID_WEIGHTS_URL
 
     class Inception:  # pytorch-fid 0.3.0's: its constructor fetches the weights through its module's loader
         BLOCK_INDEX_BY_DIM = {2048: 3}
@@ -279,7 +279,7 @@ def test_fid_without_its_library_or_weights_is_a_clear_error(pipeline_run, monke
 
 
 def test_distilled_student_belongs_to_its_teacher(pipeline_run):
-    from ddm.layout import ensemble_id
+    from ddm.store.layout import ensemble_id
 
     store = Store(pipeline_run[0])
     current = ensemble_id(store.read_json("ensemble.json"))

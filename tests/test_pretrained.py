@@ -12,10 +12,9 @@ import json
 import pytest
 import torch
 
-from ddm.exports import init_from_export
 from ddm.models.build import build_model
 from ddm.models.config import ModelConfig
-from ddm.models.pretrained import check_source
+from ddm.models.pretrained import check_source, init_from
 from ddm.store import Store
 from tests.helpers import diffusers_dit
 
@@ -52,7 +51,7 @@ def test_a_diffusers_dit_computes_what_diffusers_computes(tmp_path, norm_eps, to
     output's size with diffusers' default 1e-5 before each feed-forward."""
     reference = diffusers_dit(tmp_path, norm_eps, out_channels=2 * C, in_channels=C)
     model = ddm_dit()
-    record = init_from_export(model, str(tmp_path), Store(str(tmp_path)))
+    record = init_from(model, str(tmp_path), Store(str(tmp_path)))
     want, got = diffusers_out(reference, *inputs()), ddm_out(model, *inputs())
     assert want.abs().max() > 0.5  # not a trivially zero output
     assert (got - want).abs().max().item() <= tolerance * want.abs().max().item()
@@ -68,7 +67,7 @@ def test_a_learned_sigma_is_kept_where_the_model_has_one(tmp_path):
     reference = diffusers_dit(tmp_path, 1e-6, out_channels=2 * C, in_channels=C)
     cfg = ModelConfig("DiT-Tiny/2", (C, 8, 8), num_classes=10, time_freq_shift=1, learn_sigma=True)
     model = build_model(cfg).eval()
-    record = init_from_export(model, str(tmp_path), Store(str(tmp_path)))
+    record = init_from(model, str(tmp_path), Store(str(tmp_path)))
     x, steps, y = inputs()
     with torch.no_grad():
         want = reference(x, timestep=steps, class_labels=y).sample
@@ -84,7 +83,7 @@ def test_older_saves_pipelines_shards_and_half_precision_load_alike(tmp_path):
     config = tmp_path / "pipe" / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "Transformer2DModel"}))
     model = ddm_dit()
-    init_from_export(model, str(tmp_path / "pipe"), Store(str(tmp_path)))
+    init_from(model, str(tmp_path / "pipe"), Store(str(tmp_path)))
     assert torch.equal(ddm_out(model, *inputs()), diffusers_out(reference, *inputs()))
 
     half = diffusers_dit(tmp_path / "half", 1e-6, out_channels=C, in_channels=C, max_shard_size="40KB")
@@ -92,7 +91,7 @@ def test_older_saves_pipelines_shards_and_half_precision_load_alike(tmp_path):
     half = half.to(torch.float16)
     half.save_pretrained(str(tmp_path / "half"), max_shard_size="40KB")
     model = ddm_dit()
-    record = init_from_export(model, str(tmp_path / "half"), Store(str(tmp_path)))
+    record = init_from(model, str(tmp_path / "half"), Store(str(tmp_path)))
     upcast = diffusers.DiTTransformer2DModel.from_pretrained(str(tmp_path / "half"), torch_dtype=torch.float32)
     assert torch.equal(ddm_out(model, *inputs()), diffusers_out(upcast.eval(), *inputs()))  # the same fp16 values
     assert not any("learned sigma" in n for n in record["notes"]) and any("sharded" in n for n in record["notes"])
@@ -103,17 +102,17 @@ def test_what_does_not_map_is_refused_before_anything_loads(tmp_path):
     store = Store(str(tmp_path))
     one = dict(channels=1)
     with pytest.raises(ValueError, match=r"set model.time_freq_shift=1 for this job"):
-        init_from_export(ddm_dit(time_freq_shift=0, **one), str(tmp_path / "a"), store)
+        init_from(ddm_dit(time_freq_shift=0, **one), str(tmp_path / "a"), store)
     with pytest.raises(ValueError, match=r"do not fit this job's model: .*of another shape"):
-        init_from_export(ddm_dit(arch="DiT-Tiny/4", **one), str(tmp_path / "a"), store)
+        init_from(ddm_dit(arch="DiT-Tiny/4", **one), str(tmp_path / "a"), store)
     diffusers_dit(tmp_path / "heads", heads=4)  # the same tensor shapes, another split into heads
     with pytest.raises(ValueError, match=r"4 attention heads, this job's model 2"):
-        init_from_export(ddm_dit(**one), str(tmp_path / "heads"), store)
+        init_from(ddm_dit(**one), str(tmp_path / "heads"), store)
     diffusers_dit(tmp_path / "b", same_embeddings=False)
     with pytest.raises(ValueError, match=r"blocks 0 and 1 hold different norm1.emb.*shares one timestep"):
-        init_from_export(ddm_dit(**one), str(tmp_path / "b"), store)
+        init_from(ddm_dit(**one), str(tmp_path / "b"), store)
     with pytest.raises(ValueError, match=r"these are diffusers' parameter names; give the folder"):
-        init_from_export(ddm_dit(**one), str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"), store)
+        init_from(ddm_dit(**one), str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"), store)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     refused = {
         "unet": ({"_class_name": "UNet2DConditionModel"}, r"a diffusers UNet2DConditionModel; ddm starts from"),
@@ -135,7 +134,7 @@ def test_a_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ValueError, match=r"could not fetch facebook/DiT-XL-2-256 .*huggingface-cli download"):
-        init_from_export(ddm_dit(), "hf://facebook/DiT-XL-2-256", Store(str(tmp_path)))
+        init_from(ddm_dit(), "hf://facebook/DiT-XL-2-256", Store(str(tmp_path)))
 
 
 def dit_repository_state(depth=2, hidden=64, patch=2, channels=C, classes=10, tokens=16) -> dict:
@@ -202,7 +201,7 @@ def test_a_facebookresearch_dit_checkpoint_keeps_its_noise_prediction(tmp_path, 
     else:
         torch.save(state, path)
     model = ddm_dit(time_freq_shift=0)
-    record = init_from_export(model, str(path), Store(str(tmp_path)))
+    record = init_from(model, str(path), Store(str(tmp_path)))
     x, steps, y = inputs()
     assert torch.equal(ddm_out(model, x, steps, y), dit_repository_forward(state, x, steps.float() / 1000, y))
     assert record["format"] == "facebookresearch/DiT" and record["url"] == str(path)
@@ -210,7 +209,7 @@ def test_a_facebookresearch_dit_checkpoint_keeps_its_noise_prediction(tmp_path, 
     assert any("pos_embed" in n for n in record["notes"]) and any("learned sigma" in n for n in record["notes"])
     assert any("EMA" in n for n in record["notes"]) == (layout == "training_checkpoint")
     with pytest.raises(ValueError, match=r"set model.time_freq_shift=0"):
-        init_from_export(ddm_dit(time_freq_shift=1), str(path), Store(str(tmp_path)))
+        init_from(ddm_dit(time_freq_shift=1), str(path), Store(str(tmp_path)))
 
 
 class Payload:
@@ -222,10 +221,10 @@ def test_a_checkpoint_with_code_or_other_positions_is_refused(tmp_path):
     store = Store(str(tmp_path))
     torch.save({**state, "pos_embed": state["pos_embed"] + 1}, tmp_path / "moved.pt")
     with pytest.raises(ValueError, match=r"positional embedding .* is not the fixed sin-cos one"):
-        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "moved.pt"), store)
+        init_from(ddm_dit(time_freq_shift=0), str(tmp_path / "moved.pt"), store)
     torch.save({"model": state, "args": Payload()}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match=r"not a checkpoint of tensors only"):
-        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "pickled.pt"), store)
+        init_from(ddm_dit(time_freq_shift=0), str(tmp_path / "pickled.pt"), store)
 
 
 def test_a_missing_source_is_named_before_any_worker_starts(tmp_path):
@@ -264,7 +263,7 @@ def test_a_pixart_transformer_starts_a_text_dit_that_computes_what_diffusers_com
     reference.eval()
     text = TextConfig(encoder="t5", dim=16, length=6, pooled=False)
     model = build_model(ModelConfig("DiT-Tiny/2", (C, 8, 8), text=text)).eval()
-    record = init_from_export(model, str(tmp_path / "pixart"), Store(str(tmp_path)))
+    record = init_from(model, str(tmp_path / "pixart"), Store(str(tmp_path)))
     assert record["format"] == "diffusers PixArtTransformer2DModel"
     assert any("learned sigma" in n for n in record["notes"]) and any("null caption" in n for n in record["notes"])
     g = torch.Generator().manual_seed(1)
@@ -278,12 +277,12 @@ def test_a_pixart_transformer_starts_a_text_dit_that_computes_what_diffusers_com
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
     with pytest.raises(ValueError, match="PixArt has no pooled caption path: set model.text.pooled=false"):
         pooled = build_model(ModelConfig("DiT-Tiny/2", (C, 8, 8), text=TextConfig(encoder="t5", dim=16, length=6)))
-        init_from_export(pooled, str(tmp_path / "pixart"), Store(str(tmp_path)))
+        init_from(pooled, str(tmp_path / "pixart"), Store(str(tmp_path)))
     with pytest.raises(ValueError, match="starts a cross-attention text DiT .*, not an MMDiT"):
         mmdit = build_model(ModelConfig("MMDiT-Tiny/2", (C, 8, 8), text=text))
-        init_from_export(mmdit, str(tmp_path / "pixart"), Store(str(tmp_path)))
+        init_from(mmdit, str(tmp_path / "pixart"), Store(str(tmp_path)))
     with pytest.raises(ValueError, match="a PixArt transformer starts text DiTs only"):
-        init_from_export(ddm_dit(time_freq_shift=0), str(tmp_path / "pixart"), Store(str(tmp_path)))
+        init_from(ddm_dit(time_freq_shift=0), str(tmp_path / "pixart"), Store(str(tmp_path)))
     config = json.loads((tmp_path / "pixart" / "config.json").read_text())
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "config.json").write_text(json.dumps({**config, "sample_size": 128,

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from ddm.store import MANIFEST, ChecksumError, NotCommittedError, Store, StoreError
+from ddm.store.store import MANIFEST, ChecksumError, NotCommittedError, Store, StoreError
 from tests.conftest import SECRET
 
 
@@ -209,7 +209,7 @@ def test_retries_are_decided_by_exception_type():
     import aiohttp
     import botocore.exceptions as be
 
-    from ddm.store import _transient
+    from ddm.store.store import _transient
 
     def client_error(code, status):
         return be.ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")

@@ -109,7 +109,7 @@ def test_a_paris_sized_xl2_has_about_605m_parameters():
 
 def test_guidance_with_the_null_caption_per_sample():
     """v = v(null) + s (v(c) - v(null)), the null being the model's null caption, with one scale per sample."""
-    from ddm.flow import guided
+    from ddm.models.flow import guided
 
     m = trained_a_little(model())
     x, t, text = torch.randn(3, 1, 8, 8), torch.rand(3), captions(3)
@@ -123,8 +123,8 @@ def test_guidance_with_the_null_caption_per_sample():
 def test_an_ensemble_of_text_experts_routes_rows_with_their_captions():
     """Top-1 and full over two text experts: each row gets its own caption and guidance, exactly
     as the experts give them one by one."""
-    from ddm.ensemble import Ensemble
-    from ddm.rules import Rule
+    from ddm.ensemble.combine import Ensemble
+    from ddm.ensemble.rules import Rule
 
     experts = [trained_a_little(model()), trained_a_little(model())]
     torch.manual_seed(5)
@@ -154,10 +154,10 @@ def test_distillation_drops_a_caption_once_for_student_and_teacher_each_with_its
     runs each row's expert, which puts its own null caption in a dropped row: the loss is the
     closed form |v_s(x_t, t, c_s) - v_{k(i)}(x_t, t, c_{k(i)})|^2, c = the null of each model where
     dropped. A mark survives indexing and joining, and a model in training does not drop again."""
-    from ddm.ensemble import Ensemble
-    from ddm.flow import FlowMatching
+    from ddm.ensemble.combine import Ensemble
+    from ddm.ensemble.rules import Rule
     from ddm.models.config import FlowConfig
-    from ddm.rules import Rule
+    from ddm.models.flow import FlowMatching
     from ddm.train.objectives import DistillLoss
 
     def nudged(seed: int, **kw) -> TextDiT:
@@ -193,7 +193,7 @@ def test_distillation_drops_a_caption_once_for_student_and_teacher_each_with_its
 
 
 def guided_row(m, x, t, text, scale, i):
-    from ddm.flow import guided
+    from ddm.models.flow import guided
 
     return guided(m, text[i : i + 1], float(scale[i]))(x[i : i + 1], t[i : i + 1])
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import yaml
 
-from ddm.config import from_dict
+from ddm.core.config import from_dict
 from ddm.launchers.spec import RunSpec
 from ddm.store import Store
 from tests.test_pipeline import ddm
@@ -83,8 +83,8 @@ def test_ddm_run_trains_and_evaluates_a_text_ensemble(tmp_path):
     assert "finished earlier" in again.stderr and "making a tiny" not in again.stderr
     moved = str(tmp_path / "moved")  # the store at another URL, the old one gone: it samples from its new place
     os.rename(store, moved)
-    from ddm.sample import sample
-    from ddm.settings import SampleConfig
+    from ddm.ensemble.sample import sample
+    from ddm.ensemble.settings import SampleConfig
 
     sample(Store(moved), SampleConfig(num_samples=2, steps=2, batch_size=2, prompts=[PROMPTS[1]], name="moved"))
     assert [r["prompt"] for r in json.loads(Store(moved).read_bytes("samples/moved/prompts.json"))] == [PROMPTS[1]] * 2
@@ -131,7 +131,7 @@ def test_a_store_of_the_first_text_runs_keeps_its_encoders_absolute_name():
 
 
 def test_the_glyphs_text_spec_loads_with_held_out_prompts():
-    from ddm.config import load
+    from ddm.core.config import load
 
     spec = load(RunSpec, "launch/glyphs_text.yaml", ["store=/runs/gt"]).resolved()
     assert spec.router.model.text == spec.expert.model.text

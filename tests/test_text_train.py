@@ -46,7 +46,7 @@ def captioned(tmp_path_factory):
 def text_ensemble(captioned, tmp_path_factory):
     """Two text experts and a router that reads the caption too, on the captioned glyphs (their
     embeddings read from the store), assembled."""
-    from ddm.assemble import assemble
+    from ddm.ensemble.assemble import assemble
 
     prepared, encoder = captioned
     root = tmp_path_factory.mktemp("text-ensemble")
@@ -77,7 +77,7 @@ def test_a_text_expert_trains_and_resumes_to_the_uninterrupted_weights(captioned
     assert_same_weights(exported(straight), exported(crashed))
 
     # The export says which encoder it expects, and rebuilds into a model that reads captions.
-    from ddm.exports import build_from_export
+    from ddm.models.exports import build_from_export
     from ddm.models.text_encoder import TextEncoder
 
     config = json.load(open(os.path.join(straight, "experts/00/export/config.json")))
@@ -101,8 +101,8 @@ def test_a_text_expert_trains_and_resumes_to_the_uninterrupted_weights(captioned
     ],
 )
 def test_bad_text_settings_fail_before_training(captioned, change, match):
-    from ddm.config import load
-    from ddm.job import JobConfig, check_inputs
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig, check_inputs
 
     prepared, encoder = captioned
     with pytest.raises(ValueError, match=match):
@@ -111,8 +111,8 @@ def test_bad_text_settings_fail_before_training(captioned, change, match):
 
 
 def test_a_text_job_on_a_dataset_without_captions_is_refused(captioned, tmp_path):
-    from ddm.config import load
-    from ddm.job import JobConfig, check_inputs
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig, check_inputs
 
     _, encoder = captioned
     store = Store(str(tmp_path / "plain"))
@@ -125,8 +125,8 @@ def test_a_text_job_on_a_dataset_without_captions_is_refused(captioned, tmp_path
 
 
 def test_a_text_ensemble_samples_from_prompts_with_guidance_per_prompt(text_ensemble, tmp_path):
-    from ddm.sample import sample
-    from ddm.settings import SampleConfig
+    from ddm.ensemble.sample import sample
+    from ddm.ensemble.settings import SampleConfig
 
     store, desc = text_ensemble
     assert desc["text"]["dim"] == 32 and desc["text"]["length"] == 24 and desc["num_classes"] == 0
@@ -160,7 +160,7 @@ def test_a_text_ensemble_samples_from_prompts_with_guidance_per_prompt(text_ense
 
 
 def test_experts_of_one_ensemble_share_their_text_encoder():
-    from ddm.assemble import _text_of
+    from ddm.ensemble.assemble import _text_of
 
     def expert(d, text):
         return {"dir": d, "config": {"architecture": {"text": text} if text else {}}}
@@ -177,8 +177,8 @@ def test_experts_of_one_ensemble_share_their_text_encoder():
 
 
 def test_prompts_for_a_class_ensemble_are_refused():
-    from ddm.sample import prompted
-    from ddm.settings import SampleConfig
+    from ddm.ensemble.sample import prompted
+    from ddm.ensemble.settings import SampleConfig
 
     with pytest.raises(ValueError, match="not text-conditioned: it takes no prompts"):
         prompted({"num_classes": 10}, SampleConfig(prompts=["a cat"]), "cpu")
@@ -188,10 +188,10 @@ def test_a_text_ensemble_is_evaluated_on_prompts_with_their_adherence(text_ensem
     """``ddm evaluate`` samples the captions of a draw of data images as prompts and reports, per
     rule, the distance and the prompt adherence; the adherence measure itself finds the prompts'
     classes in the images they describe and is at chance on images of other prompts."""
-    from ddm.evaluate import Judge, evaluate
-    from ddm.parallel import resolve_device
-    from ddm.sample import LABELS, stream
-    from ddm.settings import EvalConfig
+    from ddm.distributed.parallel import resolve_device
+    from ddm.ensemble.sample import LABELS, stream
+    from ddm.eval.evaluate import Judge, evaluate
+    from ddm.eval.settings import EvalConfig
 
     store, desc = text_ensemble
     rules = ["top1", "full", "oracle"]
@@ -219,8 +219,8 @@ def test_held_out_prompts_come_from_data_no_model_trained_on(text_ensemble):
     """``evaluate.held_out``: the prompts are the captions of other glyphs (another seed), and prompt
     adherence checks their classes; the training data itself and the oracle rule are refused."""
     from ddm.data.sources import held_out_prompts
-    from ddm.evaluate import evaluate
-    from ddm.settings import EvalConfig
+    from ddm.eval.evaluate import evaluate
+    from ddm.eval.settings import EvalConfig
 
     store, _ = text_ensemble
     cfg = dict(num_samples=32, steps=2, batch_size=32, rules=["top1"], sampler="euler", router_t=[0.5],
@@ -245,8 +245,8 @@ def test_held_out_prompts_come_from_data_no_model_trained_on(text_ensemble):
 def test_a_text_student_must_read_the_ensembles_captions(text_ensemble):
     """A distilled student of a text ensemble reads captions with the experts' encoder (``ddm run``
     distils one: tests/test_text_run.py); a student without text, or with another length, is refused."""
-    from ddm.config import load
-    from ddm.job import JobConfig, check_inputs, with_teacher
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig, check_inputs, with_teacher
 
     store, desc = text_ensemble
     student = [f"store={store}", "job=distill", "model.arch=DiT-Tiny/4", "model.num_classes=0",
@@ -280,8 +280,8 @@ def test_embeddings_computed_at_ingest_are_the_encoders(captioned, tmp_path):
 
 
 def test_stored_embeddings_must_match_the_job(captioned, tmp_path):
-    from ddm.config import load
-    from ddm.job import JobConfig, check_inputs
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig, check_inputs
 
     prepared, encoder = captioned
     base = [f"store={prepared}", "partition=0", *TEXT, f"model.text.encoder={encoder}", STORED]
@@ -303,9 +303,9 @@ def test_a_job_on_stored_embeddings_needs_no_encoder(tmp_path):
     hub): a job reading them checks against the store alone; one that encodes needs the encoder."""
     import shutil
 
-    from ddm.config import load
-    from ddm.job import JobConfig, check_inputs
+    from ddm.core.config import load
     from ddm.models.text_encoder import make_tiny
+    from ddm.train.job import JobConfig, check_inputs
 
     encoder = make_tiny(str(tmp_path / "enc"), ["digit 3", "uppercase R"], hidden_size=32, layers=1, max_length=24)
     store = Store(str(tmp_path / "store"))

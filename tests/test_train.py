@@ -15,9 +15,9 @@ import torch
 
 from ddm.data.ingest import IngestConfig, ingest
 from ddm.data.partition import PartitionConfig, partition
-from ddm.exports import init_from_export
 from ddm.models.build import build_model
 from ddm.models.config import ModelConfig
+from ddm.models.pretrained import init_from
 from ddm.store import Store
 from tests.helpers import assert_same_weights, child_env, diffusers_dit, exported, partitioned_digits, summary
 
@@ -169,8 +169,8 @@ def test_with_no_usable_commit_the_job_starts_over_and_says_so(two_commits, tmp_
 
 
 def test_an_unreadable_export_counts_as_unfinished_and_is_written_again(two_commits, tmp_path):
-    from ddm.config import load
-    from ddm.job import JobConfig, is_finished
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig, is_finished
 
     store = fresh(two_commits, tmp_path)
     cfg = load(JobConfig, None, [f"store={store}", *TRAIN, "steps=8", "checkpoint.every=4"])
@@ -220,7 +220,7 @@ def test_a_job_starts_from_another_jobs_export(prepared, tmp_path):
     s = summary(run_cli(store, "partition=0", "steps=1", "checkpoint.every=1", "lr=1e-12", "model.time_freq_shift=1",
                         f"init_from={tmp_path}/diffusers-dit"))  # fmt: skip
     want = build_model(ModelConfig("DiT-Tiny/2", (1, 8, 8), num_classes=10, time_freq_shift=1))
-    init_from_export(want, f"{tmp_path}/diffusers-dit", Store(store))
+    init_from(want, f"{tmp_path}/diffusers-dit", Store(store))
     assert_same_weights(exported(store, "experts/00"), want.state_dict())
     assert (
         s["init_from"]["format"] == "diffusers DiTTransformer2DModel" and "learned sigma" in s["init_from"]["notes"][-1]
@@ -228,7 +228,7 @@ def test_a_job_starts_from_another_jobs_export(prepared, tmp_path):
 
 
 def test_each_rank_of_expert_parallelism_takes_its_own_experts_from_an_export():
-    from ddm.exports import rank_experts
+    from ddm.models.pretrained import rank_experts
 
     e = "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts"
     export = {f"{e}.{i}.fc1.weight": torch.full((1,), float(i)) for i in range(4)} | {"x.weight": torch.ones(1)}
@@ -251,8 +251,8 @@ def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
 
 
 def test_threads_follow_the_cpus_a_job_is_given(monkeypatch):
-    from ddm.config import load
-    from ddm.job import JobConfig
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig
     from ddm.train.trainer import threads_for
 
     cfg = load(JobConfig, None, ["store=x"])
@@ -267,9 +267,9 @@ def test_threads_follow_the_cpus_a_job_is_given(monkeypatch):
 
 
 def test_deepspeed_config_from_train_config():
-    from ddm.config import load
-    from ddm.job import JobConfig
+    from ddm.core.config import load
     from ddm.train.engine import deepspeed_config
+    from ddm.train.job import JobConfig
 
     raw = "engine.deepspeed={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 1.0}"
     cfg = load(
@@ -305,8 +305,8 @@ def test_deepspeed_config_from_train_config():
     ],
 )
 def test_bad_input_fails_before_training(prepared, tmp_path, overrides, match):
-    from ddm.config import load
-    from ddm.job import JobConfig, check_inputs
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig, check_inputs
 
     with pytest.raises(ValueError, match=match):
         check_inputs(load(JobConfig, None, [f"store={fresh(prepared, tmp_path)}", *TRAIN, *overrides]))
@@ -316,7 +316,7 @@ def test_bad_input_fails_before_training(prepared, tmp_path, overrides, match):
 
 
 def test_ray_train_settings_fill_in_and_never_override(monkeypatch):
-    from ddm.ray_runtime import LOCAL_TRAIN_ENV, TRAIN_ENV, train_env
+    from ddm.distributed.ray_runtime import LOCAL_TRAIN_ENV, TRAIN_ENV, train_env
 
     for k in (*TRAIN_ENV, *LOCAL_TRAIN_ENV):
         monkeypatch.delenv(k, raising=False)  # restored by monkeypatch after the test
@@ -332,10 +332,10 @@ def test_ray_train_settings_fill_in_and_never_override(monkeypatch):
 def test_the_trims_switch_reaches_the_workers(monkeypatch, tmp_path):
     """Ray's worker processes have the runtime's environment, not the command's: ``DDM_STARTUP_TRIMS``
     travels in the workers' env (which ``_worker`` applies before DeepSpeed is imported)."""
-    import ddm.ray_runtime
-    from ddm.config import load
-    from ddm.job import JobConfig
+    import ddm.distributed.ray_runtime
+    from ddm.core.config import load
     from ddm.launchers import ray_job
+    from ddm.train.job import JobConfig
 
     given = []
 
@@ -346,7 +346,7 @@ def test_the_trims_switch_reaches_the_workers(monkeypatch, tmp_path):
         def fit(self):
             return None
 
-    monkeypatch.setattr(ddm.ray_runtime, "trainer_class", lambda: Recorder)
+    monkeypatch.setattr(ddm.distributed.ray_runtime, "trainer_class", lambda: Recorder)
     cfg = load(JobConfig, None, [f"store={tmp_path}", "partition=0"])
     monkeypatch.setenv("DDM_STARTUP_TRIMS", "0")
     ray_job._fit(cfg, None, ray_job._worker, {"cfg": cfg, "env": {"DDM_FAULT": "x"}})
@@ -360,7 +360,7 @@ def test_ray_train_runs_without_a_dataset_manager_only_when_it_has_no_datasets(m
     from ray.train.v2._internal.callbacks import BackendSetupCallback, DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from ddm.ray_runtime import trainer_class
+    from ddm.distributed.ray_runtime import trainer_class
 
     def kinds(**datasets):
         trainer = trainer_class()(lambda c: None, scaling_config=ScalingConfig(num_workers=2), datasets=datasets)
@@ -376,7 +376,7 @@ def test_ray_train_runs_without_a_dataset_manager_only_when_it_has_no_datasets(m
 def test_muon_kernels_are_compiled_at_their_first_call_not_at_import():
     code = """
 import sys, torch
-from ddm.parallel import ensure_process_group, load_deepspeed
+from ddm.distributed.parallel import ensure_process_group, load_deepspeed
 ensure_process_group()
 load_deepspeed().init_distributed("gloo")
 from deepspeed.runtime import engine
@@ -401,7 +401,7 @@ print(compiled, all(torch.equal(o, muon.zeropower_via_newtonschulz5.__wrapped__(
 def ray_runtime():
     import ray
 
-    from ddm.ray_runtime import train_env
+    from ddm.distributed.ray_runtime import train_env
 
     train_env(local=True)  # ddm's Ray Train settings for a local runtime, as `ddm train` uses
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -410,16 +410,16 @@ def ray_runtime():
 
 
 def ray_cfg(store: str, *overrides: str):
-    from ddm.config import load
-    from ddm.job import JobConfig
+    from ddm.core.config import load
+    from ddm.train.job import JobConfig
 
     return load(JobConfig, None, [f"store={store}", *TRAIN, "ray.num_workers=2", "ray.max_failures=2", *overrides])
 
 
 def ray_train(cfg, env: dict | None = None) -> dict:
     """What `ddm train expert` does on a Ray cluster: resolve, check once, run the Ray Train job."""
-    from ddm.job import check_inputs, resolve
     from ddm.launchers.ray_job import run_job
+    from ddm.train.job import check_inputs, resolve
 
     cfg = resolve(cfg)
     check_inputs(cfg)
@@ -455,9 +455,9 @@ def test_ray_restarts_a_killed_worker_and_resumes(prepared, tmp_path, zero2_run)
     expert 1 (exported) and resume expert 0 from its commit at step 4 to the weights of the same job
     run alone and uninterrupted (so nothing of expert 1 leaked into it); the monolith, whose lease
     another holder has, is left out and said so."""
-    from ddm.job import check_inputs, resolve
     from ddm.launchers.ray_job import run_lane
-    from ddm.lease import holding
+    from ddm.store.lease import holding
+    from ddm.train.job import check_inputs, resolve
 
     store = fresh(prepared, tmp_path)
     env = {"DDM_FAULT": "step:5:0", "DDM_FAULT_ONCE": str(tmp_path / "fault-once")}  # kill rank 0 at step 5
@@ -652,7 +652,7 @@ def test_router_job_learns_the_partitions(prepared, tmp_path):
     assert low > 0.75 and low > high + 0.2, (low, high)  # high noise: near chance (0.5)
 
 
-# --- resume on another worker count (ddm.reshard) --------------------------------------------
+# --- resume on another worker count (ddm.checkpoint.reshard) --------------------------------------------
 
 
 def train_on(workers: int, store: str, *overrides: str) -> dict:
@@ -667,7 +667,7 @@ def train_on(workers: int, store: str, *overrides: str) -> dict:
 def on_ranks(module: str, store: str, world: int, *overrides: str) -> dict:
     """``python -m <module>`` on ``world`` ranks, as torchrun starts them (no Ray), one thread each
     as Ray's 1-CPU workers have (a later ``threads=`` wins); rank 0's JSON."""
-    from ddm.parallel import _free_port
+    from ddm.distributed.parallel import _free_port
 
     port = _free_port()
     cmd = [sys.executable, "-m", module, f"store={store}", *TRAIN, f"ray.num_workers={world}", "threads=1", *overrides]
@@ -747,7 +747,7 @@ def test_other_zero_stages_reshard_like_zero2(prepared, tmp_path, ray_runtime, z
 def test_a_checkpoint_without_portable_state_names_its_worker_count(prepared, tmp_path):
     """A commit of ddm < 0.3 (no portable state) on another worker count is a clear error, never a
     silent start-over: the 2-rank job's restore raises it before any engine is touched."""
-    from ddm.checkpoint import CheckpointManager
+    from ddm.checkpoint.manager import CheckpointManager
 
     store = fresh(prepared, tmp_path)
     train_on(1, store, "steps=2", "checkpoint.every=2")

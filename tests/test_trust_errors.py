@@ -15,9 +15,9 @@ from ddm.cli import main
 from ddm.data.ingest import IngestConfig, ingest
 from ddm.data.pipeline import ShardCommits
 from ddm.data.shards import Dataset
-from ddm.layout import DATA_DIR, PARTITIONS_DIR
 from ddm.store import ChecksumError, Store, StoreError
-from ddm.urls import check_store_url
+from ddm.store.layout import DATA_DIR, PARTITIONS_DIR
+from ddm.store.urls import check_store_url
 from tests.test_data import _tar
 
 from .conftest import BUCKET, SECRET
@@ -167,7 +167,7 @@ def test_disk_full_is_one_line_naming_the_path_and_bugs_still_show_a_traceback(t
     assert "no space left" in err.lower() and url in err and "free space" in err
     monkeypatch.undo()
 
-    from ddm.retries import refusal
+    from ddm.store.retries import refusal
 
     def full_disk(rel, sink):  # the local copy of a stored file fills the disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -181,7 +181,7 @@ def test_disk_full_is_one_line_naming_the_path_and_bugs_still_show_a_traceback(t
     assert f"no space left on device ({local})" in str(caught.value) and not os.path.exists(local)
     assert refusal(caught.value.__cause__) == str(caught.value)
 
-    from ddm import commands
+    from ddm.cli import commands
 
     def bug(args):
         raise KeyError("a programming error")

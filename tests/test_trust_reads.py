@@ -17,8 +17,8 @@ import shutil
 import pytest
 import torch
 
-from ddm.layout import ENSEMBLE_FILE, UnsafeName
 from ddm.store import ChecksumError, Store
+from ddm.store.layout import ENSEMBLE_FILE, UnsafeName
 from tests.helpers import digits_store
 
 CAPTIONS = ["digit 3 in bold", "uppercase R thin", "lowercase q italic"]
@@ -112,9 +112,9 @@ def _text_exports(store: Store, record: dict) -> dict:
 
 
 def test_sampling_checks_the_encoder_against_what_the_exports_recorded(encoders, tmp_path):
+    from ddm.ensemble.sample import prompted
+    from ddm.ensemble.settings import SampleConfig
     from ddm.models.text_encoder import TextEncoder
-    from ddm.sample import prompted
-    from ddm.settings import SampleConfig
 
     store = Store(str(tmp_path / "run"))
     publish(encoders[0], store)
@@ -144,7 +144,7 @@ def _edit(store: Store, change) -> None:
 
 
 def test_a_truncated_ensemble_file_is_one_error_naming_it(old_store):
-    from ddm.assemble import load_ensemble
+    from ddm.ensemble.assemble import load_ensemble
 
     old_store.write_bytes(ENSEMBLE_FILE, old_store.read_bytes(ENSEMBLE_FILE)[:40])
     with pytest.raises(ValueError, match=rf"{old_store.url}/ensemble\.json is not a valid ensemble description"):
@@ -152,7 +152,7 @@ def test_a_truncated_ensemble_file_is_one_error_naming_it(old_store):
 
 
 def test_ensemble_names_that_escape_are_refused_before_use(old_store, tmp_path):
-    from ddm.assemble import load_ensemble
+    from ddm.ensemble.assemble import load_ensemble
 
     victim = tmp_path / "victim.safetensors"
     victim.write_bytes(b"someone else's weights")
@@ -168,7 +168,7 @@ def test_ensemble_names_that_escape_are_refused_before_use(old_store, tmp_path):
 
 
 def test_an_ensemble_written_by_a_newer_ddm_is_refused_as_such(old_store):
-    from ddm.assemble import load_ensemble
+    from ddm.ensemble.assemble import load_ensemble
 
     _edit(old_store, lambda d: d.update(format_version=2, ddm_version="0.9.1"))
     with pytest.raises(ValueError, match=r"ensemble\.json was written by ddm 0\.9\.1; this is ddm 0\.2\.0"):
@@ -177,7 +177,7 @@ def test_an_ensemble_written_by_a_newer_ddm_is_refused_as_such(old_store):
 
 def test_assemble_records_its_version_and_keeps_an_older_equal_file(old_store):
     from ddm import __version__
-    from ddm.assemble import assemble, load_ensemble
+    from ddm.ensemble.assemble import assemble, load_ensemble
 
     before = old_store.read_bytes(ENSEMBLE_FILE)
     assert assemble(old_store) == json.loads(before)  # ddm 0.1's file, the same ensemble: kept as it is
@@ -195,7 +195,7 @@ def test_assemble_records_its_version_and_keeps_an_older_equal_file(old_store):
 
 
 def test_assemble_refuses_experts_trained_with_different_encoder_files(encoders):
-    from ddm.assemble import _same_encoder
+    from ddm.ensemble.assemble import _same_encoder
     from ddm.models.text_encoder import TextEncoder
 
     a, b = TextEncoder.load(encoders[0]).describe(), TextEncoder.load(encoders[1]).describe()
@@ -290,7 +290,7 @@ class _Payload:
 
 
 def test_fid_weights_are_read_without_running_pickled_code(tmp_path):
-    from ddm.metrics import load_state_dict_safely
+    from ddm.eval.metrics import load_state_dict_safely
 
     plain = tmp_path / "plain.pth"
     torch.save({"conv.weight": torch.ones(2, 3), "conv.bias": torch.zeros(2)}, plain)
@@ -302,7 +302,7 @@ def test_fid_weights_are_read_without_running_pickled_code(tmp_path):
     with pytest.raises(ValueError, match=r"evil\.pth.*refus"):
         load_state_dict_safely(str(evil))
     assert not marker.exists()  # nothing ran
-    from ddm.transfer import file_digest
+    from ddm.store.transfer import file_digest
 
     good = file_digest(str(plain))["sha256"]
     assert load_state_dict_safely(str(plain), good).keys() == state.keys()
@@ -311,7 +311,7 @@ def test_fid_weights_are_read_without_running_pickled_code(tmp_path):
 
 
 def test_fid_weights_in_the_torch_cache_are_checked_against_the_pinned_digest(tmp_path, monkeypatch):
-    from ddm.metrics import FID_WEIGHTS, FID_WEIGHTS_SHA256, FID_WEIGHTS_URL, fid_state_dict
+    from ddm.eval.metrics import FID_WEIGHTS, FID_WEIGHTS_SHA256, FID_WEIGHTS_URL, fid_state_dict
 
     assert FID_WEIGHTS_URL.endswith(FID_WEIGHTS) and FID_WEIGHTS_SHA256.startswith(FID_WEIGHTS.split("-")[-1][:8])
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

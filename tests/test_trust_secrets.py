@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddm.secrets import check_forwarded, check_token_transport, looks_secret, redact_url, redact_urls
+from ddm.core.secrets import check_forwarded, check_token_transport, looks_secret, redact_url, redact_urls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,7 +238,7 @@ def test_the_example_islands_file_sends_its_tokens_safely(monkeypatch):
 
 
 def test_connecting_to_a_remote_cluster_with_a_token_in_the_clear_is_refused(monkeypatch):
-    from ddm.ray_runtime import ray_cluster
+    from ddm.distributed.ray_runtime import ray_cluster
 
     monkeypatch.delenv("DDM_ALLOW_PLAINTEXT_TOKEN", raising=False)
     monkeypatch.delenv("RAY_USE_TLS", raising=False)
@@ -277,7 +277,7 @@ def test_the_dataset_manifest_records_its_source_without_credentials(tmp_path):
 def test_logs_never_carry_credentials_in_urls():
     """Whatever module logs a URL, the one logging set-up redacts its userinfo and signed query."""
     code = (
-        "import logging\nfrom ddm.logs import setup_logging\nsetup_logging()\n"
+        "import logging\nfrom ddm.core.logs import setup_logging\nsetup_logging()\n"
         "logging.getLogger('ddm.x').warning('reading %s', 'https://alice:hunter2@host/x?X-Amz-Signature=f00d')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -293,7 +293,7 @@ def test_a_local_runtime_resolves_its_node_address_to_loopback():
     ``loopback_node`` (the local runtime's ray.init) it stays 127.0.0.1, and only there."""
     from ray._private import services
 
-    from ddm.ray_runtime import loopback_node
+    from ddm.distributed.ray_runtime import loopback_node
 
     with loopback_node():
         assert services.get_node_ip_address() == "127.0.0.1"
@@ -311,7 +311,7 @@ def test_the_local_runtime_listens_on_loopback_only():
     import psutil
     import ray
 
-    from ddm.ray_runtime import ray_cluster
+    from ddm.distributed.ray_runtime import ray_cluster
 
     with ray_cluster(num_cpus=1, log_to_driver=False):
         ray.get(ray.remote(lambda: 1).remote())

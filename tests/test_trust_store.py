@@ -17,13 +17,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ddm import layout
-from ddm.checkpoint import CheckpointManager
-from ddm.config import load
-from ddm.exports import cached_weights
-from ddm.job import JobConfig
-from ddm.lease import Lease, fenced
-from ddm.store import NotCommittedError, Store, StoreError
+from ddm.checkpoint.manager import CheckpointManager
+from ddm.core.config import load
+from ddm.models.exports import cached_weights
+from ddm.store import NotCommittedError, Store, StoreError, layout
+from ddm.store.lease import Lease, fenced
+from ddm.train.job import JobConfig
 from tests.helpers import child_env, partitioned_digits, summary
 
 TRAIN = ["partition=0", "global_batch_size=16", "log_every=1", "seed=3", "threads=1"]
@@ -280,9 +279,9 @@ def test_a_commit_published_after_a_takeover_is_not_a_commit(tmp_path, monkeypat
     writes = fenced(Store(url), a.acquire())
     writes.write_json("experts/00/export/model.json", {"a": 1})
     go = tmp_path / "go"
-    import ddm.store
+    import ddm.store.store
 
-    monkeypatch.setattr(ddm.store, "_COMMITS", iter([1]))
+    monkeypatch.setattr(ddm.store.store, "_COMMITS", iter([1]))
     monkeypatch.setenv("DDM_FAULT", "publish:1")
     monkeypatch.setenv("DDM_FAULT_ACTION", "pause")
     monkeypatch.setenv("DDM_FAULT_GO", str(go))
@@ -330,7 +329,7 @@ def test_an_s3_conflict_on_create_counts_as_losing_the_race(monkeypatch):
 
 
 def _plan(store_url: str, **changes) -> dict:
-    from ddm.config import to_dict
+    from ddm.core.config import to_dict
 
     cfg = to_dict(load(JobConfig, None, [f"store={store_url}", "partition=0"]))
     job = {"name": "expert-00", "island": "a", "run_dir": "experts/00", "config": cfg, **changes}
@@ -360,7 +359,7 @@ def test_a_plan_that_names_paths_outside_or_other_stores_is_refused(tmp_path, ch
 
 
 def test_an_export_of_a_newer_ddm_is_refused_as_such(prepared, tmp_path):
-    from ddm.exports import read_export
+    from ddm.models.exports import read_export
 
     store = Store(fresh(prepared, tmp_path))
     run = store.child("experts/00")
@@ -374,14 +373,14 @@ def test_an_export_of_a_newer_ddm_is_refused_as_such(prepared, tmp_path):
 def test_a_late_write_over_the_new_holders_commit_costs_it_nothing(tmp_path, monkeypatch):
     """As above, but B commits the same folder before A's late manifest lands on top of B's: readers
     take B's commit (kept beside as ``.MANIFEST.<generation>.json``), not A's, and not nothing."""
-    import ddm.store
+    import ddm.store.store
 
     url = str(tmp_path / "store")
     a = Lease(Store(url), "experts/00", "writer A", ttl_s=2.0)
     writes_a = fenced(Store(url), a.acquire())
     writes_a.write_json("experts/00/export/model.json", {"by": "A"})
     go = tmp_path / "go"
-    monkeypatch.setattr(ddm.store, "_COMMITS", iter([1, 2]))
+    monkeypatch.setattr(ddm.store.store, "_COMMITS", iter([1, 2]))
     monkeypatch.setenv("DDM_FAULT", "publish:1")
     monkeypatch.setenv("DDM_FAULT_ACTION", "pause")
     monkeypatch.setenv("DDM_FAULT_GO", str(go))

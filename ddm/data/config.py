@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ddm.config import to_dict
+from ddm.core.config import to_dict
+from ddm.core.secrets import redact_url
 from ddm.data.pipeline import check_runner
-from ddm.secrets import redact_url
 
 # How an ingest runs, not what it makes: left out when a re-run is compared with the dataset.
 INGEST_EXECUTION = ("runner", "workers", "encode_batch_size", "encode_actors", "actors_per_gpu")

@@ -20,9 +20,9 @@ from safetensors.numpy import save as save_safetensors
 from ddm import __version__
 from ddm.data.pipeline import ShardCommits, Stage, connected, model_stage, run_units, worker_url
 from ddm.data.shards import FEATURES_FORMAT, Dataset, check_format
-from ddm.layout import features_dir, safe_relpath
-from ddm.lease import fenced, holding
 from ddm.store import Store
+from ddm.store.layout import features_dir, safe_relpath
+from ddm.store.lease import fenced, holding
 
 log = logging.getLogger("ddm.partition")
 
@@ -86,7 +86,7 @@ class DINOv2Features:
 
     def load(self) -> "DINOv2Features":
         """Load the network (in the worker that runs it; the driver only checks that it loads)."""
-        from ddm.data.encoders import DINOv2Model
+        from ddm.data.encoders import DINOv2Model  # torch and transformers: in the worker that runs DINOv2 only
 
         self.model = DINOv2Model(self.spec, self.batch_size, seed=self.seed)
         return self

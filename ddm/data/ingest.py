@@ -49,17 +49,17 @@ import time
 import numpy as np
 
 from ddm import __version__
-from ddm.config import to_dict
+from ddm.core.config import to_dict
+from ddm.core.logs import progress
+from ddm.core.secrets import redact_url
 from ddm.data.config import INGEST_EXECUTION as EXECUTION
 from ddm.data.config import IngestConfig
 from ddm.data.pipeline import ShardCommits, Stage, connected, model_stage, run_units, worker_url
 from ddm.data.shards import DATASET_FORMAT, check_format, encode_shard, shard_name
 from ddm.data.sources import generated_units, load_unit, open_source
-from ddm.layout import DATA_DIR
-from ddm.lease import Token, fenced, holding
-from ddm.logs import progress
-from ddm.secrets import redact_url
 from ddm.store import Store
+from ddm.store.layout import DATA_DIR
+from ddm.store.lease import Token, fenced, holding
 
 log = logging.getLogger("ddm.ingest")
 
@@ -73,7 +73,7 @@ def ingest(cfg: IngestConfig, store: Store, address: str | None = None) -> dict:
     nothing and returns its manifest; a different config there is an error (nothing is overwritten).
     A crashed ingest's committed shards are kept and the rest redone when the config is the same
     (another config's leftovers are removed). One ingest writes at a time: it holds the lease on
-    data/ (``ddm.lease``), and a second one is refused. ``address``: the Ray cluster for
+    data/ (``ddm.store.lease``), and a second one is refused. ``address``: the Ray cluster for
     ``runner=ray`` (default: the one this process is connected to, or a local runtime).
     """
     store.check_reachable()
@@ -197,7 +197,7 @@ class EncodeUnit:
     """A unit's images -> SD-VAE latents (an actor: the VAE loads once)."""
 
     def __init__(self, spec: str, batch_size: int, seed: int):
-        from ddm.data.encoders import VAEEncoder
+        from ddm.data.encoders import VAEEncoder  # torch: in the worker that encodes only
 
         self.encoder = VAEEncoder(spec, batch_size, seed)
 
@@ -213,8 +213,8 @@ class EmbedCaptions:
     encoder loads once, on this worker's GPU if it has one)."""
 
     def __init__(self, cfg: IngestConfig, store: str):
-        from ddm.data.encoders import device
-        from ddm.models.text_encoder import TextEncoder
+        from ddm.data.encoders import device  # torch: in the worker that encodes only
+        from ddm.models.text_encoder import TextEncoder  # torch: in the worker that encodes only
 
         self.encoder = TextEncoder.load(cfg.text_encoder, cfg.text_length, device(), store)  # store: its URL
         self.dtype, self.batch_size = np.dtype(cfg.text_dtype), cfg.encode_batch_size

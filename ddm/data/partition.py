@@ -35,16 +35,16 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from ddm import __version__
-from ddm.config import to_dict
+from ddm.core.config import to_dict
+from ddm.core.logs import progress
 from ddm.data.config import PARTITION_EXECUTION as EXECUTION
 from ddm.data.config import PartitionConfig
 from ddm.data.features import EXTRACTOR_STATE, Features, stored_features
 from ddm.data.pipeline import Stage, connected, run_units, worker_url
 from ddm.data.shards import PARTITIONS_FORMAT, Dataset, partitions_manifest, write_parquet_bytes
-from ddm.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
-from ddm.lease import holding
-from ddm.logs import progress
 from ddm.store import Store
+from ddm.store.layout import ASSIGNMENTS, CENTROIDS, DATA_DIR, PARTITIONS_DIR
+from ddm.store.lease import holding
 
 log = logging.getLogger("ddm.partition")
 
@@ -119,7 +119,7 @@ def partition(cfg: PartitionConfig, store: Store, address: str | None = None, dr
 
     Re-running with the same config on committed partitions does nothing; a different config is
     an error (partitions define the experts: they are never overwritten in place). One partition
-    writes at a time: it holds the lease on partitions/ (``ddm.lease``). ``dry_run``: compute and
+    writes at a time: it holds the lease on partitions/ (``ddm.store.lease``). ``dry_run``: compute and
     return the partitions' sizes without writing them (features are stored, so trying several K
     costs one feature pass). ``address``: the Ray cluster for ``runner=ray``.
     """

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from ddm.layout import SHARDS_DIR, UnsafeName, check_digest, safe_relpath
-from ddm.logs import progress
-from ddm.ray_runtime import ray_cluster
+from ddm.core.logs import progress
+from ddm.distributed.ray_runtime import ray_cluster
 from ddm.store import Store, absolute_url
+from ddm.store.layout import SHARDS_DIR, UnsafeName, check_digest, safe_relpath
 
 log = logging.getLogger("ddm.data")
 
@@ -328,7 +328,7 @@ def _entry_ok(name: object, entry: object) -> bool:
 
 
 def is_temporary(name: str) -> bool:
-    """A store's temporary file (``ddm.store`` writes ``.tmp-<uuid>-<name>`` locally, then renames it):
+    """A store's temporary file (``ddm.store.store`` writes ``.tmp-<uuid>-<name>`` locally, then renames it):
     never data, whatever its name ends with."""
     return name.startswith(TEMP_PREFIX)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ddm.data.shards import Dataset, Shard, partitions_manifest, read_parquet_bytes
-from ddm.layout import ASSIGNMENTS, PARTITIONS_DIR
 from ddm.store import Store
+from ddm.store.layout import ASSIGNMENTS, PARTITIONS_DIR
 
 
 class PartitionReader:

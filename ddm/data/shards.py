@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddm import __version__
-from ddm.layout import DATA_DIR, PARTITIONS_DIR, SHARDS_DIR, safe_relpath
-from ddm.store import MANIFEST, Store
+from ddm.store.layout import DATA_DIR, PARTITIONS_DIR, SHARDS_DIR, safe_relpath
+from ddm.store.store import MANIFEST, Store
 
 DATASET_FORMAT = 2  # data/MANIFEST.json: 2 lists its shards (format 1 numbered them)
 PARTITIONS_FORMAT = 1  # partitions/MANIFEST.json

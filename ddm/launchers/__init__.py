@@ -5,4 +5,6 @@
 - ``islands``: ``ddm submit`` / ``status`` / ``resume``, one Ray job per expert across clusters.
 
 ``spec`` holds the run spec that ``ddm run`` and ``ddm submit`` share and the jobs it makes.
+
+May import: core, store, distributed, models, data, ensemble, train, eval.
 """

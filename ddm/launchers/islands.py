@@ -19,11 +19,17 @@ import shlex
 import time
 from typing import Any
 
-from ddm import layout
-from ddm.assemble import assemble
+from ddm.core.secrets import (
+    check_forwarded,
+    check_token_transport,
+    ray_token_auth,
+    redact_url,
+    redact_urls,
+    url_credentials,
+)
 from ddm.data.ingest import ingest
 from ddm.data.partition import partition
-from ddm.job import check_inputs, is_finished
+from ddm.ensemble.assemble import assemble
 from ddm.launchers.plan import (
     Island,
     IslandsConfig,
@@ -37,9 +43,9 @@ from ddm.launchers.plan import (
     submission_record,
 )
 from ddm.launchers.spec import RunSpec, check_no_secrets, make_text_encoder
-from ddm.lease import holding
-from ddm.secrets import check_forwarded, check_token_transport, ray_token_auth, redact_url, redact_urls, url_credentials
-from ddm.store import Store, absolute_url
+from ddm.store import Store, absolute_url, layout
+from ddm.store.lease import holding
+from ddm.train.job import check_inputs, is_finished
 
 log = logging.getLogger("ddm.islands")
 
@@ -56,7 +62,7 @@ def client(name: str, island: Island):
     """A Ray Jobs client for the island, with errors that say what is wrong and where (its address
     redacted: ``user:password@`` never shows). A token (the island's own, or Ray's with
     ``RAY_AUTH_MODE=token``) or a password in the address goes to another machine over TLS only
-    (``ddm.secrets.check_token_transport``)."""
+    (``ddm.core.secrets.check_token_transport``)."""
     from ray.job_submission import JobSubmissionClient
 
     address = redact_url(island.address)
@@ -139,7 +145,7 @@ def _submission(islands: IslandsConfig, job: dict, env: dict[str, str], sid: str
 
 
 def _check_submission(islands: IslandsConfig, job: dict, env: dict[str, str]) -> None:
-    """``ddm.secrets.check_forwarded`` over all a job's submission sends its island, and over its
+    """``ddm.core.secrets.check_forwarded`` over all a job's submission sends its island, and over its
     config (which the job reads from the store, and Ray keeps with the run)."""
     sid = submission_id(islands.store, job["name"], 0)
     check_forwarded(
@@ -175,7 +181,7 @@ def submit(
     Islands are contacted before anything is written (a new submission: every island of the file;
     a resume: those it needs), so a wrong address or refused credentials change nothing. ``moves``
     (a resume: job name -> island) sends unfinished jobs to other islands, with those islands'
-    overrides (another worker count, GPUs: the job reshards its checkpoint, ``ddm.reshard``).
+    overrides (another worker count, GPUs: the job reshards its checkpoint, ``ddm.checkpoint.reshard``).
     """
     islands, store = _resolved(islands)
     env = _forwarded_env(islands)
@@ -232,7 +238,7 @@ def submit(
 
 def _moved(plan: dict, islands: IslandsConfig, moves: dict[str, str]) -> dict:
     """The plan with each job of ``moves`` on its new island, under that island's overrides; a
-    move may change only what a resumed job may change (``ddm.job.RESUMABLE``)."""
+    move may change only what a resumed job may change (``ddm.train.job.RESUMABLE``)."""
     if not moves:
         return plan
     jobs = {j["name"]: j for j in plan["jobs"]}

@@ -16,14 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ddm import layout
-from ddm.config import deep_merge, from_dict, load, to_dict
-from ddm.job import JobConfig, config_changes
+from ddm.core.config import deep_merge, from_dict, load, to_dict
+from ddm.core.secrets import check_forwarded, looks_secret, redact_url
 from ddm.launchers.spec import RunSpec, jobs
-from ddm.layout import run_id, safe_relpath
-from ddm.secrets import check_forwarded, looks_secret, redact_url
-from ddm.store import Store, absolute_url
-from ddm.urls import check_store_url
+from ddm.store import Store, absolute_url, layout
+from ddm.store.layout import run_id, safe_relpath
+from ddm.store.urls import check_store_url
+from ddm.train.job import JobConfig, config_changes
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -184,7 +183,7 @@ def planned_config(job: dict) -> JobConfig:
 
 def relocated(job: dict, island: str, islands: IslandsConfig) -> dict:
     """A planned job (as the plan stores it) on another island, under that island's overrides,
-    which may change only what a resumed job may change (``ddm.job.RESUMABLE``: workers, GPUs,
+    which may change only what a resumed job may change (``ddm.train.job.RESUMABLE``: workers, GPUs,
     steps, checkpoint settings; the job reshards its checkpoint to the new worker count)."""
     config = to_dict(_with_overrides(planned_config(job), islands.islands[island].overrides))
     diffs = config_changes(job["config"], config)

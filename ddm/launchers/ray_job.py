@@ -25,11 +25,12 @@ import os
 import time
 from contextlib import ExitStack
 
-from ddm import layout
-from ddm.job import JobConfig
-from ddm.lease import fenced
-from ddm.logs import setup_logging
-from ddm.store import Store
+from ddm.core.logs import setup_logging
+from ddm.distributed import ray_runtime
+from ddm.store import Store, layout
+from ddm.store.lease import LeaseHeld, fenced
+from ddm.store.retries import retryable_job_error
+from ddm.train.job import JobConfig, is_finished
 
 # No torch or DeepSpeed at import: Ray Train's controller unpickles ``_worker`` (and so imports this
 # module) in a process of its own that never trains; the workers import them in ``_worker``.
@@ -46,8 +47,8 @@ def _worker(config: dict) -> None:
     import ray
     import ray.train
 
-    from ddm.parallel import rank_device
-    from ddm.train.trainer import train
+    from ddm.distributed.parallel import rank_device  # torch and DeepSpeed: in the Ray workers, not the driver
+    from ddm.train.trainer import train  # torch and DeepSpeed: in the Ray workers, not the driver
 
     cfg: JobConfig = config["cfg"]
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())  # DeepSpeed reads it (CPU)
@@ -108,7 +109,7 @@ def run_job(
     if not ray.is_initialized():
         raise ValueError("not connected to a Ray cluster: run the job inside ray_cluster(address)")
     _check_threads(cfg)
-    from ddm.train.trainer import job_lease
+    from ddm.train.trainer import job_lease  # torch and DeepSpeed: a driver that only submits loads neither
 
     with job_lease(cfg, force, lease_wait_s) as token:
         try:
@@ -168,9 +169,7 @@ def run_lane(cfgs: list[JobConfig], storage_path: str | None = None, env: dict[s
     finished in the store)."""
     import ray
 
-    from ddm.job import is_finished
-    from ddm.lease import LeaseHeld
-    from ddm.train.trainer import job_lease
+    from ddm.train.trainer import job_lease  # torch and DeepSpeed: a driver that only submits loads neither
 
     if not ray.is_initialized():
         raise ValueError("not connected to a Ray cluster: run the jobs inside ray_cluster(address)")
@@ -207,8 +206,6 @@ def _lane_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ddm.job import is_finished
-
     for cfg, lease in zip(config["cfgs"], config["leases"]):
         done = [is_finished(cfg)]  # trained before Ray restarted this lane; rank 0 decides for all
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -228,12 +225,10 @@ def _fit(cfg: JobConfig, storage_path: str | None, worker, config: dict, max_fai
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from ddm.ray_runtime import train_env, trainer_class, trims_env
-
-    train_env()  # Ray Train's controller polls its workers every 0.5 s, not 2 (ddm.ray_runtime)
-    config = {**config, "env": {**trims_env(), **config["env"]}}  # the trims' switch reaches the workers
+    ray_runtime.train_env()  # Ray Train's controller polls its workers every 0.5 s, not 2 (ddm.distributed.ray_runtime)
+    config = {**config, "env": {**ray_runtime.trims_env(), **config["env"]}}  # the trims' switch reaches the workers
     name = run_name(cfg) + (f"-{suffix}" if suffix else "")
-    trainer = with_no_retry_policy(trainer_class())(
+    trainer = with_no_retry_policy(ray_runtime.trainer_class())(
         train_loop_per_worker=worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
@@ -263,10 +258,9 @@ def _fit(cfg: JobConfig, storage_path: str | None, worker, config: dict, max_fai
 
 
 def worker_error(error: BaseException) -> BaseException | None:
-    """The first worker error of a failed Ray Train run that no restart can fix (``ddm.retries.
+    """The first worker error of a failed Ray Train run that no restart can fix (``ddm.store.retries.
     retryable_job_error``: a checksum mismatch, bad input, a lost lease, refused credentials), unwrapped
     from Ray's ``WorkerGroupError``; None when every worker's error may pass on a restart."""
-    from ddm.retries import retryable_job_error
 
     failures = getattr(error, "worker_failures", None)
     if not isinstance(failures, dict):

@@ -19,22 +19,21 @@ import logging
 import time
 from contextlib import contextmanager
 
-from ddm import layout
-from ddm.assemble import assemble, read_ensemble
-from ddm.budget import arm_of
-from ddm.curves import learning_curves
+from ddm.core.logs import progress
 from ddm.data.ingest import ingest
 from ddm.data.partition import partition
-from ddm.evaluate import evaluate
-from ddm.job import JobConfig, check_inputs, is_finished, with_teacher
+from ddm.distributed.ray_runtime import ray_cluster
+from ddm.ensemble.assemble import assemble, read_ensemble
+from ddm.ensemble.sample import sample
+from ddm.eval.curves import learning_curves
+from ddm.eval.evaluate import evaluate
+from ddm.eval.report import write_report
 from ddm.launchers.ray_job import ray_lane, ray_task, summary_of
 from ddm.launchers.spec import RunSpec, check_no_secrets, jobs, make_text_encoder, student
-from ddm.lease import default_ttl, holding
-from ddm.logs import progress
-from ddm.ray_runtime import ray_cluster
-from ddm.report import write_report
-from ddm.sample import sample
-from ddm.store import Store
+from ddm.store import Store, layout
+from ddm.store.lease import default_ttl, holding
+from ddm.train.budget import arm_of
+from ddm.train.job import JobConfig, check_inputs, is_finished, with_teacher
 
 log = logging.getLogger("ddm.run")
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ddm.budget import BudgetConfig, plan
-from ddm.config import apply_overrides, from_dict, to_dict
+from ddm.core.config import apply_overrides, from_dict, to_dict
+from ddm.core.secrets import check_forwarded
 from ddm.data.config import IngestConfig, PartitionConfig
-from ddm.job import JobConfig
-from ddm.layout import TEXT_ENCODER_DIR
+from ddm.ensemble.rules import Rule
+from ddm.ensemble.settings import SampleConfig
+from ddm.eval.settings import EvalConfig
 from ddm.models.config import ModelConfig
 from ddm.models.text_config import IN_STORE
-from ddm.rules import Rule
-from ddm.secrets import check_forwarded
-from ddm.settings import EvalConfig, SampleConfig
 from ddm.store import Store, absolute_url
+from ddm.store.layout import TEXT_ENCODER_DIR
+from ddm.train.budget import BudgetConfig, plan
+from ddm.train.job import JobConfig
 
 TINY_ENCODER = f"{IN_STORE}{TEXT_ENCODER_DIR}"  # the tiny encoder, named inside the run's store: it moves with it
 
@@ -71,7 +72,7 @@ class RunSpec:
     # The router: a DiT-Micro by default, ~5% of a DiT-Tiny expert's forward (the paper's is ~4%).
     router: JobConfig = field(default_factory=lambda: JobConfig(job="router", model=ModelConfig(arch="DiT-Micro/4")))
     monolith: bool = False  # also train one model on all data with the experts' + router's training FLOPs
-    # How the ensemble and the monoliths share the budget (ddm.budget): by default, with a monolith,
+    # How the ensemble and the monoliths share the budget (ddm.train.budget): by default, with a monolith,
     # the paper's split: expert.global_batch_size is the global batch B, each expert trains at B/K.
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     distill_steps: int = 0  # > 0: distil the ensemble into one expert-sized student for this many steps
@@ -152,7 +153,7 @@ class RunSpec:
 
 def jobs(spec: RunSpec, num_partitions: int, expert_steps: list[int] | None = None) -> list[JobConfig]:
     """The training jobs of the spec, experts first (``expert_steps``: each expert's steps, default
-    the spec's), then the router, then the monoliths the budget trains (``ddm.budget.plan``)."""
+    the spec's), then the router, then the monoliths the budget trains (``ddm.train.budget.plan``)."""
     base = {"store": spec.store, "seed": spec.seed}
     expert = dataclasses.replace(spec.expert, **base)
     router = dataclasses.replace(spec.router, **base)
@@ -180,7 +181,7 @@ PLANNED = ("store", "seed", "job", "partition", "folder", "global_batch_size", "
 
 
 def check_no_secrets(spec: RunSpec) -> None:
-    """What the spec's job configs are made of carries no secret (``ddm.secrets.check_forwarded``):
+    """What the spec's job configs are made of carries no secret (``ddm.core.secrets.check_forwarded``):
     Ray keeps each job's config with its run, on whatever cluster runs it, and every checkpoint and
     the islands' plan store it."""
     check_forwarded(
@@ -218,8 +219,12 @@ def make_text_encoder(spec: RunSpec, store: Store) -> None:
     import os
     import tempfile
 
-    from ddm.data.sources import first_captions
-    from ddm.models.text_encoder import make_tiny
+    from ddm.data.sources import (
+        first_captions,
+    )  # torch and pyarrow: only where a tiny encoder is made, not where a spec loads
+    from ddm.models.text_encoder import (
+        make_tiny,
+    )  # torch and pyarrow: only where a tiny encoder is made, not where a spec loads
 
     logging.getLogger("ddm.run").info("making a tiny %s text encoder from %d captions", tiny.kind, tiny.captions)
     captions = first_captions(spec.ingest, tiny.captions)

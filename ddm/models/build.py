@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddm.models.config import DIT_SIZES, MLP_SIZES, MMDIT_SIZES, ModelConfig
+from ddm.models.config import DIT_SIZES, MLP_SIZES, MMDIT_SIZES, ModelConfig, TextConfig
 from ddm.models.dit import DiT, DiTRouter
 from ddm.models.mlp import MLPRouter, MLPVelocity
+from ddm.models.mmdit import MMDiT, MMDiTRouter
+from ddm.models.text_dit import TextDiT, TextDiTRouter
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -16,14 +18,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return MLPVelocity(MLP_SIZES[cfg.arch], cfg.data_shape[0], cfg.num_classes, cfg.class_dropout_prob)
     c, h, _ = cfg.data_shape
     if cfg.arch in MMDIT_SIZES:
-        from ddm.models.mmdit import MMDiT
-
         t = cfg.text
         return MMDiT(MMDIT_SIZES[cfg.arch], h, c, t.dim, t.length, t.caption_dropout_prob, cfg.mlp_ratio, t.pooled)
     size = DIT_SIZES[cfg.arch]
     if cfg.text.enabled:
-        from ddm.models.text_dit import TextDiT
-
         t = cfg.text
         return TextDiT(size, h, c, t.dim, t.length, t.caption_dropout_prob, cfg.mlp_ratio, cfg.moe, t.pooled)
     return DiT(
@@ -44,8 +42,6 @@ def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
     if cfg.moe.enabled:
         raise ValueError("routers are dense: set moe.num_experts=0 in the router model config")
     if cfg.arch in MMDIT_SIZES:
-        from ddm.models.mmdit import MMDiTRouter
-
         c, h, _ = cfg.data_shape
         t = cfg.text
         return MMDiTRouter(
@@ -60,8 +56,6 @@ def build_router(cfg: ModelConfig, num_partitions: int) -> nn.Module:
             t.pooled,
         )
     if cfg.text.enabled:
-        from ddm.models.text_dit import TextDiTRouter
-
         c, h, _ = cfg.data_shape
         t = cfg.text
         size = DIT_SIZES[cfg.arch]
@@ -88,8 +82,6 @@ def preset_table() -> str:
             model = build_model(ModelConfig(name, (4, 32, 32) if dit else (2,), num_classes=1000 if dit else 0))
         n = sum(p.numel() for p in model.parameters())
         lines.append(f"{name:<12}{n / 1e6:>9.2f}M  {'32x32x4 latents, 1000 classes' if dit else '2-D points'}")
-    from ddm.models.config import TextConfig
-
     t5 = TextConfig(encoder="google/t5-v1_1-xl", dim=2048, length=120)  # the paper's MMDiT experts' text encoder
     for name in MMDIT_SIZES:
         with torch.device("meta"):

@@ -190,7 +190,7 @@ class ModelConfig:
 PATHS = ("linear", "cosine", "vp")
 PREDICTIONS = ("velocity", "epsilon")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
-SAMPLERS = ("euler", "heun")  # the ODE solvers of ddm.flow.FlowMatching.sample
+SAMPLERS = ("euler", "heun")  # the ODE solvers of ddm.models.flow.FlowMatching.sample
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ class FlowConfig:
         steps, in continuous time: beta(t) = 0.1 + 19.9 t, alpha_bar(t) = exp(-0.1 t - 9.95 t^2)).
     prediction: what the network predicts: "velocity" (flow matching) or "epsilon" (the noise,
         as DDPM: with path "vp" a DDPM expert). An ensemble converts every expert's prediction to
-        its own velocity at each step (``ddm.flow.converted``), so experts of either kind mix.
+        its own velocity at each step (``ddm.models.flow.converted``), so experts of either kind mix.
     time_sampling: "logit_normal" puts more training steps at intermediate t, which SD3 found
         better for images; "uniform" is the textbook choice (and DDPM's).
     """

@@ -13,9 +13,11 @@ import re
 
 import torch
 
-from ddm.layout import safe_relpath
+from ddm.models.diffusers_names import joined, renamed
+from ddm.models.diffusers_pixart import check_pixart_config, pixart_state
 from ddm.models.pretrained_io import folder, local_copy
 from ddm.store import Store
+from ddm.store.layout import safe_relpath
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 DIT_NORM = "ada_norm_zero"  # the norm that makes diffusers' generic Transformer2DModel a DiT
@@ -34,8 +36,6 @@ def diffusers_config(source: str, store: Store) -> tuple[Store, dict]:
     if cls == "Transformer2DModel":  # diffusers maps the generic name by norm_type, as here
         cls = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}.get(norm, cls)
     if cls == "PixArtTransformer2DModel":  # a text DiT's start (ddm.models.diffusers_pixart)
-        from ddm.models.diffusers_pixart import check_pixart_config
-
         check_pixart_config(config, source)
         return where, {**config, "_class_name": cls}
     if cls != "DiTTransformer2DModel":
@@ -105,8 +105,6 @@ def diffusers_state(source: str, store: Store, model: torch.nn.Module) -> tuple[
     if len(digests) > 1:
         notes.append(f"sharded: sha256 of {{shard: sha256}} over {len(files)} shards")
     if pixart:
-        from ddm.models.diffusers_pixart import pixart_state
-
         state, more = pixart_state(state, model, source)
         return state, sha256, where.url, notes + more, "diffusers PixArtTransformer2DModel"
     return _from_diffusers(state, source), sha256, where.url, notes, "diffusers DiTTransformer2DModel"
@@ -129,23 +127,6 @@ def weight_files(where: Store, source: str) -> list[str]:
         f"init_from={source}: no {WEIGHT_FILES[0]} in {where.url}; ddm reads safetensors only (re-save the "
         "model with save_pretrained(..., safe_serialization=True))"
     )
-
-
-def renamed(key: str, table: dict[str, str]) -> str | None:
-    """``key`` with the first prefix of ``table`` it starts with replaced by that prefix's new name."""
-    return next((n + key[len(o) :] for o, n in table.items() if key.startswith(o)), None)
-
-
-def joined(parts: dict[tuple[str, str], dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
-    """{(ddm name, weight|bias): {"q"|"k"|"v": tensor}} as ddm's concatenated tensors: ``<name>.qkv``
-    holds q, k and v in that order, any other name k and v."""
-    out = {}
-    for (name, kind), got in parts.items():
-        order = "qkv" if name.endswith("qkv") else "kv"
-        if set(got) != set(order):
-            raise ValueError(f"init_from={source}: {name} lacks some of to_{', to_'.join(order)} ({kind})")
-        out[f"{name}.{kind}"] = torch.cat([got[c] for c in order], dim=0)
-    return out
 
 
 def _from_diffusers(state: dict, source: str) -> dict:

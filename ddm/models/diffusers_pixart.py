@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from ddm.models.diffusers_dit import joined, renamed
+from ddm.models.diffusers_names import joined, renamed
 
 WRONG = "not the PixArt-alpha transformer that ddm's text DiT computes"
 

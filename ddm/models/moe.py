@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ddm.distributed.parallel import ensure_process_group, load_deepspeed
 from ddm.models.config import MoEConfig
 from ddm.models.layers import Mlp
-from ddm.parallel import ensure_process_group, load_deepspeed
 
 
 class MoEFeedForward(nn.Module):

@@ -1,4 +1,5 @@
-"""Pretrained DiT weights from outside ddm, in ddm's parameter names (``init_from``).
+"""Where a job's weights start (``init_from``): a ddm export, or pretrained DiT weights from outside
+ddm in ddm's parameter names (``init_from`` loads any of them into a model, checking every tensor).
 
 Two formats besides ddm's own exports:
 
@@ -35,11 +36,14 @@ import argparse
 import re
 
 import torch
+from safetensors.torch import load as load_safetensors
 
+from ddm.core.secrets import redact_url
+from ddm.distributed.parallel import expert_index, shift_expert
 from ddm.models.diffusers_dit import diffusers_config, diffusers_state, weight_files
-from ddm.models.pretrained_io import download, folder, local_copy, locate, split
-from ddm.secrets import redact_url
-from ddm.store import Store
+from ddm.models.exports import read_export, weights_sha256
+from ddm.models.pretrained_io import download, folder, hub_commit, local_copy, locate, split
+from ddm.store import Store, layout
 
 CHECKPOINT = r"\.(pt|pth|ckpt|safetensors)$"
 
@@ -69,8 +73,6 @@ def check_source(source: str, store: Store) -> None:
         where, _ = diffusers_config(source, store)
         weight_files(where, source)
     elif kind == "ddm":
-        from ddm.exports import read_export
-
         parent, run_dir = split(source)
         try:
             read_export(Store(parent) if parent else store, run_dir)
@@ -80,6 +82,66 @@ def check_source(source: str, store: Store) -> None:
                 f"committed ddm export ({e}). A job in the same `ddm run` as its source starts after it: train the "
                 "source first"
             ) from e
+
+
+def init_from(model: torch.nn.Module, source: str, store: Store, experts: tuple[int, int] | None = None) -> dict:
+    """Load ``source`` into ``model``: a committed ddm export (a run folder of ``store``, or a URL
+    of one), a facebookresearch/DiT checkpoint or a diffusers DiT folder (below).
+    Every tensor must be there with the shape the model has: a mismatch is a ValueError naming the
+    tensors, raised before anything is trained. ``experts``: (first, count) of the MoE experts this
+    rank holds under expert parallelism (an export holds every expert under its global index; the
+    rank's model numbers its own from 0). Returns what the job records: {"url", "sha256"} of the
+    weights, and for outside formats the format and what was dropped."""
+    kind = source_kind(source, store)
+    if kind != "ddm":
+        tensors, record = load_pretrained(source, store, model, kind)
+        _load_checked(model, tensors, source, "Give the job the source's sizes (model.arch, model.data_shape, "
+                      "model.num_classes)")  # fmt: skip
+        return record
+    parent, run_dir = split(source)
+    where = Store(parent) if parent else store
+    _, manifest = read_export(where, run_dir)
+    raw = where.child(run_dir).read_verified(layout.EXPORT, layout.EXPORT_WEIGHTS)
+    tensors = load_safetensors(raw)
+    upgrade = getattr(model, "upgrade_state_dict", None)  # exports of ddm 0.1 use older names
+    tensors = upgrade(tensors) if upgrade else tensors
+    if experts is not None:
+        tensors = rank_experts(tensors, *experts)
+    _load_checked(model, tensors, source, "Give the job the source's model settings (its export/config.json)")
+    return {"url": redact_url(f"{where.url}/{run_dir}"), "sha256": weights_sha256(manifest)}
+
+
+def rank_experts(tensors: dict, first: int, count: int) -> dict:
+    """An export's tensors as a rank of expert parallelism holds them: the MoE experts
+    ``first .. first + count - 1`` under local indices 0 .. count - 1 (``write_export`` in reverse),
+    the other experts left out, every other tensor as it is."""
+    mine = {}
+    for name, tensor in tensors.items():
+        i = expert_index(name)
+        if i is None:
+            mine[name] = tensor
+        elif first <= i < first + count:
+            mine[shift_expert(name, -first)] = tensor
+    return mine
+
+
+def _load_checked(model: torch.nn.Module, tensors: dict, source: str, fix: str) -> None:
+    own = model.state_dict()
+    missing = sorted(own.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - own.keys())
+    shapes = [k for k in sorted(own.keys() & tensors.keys()) if tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})"] if missing else []
+        parts += [f"{len(unexpected)} not in this model (e.g. {unexpected[:3]})"] if unexpected else []
+        parts += [
+            f"{len(shapes)} of another shape (e.g. "
+            + ", ".join(f"{k}: {tuple(tensors[k].shape)} there, {tuple(own[k].shape)} here" for k in shapes[:3])
+            + ")"
+        ] if shapes else []  # fmt: skip
+        raise ValueError(
+            f"init_from={source}: its weights do not fit this job's model: " + "; ".join(parts) + f". {fix}"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 
 
 def load_pretrained(source: str, store: Store, model: torch.nn.Module, kind: str = "") -> tuple[dict, dict]:
@@ -110,8 +172,6 @@ def load_pretrained(source: str, store: Store, model: torch.nn.Module, kind: str
     notes += _drop_learned_sigma(state, model, source)
     record = {"url": redact_url(url), "sha256": sha256, "format": fmt, "notes": notes}
     if kind == "hub":  # the commit it resolved to: the same id may name other weights tomorrow
-        from ddm.models.pretrained_io import hub_commit
-
         record.update(url=redact_url(origin), notes=[*notes, f"downloaded to {source}"], revision=hub_commit(source))
     return state, record
 

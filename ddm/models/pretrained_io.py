@@ -8,6 +8,7 @@ import os
 import tempfile
 
 from ddm.store import Store
+from ddm.store.transfer import file_digest
 
 
 def split(source: str) -> tuple[str | None, str]:
@@ -38,8 +39,6 @@ def locate(source: str, store: Store) -> tuple[Store, str]:
 def local_copy(where: Store, name: str):
     """(a local path of ``name``, its sha256): the file itself on a local store, else a copy in local
     scratch fetched in pieces and removed afterwards."""
-    from ddm.transfer import file_digest
-
     if where.protocol == "file":
         path = where.path(name)
         yield path, file_digest(path)["sha256"]

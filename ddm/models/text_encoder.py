@@ -35,7 +35,7 @@ import torch
 from ddm.models import text_files
 from ddm.models.text_config import IN_STORE, in_store
 from ddm.models.text_files import MANIFEST
-from ddm.transfer import file_digest
+from ddm.store.transfer import file_digest
 
 KINDS = {"clip_text_model": "clip", "clip": "clip", "t5": "t5"}  # config.json's model_type -> kind
 WEIGHTS = "model.safetensors"
@@ -108,7 +108,7 @@ class TextEncoder:
         URL ``store``); ``max_length`` 0: the model's own (CLIP: its positions, 77; T5: 120,
         PixArt-alpha's). ``revision``: the hub revision to load where ``spec`` names none (the one an
         export recorded). A committed folder (``store:`` names always) loads only the files its
-        manifest lists, each checked first (``ddm.store.ChecksumError`` names a file that differs).
+        manifest lists, each checked first (``ddm.store.store.ChecksumError`` names a file that differs).
         The encoder keeps ``spec`` as its name (``describe``)."""
         import tempfile
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 
-MANIFEST = "MANIFEST.json"  # ddm.store.MANIFEST: a committed folder's file list (not part of the model)
+from ddm.store import ChecksumError, Store, StoreError
+from ddm.store.layout import check_digest, safe_relpath
+from ddm.store.manifests import MANIFEST  # a committed folder's file list (not part of the model)
 
 
 def remote(where: str) -> bool:
@@ -22,8 +24,6 @@ def is_hex(text: str) -> bool:
 
 def folder_store(encoder: str, where: str):
     """A ``Store`` rooted at the encoder's folder (a store URL or a local path)."""
-    from ddm.store import Store
-
     try:
         return Store(where)
     except ValueError as e:
@@ -52,10 +52,7 @@ def not_committed(encoder: str, where: str) -> ValueError:
 
 def manifest_files(encoder: str, where: str, raw: bytes) -> dict[str, dict]:
     """The file list of the encoder folder's manifest ``raw``: every name a plain relative one,
-    every entry a size and a sha256 (``ddm.layout``'s checks), hidden files left out."""
-    from ddm.layout import check_digest, safe_relpath
-    from ddm.store import ChecksumError
-
+    every entry a size and a sha256 (``ddm.store.layout``'s checks), hidden files left out."""
     path = f"{where}/{MANIFEST}"
     try:
         files = json.loads(raw)["files"]
@@ -77,8 +74,6 @@ def copy_verified(encoder: str, where: str, local: str) -> None:
     """The files that the manifest of the folder at ``where`` lists (and the manifest itself, as
     ``describe`` has always counted it) into ``local``, each checked against its size and sha256
     while it is copied; a file that differs is a ``ChecksumError`` naming it (nothing is loaded)."""
-    from ddm.store import ChecksumError, StoreError
-
     store = folder_store(encoder, where)
     try:
         raw = store.read_bytes(MANIFEST)
@@ -106,8 +101,6 @@ def copy_verified(encoder: str, where: str, local: str) -> None:
 
 def verified_config(encoder: str, where: str) -> dict:
     """The committed folder's config.json, checked against its manifest."""
-    from ddm.store import ChecksumError
-
     store = folder_store(encoder, where)
     manifest_files(encoder, where, store.read_bytes(MANIFEST))  # its names and entries are sound
     try:
@@ -123,9 +116,6 @@ def commit_folder(local: str, store: str, folder: str) -> dict:
     """Put the encoder saved in the local folder ``local`` (its top-level files) into ``folder`` of
     the store at URL ``store``, committed by a manifest: then ``store:<folder>`` names it, and every
     load checks each file against the manifest. Returns the manifest."""
-    from ddm.layout import safe_relpath
-    from ddm.store import Store
-
     folder = safe_relpath(folder.strip("/"), "the encoder's folder in the store")
     names = [n for n in sorted(os.listdir(local)) if not n.startswith(".") and os.path.isfile(os.path.join(local, n))]
     if "config.json" not in names:
@@ -136,8 +126,6 @@ def commit_folder(local: str, store: str, folder: str) -> dict:
 
 
 def remote_config(encoder: str, where: str) -> dict:
-    from ddm.store import Store
-
     try:
         return Store(where).read_json("config.json")
     except FileNotFoundError as e:
@@ -149,8 +137,6 @@ def remote_config(encoder: str, where: str) -> dict:
 def copy_down(where: str, local: str) -> None:
     """The files of the folder at the store URL ``where`` (not its sub-folders) into ``local``,
     through ``Store`` (its endpoint settings, timeouts and retries)."""
-    from ddm.store import Store
-
     store = Store(where)
     folder = store.path("").rstrip("/")
     try:  # its files (not sub-folders, not an S3 console's zero-byte folder marker), streamed to disk

@@ -9,10 +9,10 @@ import json
 import os
 import sys
 
-from ddm.config import load
-from ddm.job import JobConfig, check_inputs, with_teacher
-from ddm.lease import LeaseHeld, LeaseLost
-from ddm.logs import setup_logging, stdout_to_stderr
+from ddm.core.config import load
+from ddm.core.logs import setup_logging, stdout_to_stderr
+from ddm.store.lease import LeaseHeld, LeaseLost
+from ddm.train.job import JobConfig, check_inputs, with_teacher
 from ddm.train.trainer import job_lease, train
 
 

@@ -20,8 +20,8 @@ import tempfile
 import threading
 import time
 
-from ddm.layout import TENSORBOARD
 from ddm.store import Store
+from ddm.store.layout import TENSORBOARD
 
 log = logging.getLogger("ddm.train")
 

@@ -9,14 +9,13 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from ddm import layout
-from ddm.assemble import encoder_records, export_record, read_ensemble
-from ddm.job import JobConfig
-from ddm.lease import Token
+from ddm.ensemble.assemble import encoder_records, export_record, read_ensemble
 from ddm.models.pretrained import source_kind
 from ddm.models.pretrained_io import split
 from ddm.models.text_encoder import check_encoder
-from ddm.store import Store
+from ddm.store import Store, layout
+from ddm.store.lease import Token
+from ddm.train.job import JobConfig
 
 
 def check_encoders(cfg: JobConfig, store: Store, text_encoder, export_extra: dict) -> None:

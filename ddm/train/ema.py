@@ -39,7 +39,7 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.from_portable = False  # set when a reshard restored the shards (ddm.reshard)
+        self.from_portable = False  # set when a reshard restored the shards (ddm.checkpoint.reshard)
         self.spans: dict[str, tuple[int, int, int]] = {}  # ZeRO-3 parameters: _span
         self.shapes: dict[str, torch.Size] = {}
         self.shadow: dict[str, torch.Tensor] = {}

@@ -12,9 +12,9 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ddm.config import deep_merge
-from ddm.job import JobConfig
-from ddm.parallel import load_deepspeed
+from ddm.core.config import deep_merge
+from ddm.distributed.parallel import load_deepspeed
+from ddm.train.job import JobConfig
 
 log = logging.getLogger("ddm.train")
 

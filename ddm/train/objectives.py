@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ddm.flow import FlowMatching
+from ddm.models.flow import FlowMatching
 
 Batch = dict[str, torch.Tensor | None]
 

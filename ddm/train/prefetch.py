@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ddm.models.text_encoder import TextEmbedding
+
 
 def to_device(batch: dict, device: torch.device, num_classes: int, text_encoder=None) -> dict:
     """A reader's micro-batch on the job's device (labels only for a class-conditional model), its
@@ -26,8 +28,6 @@ def to_device(batch: dict, device: torch.device, num_classes: int, text_encoder=
     embeddings (``TextEmbedding``)."""
     if text_encoder is not None:
         if text_encoder == "store":  # computed at ingest
-            from ddm.models.text_encoder import TextEmbedding
-
             y = TextEmbedding(
                 *(batch[k].to(device, non_blocking=True) for k in ("text_tokens", "text_mask", "text_pooled"))
             )

@@ -7,8 +7,8 @@ import logging
 
 import torch
 
-from ddm.checkpoint import RankState
-from ddm.job import JobConfig
+from ddm.checkpoint.manager import RankState
+from ddm.train.job import JobConfig
 from ddm.train.prefetch import to_device
 
 log = logging.getLogger("ddm.train")

@@ -12,7 +12,7 @@ the workers or the user ran the command again, the function finds it there and c
 same model, EMA, optimizer, step, RNG streams and data position, so the loss curve continues as if
 nothing had happened.
 
-One writer per job: the launcher holds the job folder's lease (``job_lease``; ``ddm.lease``) and
+One writer per job: the launcher holds the job folder's lease (``job_lease``; ``ddm.store.lease``) and
 hands its token to every rank, whose store writes are then fenced by it; a rank whose job lost the
 lease stops before its next write.
 """
@@ -29,24 +29,31 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from ddm import layout
-from ddm.assemble import load_ensemble
-from ddm.checkpoint import CheckpointManager, RankState, _fault_hook
-from ddm.config import to_dict
+from ddm.checkpoint.manager import CheckpointManager, RankState, _fault_hook
+from ddm.checkpoint.reshard import load_own_portable, load_portable, save_portable
+from ddm.core.config import to_dict
 from ddm.data.reader import PartitionReader
 from ddm.data.shards import partitions_manifest
-from ddm.exports import init_from_export, write_export
-from ddm.flow import FlowMatching
-from ddm.job import JobConfig
-from ddm.lease import Token, fenced, holding
+from ddm.distributed.parallel import (
+    ParallelState,
+    check_one_rank_per_device,
+    ensure_process_group,
+    rank_device,
+    use_accelerator,
+)
+from ddm.ensemble.assemble import load_ensemble
 from ddm.models.build import build_model, build_router
-from ddm.parallel import ParallelState, check_one_rank_per_device, ensure_process_group, rank_device, use_accelerator
-from ddm.reshard import load_own_portable, load_portable, save_portable
-from ddm.store import Store
+from ddm.models.flow import FlowMatching
+from ddm.models.pretrained import init_from
+from ddm.models.text_encoder import TextEncoder
+from ddm.store import Store, layout
+from ddm.store.lease import Token, fenced, holding
 from ddm.train.board import open_board
 from ddm.train.checks import check_encoders, from_rank0, stop_if_diverged
 from ddm.train.ema import EMA
 from ddm.train.engine import build_engine, replica_check, uses_bf16, uses_compile
+from ddm.train.export import write_export
+from ddm.train.job import JobConfig
 from ddm.train.objectives import DistillLoss, RouterLoss, VelocityLoss
 from ddm.train.prefetch import Prefetcher
 from ddm.train.resume import restore_rng, rng_state, zero_lr_step
@@ -153,8 +160,6 @@ def train(
         text_encoder = "store"
         export_extra["text_encoder"] = store.manifest(layout.DATA_DIR)["text_embeddings"]["encoder"]
     elif cfg.model.text.enabled:  # frozen, on this rank's device; its embeddings are the captions' y
-        from ddm.models.text_encoder import TextEncoder
-
         text_encoder = TextEncoder.load(cfg.model.text.encoder, cfg.model.text.length, device, cfg.store)
         if text_encoder.hidden_size != cfg.model.text.dim:
             raise ValueError(f"model.text.dim={cfg.model.text.dim} but the encoder is {text_encoder.hidden_size} wide")
@@ -162,7 +167,7 @@ def train(
     if cfg.init_from:  # pretrained weights, checked against the model before anything is trained
         local = cfg.model.moe.num_experts // ps.ep_size  # expert parallelism: this rank's MoE experts
         experts = (ps.ep_rank * local, local) if cfg.model.moe.enabled and ps.ep_size > 1 else None
-        export_extra["init_from"] = init_from_export(model, cfg.init_from, store, experts)
+        export_extra["init_from"] = init_from(model, cfg.init_from, store, experts)
     check_encoders(cfg, store, text_encoder, export_extra)  # the one its init_from or teacher recorded
     engine = build_engine(model, cfg, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay)  # under ZeRO-3: this rank's shards (ddm.train.ema)
@@ -184,7 +189,9 @@ def train(
     num_experts = cfg.model.moe.num_experts if cfg.model.moe.enabled else 0
     zero = cfg.engine.zero_stage
 
-    def reshard(paths: list[str], own_pieces: bool) -> None:  # every resume: from the portable state (ddm.reshard)
+    def reshard(
+        paths: list[str], own_pieces: bool
+    ) -> None:  # every resume: from the portable state (ddm.checkpoint.reshard)
         zero_lr_step(engine, objective, reader, gen, cfg, device, text_encoder)
         if own_pieces:  # the same workers and split: this rank's pieces alone
             load_own_portable(engine, paths[0], zero, ps, num_experts)

@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Callable
 
-from ddm.lease import LeaseLost
+from ddm.store.lease import LeaseLost
 
 log = logging.getLogger("ddm.train")
 

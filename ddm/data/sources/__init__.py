@@ -30,7 +30,8 @@ from ddm.data.sources.files import FolderSource, ParquetSource, data_file
 from ddm.data.sources.generated import DigitsSource, GlyphSource, SyntheticSource
 from ddm.data.sources.images import IMAGE_EXTENSIONS, UNREADABLE, decode, to_8bit
 from ddm.data.sources.webdataset import WDS_IMAGE, WebDatasetSource, expand_braces
-from ddm.urls import check_store_url
+from ddm.store import absolute_url
+from ddm.store.urls import check_store_url
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -174,6 +175,4 @@ def held_out_prompts(manifest: dict, source: str, seed: int, n: int) -> tuple[li
 
 
 def _url(source: str) -> str:
-    from ddm.store import absolute_url
-
     return absolute_url(source.removeprefix("file://")).rstrip("/")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from ddm.data.config import IngestConfig
 from ddm.data.sources.base import Item, Source, is_local, pieces, url_of
 from ddm.data.sources.images import IMAGE_EXTENSIONS
-from ddm.retries import refusal
+from ddm.store.retries import refusal
 
 
 def _read(url: str) -> bytes:

@@ -10,7 +10,9 @@ import os
 import numpy as np
 from PIL import Image
 
+from ddm.data import glyphs
 from ddm.data.config import IngestConfig
+from ddm.data.glyphs import describe, render_drawn
 from ddm.data.sources.base import Source, no_captions
 from ddm.data.sources.images import to_chw
 
@@ -86,8 +88,6 @@ class GlyphSource(Source):
     generated = True
 
     def __init__(self, cfg: IngestConfig, n: int):
-        from ddm.data import glyphs
-
         if n < 1:
             raise ValueError(f"glyphs source needs N >= 1, got {n}")
         self.charset = cfg.charset or glyphs.DEFAULT_CHARSET
@@ -113,8 +113,6 @@ class GlyphSource(Source):
         return self.n
 
     def generate(self):
-        from ddm.data.glyphs import describe, render_drawn
-
         res, ch = self.cfg.resolution or 16, self.cfg.channels or 1
         rng = np.random.default_rng(self.cfg.seed)
         for _ in range(self.n):

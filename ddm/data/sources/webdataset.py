@@ -17,7 +17,7 @@ import fsspec
 from ddm.data.config import IngestConfig
 from ddm.data.sources.base import Item, Source, pieces, url_of
 from ddm.data.sources.files import check_member_caption, data_file, text_member
-from ddm.retries import refusal
+from ddm.store.retries import refusal
 
 log = logging.getLogger("ddm.ingest")
 
