@@ -106,6 +106,29 @@ def test_progress_is_plain_lines_off_a_terminal(caplog):
     assert progress([1, 2], disable=True) == [1, 2]
 
 
+def test_queued_progress_starts_its_clock_when_it_starts(caplog, monkeypatch):
+    """A job waiting for a slot says so, and its rate counts from when it starts, not from when it
+    was queued (``ddm run``: 7 jobs on 2 slots); a resumed job's earlier steps are not in its rate."""
+    import logging
+
+    import ddm.core.logs
+    from ddm.core.logs import progress
+
+    now = [100.0]
+    monkeypatch.setattr(ddm.core.logs.time, "monotonic", lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="ddm.progress"):
+        bar = progress(total=10, desc="experts/02", unit="step", queued=True)
+        now[0] += 1000  # in the queue
+        bar.reset()
+        bar.initial = bar.n = 4  # resumed at step 4
+        now[0] += 3
+        bar.update(6)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == ["experts/02: queued (10 step)", "experts/02: started (10 step)"]
+    assert lines[2] == "experts/02: 10/10 step (2.0 step/s)"  # 6 steps in 3 s, not 10 in 1003
+
+
 def test_stdout_to_stderr_moves_native_writes_too(capfd):
     import os
 

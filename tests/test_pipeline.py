@@ -123,6 +123,19 @@ def test_run_trains_assembles_samples_evaluates_and_reports(pipeline_run):
     assert "| monolith-small-batch | 1 | 8 | 8 | 18 | 18 |" in report  # the budget table after the 9-step run
     assert "## Learning curves" in report and store.read_bytes("report/curves.png")[:4] == b"\x89PNG"
     assert "experts/00" in first.stderr and "2 at a time" in first.stderr  # two 1-CPU jobs at once on 2 CPUs
+    # Progress tells queued jobs from running ones: all 5 are queued, 2 start at once (2 slots), the
+    # others each when the job before them in its lane is through, with their own clocks.
+    said = {}  # job -> [(what, seconds of the day)]
+    for line in first.stderr.splitlines():
+        clock, _, rest = line.partition(" INFO ddm.progress: ")
+        job, _, what = rest.partition(": ")
+        if job in TRAINED and what.split(" ")[0] in ("queued", "started"):
+            h, m, sec = map(int, clock.split(":"))
+            said.setdefault(job, []).append((what.split(" ")[0], 3600 * h + 60 * m + sec))
+    assert all([w for w, _ in said.get(d, [])] == ["queued", "started"] for d in TRAINED), said
+    queued_at = min(t for events in said.values() for _, t in events)
+    waited = sorted(events[1][1] - queued_at for events in said.values())
+    assert waited[1] <= 1 and min(waited[2:]) >= 2, said  # the others: at least a poll (2 s) later
 
 
 def test_rerun_resumes_unfinished_jobs_and_skips_finished_ones(pipeline_run):

@@ -51,13 +51,23 @@ def stdout_to_stderr() -> Iterator[None]:
 class _Lines:
     """A progress counter that logs one plain line every ``every_s`` seconds (for logs and pipes)."""
 
-    def __init__(self, iterable=None, total=None, desc="", unit="it", every_s: float = 30.0, **_):
+    def __init__(self, iterable=None, total=None, desc="", unit="it", every_s: float = 30.0, queued=False, **_):
         self.iterable, self.desc, self.unit, self.every_s = iterable, (desc or "").strip(), unit, every_s
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.postfix, self._closed = 0, "", False
+        self.n, self.initial, self.postfix, self._closed = 0, 0, "", False
         self._t0 = self._last = time.monotonic()
-        size = f" ({self.total} {unit})" if self.total is not None else ""
-        logging.getLogger("ddm.progress").info("%s: started%s", self.desc, size)
+        self._say("queued" if queued else "started")
+
+    def _say(self, what: str) -> None:
+        size = f" ({self.total} {self.unit})" if self.total is not None else ""
+        logging.getLogger("ddm.progress").info("%s: %s%s", self.desc, what, size)
+
+    def reset(self, total=None) -> None:
+        """Start (again) from 0, the clock too, as tqdm's ``reset`` does: queued work that starts."""
+        self.total = total if total is not None else self.total
+        self.n, self.initial, self.postfix = 0, 0, ""
+        self._t0 = self._last = time.monotonic()
+        self._say("started")
 
     def __iter__(self):
         for item in self.iterable:
@@ -82,7 +92,7 @@ class _Lines:
     def _line(self) -> None:
         self._last = time.monotonic()
         of = f"/{self.total}" if self.total is not None else ""
-        rate = self.n / max(self._last - self._t0, 1e-9)
+        rate = (self.n - self.initial) / max(self._last - self._t0, 1e-9)  # steps done since it started
         extra = f", {self.postfix}" if self.postfix else ""
         logging.getLogger("ddm.progress").info(
             "%s: %d%s %s (%.1f %s/s%s)", self.desc, self.n, of, self.unit, rate, self.unit, extra
@@ -95,13 +105,17 @@ class _Lines:
                 self._line()
 
 
-def progress(iterable=None, **kwargs):
+def progress(iterable=None, queued: bool = False, **kwargs):
     """A progress bar (tqdm) on a terminal; elsewhere plain log lines every 30 s, so that logs and
-    pipes get no carriage-return noise. ``disable=True``: the iterable itself."""
+    pipes get no carriage-return noise. ``disable=True``: the iterable itself. ``queued=True``: the
+    work waits for a slot; its clock (the rate it shows) starts at ``bar.reset()``, when it starts."""
     if kwargs.pop("disable", False):
         return iterable
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, **kwargs)
-    return _Lines(iterable, **kwargs)
+        bar = tqdm(iterable, **kwargs)
+        if queued:
+            bar.set_postfix_str("queued")
+        return bar
+    return _Lines(iterable, queued=queued, **kwargs)

@@ -148,14 +148,26 @@ def run_jobs(
         _ray_log_dir(),
     )
     one, several = (ray.remote(num_cpus=0, max_retries=0)(f) for f in (ray_task, ray_lane))
+    # Every job is queued until it starts: the first of a lane when the lane is sent to Ray, the
+    # next when the one before it has taken its last step. Its clock (the rate) starts then.
     bars = {
-        c.run_dir: progress(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True)
+        c.run_dir: progress(total=c.steps, desc=f"{c.run_dir:<11}", position=i, unit="step", leave=True, queued=True)
         for i, c in enumerate(todo)
     }
+    earlier = {c.run_dir: _step(store.child(c.run_dir)) for c in todo}  # a resumed job's steps so far
     pending = lanes(todo, slots) if reuse_workers else [[c] for c in sorted(todo, key=_cost, reverse=True)]
-    running, summaries, failures, requeued = {}, {}, {}, set()
+    running, summaries, failures, requeued, started = {}, {}, {}, set(), set()
+
+    def start(c: JobConfig) -> None:
+        started.add(c.run_dir)
+        bar = bars[c.run_dir]
+        bar.reset()
+        if earlier[c.run_dir]:  # steps of an earlier run count for the bar, not for this run's rate
+            bar.initial = bar.n = earlier[c.run_dir]
 
     def finished(c: JobConfig, summary: dict) -> None:
+        if c.run_dir not in started:
+            start(c)
         summaries[c.run_dir], bar = summary, bars[c.run_dir]
         bar.update(c.steps - bar.n)
         bar.set_postfix_str(f"loss {summary.get('final_loss') or float('nan'):.4f} done")
@@ -166,9 +178,14 @@ def run_jobs(
                 lane = pending.pop(0)
                 wait = default_ttl() if lane[0].run_dir in requeued else 0.0
                 running[one.remote(lane[0], wait) if len(lane) == 1 else several.remote(lane)] = lane
+                start(lane[0])
             done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
-            for c in (c for lane in running.values() for c in lane):
-                _update_bar(bars[c.run_dir], store.child(c.run_dir))
+            for lane in running.values():
+                for before, c in zip([None, *lane], lane):
+                    if c.run_dir not in started and before is not None and bars[before.run_dir].n >= before.steps:
+                        start(c)
+                    if c.run_dir in started:
+                        _update_bar(bars[c.run_dir], store.child(c.run_dir))
             for ref in done:
                 lane = running.pop(ref)
                 try:
@@ -224,6 +241,14 @@ def lanes(jobs: list[JobConfig], slots: int) -> list[list[JobConfig]]:
             min(bins, key=lambda b: sum(map(_cost, b))).append(c)
         out += bins
     return sorted(out, key=lambda lane: -sum(map(_cost, lane)))
+
+
+def _step(run: Store) -> int:
+    """The step a job's progress.json last reported (0 before it ever trained)."""
+    try:
+        return int(run.read_json(layout.PROGRESS)["step"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _update_bar(bar, run: Store) -> None:
