@@ -111,12 +111,15 @@ def test_only_a_monolith_names_its_folder():
 
 def test_every_crossing_of_two_curves_is_found_in_order():
     """Curves that cross twice (the ensemble ahead in the middle only) give both crossings, each
-    interpolated in log FLOPs, and the report says who finishes ahead."""
+    interpolated in log FLOPs, and the report says who finishes ahead, and what each arm made a user
+    wait for (sequential steps at the last point)."""
     from ddm.eval.curves import crossings_of, format_curves
 
     flops = [1e9, 1e10, 1e11, 1e12]
-    ens = [{"point": i + 1, "training_flops": f, "distance": d} for i, (f, d) in enumerate(zip(flops, [5, 2, 2, 3]))]
-    mono = [{"point": i + 1, "training_flops": f, "distance": d} for i, (f, d) in enumerate(zip(flops, [4, 3, 3, 2]))]
+    ens = [{"point": i + 1, "training_flops": f, "distance": d, "sequential_steps": 10 * (i + 1)}
+           for i, (f, d) in enumerate(zip(flops, [5, 2, 2, 3]))]  # fmt: skip
+    mono = [{"point": i + 1, "training_flops": f, "distance": d, "sequential_steps": 20 * (i + 1)}
+            for i, (f, d) in enumerate(zip(flops, [4, 3, 3, 2]))]  # fmt: skip
     cs = crossings_of(ens, mono, "top-1", "monolith")
     # d = ens - mono: 1, -1, -1, 1: zero halfway (in log FLOPs) between points 1-2 and points 3-4.
     assert [c["ensemble_ahead_after"] for c in cs] == [True, False]
@@ -124,6 +127,7 @@ def test_every_crossing_of_two_curves_is_found_in_order():
     assert crossings_of(ens[1:3], mono[1:3], "top-1", "monolith") == []
     text = "\n".join(format_curves({"series": {"top-1": ens, "monolith": mono}, "crossings": cs}))
     assert "cross 2 times" in text and "monolith is ahead at the end" in text
+    assert "At point 4, at equal training FLOPs, top-1 has waited 40 sequential steps and monolith 80 (2.00x)" in text
 
 
 def test_experts_of_different_sizes_count_their_own_flops():

@@ -181,6 +181,13 @@ def test_learning_curves_end_at_the_final_evaluation_and_match_flops(pipeline_ru
     arms = results["arms"]
     assert arms["ensemble"]["sequential_steps"] == 9 and arms["ensemble"]["optimizer_steps"] == 18
     assert arms["monolith-small-batch"]["sequential_steps"] == arms["monolith-small-batch"]["optimizer_steps"]
+    # The curves' second panel: the same points against the steps a user waits for, as trained.
+    for arm, points in series.items():
+        assert points[-1]["sequential_steps"] == arms["ensemble" if arm == "top-1" else arm]["sequential_steps"], arm
+    assert (
+        "top-1 has waited 9 sequential steps and monolith-small-batch 18 (2.00x)"
+        in store.read_bytes("report/README.md").decode()
+    )
     # The first run's ensemble had its curves of both points (steps 3 and 6), kept in their own folder.
     folders = [f"eval/curves/{d}" for d in store.list("eval/curves")]
     (old,) = [store.read_json(f"{d}/curves.json") for d in folders if d != results["curves"]["dir"]]

@@ -1,5 +1,8 @@
-"""Learning curves: every arm of one budget measured at the same points over training (the paper's
-Figure 4: quality against training FLOPs).
+"""Learning curves: every arm of one budget measured at the same points over training, against
+training FLOPs (the paper's Figure 4) and against sequential steps: the steps of the arm's longest
+job, what a user waits for when every island runs at once. At equal FLOPs the ensemble and the
+small-batch monolith have the same per-model batch, but the monolith takes K times the steps in a
+row; the second panel shows that gap.
 
 Point i of P is each job's EMA model at round(i * steps / P) of its steps (the job keeps it as
 ``snapshots/step_N/export/``, ``checkpoint.snapshots``), so at every point the arms have spent the
@@ -30,7 +33,8 @@ from ddm.store import Store, layout
 from ddm.train.job import JobConfig
 
 log = logging.getLogger("ddm.eval.curves")
-KEYS = ("point", "training_flops", "distance")  # of each point in curves.json (the point files add the models)
+# Of each point in curves.json (the point files add the models).
+KEYS = ("point", "training_flops", "sequential_steps", "distance")
 ADHERENCE = ("prompt_adherence", "adherence_chance", "prompt_retrieval", "retrieval_chance")  # text models' points
 
 
@@ -80,9 +84,10 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
                 continue
             models = [p[0] for p in parts]
             point = {"point": i, "training_flops": sum(p[1] for p in parts), "models": models}
+            point["sequential_steps"] = max(m["step"] for m in models)  # its jobs run at once
             fname = f"{arm.replace(':', '_')}-{i:02d}.json"
             if out.exists(fname) and out.read_json(fname)["models"] == models:
-                series[arm].append(out.read_json(fname))
+                series[arm].append({**out.read_json(fname), "sequential_steps": point["sequential_steps"]})
                 reused += 1
                 continue
             if judge is None:
@@ -146,26 +151,32 @@ def crossings_of(ensemble: list[dict], baseline: list[dict], rule: str, base: st
 
 
 def plot(result: dict) -> bytes:
-    """Distance against training FLOPs, one line per arm, crossings marked."""
+    """Distance against training FLOPs (crossings marked) and against sequential steps, one line
+    per arm, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (by_flops, by_steps) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     fixed = {"monolith": "C1", "monolith-small-batch": "C2", "top-1": "C0"}  # the same colours in every report
     others = iter(f"C{i}" for i in range(3, 10))
     for arm, s in result["series"].items():
         if s:
             style = "s--" if arm.startswith("monolith") else "o-"
             color = fixed.get(arm) or next(others, None)
-            ax.plot([p["training_flops"] for p in s], [p["distance"] for p in s], style, label=arm, color=color)
+            distance = [p["distance"] for p in s]
+            by_flops.plot([p["training_flops"] for p in s], distance, style, label=arm, color=color)
+            by_steps.plot([p["sequential_steps"] for p in s], distance, style, label=arm, color=color)
     for c in result["crossings"]:
-        ax.axvline(c["training_flops"], color="gray", ls=":", lw=1)
-    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=f"{result['metric']} (lower is better)")
-    ax.set_title("learning curves at equal training FLOPs", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        by_flops.axvline(c["training_flops"], color="gray", ls=":", lw=1)
+    by_flops.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=f"{result['metric']} (lower is better)")
+    by_flops.set_title("at equal training FLOPs", fontsize=10)
+    by_steps.set(xscale="log", xlabel="sequential steps (every island at once)")
+    by_steps.set_title("against the steps a user waits for", fontsize=10)
+    for ax in (by_flops, by_steps):
+        ax.grid(alpha=0.3, which="both")
+    by_flops.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -210,4 +221,26 @@ def format_curves(result: dict) -> list[str]:
             if shared:
                 ahead = rule if shared[-1]["distance"] < last[shared[-1]["point"]] else base
                 lines.append(f"- {rule} and {base} do not cross: {ahead} is ahead at every point.")
+    lines += _waits(result, arms)
     return lines
+
+
+def _waits(result: dict, arms: list[str]) -> list[str]:
+    """What each baseline makes a user wait for beside the ensemble: sequential steps at the last
+    point they share (the right panel)."""
+    rule = next((a for a in arms if not a.startswith("monolith")), None)
+    if rule is None:
+        return []
+    out = []
+    for base in (a for a in arms if a.startswith("monolith")):
+        steps = {p["point"]: p["sequential_steps"] for p in result["series"][base]}
+        shared = [p for p in result["series"][rule] if p["point"] in steps]
+        if shared:
+            p = shared[-1]
+            ens, mono = p["sequential_steps"], steps[p["point"]]
+            out.append(
+                f"- At point {p['point']}, at equal training FLOPs, {rule} has waited {ens} sequential steps and "
+                f"{base} {mono} ({mono / ens:.2f}x): the ensemble's experts train at once, one model's steps "
+                "come one after another (right panel)."
+            )
+    return out

@@ -65,7 +65,14 @@ def write_report(
     curves = results.get("curves")
     if curves:
         rep.write_bytes("curves.png", store.child(curves["dir"]).read_bytes("curves.png"))
-        lines += ["## Learning curves (quality against training FLOPs)", "", "![learning curves](curves.png)", ""]
+        lines += ["## Learning curves (quality against training FLOPs and against sequential steps)", ""]
+        lines += ["![learning curves](curves.png)", ""]
+        lines += [
+            "Left, every arm at equal training FLOPs; right, the same points against sequential steps, what a "
+            "user waits for when every island runs at once. The small-batch monolith matches the experts' batch "
+            "and FLOPs but takes K times their steps in a row: the two panels are where they part ways.",
+            "",
+        ]
         lines += [*format_curves(curves), ""]
     lines += ["## Samples", ""]
     evaluation = store.child(results["dir"])
