@@ -190,12 +190,16 @@ def text_spec(store_url: str, steps: int) -> dict:
     return {**doc, "store": store_url, "expert": expert, "router": router}
 
 
-def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoint, tmp_path):
-    """On a text run (the class-conditional spec's islands path is the same but for the encoder)."""
+@pytest.fixture(scope="module")
+def lost_and_resumed(two_islands, s3_endpoint, tmp_path_factory):
+    """A text run (the class-conditional spec's islands path is the same but for the encoder) on
+    two islands: submitted, island b lost mid-training, its expert moved to another island and
+    resumed there, the ensemble assembled. Checked as it goes; later tests reuse its store."""
     a, b = two_islands
+    tmp_path = tmp_path_factory.mktemp("lost")
     store_url = f"s3://{BUCKET}/islands-{uuid.uuid4().hex[:6]}"
     spec = tmp_path / "spec.yaml"
-    steps = 60
+    steps = 30  # past PAUSE_AT, so island b is lost mid-training
     spec.write_text(yaml.safe_dump(text_spec(store_url, steps)))
     isl = islands_file(
         tmp_path / "islands.yaml",
@@ -262,6 +266,12 @@ def test_experts_across_two_islands_one_lost_and_resumed(two_islands, s3_endpoin
     assert bad.returncode != 0 and "the run has no job 'expert-07'" in bad.stderr
     res = ddm("resume", "--islands", isl2, "--move", "expert-01=a2", "--wait", timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return {"store": store_url, "spec": spec, "islands": isl, "steps": steps, "resumed_at": resumed_at, "out": res}
+
+
+def test_experts_across_two_islands_one_lost_and_resumed(lost_and_resumed):
+    store_url, steps, res = lost_and_resumed["store"], lost_and_resumed["steps"], lost_and_resumed["out"]
+    store, resumed_at = Store(store_url), lost_and_resumed["resumed_at"]
     assert "expert-01  -> a2" in res.stdout and "assembled" in res.stdout
     summary = store.child("experts/01").read_json("summary.json")
     assert summary["step"] == steps and summary["startup"]["resumed_from"] >= resumed_at  # from its last commit
@@ -342,33 +352,16 @@ def test_unreachable_island_and_refused_credentials_change_nothing(two_islands, 
         locked.stop()
 
 
-def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(two_islands, s3_endpoint, tmp_path):
-    a, _ = two_islands
-    store_url = f"s3://{BUCKET}/other-{uuid.uuid4().hex[:6]}"
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {**SPEC, "store": store_url, "expert": {**SPEC["expert"], "steps": 5, "checkpoint": {"every": 5}}}
-        )
-    )
-    isl = islands_file(tmp_path / "one.yaml", store_url, {"a": a.address})
-    out = ddm("submit", str(spec), "--islands", isl)
-    assert out.returncode == 0, out.stderr[-3000:]
-    store = Store(store_url)
+def test_a_spec_that_disagrees_with_the_submitted_run_is_refused(lost_and_resumed):
+    """Submitting the run again with a setting changed is refused, naming it; the plan and every
+    job's record stay as they were (on the store of the run that was lost and resumed)."""
+    store = Store(lost_and_resumed["store"])
     plan = store.read_bytes("islands/plan.json")
-    try:
-        bad = ddm("submit", str(spec), "--islands", isl, "expert.lr=0.5")
-        assert bad.returncode == 2 and "lr: 0.0001 -> 0.5" in bad.stderr, bad.stderr[-2000:]
-        assert store.read_bytes("islands/plan.json") == plan
-        records = [store.read_json(f"islands/jobs/{n}.json") for n in ("expert-00", "expert-01", "router")]
-        assert [r["attempt"] for r in records] == [0, 0, 0]  # the refused submission submitted nothing
-    finally:
-        from ray.job_submission import JobSubmissionClient
-
-        c = JobSubmissionClient(a.address)
-        for job in c.list_jobs():
-            if (job.submission_id or "").startswith("ddm-") and job.status in ("PENDING", "RUNNING"):
-                c.stop_job(job.submission_id)
+    records = {n: store.read_bytes(f"islands/jobs/{n}.json") for n in ("expert-00", "expert-01", "router")}
+    bad = ddm("submit", str(lost_and_resumed["spec"]), "--islands", lost_and_resumed["islands"], "expert.lr=0.5")
+    assert bad.returncode == 2 and "lr: 0.0001 -> 0.5" in bad.stderr, bad.stderr[-2000:]
+    assert store.read_bytes("islands/plan.json") == plan
+    assert {n: store.read_bytes(f"islands/jobs/{n}.json") for n in records} == records  # nothing submitted
 
 
 # --- planning, without clusters ----------------------------------------------------------------
