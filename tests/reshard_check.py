@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 
 def saved_state(step_dir: str, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
@@ -115,8 +114,11 @@ def main(overrides: list[str]) -> None:
             flush=True,
         )
     ckpt.close()
-    dist.destroy_process_group()
+    engine.destroy()  # as train() does: nothing of the engine holds the process groups past main()
 
 
 if __name__ == "__main__":
+    from ddm.distributed.parallel import close_process_group
+
     main(sys.argv[1:])
+    close_process_group()  # as train() does, once main()'s engine and model are gone

@@ -258,7 +258,7 @@ def _update_bar(bar, run: Store) -> None:
         return
     if p["step"] > bar.n:
         bar.update(p["step"] - bar.n)
-        bar.set_postfix_str(f"loss {p['loss']:.4f}, {p['steps_per_s']:.1f} step/s")
+        bar.set_postfix_str(f"loss {p['loss']:.4f}, {p['steps_per_s']:.1f} step/s lately")
 
 
 def _ray_log_dir() -> str:
