@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 
 def saved_state(step_dir: str, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
@@ -114,11 +115,8 @@ def main(overrides: list[str]) -> None:
             flush=True,
         )
     ckpt.close()
-    engine.destroy()  # as train() does: nothing of the engine holds the process groups past main()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    from ddm.distributed.parallel import close_process_group
-
     main(sys.argv[1:])
-    close_process_group()  # as train() does, once main()'s engine and model are gone

@@ -690,7 +690,6 @@ def on_ranks(module: str, store: str, world: int, *overrides: str) -> dict:
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-        assert "outlives its teardown" not in err, err[-3000:]  # its threads can abort the exit (SIGABRT)
     return json.loads(outs[0][0].strip().splitlines()[-1])
 
 

@@ -7,7 +7,6 @@ DeepSpeed's MoE layer, which needs torch.distributed, works in one process too.
 from __future__ import annotations
 
 import functools
-import gc
 import importlib
 import logging
 import os
@@ -15,7 +14,6 @@ import re
 import socket
 import sys
 import threading
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -202,16 +200,10 @@ def ensure_process_group(backend: str = "gloo") -> bool:
     Under torchrun / deepspeed / Ray Train the launcher's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT) is used. With no launcher, a world of one process is created on
     127.0.0.1. Returns True when this call created the group (the caller then owns
-    ``close_process_group()``; torch + gloo can abort at exit without it).
+    ``dist.destroy_process_group()``; torch + gloo can abort at exit without it).
     """
     if dist.is_initialized():
         return False
-    # Modules that take the default group (``group.WORLD``) as a default argument when imported:
-    # imported after the group exists, they would hold it, and its threads, for the rest of the
-    # process (close_process_group). torch.optim imports torch's (through torch._dynamo) at an
-    # optimizer's first param group; DeepSpeed's is its comm backend. Imported first, they take None.
-    importlib.import_module("torch.distributed.nn.functional")
-    load_deepspeed()
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))  # DeepSpeed reads it
         dist.init_process_group(backend)
@@ -221,34 +213,6 @@ def ensure_process_group(backend: str = "gloo") -> bool:
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return True
-
-
-def close_process_group() -> None:
-    """Tear down the process groups of ``ensure_process_group`` and their threads, on every rank
-    together, while the interpreter is whole.
-
-    The final barrier keeps any rank from tearing down while another is still in a collective.
-    Destroying a group is not enough to stop its threads: a gloo group lives, with its worker
-    threads, as long as something holds it, and a worker thread that drops the last reference to a
-    finished collective's tensors takes the GIL to do so. If the interpreter is already exiting by
-    then, that thread is ended inside C++ code and the process aborts ("terminate called without an
-    active exception", SIGABRT), which a loaded machine's late-scheduled threads made happen. So
-    DeepSpeed's references are released too (``deepspeed.comm.destroy_process_group`` drops its
-    groups; the caller has already destroyed its engine, ``engine.destroy()``, and let it go) and
-    the garbage is collected here: the groups are freed now, their threads joined.
-    """
-    if not dist.is_initialized():
-        return
-    dist.barrier()
-    world = weakref.ref(dist.group.WORLD)
-    ds_comm = sys.modules.get("deepspeed.comm.comm")
-    if ds_comm is not None and ds_comm.is_initialized():
-        ds_comm.destroy_process_group()  # torch's, then DeepSpeed's own references to the groups
-    else:
-        dist.destroy_process_group()
-    gc.collect()  # groups held only by reference cycles (an engine's, a model's parameters) go now
-    if world() is not None:
-        log.warning("the default process group outlives its teardown (still referenced): the exit may abort")
 
 
 class ParallelState:

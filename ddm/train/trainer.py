@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from ddm.checkpoint.manager import CheckpointManager, RankState, _fault_hook
 from ddm.checkpoint.reshard import load_own_portable, load_portable, save_portable
@@ -36,7 +37,6 @@ from ddm.data.shards import partitions_manifest
 from ddm.distributed.parallel import (
     ParallelState,
     check_one_rank_per_device,
-    close_process_group,
     ensure_process_group,
     rank_device,
     use_accelerator,
@@ -127,20 +127,6 @@ def train(
     folder's lease (``job_lease``); every write is fenced by it. Without one, nothing is fenced.
     ``lease_from_rank0``: every rank takes rank 0's token (under torchrun only rank 0 holds the lease).
     """
-    summary, owns_group = _train(cfg, report, device, lease, lease_from_rank0)
-    if owns_group:  # once _train's engine and model, which hold the groups, are gone (close_process_group)
-        close_process_group()
-    return summary
-
-
-def _train(
-    cfg: JobConfig,
-    report: Callable[[dict], None] | None,
-    device: torch.device | None,
-    lease: Token | None,
-    lease_from_rank0: bool,
-) -> tuple[dict, bool]:
-    """``train`` up to the process group's teardown; also returns whether this call made the group."""
     # --- setup --------------------------------------------------------------------------------
     torch.set_num_threads(threads_for(cfg))
     if device is None:  # chosen before LOCAL_RANK is defaulted, and told to DeepSpeed (rank_device)
@@ -387,8 +373,10 @@ def _train(
     }
     if ps.is_main:
         run.write_json(layout.SUMMARY, summary)
-    engine.destroy()  # its ZeRO hooks would keep it, and the groups it holds, alive past train()
-    return summary, owns_group
+    if owns_group:
+        dist.barrier()
+        dist.destroy_process_group()  # torch + gloo can abort at exit without it
+    return summary
 
 
 def _read_metrics(run: Store) -> list[dict]:
