@@ -86,8 +86,9 @@ def learning_curves(store: Store, cfg: EvalConfig, points: int, rules: list[str]
             point = {"point": i, "training_flops": sum(p[1] for p in parts), "models": models}
             point["sequential_steps"] = max(m["step"] for m in models)  # its jobs run at once
             fname = f"{arm.replace(':', '_')}-{i:02d}.json"
-            if out.exists(fname) and out.read_json(fname)["models"] == models:
-                series[arm].append({**out.read_json(fname), "sequential_steps": point["sequential_steps"]})
+            kept = out.read_json(fname) if out.exists(fname) else None
+            if kept and kept["models"] == models:
+                series[arm].append({**kept, "sequential_steps": point["sequential_steps"]})
                 reused += 1
                 continue
             if judge is None:

@@ -243,20 +243,24 @@ def lanes(jobs: list[JobConfig], slots: int) -> list[list[JobConfig]]:
     return sorted(out, key=lambda lane: -sum(map(_cost, lane)))
 
 
-def _step(run: Store) -> int:
-    """The step a job's progress.json last reported (0 before it ever trained)."""
-    try:
-        return int(run.read_json(layout.PROGRESS)["step"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def _update_bar(bar, run: Store) -> None:
+def _progress(run: Store) -> dict | None:
+    """A job's progress.json (None before it ever trained, or while it is not readable)."""
     try:
         p = run.read_json(layout.PROGRESS)
     except (FileNotFoundError, ValueError):
-        return
-    if p["step"] > bar.n:
+        return None
+    return p if isinstance(p, dict) and isinstance(p.get("step"), int) else None
+
+
+def _step(run: Store) -> int:
+    """The step a job's progress.json last reported (0 before it ever trained)."""
+    p = _progress(run)
+    return p["step"] if p else 0
+
+
+def _update_bar(bar, run: Store) -> None:
+    p = _progress(run)
+    if p and p["step"] > bar.n:
         bar.update(p["step"] - bar.n)
         bar.set_postfix_str(f"loss {p['loss']:.4f}, {p['steps_per_s']:.1f} step/s lately")
 
